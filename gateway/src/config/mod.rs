@@ -1,0 +1,284 @@
+//! The gateway's configuration: TOML parsed into serde structs (`deny_unknown_fields`), with
+//! defaults and one `validate()` that names the bad key.
+
+mod duration;
+mod error;
+mod validate;
+pub use validate::is_token_byte;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{de, Deserialize, Deserializer};
+
+pub use duration::{parse_duration, ConfigDuration};
+pub use error::{key_path, line_of, locate, ConfigError, Invalid, KeyPath, KeySegment};
+
+/// Largest header section accepted by any configuration (`server.max_header_bytes`).
+pub const MAX_HEADER_BYTES_CEILING: usize = 256 * 1024;
+/// Most header fields any configuration may allow (`server.max_headers`); sizes the stack array
+/// the parser fills.
+pub const MAX_HEADERS_CEILING: usize = 256;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub xdp: Option<XdpConfig>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Addresses to listen on; port 0 picks a free port (logged at start).
+    pub listen: Vec<SocketAddr>,
+    pub workers: Workers,
+    /// Longest wait for a complete request head once it has started (slowloris defence).
+    pub header_timeout: ConfigDuration,
+    /// Longest idle gap between two reads of a request body.
+    pub body_timeout: ConfigDuration,
+    /// Longest idle wait for the next request on a kept-alive client connection.
+    pub keepalive_timeout: ConfigDuration,
+    /// Longest time to receive a whole request, head and body.
+    pub request_timeout: ConfigDuration,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    pub drain_timeout: ConfigDuration,
+    /// Client connections one worker holds at most; beyond it new ones get 503 and are closed.
+    pub max_connections_per_worker: usize,
+    /// Largest request head (request line and fields), in bytes: beyond it, 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in a request: beyond it, 431.
+    pub max_headers: usize,
+    /// Longest request target, in bytes: beyond it, 414.
+    pub max_uri_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec!["127.0.0.1:8080".parse().expect("valid literal address")],
+            workers: Workers::Auto,
+            header_timeout: ConfigDuration::from_secs(10),
+            body_timeout: ConfigDuration::from_secs(30),
+            keepalive_timeout: ConfigDuration::from_secs(60),
+            request_timeout: ConfigDuration::from_secs(300),
+            drain_timeout: ConfigDuration::from_secs(10),
+            max_connections_per_worker: 10_000,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_uri_bytes: 8 * 1024,
+        }
+    }
+}
+
+/// `workers = "auto"` (one per available core) or an integer >= 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workers {
+    Auto,
+    Count(usize),
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = Workers;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"auto\" or an integer >= 1")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Workers, E> {
+                if v == "auto" {
+                    Ok(Workers::Auto)
+                } else {
+                    Err(E::custom(format!(
+                        "`{v}` is not valid: use \"auto\" or an integer >= 1"
+                    )))
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Workers, E> {
+                if v >= 1 {
+                    Ok(Workers::Count(v as usize))
+                } else {
+                    Err(E::custom(format!(
+                        "{v} is not valid: use \"auto\" or an integer >= 1"
+                    )))
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl Workers {
+    /// The number of worker threads to run on this host.
+    pub fn resolve(self) -> usize {
+        match self {
+            Workers::Count(n) => n,
+            Workers::Auto => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub servers: Vec<SocketAddr>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: ConfigDuration,
+    /// Longest wait for the response head, and between reads of a response body: beyond it, 504.
+    #[serde(default = "default_upstream_read_timeout")]
+    pub read_timeout: ConfigDuration,
+    /// How long an idle pooled connection is kept.
+    #[serde(default = "default_upstream_idle_timeout")]
+    pub idle_timeout: ConfigDuration,
+    /// Idle connections kept per server per worker.
+    #[serde(default = "default_max_idle")]
+    pub max_idle_per_server: usize,
+}
+
+fn default_connect_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(5)
+}
+fn default_upstream_read_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(30)
+}
+fn default_upstream_idle_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(60)
+}
+fn default_max_idle() -> usize {
+    64
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(rename = "match", default)]
+    pub matcher: MatchConfig,
+    pub upstream: Option<String>,
+    pub respond: Option<RespondConfig>,
+    #[serde(default)]
+    pub strip_prefix: bool,
+    pub rewrite_prefix: Option<String>,
+    /// Largest request body accepted on this route: beyond it, 413.
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    pub host: Option<String>,
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub methods: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespondConfig {
+    #[serde(default = "default_respond_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_respond_status() -> u16 {
+    200
+}
+
+/// One interface name or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Driver (native) mode where the driver supports it, else generic SKB mode.
+    #[default]
+    Auto,
+    Driver,
+    Skb,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdpConfig {
+    pub interface: OneOrMany,
+    #[serde(default)]
+    pub mode: XdpMode,
+    /// When true, a failure to load or attach is logged and the gateway runs without XDP.
+    #[serde(default)]
+    pub optional: bool,
+    /// Destination ports the program polices; default: the listen ports.
+    pub ports: Option<Vec<u16>>,
+    /// Capacity of the per-source LRU map.
+    #[serde(default = "default_max_sources")]
+    pub max_sources: u32,
+    /// bpffs directory where the maps are pinned (mounted if needed).
+    #[serde(default = "default_pin_path")]
+    pub pin_path: PathBuf,
+    /// The BPF object to load; default: the one embedded at build time, or
+    /// `$PORTCULLIS_EBPF_OBJECT`.
+    pub object: Option<PathBuf>,
+}
+
+fn default_max_sources() -> u32 {
+    portcullis_common::DEFAULT_MAX_SOURCES
+}
+fn default_pin_path() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/portcullis")
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: None,
+            key: None,
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Config::parse(path, &source)
+    }
+
+    /// Parses and validates config text; `path` names the file in errors.
+    pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(source).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: e.span().map(|s| line_of(source, s.start)),
+            key: None,
+            message: e.message().trim_end().to_owned(),
+        })?;
+        config.validate().map_err(|invalid| ConfigError {
+            file: path.to_owned(),
+            line: locate(source, &invalid.key),
+            key: Some(invalid.key.to_string()),
+            message: invalid.message,
+        })?;
+        Ok(config)
+    }
+}

@@ -1,0 +1,345 @@
+//! `Config::validate`: every rule that serde's types cannot express, each failure naming the key.
+
+use super::{key_path, Config, Invalid, KeyPath, MAX_HEADERS_CEILING, MAX_HEADER_BYTES_CEILING};
+
+/// Field names a `respond` action may not set: the gateway frames its own responses.
+const RESPOND_RESERVED_HEADERS: [&str; 4] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+];
+
+impl Config {
+    /// Checks the rules that serde cannot; the error names the first key at fault.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let s = &self.server;
+        let server = || key_path("server");
+        if s.listen.is_empty() {
+            return Err(Invalid::new(
+                server().key("listen"),
+                "needs at least one address, such as \"127.0.0.1:8080\"",
+            ));
+        }
+        for (name, d) in [
+            ("header_timeout", s.header_timeout),
+            ("body_timeout", s.body_timeout),
+            ("keepalive_timeout", s.keepalive_timeout),
+            ("request_timeout", s.request_timeout),
+            ("drain_timeout", s.drain_timeout),
+        ] {
+            if d.get().is_zero() {
+                return Err(Invalid::new(
+                    server().key(name),
+                    "must be longer than zero, such as \"10s\"",
+                ));
+            }
+        }
+        if let super::Workers::Count(n) = s.workers {
+            if n > 4096 {
+                return Err(Invalid::new(
+                    server().key("workers"),
+                    format!("{n} is too many: use \"auto\" or an integer from 1 to 4096"),
+                ));
+            }
+        }
+        in_range(
+            server().key("max_header_bytes"),
+            s.max_header_bytes,
+            1024,
+            MAX_HEADER_BYTES_CEILING,
+        )?;
+        in_range(
+            server().key("max_headers"),
+            s.max_headers,
+            1,
+            MAX_HEADERS_CEILING,
+        )?;
+        in_range(
+            server().key("max_uri_bytes"),
+            s.max_uri_bytes,
+            16,
+            s.max_header_bytes,
+        )?;
+        in_range(
+            server().key("max_connections_per_worker"),
+            s.max_connections_per_worker,
+            1,
+            1_000_000,
+        )?;
+
+        for (name, upstream) in &self.upstreams {
+            let at = || key_path("upstreams").key(name);
+            if upstream.servers.is_empty() {
+                return Err(Invalid::new(
+                    at().key("servers"),
+                    "needs at least one server, such as \"127.0.0.1:9001\"",
+                ));
+            }
+            for (key, d) in [
+                ("connect_timeout", upstream.connect_timeout),
+                ("read_timeout", upstream.read_timeout),
+                ("idle_timeout", upstream.idle_timeout),
+            ] {
+                if d.get().is_zero() {
+                    return Err(Invalid::new(
+                        at().key(key),
+                        "must be longer than zero, such as \"5s\"",
+                    ));
+                }
+            }
+        }
+
+        for (i, route) in self.routes.iter().enumerate() {
+            self.validate_route(i, route)?;
+        }
+
+        if let Some(xdp) = &self.xdp {
+            let at = || key_path("xdp");
+            let interfaces = xdp.interface.to_vec();
+            if interfaces.is_empty() || interfaces.iter().any(|i| i.is_empty() || i.len() > 15) {
+                return Err(Invalid::new(at().key("interface"), "needs an interface name (1 to 15 characters) or a list of them, such as \"eth0\""));
+            }
+            if let Some(ports) = &xdp.ports {
+                if ports.is_empty() || ports.contains(&0) {
+                    return Err(Invalid::new(at().key("ports"), "needs a list of ports from 1 to 65535; omit it to protect the listen ports"));
+                }
+                if ports.len() > portcullis_common::MAX_PORTS as usize {
+                    return Err(Invalid::new(
+                        at().key("ports"),
+                        format!("lists more than {} ports", portcullis_common::MAX_PORTS),
+                    ));
+                }
+            }
+            if xdp.max_sources == 0 {
+                return Err(Invalid::new(
+                    at().key("max_sources"),
+                    "must be at least 1, such as 65536",
+                ));
+            }
+            if !xdp.pin_path.is_absolute() {
+                return Err(Invalid::new(
+                    at().key("pin_path"),
+                    "must be an absolute path, such as \"/sys/fs/bpf/portcullis\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_route(&self, i: usize, route: &super::RouteConfig) -> Result<(), Invalid> {
+        let at = || key_path("routes").index(i);
+        match (&route.upstream, &route.respond) {
+            (Some(_), Some(_)) => return Err(Invalid::new(at().key("respond"), "a route has exactly one of `upstream` and `respond`, not both")),
+            (None, None) => return Err(Invalid::new(at(), "a route needs exactly one of `upstream = \"NAME\"` and `respond = { status = 200 }`")),
+            (Some(name), None) if !self.upstreams.contains_key(name) => {
+                let known: Vec<&str> = self.upstreams.keys().map(String::as_str).collect();
+                return Err(Invalid::new(at().key("upstream"), format!("no upstream named `{name}`; defined: {known:?}")));
+            }
+            _ => {}
+        }
+        let m = &route.matcher;
+        let matcher = || at().key("match");
+        if let Some(host) = &m.host {
+            if !valid_host_pattern(host) {
+                return Err(Invalid::new(
+                    matcher().key("host"),
+                    format!(
+                        "`{host}` is not a host name; use `api.example.com` or `*.example.com`"
+                    ),
+                ));
+            }
+        }
+        if m.path.is_some() && m.path_prefix.is_some() {
+            return Err(Invalid::new(
+                matcher().key("path_prefix"),
+                "use either `path` or `path_prefix`, not both",
+            ));
+        }
+        for (key, value) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
+            if let Some(p) = value {
+                if !p.starts_with('/')
+                    || p.bytes()
+                        .any(|b| b <= b' ' || b == 0x7f || b == b'?' || b == b'#')
+                {
+                    return Err(Invalid::new(
+                        matcher().key(key),
+                        format!(
+                            "`{p}` must start with `/` and hold no spaces, controls, `?` or `#`"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(methods) = &m.methods {
+            if methods.is_empty() {
+                return Err(Invalid::new(
+                    matcher().key("methods"),
+                    "needs at least one method, such as [\"GET\"]; omit it to match any",
+                ));
+            }
+            for (j, method) in methods.iter().enumerate() {
+                if method.is_empty()
+                    || !method
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+                {
+                    return Err(Invalid::new(matcher().key("methods").index(j), format!("`{method}` is not a method: use upper-case tokens such as \"GET\" or \"POST\"")));
+                }
+            }
+        }
+        if (route.strip_prefix || route.rewrite_prefix.is_some()) && m.path_prefix.is_none() {
+            let key = if route.strip_prefix {
+                "strip_prefix"
+            } else {
+                "rewrite_prefix"
+            };
+            return Err(Invalid::new(
+                at().key(key),
+                "needs `match.path_prefix`: there is no prefix to replace",
+            ));
+        }
+        if route.strip_prefix && route.rewrite_prefix.is_some() {
+            return Err(Invalid::new(
+                at().key("rewrite_prefix"),
+                "use either `strip_prefix = true` or `rewrite_prefix`, not both",
+            ));
+        }
+        if let Some(p) = &route.rewrite_prefix {
+            if !p.starts_with('/')
+                || p.bytes()
+                    .any(|b| b <= b' ' || b == 0x7f || b == b'?' || b == b'#')
+            {
+                return Err(Invalid::new(
+                    at().key("rewrite_prefix"),
+                    format!("`{p}` must start with `/` and hold no spaces, controls, `?` or `#`"),
+                ));
+            }
+        }
+        if let Some(respond) = &route.respond {
+            let r = || at().key("respond");
+            if !(200..=599).contains(&respond.status) {
+                return Err(Invalid::new(
+                    r().key("status"),
+                    format!("{} is not a final status: use 200 to 599", respond.status),
+                ));
+            }
+            for (name, value) in &respond.headers {
+                let lower = name.to_ascii_lowercase();
+                if name.is_empty() || !name.bytes().all(is_token_byte) {
+                    return Err(Invalid::new(
+                        r().key("headers").key(name),
+                        "is not a valid field name (letters, digits and !#$%&'*+-.^_`|~)",
+                    ));
+                }
+                if RESPOND_RESERVED_HEADERS.contains(&lower.as_str()) {
+                    return Err(Invalid::new(
+                        r().key("headers").key(name),
+                        "is set by the gateway itself; remove it",
+                    ));
+                }
+                if value.bytes().any(|b| (b < b' ' && b != b'\t') || b == 0x7f) {
+                    return Err(Invalid::new(
+                        r().key("headers").key(name),
+                        "holds a control character; field values may not",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn in_range(key: KeyPath, value: usize, min: usize, max: usize) -> Result<(), Invalid> {
+    if value < min || value > max {
+        return Err(Invalid::new(
+            key,
+            format!("{value} is out of range: use {min} to {max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// RFC 9110 `tchar`.
+pub fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn valid_host_pattern(host: &str) -> bool {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    fn error(src: &str) -> String {
+        Config::parse(Path::new("gw.toml"), src)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn names_file_line_and_key() {
+        let src = "[upstreams.api]\nservers = [\"127.0.0.1:9\"]\n\n[[routes]]\nmatch = { path = \"/x\" }\nupstream = \"apx\"\n";
+        let e = error(src);
+        assert!(
+            e.starts_with("gw.toml:6: `routes[0].upstream`: no upstream named `apx`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_located() {
+        let e = error("[server]\nlisten = [\"127.0.0.1:1\"]\nworkerz = 2\n");
+        assert!(e.starts_with("gw.toml:3:"), "{e}");
+        assert!(e.contains("unknown field `workerz`"), "{e}");
+        assert!(e.contains("workers"), "names the valid fields: {e}");
+    }
+
+    #[test]
+    fn bad_values_say_what_is_valid() {
+        let e = error("[server]\nworkers = 0\n");
+        assert!(e.contains("\"auto\" or an integer >= 1"), "{e}");
+        let e = error("[server]\nheader_timeout = \"5 parsecs\"\n");
+        assert!(
+            e.starts_with("gw.toml:2:") && e.contains("\"250ms\""),
+            "{e}"
+        );
+        let e = error("[[routes]]\nrespond = { status = 200 }\nupstream = \"x\"\n");
+        assert!(e.contains("exactly one of `upstream` and `respond`"), "{e}");
+        let e = error("[[routes]]\nmatch = { host = \"a..b\" }\nrespond = { status = 200 }\n");
+        assert!(e.contains("`routes[0].match.host`"), "{e}");
+        let e = error("[[routes]]\nstrip_prefix = true\nrespond = { status = 200 }\n");
+        assert!(e.contains("needs `match.path_prefix`"), "{e}");
+    }
+
+    #[test]
+    fn example_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(
+            seen >= 2,
+            "expected the example configs in {}",
+            dir.display()
+        );
+    }
+}

@@ -1,0 +1,309 @@
+//! Encoding of the heads the gateway sends: requests rebuilt for the upstream, responses
+//! rebuilt for the client, and the gateway's own answers. Every head is written fresh with CRLF
+//! line ends; raw head bytes are never forwarded.
+
+use std::{io::Write, net::IpAddr};
+
+use super::{
+    fields::is_hop_by_hop, request::RequestHead, response::ResponseHead, BodyFraming, Version,
+};
+use crate::{config::RespondConfig, routing::Route, routing::StaticResponse};
+
+/// The Via entry the gateway adds (RFC 9110 §7.6.3).
+pub const VIA: &str = "1.1 portcullis";
+
+/// Fields the gateway sets itself on forwarded requests; client copies are merged or dropped.
+const REQUEST_REPLACED: [&str; 4] = ["x-forwarded-for", "x-forwarded-proto", "via", "expect"];
+
+/// Writes the request to send upstream for `req`, matched by `route`.
+///
+/// `peer` is appended to X-Forwarded-For; `proto` becomes X-Forwarded-Proto; `default_host` is
+/// used when the client sent no Host (HTTP/1.0), since the upstream request is HTTP/1.1.
+pub fn write_upstream_request(
+    out: &mut Vec<u8>,
+    req: &RequestHead,
+    route: &Route,
+    peer: IpAddr,
+    proto: &str,
+    default_host: &str,
+) {
+    out.extend_from_slice(req.method.as_bytes());
+    out.push(b' ');
+    route.write_path(req.path, out);
+    out.extend_from_slice(req.query);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+
+    let mut forwarded_for_written = false;
+    let mut via_written = false;
+    let mut host_written = false;
+    for h in req.headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            // An absolute-form target's authority wins (RFC 9112 §3.2.2); they were checked equal.
+            host_written = true;
+            write_field(out, "host", req.host.unwrap_or(h.value));
+            continue;
+        }
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            // Merge every client copy into one field, then append the peer, as nginx's
+            // $proxy_add_x_forwarded_for does.
+            if !forwarded_for_written {
+                forwarded_for_written = true;
+                out.extend_from_slice(b"x-forwarded-for: ");
+                let mut first = true;
+                for x in req
+                    .headers
+                    .iter()
+                    .filter(|x| x.name.eq_ignore_ascii_case("x-forwarded-for"))
+                {
+                    if !first {
+                        out.extend_from_slice(b", ");
+                    }
+                    first = false;
+                    out.extend_from_slice(x.value);
+                }
+                let _ = write!(out, ", {peer}\r\n");
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case("via") {
+            if !via_written {
+                via_written = true;
+                out.extend_from_slice(b"via: ");
+                for x in req
+                    .headers
+                    .iter()
+                    .filter(|x| x.name.eq_ignore_ascii_case("via"))
+                {
+                    out.extend_from_slice(x.value);
+                    out.extend_from_slice(b", ");
+                }
+                out.extend_from_slice(VIA.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            continue;
+        }
+        if is_hop_by_hop(name)
+            || req.connection.nominates(name)
+            || REQUEST_REPLACED
+                .iter()
+                .any(|r| name.eq_ignore_ascii_case(r))
+        {
+            continue;
+        }
+        write_field(out, name, h.value);
+    }
+    if !host_written {
+        write_field(out, "host", req.host.unwrap_or(default_host.as_bytes()));
+    }
+    if !forwarded_for_written {
+        let _ = write!(out, "x-forwarded-for: {peer}\r\n");
+    }
+    if !via_written {
+        let _ = write!(out, "via: {VIA}\r\n");
+    }
+    let _ = write!(out, "x-forwarded-proto: {proto}\r\n");
+    match req.body {
+        BodyFraming::Length(n) => {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        BodyFraming::None | BodyFraming::UntilClose => {}
+    }
+    if let Some(upgrade) = req.upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+        write_field(out, "upgrade", upgrade);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the response is framed toward the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientFraming {
+    /// The body is sent with chunked framing (passed through from the upstream).
+    pub chunked: bool,
+    /// The gateway keeps the client connection open afterwards.
+    pub keep_alive: bool,
+    /// The client speaks HTTP/1.0 (it needs an explicit keep-alive).
+    pub client_version: Version,
+}
+
+/// Writes the response head for the client from an upstream response head.
+pub fn write_client_response(out: &mut Vec<u8>, resp: &ResponseHead, framing: ClientFraming) {
+    let _ = write!(out, "HTTP/1.1 {} {}\r\n", resp.status, resp.reason);
+    let upgrade = resp.status == 101;
+    let mut via_written = false;
+    for h in resp.headers {
+        let name = h.name;
+        if upgrade && name.eq_ignore_ascii_case("upgrade") {
+            write_field(out, name, h.value);
+            continue;
+        }
+        if name.eq_ignore_ascii_case("via") {
+            if !via_written {
+                via_written = true;
+                out.extend_from_slice(b"via: ");
+                for x in resp
+                    .headers
+                    .iter()
+                    .filter(|x| x.name.eq_ignore_ascii_case("via"))
+                {
+                    out.extend_from_slice(x.value);
+                    out.extend_from_slice(b", ");
+                }
+                out.extend_from_slice(VIA.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            continue;
+        }
+        if is_hop_by_hop(name) || resp.connection.nominates(name) {
+            continue;
+        }
+        write_field(out, name, h.value);
+    }
+    if !via_written {
+        let _ = write!(out, "via: {VIA}\r\n");
+    }
+    match resp.body {
+        BodyFraming::Length(n) => {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        // A HEAD or 304 response keeps the length the full response would have had (already
+        // validated as digits by the decoder); 1xx and 204 may not carry one.
+        BodyFraming::None if resp.status >= 200 && resp.status != 204 => {
+            if let Some(h) = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            {
+                write_field(out, "content-length", h.value);
+            }
+        }
+        _ => {}
+    }
+    if upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    } else if resp.is_interim() {
+        // Interim responses carry no connection options of their own.
+    } else if framing.chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !upgrade && !resp.is_interim() {
+        write_connection(out, framing.keep_alive, framing.client_version);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_connection(out: &mut Vec<u8>, keep_alive: bool, client_version: Version) {
+    match (keep_alive, client_version) {
+        (false, _) => out.extend_from_slice(b"connection: close\r\n"),
+        (true, Version::Http10) => out.extend_from_slice(b"connection: keep-alive\r\n"),
+        (true, Version::Http11) => {}
+    }
+}
+
+fn write_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes one of the gateway's own answers: a short plain-text body naming the problem.
+pub fn write_error(
+    out: &mut Vec<u8>,
+    status: u16,
+    detail: &str,
+    keep_alive: bool,
+    head_only: bool,
+) {
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
+        reason(status),
+        detail.len() + 1
+    );
+    write_connection(out, keep_alive, Version::Http11);
+    out.extend_from_slice(b"\r\n");
+    if !head_only {
+        out.extend_from_slice(detail.as_bytes());
+        out.push(b'\n');
+    }
+}
+
+/// Writes a route's fixed response.
+pub fn write_static(
+    out: &mut Vec<u8>,
+    r: &StaticResponse,
+    keep_alive: bool,
+    client_version: Version,
+    head_only: bool,
+) {
+    out.extend_from_slice(&r.head);
+    let _ = write!(out, "content-length: {}\r\n", r.body.len());
+    write_connection(out, keep_alive, client_version);
+    out.extend_from_slice(b"\r\n");
+    if !head_only {
+        out.extend_from_slice(&r.body);
+    }
+}
+
+/// Compiles a `respond` action into its head and body.
+pub fn static_response(r: &RespondConfig) -> StaticResponse {
+    let mut head = Vec::new();
+    let _ = write!(head, "HTTP/1.1 {} {}\r\n", r.status, reason(r.status));
+    if !r
+        .headers
+        .keys()
+        .any(|k| k.eq_ignore_ascii_case("content-type"))
+    {
+        head.extend_from_slice(b"content-type: text/plain\r\n");
+    }
+    for (name, value) in &r.headers {
+        write_field(&mut head, name, value.as_bytes());
+    }
+    StaticResponse {
+        status: r.status,
+        head,
+        body: r.body.as_bytes().to_vec(),
+    }
+}
+
+/// `HTTP/1.1 100 Continue`, sent before reading a body the client is holding back.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// The reason phrase for a status code.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        417 => "Expectation Failed",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}

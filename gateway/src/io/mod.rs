@@ -1,0 +1,26 @@
+//! Connection I/O: the [`Transport`] trait the proxy logic is written against (plain TCP now;
+//! TLS through rustls's sans-IO core slots in as another implementation), and deadlines that
+//! are safe with io_uring.
+
+mod deadline;
+mod tcp;
+
+use std::{io, net::Shutdown, ops::Range};
+
+pub use deadline::{read_before, write_before, IoFailure};
+
+/// A byte stream the proxy reads and writes with owned buffers, as io_uring requires.
+///
+/// Futures are not `Send`: each worker drives its connections on its own thread.
+#[allow(async_fn_in_trait)]
+pub trait Transport {
+    /// Reads into the spare capacity of `buf`, after its current length; returns how many bytes
+    /// were appended (0 at end of stream). `buf` must have spare capacity.
+    async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+    /// Writes all of `buf[range]`.
+    async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<()>, Vec<u8>);
+    /// Shuts down one or both directions; pending operations then complete at once.
+    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+}
+
+pub use tcp::TcpTransport;

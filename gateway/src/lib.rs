@@ -1,0 +1,14 @@
+//! Portcullis: a Linux API gateway. Thread-per-core io_uring workers parse, route and forward
+//! HTTP/1.1; an XDP program drops abusive traffic before it reaches them.
+
+pub mod config;
+pub mod http;
+pub mod io;
+pub mod proxy;
+pub mod routing;
+pub mod runtime;
+mod sys;
+pub mod upstream;
+pub mod xdp;
+
+pub use config::is_token_byte;

@@ -1,0 +1,153 @@
+//! The `portcullis` command: run the gateway, check a config, inspect the XDP fast path.
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use clap::{Parser, Subcommand};
+use portcullis::{
+    config::Config,
+    runtime::{
+        listener::bind_all,
+        shutdown::{watch_signals, DrainFlag},
+        snapshot::ConfigSnapshot,
+        worker::spawn_workers,
+    },
+    xdp,
+};
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "An API gateway with an XDP first line of defence"
+)]
+struct Cli {
+    /// The config file.
+    #[arg(long, global = true, default_value = "config/gateway.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate the config file and exit: 0 when valid, 1 with the error otherwise.
+    Check,
+    /// Inspect the XDP program of a running gateway through its pinned maps.
+    Xdp {
+        #[command(subcommand)]
+        command: XdpCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum XdpCommand {
+    /// Print packet counters and per-source packet counts.
+    Stats,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => {
+            println!("{}: ok", cli.config.display());
+            ExitCode::SUCCESS
+        }
+        Command::Xdp {
+            command: XdpCommand::Stats,
+        } => xdp_stats(&config),
+        Command::Run => match run(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let workers = config.server.workers.resolve();
+    let (listeners, bound) = bind_all(&config.server.listen, workers)?;
+    let _xdp = match &config.xdp {
+        None => None,
+        Some(xdp_config) => {
+            let mut ports: Vec<u16> = bound.iter().map(|a| a.port()).collect();
+            ports.sort_unstable();
+            ports.dedup();
+            let ports = xdp_config.ports.clone().unwrap_or(ports);
+            match xdp::attach(xdp_config, &ports) {
+                Ok(guard) => {
+                    for (iface, mode) in guard.interfaces() {
+                        info!(interface = iface, mode, ?ports, "XDP program attached");
+                    }
+                    Some(guard)
+                }
+                Err(e) if xdp_config.optional => {
+                    warn!("XDP unavailable, running without it: {e:#}");
+                    None
+                }
+                Err(e) => return Err(e.context("XDP is configured but could not be set up (set `xdp.optional = true` to run without it)")),
+            }
+        }
+    };
+    let drain = DrainFlag::default();
+    let clones = listeners
+        .iter()
+        .flatten()
+        .map(|l| l.try_clone())
+        .collect::<Result<Vec<_>, _>>()?;
+    watch_signals(drain.clone(), clones)?;
+    let snapshot = Arc::new(ConfigSnapshot::new(config));
+    let handles = spawn_workers(snapshot, listeners, drain)?;
+    for addr in &bound {
+        info!(workers, "listening on {addr}");
+    }
+    let mut panicked = false;
+    for handle in handles {
+        panicked |= handle.join().is_err();
+    }
+    if panicked {
+        anyhow::bail!("a worker thread panicked");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+fn xdp_stats(config: &Config) -> ExitCode {
+    let Some(xdp_config) = &config.xdp else {
+        eprintln!("error: the config has no [xdp] section");
+        return ExitCode::FAILURE;
+    };
+    match xdp::read_pinned_stats(&xdp_config.pin_path) {
+        Ok(stats) => {
+            for (name, value) in &stats.counters {
+                println!("counter {name} {value}");
+            }
+            for (addr, packets) in &stats.sources {
+                println!("source {addr} {packets}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Moving message bodies between connections with bounded memory: a body of any size passes
+//! through one fixed buffer, and only the bytes that belong to the body are forwarded, so a
+//! pipelined request or stray upstream bytes never reach the wrong peer.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::{
+    http::{
+        chunked::{ChunkedDecoder, ChunkedError},
+        BodyFraming,
+    },
+    io::{read_before, write_before, IoFailure, Transport},
+};
+
+/// Why a request body could not be moved.
+#[derive(Debug)]
+pub enum RequestBodyError {
+    /// The client went away, stalled past `body_timeout`, or the request ran past
+    /// `request_timeout`.
+    Client(IoFailure),
+    /// Writing to the upstream failed.
+    Upstream(IoFailure),
+    /// The chunked framing is invalid (answered 400).
+    Framing(ChunkedError),
+    /// The body is larger than the route allows (answered 413).
+    TooLarge,
+}
+
+/// Why a response body could not be moved.
+#[derive(Debug)]
+pub enum ResponseBodyError {
+    Upstream(IoFailure),
+    /// The upstream ended the body early or broke its chunked framing.
+    UpstreamFraming,
+    Client(IoFailure),
+}
+
+/// Deadlines for reading a request body.
+#[derive(Clone, Copy)]
+pub struct BodyDeadlines {
+    /// Longest idle gap between two reads.
+    pub idle: Duration,
+    /// The whole request must have arrived by then.
+    pub request: Instant,
+    /// Longest wait for one upstream write.
+    pub upstream_write: Duration,
+}
+
+impl BodyDeadlines {
+    fn next_read(&self) -> Instant {
+        (Instant::now() + self.idle).min(self.request)
+    }
+}
+
+/// Moves the request body that starts at `buf[start..]` from `client` to `upstream`, or
+/// discards it when `upstream` is `None`. Returns the offset in `buf` where the bytes after the
+/// body begin.
+pub async fn relay_request_body<C: Transport, U: Transport>(
+    client: &C,
+    upstream: Option<&U>,
+    mut buf: Vec<u8>,
+    start: usize,
+    framing: BodyFraming,
+    limit: Option<u64>,
+    deadlines: BodyDeadlines,
+) -> (Result<usize, RequestBodyError>, Vec<u8>) {
+    let mut decoder = ChunkedDecoder::new();
+    let mut remaining = match framing {
+        BodyFraming::Length(n) => n,
+        BodyFraming::Chunked => u64::MAX,
+        BodyFraming::None | BodyFraming::UntilClose => return (Ok(start), buf),
+    };
+    let mut pos = start;
+    loop {
+        // Forward what the buffer holds of the body.
+        let available = &buf[pos..];
+        let (take, done) = match framing {
+            BodyFraming::Chunked => match decoder.decode(available, |_| {}) {
+                Ok(p) => (p.consumed, p.done),
+                Err(e) => return (Err(RequestBodyError::Framing(e)), buf),
+            },
+            _ => {
+                let take = available
+                    .len()
+                    .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                remaining -= take as u64;
+                (take, remaining == 0)
+            }
+        };
+        if framing == BodyFraming::Chunked && limit.is_some_and(|l| decoder.data_bytes() > l) {
+            return (Err(RequestBodyError::TooLarge), buf);
+        }
+        if let Some(up) = upstream {
+            let deadline = Instant::now() + deadlines.upstream_write;
+            let (res, b) = write_before(up, buf, pos..pos + take, deadline).await;
+            buf = b;
+            if let Err(e) = res {
+                return (Err(RequestBodyError::Upstream(e)), buf);
+            }
+        }
+        pos += take;
+        if done {
+            return (Ok(pos), buf);
+        }
+        // Everything in the buffer was body: reuse it whole for the next read.
+        buf.clear();
+        pos = 0;
+        let (res, b) = read_before(client, buf, deadlines.next_read()).await;
+        buf = b;
+        match res {
+            Ok(0) => return (Err(RequestBodyError::Client(IoFailure::Closed)), buf),
+            Ok(_) => {}
+            Err(e) => return (Err(RequestBodyError::Client(e)), buf),
+        }
+    }
+}
+
+/// Moves the response body that starts at `buf[start..]` from `upstream` to `client`.
+///
+/// With `dechunk`, a chunked body is sent without its framing (for HTTP/1.0 clients, which end
+/// it by the connection closing). Returns true when the upstream sent nothing beyond the body,
+/// so its connection may be reused.
+pub async fn relay_response_body<U: Transport, C: Transport>(
+    upstream: &U,
+    client: &C,
+    mut buf: Vec<u8>,
+    start: usize,
+    framing: BodyFraming,
+    dechunk: bool,
+    read_timeout: Duration,
+    write_timeout: Duration,
+) -> (Result<bool, ResponseBodyError>, Vec<u8>) {
+    let mut decoder = ChunkedDecoder::new();
+    let mut remaining = match framing {
+        BodyFraming::Length(n) => n,
+        BodyFraming::Chunked | BodyFraming::UntilClose => u64::MAX,
+        BodyFraming::None => return (Ok(buf.len() == start), buf),
+    };
+    let mut pos = start;
+    loop {
+        let len = buf.len();
+        let (send_end, take, done) = match framing {
+            BodyFraming::Chunked => {
+                let mut data_end = pos;
+                let progress = if dechunk {
+                    // Compact the data runs to the front of the unread part, in place.
+                    let base = pos;
+                    let mut runs = Vec::new();
+                    let r = decoder.decode(&buf[base..len], |range| runs.push(range));
+                    for range in runs {
+                        buf.copy_within(base + range.start..base + range.end, data_end);
+                        data_end += range.end - range.start;
+                    }
+                    r
+                } else {
+                    decoder.decode(&buf[pos..len], |_| {})
+                };
+                match progress {
+                    Ok(p) => (
+                        if dechunk { data_end } else { pos + p.consumed },
+                        p.consumed,
+                        p.done,
+                    ),
+                    Err(_) => return (Err(ResponseBodyError::UpstreamFraming), buf),
+                }
+            }
+            _ => {
+                let take = (len - pos).min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                remaining -= take as u64;
+                (pos + take, take, remaining == 0)
+            }
+        };
+        let deadline = Instant::now() + write_timeout;
+        let (res, b) = write_before(client, buf, pos..send_end, deadline).await;
+        buf = b;
+        if let Err(e) = res {
+            return (Err(ResponseBodyError::Client(e)), buf);
+        }
+        if done {
+            return (Ok(pos + take == buf.len()), buf);
+        }
+        buf.clear();
+        pos = 0;
+        let (res, b) = read_before(upstream, buf, Instant::now() + read_timeout).await;
+        buf = b;
+        match res {
+            Ok(0) if framing == BodyFraming::UntilClose => return (Ok(false), buf),
+            Ok(0) => return (Err(ResponseBodyError::UpstreamFraming), buf),
+            Ok(_) => {}
+            Err(e) => return (Err(ResponseBodyError::Upstream(e)), buf),
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! One client connection: read a request head, plan it, answer or forward it, and repeat while
+//! keep-alive allows. Requests on a connection are handled strictly one after another, so
+//! pipelined requests are answered in order.
+
+use std::{mem::take, net::SocketAddr, time::Duration};
+
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{
+    body::{relay_request_body, BodyDeadlines},
+    pipeline::{plan, Answer, Plan, RequestFacts},
+};
+use crate::{
+    config::MAX_HEADERS_CEILING,
+    http::{
+        encode,
+        request::{incomplete_head_error, parse_request, RequestError},
+        BodyFraming, Version,
+    },
+    io::{read_before, write_before, TcpTransport, Transport},
+    routing::Action,
+    runtime::{snapshot::UPSTREAM_BUFFER_BYTES, tracker::ConnHandle, worker::Worker},
+};
+
+/// Largest request body the gateway reads and discards to keep a connection open after
+/// answering itself; a larger one closes the connection instead.
+pub const DRAIN_LIMIT_BYTES: u64 = 64 * 1024;
+/// After the last response on a connection, how long to keep reading (and discarding) what the
+/// client still sends, so closing does not reset the connection before it read the response.
+const LINGER: Duration = Duration::from_millis(500);
+/// Reads made while lingering, at most.
+const LINGER_READS: usize = 8;
+
+/// What happens to the connection after a request.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Next {
+    /// Wait for the next request.
+    KeepAlive,
+    /// Send what is pending, then close gently.
+    Close,
+    /// The client is gone or the connection is unusable: drop it.
+    Abort,
+}
+
+pub(super) struct Connection<'w, C: Transport> {
+    pub(super) client: C,
+    pub(super) peer: SocketAddr,
+    pub(super) worker: &'w Worker,
+    handle: &'w ConnHandle<'w>,
+    /// Bytes read from the client; holds at least one whole request head.
+    pub(super) inbuf: Vec<u8>,
+    /// Heads the gateway writes, to either side.
+    pub(super) out: Vec<u8>,
+    /// Bytes read from the upstream.
+    pub(super) upbuf: Vec<u8>,
+}
+
+/// Serves a client connection until it closes.
+pub async fn serve<C: Transport>(
+    client: C,
+    peer: SocketAddr,
+    worker: &Worker,
+    handle: &ConnHandle<'_>,
+) {
+    let snapshot = &worker.snapshot;
+    let mut conn = Connection {
+        client,
+        peer,
+        worker,
+        handle,
+        inbuf: Vec::with_capacity(snapshot.client_buffer_bytes),
+        out: Vec::with_capacity(4096),
+        upbuf: Vec::with_capacity(UPSTREAM_BUFFER_BYTES),
+    };
+    let mut first = true;
+    loop {
+        match conn.serve_one(first).await {
+            Next::KeepAlive => first = false,
+            Next::Close => {
+                conn.linger().await;
+                return;
+            }
+            Next::Abort => return,
+        }
+    }
+}
+
+impl<C: Transport> Connection<'_, C> {
+    async fn serve_one(&mut self, first: bool) -> Next {
+        let worker = self.worker;
+        let snapshot = &*worker.snapshot;
+        let server = snapshot.server();
+        let idle_deadline = Instant::now()
+            + if first {
+                server.header_timeout.get()
+            } else {
+                server.keepalive_timeout.get()
+            };
+        let mut head_started: Option<Instant> = None;
+        let (facts, plan, request_deadline) = loop {
+            if !self.inbuf.is_empty() {
+                let started = *head_started.get_or_insert_with(Instant::now);
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
+                match parse_request(&self.inbuf, &mut headers, &snapshot.limits) {
+                    Ok(Some(req)) => {
+                        let mut facts = RequestFacts::of(&req);
+                        let plan = plan(&req, &mut facts, self.peer.ip(), worker, &mut self.out);
+                        break (facts, plan, started + server.request_timeout.get());
+                    }
+                    Ok(None) => {
+                        if let Some(e) = incomplete_head_error(&self.inbuf, &snapshot.limits) {
+                            return self.reject(e).await;
+                        }
+                    }
+                    Err(e) => return self.reject(e).await,
+                }
+            }
+            let idle = self.inbuf.is_empty();
+            if idle && worker.draining.get() {
+                return Next::Close;
+            }
+            self.handle.set_idle(idle);
+            let deadline = match head_started {
+                Some(t) => t + server.header_timeout.get(),
+                None => idle_deadline,
+            };
+            let (res, buf) = read_before(&self.client, take(&mut self.inbuf), deadline).await;
+            self.inbuf = buf;
+            self.handle.set_idle(false);
+            match res {
+                Ok(0) => return Next::Abort,
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(peer = %self.peer, error = %e, "client connection ended while waiting for a request");
+                    return Next::Abort;
+                }
+            }
+        };
+        match plan {
+            Plan::Answer(answer) => self.answer(facts, answer, request_deadline).await,
+            Plan::Forward { group, server } => {
+                self.forward(facts, group, server, request_deadline).await
+            }
+        }
+    }
+
+    /// Answers a request whose head was refused; the connection always closes.
+    async fn reject(&mut self, e: RequestError) -> Next {
+        debug!(peer = %self.peer, status = e.status(), reason = e.detail(), "refused request");
+        self.out.clear();
+        encode::write_error(&mut self.out, e.status(), e.detail(), false, false);
+        self.send_out().await;
+        Next::Close
+    }
+
+    /// Answers a request on the gateway's behalf (an error or a `respond` route), skipping the
+    /// request body when it is small enough, else closing after the answer.
+    pub(super) async fn answer(
+        &mut self,
+        facts: RequestFacts,
+        answer: Answer,
+        request_deadline: Instant,
+    ) -> Next {
+        let must_close = matches!(answer, Answer::Error { close: true, .. });
+        let mut keep_alive = facts.keep_alive && !must_close && !self.worker.draining.get();
+        let mut consumed = facts.head_len;
+        let has_body = !matches!(facts.body, BodyFraming::None | BodyFraming::Length(0));
+        if has_body {
+            let small_enough = match facts.body {
+                BodyFraming::Length(n) => n <= DRAIN_LIMIT_BYTES,
+                _ => true,
+            };
+            // With Expect: 100-continue the client may never send the body: do not wait for it.
+            if keep_alive && small_enough && !facts.expect_continue {
+                let deadlines = self.body_deadlines(request_deadline);
+                let (res, buf) = relay_request_body::<C, TcpTransport>(
+                    &self.client,
+                    None,
+                    take(&mut self.inbuf),
+                    facts.head_len,
+                    facts.body,
+                    Some(DRAIN_LIMIT_BYTES),
+                    deadlines,
+                )
+                .await;
+                self.inbuf = buf;
+                match res {
+                    Ok(end) => consumed = end,
+                    Err(e) => {
+                        debug!(peer = %self.peer, error = ?e, "could not skip a request body");
+                        keep_alive = false;
+                    }
+                }
+            } else {
+                keep_alive = false;
+            }
+        }
+        self.out.clear();
+        match answer {
+            Answer::Error { status, detail, .. } => {
+                debug!(peer = %self.peer, status, reason = detail, "gateway answered");
+                encode::write_error(&mut self.out, status, detail, keep_alive, facts.is_head);
+            }
+            Answer::Static { route } => {
+                let Action::Respond(response) = &self.worker.snapshot.routes.route(route).action
+                else {
+                    unreachable!("Answer::Static is planned only for respond routes");
+                };
+                encode::write_static(
+                    &mut self.out,
+                    response,
+                    keep_alive,
+                    facts.version,
+                    facts.is_head,
+                );
+            }
+        }
+        if !self.send_out().await {
+            return Next::Abort;
+        }
+        if keep_alive {
+            self.inbuf.drain(..consumed);
+            Next::KeepAlive
+        } else {
+            Next::Close
+        }
+    }
+
+    /// Writes `self.out` to the client; false when the client is gone.
+    pub(super) async fn send_out(&mut self) -> bool {
+        let len = self.out.len();
+        let (res, out) = write_before(
+            &self.client,
+            take(&mut self.out),
+            0..len,
+            self.client_write_deadline(),
+        )
+        .await;
+        self.out = out;
+        if let Err(e) = &res {
+            debug!(peer = %self.peer, error = %e, "could not write to client");
+        }
+        res.is_ok()
+    }
+
+    pub(super) fn client_write_deadline(&self) -> Instant {
+        Instant::now() + self.worker.snapshot.server().body_timeout.get()
+    }
+
+    pub(super) fn body_deadlines(&self, request_deadline: Instant) -> BodyDeadlines {
+        BodyDeadlines {
+            idle: self.worker.snapshot.server().body_timeout.get(),
+            request: request_deadline,
+            upstream_write: self.worker.snapshot.server().body_timeout.get(),
+        }
+    }
+
+    /// Closes gently: stop sending, then read and discard what the client still sends for a
+    /// short while, so the kernel does not reset the connection before the client read the
+    /// last response.
+    async fn linger(&mut self) {
+        let _ = self.client.shutdown(std::net::Shutdown::Write);
+        let deadline = Instant::now() + LINGER;
+        for _ in 0..LINGER_READS {
+            self.inbuf.clear();
+            let (res, buf) = read_before(&self.client, take(&mut self.inbuf), deadline).await;
+            self.inbuf = buf;
+            if !matches!(res, Ok(n) if n > 0) {
+                return;
+            }
+        }
+    }
+}
+
+/// True when the client speaks HTTP/1.1 (and so understands chunked framing and 1xx).
+pub(super) fn is_http11(v: Version) -> bool {
+    v == Version::Http11
+}

@@ -1,0 +1,377 @@
+//! The exchange with an upstream: send the rebuilt head and the body, read the response head
+//! (relaying interim 1xx), then stream the response back. An upstream connection returns to the
+//! pool only when both messages were completely framed and consumed.
+
+use std::mem::take;
+
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::{
+    body::{relay_request_body, relay_response_body, RequestBodyError},
+    connection::{is_http11, Connection, Next},
+    pipeline::{Answer, RequestFacts},
+    tunnel::tunnel,
+};
+use crate::{
+    http::{
+        encode::{self, ClientFraming},
+        response::{parse_response, ResponseError, MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEAD_BYTES},
+        BodyFraming,
+    },
+    io::{read_before, write_before, IoFailure, Transport},
+    runtime::snapshot::UPSTREAM_BUFFER_BYTES,
+    upstream::{ConnectError, UpstreamConn, UpstreamGroup},
+};
+
+/// Why no usable response head came from the upstream.
+enum HeadFailure {
+    /// The upstream closed or reset before sending a byte of response.
+    ClosedEarly,
+    TimedOut,
+    Io(IoFailure),
+    Invalid(ResponseError),
+    /// The client went away while interim responses were relayed.
+    ClientGone,
+}
+
+/// What is known of the final response once its head went to the client.
+struct FinalResponse {
+    status: u16,
+    head_len: usize,
+    body: BodyFraming,
+    upstream_keep_alive: bool,
+    client: ClientFraming,
+}
+
+impl<C: Transport> Connection<'_, C> {
+    pub(super) async fn forward(
+        &mut self,
+        facts: RequestFacts,
+        group_index: usize,
+        server: usize,
+        request_deadline: Instant,
+    ) -> Next {
+        let worker = self.worker;
+        let group = &worker.upstreams[group_index];
+        let has_body = !matches!(facts.body, BodyFraming::None | BodyFraming::Length(0));
+        let mut consumed = facts.head_len;
+        let mut retried = false;
+        let (conn, response) = loop {
+            let attempt = if retried {
+                group.connect(server).await
+            } else {
+                group.checkout(server).await
+            };
+            let conn = match attempt {
+                Ok(c) => c,
+                Err(e) => {
+                    return self
+                        .upstream_unavailable(facts, group, server, e, request_deadline)
+                        .await
+                }
+            };
+            let len = self.out.len();
+            let (res, out) = write_before(
+                &conn.transport,
+                take(&mut self.out),
+                0..len,
+                Instant::now() + group.read_timeout,
+            )
+            .await;
+            self.out = out;
+            if let Err(e) = res {
+                if conn.reused && !retried {
+                    retried = true;
+                    continue;
+                }
+                warn!(upstream = %group.name, server = %group.server_addr(server), error = %e, "could not send request upstream");
+                return self
+                    .answer(
+                        facts,
+                        bad_gateway("upstream connection failed"),
+                        request_deadline,
+                    )
+                    .await;
+            }
+            if has_body {
+                if facts.expect_continue
+                    && self.inbuf.len() == facts.head_len
+                    && is_http11(facts.version)
+                {
+                    self.out.clear();
+                    self.out.extend_from_slice(encode::CONTINUE);
+                    if !self.send_out().await {
+                        return Next::Abort;
+                    }
+                }
+                let deadlines = self.body_deadlines(request_deadline);
+                let (res, buf) = relay_request_body(
+                    &self.client,
+                    Some(&conn.transport),
+                    take(&mut self.inbuf),
+                    facts.head_len,
+                    facts.body,
+                    facts.max_body_bytes,
+                    deadlines,
+                )
+                .await;
+                self.inbuf = buf;
+                match res {
+                    Ok(end) => consumed = end,
+                    Err(RequestBodyError::Client(e)) => {
+                        debug!(peer = %self.peer, error = %e, "client stopped sending the request body");
+                        return Next::Abort;
+                    }
+                    Err(RequestBodyError::Framing(e)) => {
+                        debug!(peer = %self.peer, error = %e, "invalid chunked request body");
+                        return self.error_and_close(400, "invalid chunked body").await;
+                    }
+                    Err(RequestBodyError::TooLarge) => {
+                        debug!(peer = %self.peer, "request body over the route's limit");
+                        return self
+                            .error_and_close(413, "request body exceeds the route's limit")
+                            .await;
+                    }
+                    Err(RequestBodyError::Upstream(e)) => {
+                        warn!(upstream = %group.name, server = %group.server_addr(server), error = %e, "upstream stopped reading the request body");
+                        return self
+                            .error_and_close(502, "upstream connection failed")
+                            .await;
+                    }
+                }
+            }
+            match self.read_response_head(&conn, &facts, group).await {
+                Ok(r) => break (conn, r),
+                Err(HeadFailure::ClosedEarly)
+                    if conn.reused && !retried && !has_body && facts.idempotent =>
+                {
+                    // The pooled connection had been closed by the server while idle.
+                    retried = true;
+                    continue;
+                }
+                Err(HeadFailure::ClientGone) => return Next::Abort,
+                Err(failure) => {
+                    let (status, detail) = match &failure {
+                        HeadFailure::TimedOut => (504, "upstream timed out"),
+                        HeadFailure::Invalid(_) => (502, "invalid response from upstream"),
+                        _ => (502, "upstream connection failed"),
+                    };
+                    match &failure {
+                        HeadFailure::Invalid(e) => {
+                            warn!(upstream = %group.name, server = %group.server_addr(server), error = %e, "invalid upstream response")
+                        }
+                        HeadFailure::Io(e) => {
+                            warn!(upstream = %group.name, server = %group.server_addr(server), error = %e, "upstream failed")
+                        }
+                        _ => {
+                            warn!(upstream = %group.name, server = %group.server_addr(server), status, "{detail}")
+                        }
+                    }
+                    return self
+                        .answer(
+                            facts,
+                            Answer::Error {
+                                status,
+                                detail,
+                                close: true,
+                            },
+                            request_deadline,
+                        )
+                        .await;
+                }
+            }
+        };
+
+        // The response head is in `self.out`; send it.
+        if !self.send_out().await {
+            return Next::Abort;
+        }
+        self.inbuf.drain(..consumed);
+        if response.status == 101 {
+            self.upbuf.drain(..response.head_len);
+            let client_pending = take(&mut self.inbuf);
+            let upstream_pending = take(&mut self.upbuf);
+            tunnel(
+                &self.client,
+                &conn.transport,
+                client_pending,
+                upstream_pending,
+            )
+            .await;
+            return Next::Abort;
+        }
+        let dechunk = response.body == BodyFraming::Chunked && !response.client.chunked;
+        let server_config = worker.snapshot.server();
+        let (res, buf) = relay_response_body(
+            &conn.transport,
+            &self.client,
+            take(&mut self.upbuf),
+            response.head_len,
+            response.body,
+            dechunk,
+            group.read_timeout,
+            server_config.body_timeout.get(),
+        )
+        .await;
+        self.upbuf = buf;
+        match res {
+            Ok(clean) => {
+                if clean && response.upstream_keep_alive {
+                    group.release(conn);
+                }
+                if response.client.keep_alive && !worker.draining.get() {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                }
+            }
+            Err(e) => {
+                debug!(peer = %self.peer, upstream = %group.name, error = ?e, "response body relay ended early");
+                Next::Abort
+            }
+        }
+    }
+
+    /// Reads the final response head into `self.upbuf`, relaying interim responses, and writes
+    /// the client's response head to `self.out`.
+    async fn read_response_head(
+        &mut self,
+        conn: &UpstreamConn,
+        facts: &RequestFacts,
+        group: &UpstreamGroup,
+    ) -> Result<FinalResponse, HeadFailure> {
+        self.upbuf.clear();
+        let mut received_any = false;
+        loop {
+            if self.upbuf.len() == self.upbuf.capacity() {
+                // A head larger than the usual buffer: grow, up to the head limit.
+                self.upbuf.reserve(
+                    (MAX_RESPONSE_HEAD_BYTES + 1)
+                        .saturating_sub(self.upbuf.len())
+                        .min(UPSTREAM_BUFFER_BYTES),
+                );
+            }
+            let (res, buf) = read_before(
+                &conn.transport,
+                take(&mut self.upbuf),
+                Instant::now() + group.read_timeout,
+            )
+            .await;
+            self.upbuf = buf;
+            match res {
+                Ok(0) | Err(IoFailure::Closed) if !received_any => {
+                    return Err(HeadFailure::ClosedEarly)
+                }
+                Err(IoFailure::Io(e))
+                    if !received_any && e.kind() == std::io::ErrorKind::ConnectionReset =>
+                {
+                    return Err(HeadFailure::ClosedEarly)
+                }
+                Ok(0) => return Err(HeadFailure::Io(IoFailure::Closed)),
+                Ok(_) => received_any = true,
+                Err(IoFailure::TimedOut) => return Err(HeadFailure::TimedOut),
+                Err(e) => return Err(HeadFailure::Io(e)),
+            }
+            loop {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+                let resp = match parse_response(&self.upbuf, &mut headers, facts.is_head) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => return Err(HeadFailure::Invalid(e)),
+                };
+                if resp.status == 101 && !facts.upgrade {
+                    return Err(HeadFailure::Invalid(ResponseError::Malformed(
+                        "101 without an upgrade request",
+                    )));
+                }
+                if resp.is_interim() {
+                    let head_len = resp.head_len;
+                    // 100 Continue is the gateway's own business (it answered Expect itself);
+                    // other 1xx go to HTTP/1.1 clients only.
+                    let relay = resp.status != 100 && is_http11(facts.version);
+                    if relay {
+                        self.out.clear();
+                        encode::write_client_response(
+                            &mut self.out,
+                            &resp,
+                            ClientFraming {
+                                chunked: false,
+                                keep_alive: true,
+                                client_version: facts.version,
+                            },
+                        );
+                    }
+                    self.upbuf.drain(..head_len);
+                    if relay && !self.send_out().await {
+                        return Err(HeadFailure::ClientGone);
+                    }
+                    if self.upbuf.is_empty() {
+                        break;
+                    }
+                    continue;
+                }
+                let client_chunked = resp.body == BodyFraming::Chunked && is_http11(facts.version);
+                let keep_alive = facts.keep_alive
+                    && resp.status != 101
+                    && resp.body != BodyFraming::UntilClose
+                    && (resp.body != BodyFraming::Chunked || client_chunked);
+                let client = ClientFraming {
+                    chunked: client_chunked,
+                    keep_alive,
+                    client_version: facts.version,
+                };
+                self.out.clear();
+                encode::write_client_response(&mut self.out, &resp, client);
+                return Ok(FinalResponse {
+                    status: resp.status,
+                    head_len: resp.head_len,
+                    body: resp.body,
+                    upstream_keep_alive: resp.keep_alive,
+                    client,
+                });
+            }
+        }
+    }
+
+    async fn upstream_unavailable(
+        &mut self,
+        facts: RequestFacts,
+        group: &UpstreamGroup,
+        server: usize,
+        e: ConnectError,
+        request_deadline: Instant,
+    ) -> Next {
+        let (status, detail) = match &e {
+            ConnectError::TimedOut => (504, "upstream connect timed out"),
+            ConnectError::Failed(_) => (502, "upstream unavailable"),
+        };
+        warn!(upstream = %group.name, server = %group.server_addr(server), error = ?e, status, "cannot connect upstream");
+        self.answer(
+            facts,
+            Answer::Error {
+                status,
+                detail,
+                close: false,
+            },
+            request_deadline,
+        )
+        .await
+    }
+
+    /// Answers after part of the request body was consumed: the rest cannot be skipped.
+    async fn error_and_close(&mut self, status: u16, detail: &str) -> Next {
+        self.out.clear();
+        encode::write_error(&mut self.out, status, detail, false, false);
+        self.send_out().await;
+        Next::Close
+    }
+}
+
+fn bad_gateway(detail: &'static str) -> Answer {
+    Answer::Error {
+        status: 502,
+        detail,
+        close: false,
+    }
+}

@@ -1,0 +1,376 @@
+//! The route table: compiled once from config, matched per request without allocation.
+//!
+//! Precedence, fixed: exact host over wildcard host over no host; then exact path over the
+//! longest prefix over shorter prefixes (over no path); then routes with `methods` over routes
+//! without; remaining ties go to the first in the file.
+
+use std::collections::HashMap;
+
+use crate::config::{Config, RouteConfig};
+
+/// Longest host name (RFC 1035) plus room for a port; longer Host values match no host route.
+const MAX_HOST_BYTES: usize = 255;
+
+/// What a matched route does.
+#[derive(Debug)]
+pub enum Action {
+    /// Forward to the upstream group with this index (see [`RouteTable::upstream_names`]).
+    Upstream(usize),
+    /// Answer with a fixed response.
+    Respond(StaticResponse),
+}
+
+/// A `respond` action: the head without framing fields, and the body.
+#[derive(Debug)]
+pub struct StaticResponse {
+    pub status: u16,
+    /// `HTTP/1.1 NNN Reason\r\n` plus the configured fields, each ending in CRLF.
+    pub head: Vec<u8>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PathMatch {
+    Any,
+    Exact(Box<[u8]>),
+    Prefix(Box<[u8]>),
+}
+
+/// How a route changes the path it forwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathRewrite {
+    Keep,
+    /// Replace the matched prefix with this one (strip_prefix replaces it with `/`).
+    ReplacePrefix {
+        matched: Box<[u8]>,
+        replacement: Box<[u8]>,
+    },
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// Position in the config file, for logs.
+    pub index: usize,
+    path: PathMatch,
+    methods: Option<Vec<Box<[u8]>>>,
+    pub action: Action,
+    pub rewrite: PathRewrite,
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    exact_host: HashMap<Box<[u8]>, Vec<usize>>,
+    /// (suffix including the leading dot, route) in precedence order.
+    wildcard_host: Vec<(Box<[u8]>, usize)>,
+    any_host: Vec<usize>,
+    upstream_names: Vec<String>,
+}
+
+impl RouteTable {
+    pub fn new(config: &Config) -> RouteTable {
+        let upstream_names: Vec<String> = config.upstreams.keys().cloned().collect();
+        let routes: Vec<Route> = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| compile_route(i, r, &upstream_names))
+            .collect();
+        let mut table = RouteTable {
+            upstream_names,
+            ..RouteTable::default()
+        };
+        let mut order: Vec<usize> = (0..routes.len()).collect();
+        order.sort_by_key(|&i| precedence_key(&routes[i]));
+        for i in order {
+            match config.routes[i]
+                .matcher
+                .host
+                .as_deref()
+                .map(str::to_ascii_lowercase)
+            {
+                None => table.any_host.push(i),
+                Some(h) => match h.strip_prefix('*') {
+                    Some(suffix) => table.wildcard_host.push((suffix.as_bytes().into(), i)),
+                    None => table
+                        .exact_host
+                        .entry(h.into_bytes().into())
+                        .or_default()
+                        .push(i),
+                },
+            }
+        }
+        table.routes = routes;
+        table
+    }
+
+    pub fn route(&self, index: usize) -> &Route {
+        &self.routes[index]
+    }
+
+    /// Upstream group names, indexed as in [`Action::Upstream`].
+    pub fn upstream_names(&self) -> &[String] {
+        &self.upstream_names
+    }
+
+    /// Finds the route for a request. `host` is the Host field value (any case, port allowed),
+    /// `path` the target's path without the query.
+    pub fn find(&self, host: Option<&[u8]>, path: &[u8], method: &[u8]) -> Option<&Route> {
+        let mut lowered = [0u8; MAX_HOST_BYTES];
+        let host = host.and_then(|h| normalize_host(h, &mut lowered));
+        if let Some(host) = host {
+            if let Some(candidates) = self.exact_host.get(host) {
+                if let Some(r) = self.first_match(candidates.iter().copied(), path, method) {
+                    return Some(r);
+                }
+            }
+            let wildcard = self
+                .wildcard_host
+                .iter()
+                .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix))
+                .map(|(_, i)| *i);
+            if let Some(r) = self.first_match(wildcard, path, method) {
+                return Some(r);
+            }
+        }
+        self.first_match(self.any_host.iter().copied(), path, method)
+    }
+
+    fn first_match(
+        &self,
+        candidates: impl Iterator<Item = usize>,
+        path: &[u8],
+        method: &[u8],
+    ) -> Option<&Route> {
+        candidates
+            .map(|i| &self.routes[i])
+            .find(|r| r.matches(path, method))
+    }
+}
+
+impl Route {
+    fn matches(&self, path: &[u8], method: &[u8]) -> bool {
+        let path_ok = match &self.path {
+            PathMatch::Any => true,
+            PathMatch::Exact(p) => path == &p[..],
+            PathMatch::Prefix(p) => path.starts_with(p),
+        };
+        path_ok
+            && self
+                .methods
+                .as_ref()
+                .is_none_or(|ms| ms.iter().any(|m| &m[..] == method))
+    }
+
+    /// Appends the path to forward for `path` (which this route matched) to `out`.
+    pub fn write_path(&self, path: &[u8], out: &mut Vec<u8>) {
+        match &self.rewrite {
+            PathRewrite::Keep => out.extend_from_slice(path),
+            PathRewrite::ReplacePrefix {
+                matched,
+                replacement,
+            } => {
+                let rest = &path[matched.len().min(path.len())..];
+                out.extend_from_slice(replacement);
+                // Join with exactly one slash between the replacement and the rest.
+                match (
+                    replacement.last() == Some(&b'/'),
+                    rest.first() == Some(&b'/'),
+                ) {
+                    (true, true) => out.extend_from_slice(&rest[1..]),
+                    (false, false) if !rest.is_empty() => {
+                        out.push(b'/');
+                        out.extend_from_slice(rest);
+                    }
+                    _ => out.extend_from_slice(rest),
+                }
+            }
+        }
+    }
+}
+
+/// Lower-cases `host` into `buf` without its port; `None` when it cannot be a host name.
+fn normalize_host<'b>(host: &[u8], buf: &'b mut [u8; MAX_HOST_BYTES]) -> Option<&'b [u8]> {
+    let name = if host.first() == Some(&b'[') {
+        // IPv6 literal: keep up to the closing bracket.
+        &host[..host.iter().position(|b| *b == b']')? + 1]
+    } else {
+        match host.iter().rposition(|b| *b == b':') {
+            Some(colon) => &host[..colon],
+            None => host,
+        }
+    };
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    if name.is_empty() || name.len() > buf.len() {
+        return None;
+    }
+    for (dst, src) in buf.iter_mut().zip(name) {
+        *dst = src.to_ascii_lowercase();
+    }
+    Some(&buf[..name.len()])
+}
+
+/// Sort key: smaller sorts first. Host class is handled by the bucket the route lands in.
+fn precedence_key(route: &Route) -> (u8, std::cmp::Reverse<usize>, u8, usize) {
+    let (path_class, len) = match &route.path {
+        PathMatch::Exact(p) => (0, p.len()),
+        PathMatch::Prefix(p) => (1, p.len()),
+        PathMatch::Any => (2, 0),
+    };
+    let methods = if route.methods.is_some() { 0 } else { 1 };
+    (path_class, std::cmp::Reverse(len), methods, route.index)
+}
+
+fn compile_route(index: usize, r: &RouteConfig, upstream_names: &[String]) -> Route {
+    let m = &r.matcher;
+    let path = match (&m.path, &m.path_prefix) {
+        (Some(p), _) => PathMatch::Exact(p.as_bytes().into()),
+        (None, Some(p)) => PathMatch::Prefix(p.as_bytes().into()),
+        (None, None) => PathMatch::Any,
+    };
+    let rewrite = match (&m.path_prefix, r.strip_prefix, &r.rewrite_prefix) {
+        (Some(prefix), true, _) => PathRewrite::ReplacePrefix {
+            matched: prefix.as_bytes().into(),
+            replacement: b"/"[..].into(),
+        },
+        (Some(prefix), false, Some(to)) => PathRewrite::ReplacePrefix {
+            matched: prefix.as_bytes().into(),
+            replacement: to.as_bytes().into(),
+        },
+        _ => PathRewrite::Keep,
+    };
+    let action = match (&r.upstream, &r.respond) {
+        (Some(name), _) => Action::Upstream(
+            upstream_names
+                .iter()
+                .position(|n| n == name)
+                .expect("validate() checked the upstream exists"),
+        ),
+        (None, Some(respond)) => Action::Respond(crate::http::encode::static_response(respond)),
+        (None, None) => unreachable!("validate() requires upstream or respond"),
+    };
+    Route {
+        index,
+        path,
+        methods: m
+            .methods
+            .as_ref()
+            .map(|ms| ms.iter().map(|s| s.as_bytes().into()).collect()),
+        action,
+        rewrite,
+        max_body_bytes: r.max_body_bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn table(routes: &str) -> RouteTable {
+        let src = format!("[upstreams.u]\nservers = [\"127.0.0.1:9\"]\n{routes}");
+        RouteTable::new(&Config::parse(Path::new("t.toml"), &src).unwrap())
+    }
+
+    fn found(t: &RouteTable, host: Option<&str>, path: &str, method: &str) -> Option<usize> {
+        t.find(host.map(str::as_bytes), path.as_bytes(), method.as_bytes())
+            .map(|r| r.index)
+    }
+
+    #[test]
+    fn precedence_table() {
+        let t = table(
+            r#"
+[[routes]]
+upstream = "u"
+[[routes]]
+match = { path_prefix = "/v1/" }
+upstream = "u"
+[[routes]]
+match = { path_prefix = "/v1/users/" }
+upstream = "u"
+[[routes]]
+match = { path = "/v1/users/me" }
+upstream = "u"
+[[routes]]
+match = { path_prefix = "/v1/", methods = ["POST"] }
+upstream = "u"
+[[routes]]
+match = { host = "*.example.com" }
+upstream = "u"
+[[routes]]
+match = { host = "api.example.com", path_prefix = "/" }
+upstream = "u"
+[[routes]]
+match = { host = "api.example.com", path_prefix = "/" }
+upstream = "u"
+[[routes]]
+match = { path_prefix = "/v1/" }
+upstream = "u"
+"#,
+        );
+        // (host, path, method, expected route index)
+        let cases: &[(Option<&str>, &str, &str, Option<usize>)] = &[
+            (None, "/", "GET", Some(0)),
+            (None, "/v1/x", "GET", Some(1)),
+            (None, "/v1", "GET", Some(0)),
+            (None, "/v1/users/7", "GET", Some(2)),
+            (None, "/v1/users/me", "GET", Some(3)),
+            (None, "/v1/x", "POST", Some(4)),
+            (Some("other.org"), "/v1/x", "GET", Some(1)),
+            (Some("www.example.com"), "/v1/x", "GET", Some(5)),
+            (Some("WWW.Example.COM:8443"), "/", "GET", Some(5)),
+            (Some("example.com"), "/v1/x", "GET", Some(1)),
+            (Some("api.example.com"), "/v1/users/me", "GET", Some(6)),
+            (Some("API.EXAMPLE.COM:80"), "/", "GET", Some(6)),
+            (Some("api.example.com."), "/", "GET", Some(6)),
+        ];
+        for (host, path, method, want) in cases {
+            assert_eq!(
+                found(&t, *host, path, method),
+                *want,
+                "{host:?} {method} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_match_is_none() {
+        let t = table("[[routes]]\nmatch = { path = \"/only\" }\nupstream = \"u\"\n");
+        assert_eq!(found(&t, None, "/other", "GET"), None);
+        assert_eq!(found(&t, None, "/only/", "GET"), None);
+    }
+
+    #[test]
+    fn rewrites() {
+        let t = table(
+            r#"
+[[routes]]
+match = { path_prefix = "/v1/" }
+upstream = "u"
+strip_prefix = true
+[[routes]]
+match = { path_prefix = "/v2/" }
+upstream = "u"
+rewrite_prefix = "/api/"
+[[routes]]
+match = { path_prefix = "/v3" }
+upstream = "u"
+strip_prefix = true
+"#,
+        );
+        let rewrite = |path: &str| {
+            let r = t.find(None, path.as_bytes(), b"GET").unwrap();
+            let mut out = Vec::new();
+            r.write_path(path.as_bytes(), &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(rewrite("/v1/users"), "/users");
+        assert_eq!(rewrite("/v1/"), "/");
+        assert_eq!(rewrite("/v2/users"), "/api/users");
+        assert_eq!(rewrite("/v3/users"), "/users");
+        assert_eq!(rewrite("/v3"), "/");
+    }
+}

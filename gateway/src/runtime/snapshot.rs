@@ -1,0 +1,48 @@
+//! The compiled, read-only configuration every worker shares behind an `Arc`.
+
+use std::time::Duration;
+
+use crate::{
+    config::{Config, ServerConfig},
+    http::request::HeadLimits,
+    routing::RouteTable,
+};
+
+/// Size of each client connection's read buffer: it holds a whole request head, and streams
+/// bodies through in pieces of this size.
+pub const MIN_CLIENT_BUFFER_BYTES: usize = 32 * 1024;
+/// Size of each upstream read buffer (grows to the response head limit only when needed).
+pub const UPSTREAM_BUFFER_BYTES: usize = 32 * 1024;
+
+/// Everything the request path reads from config, compiled once.
+pub struct ConfigSnapshot {
+    pub config: Config,
+    pub routes: RouteTable,
+    pub limits: HeadLimits,
+    pub client_buffer_bytes: usize,
+}
+
+impl ConfigSnapshot {
+    pub fn new(config: Config) -> Self {
+        let s = &config.server;
+        let limits = HeadLimits {
+            max_header_bytes: s.max_header_bytes,
+            max_headers: s.max_headers,
+            max_uri_bytes: s.max_uri_bytes,
+        };
+        ConfigSnapshot {
+            routes: RouteTable::new(&config),
+            limits,
+            client_buffer_bytes: s.max_header_bytes.max(MIN_CLIENT_BUFFER_BYTES),
+            config,
+        }
+    }
+
+    pub fn server(&self) -> &ServerConfig {
+        &self.config.server
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        self.config.server.header_timeout.get()
+    }
+}

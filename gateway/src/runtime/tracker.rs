@@ -1,0 +1,77 @@
+//! Per-worker registry of open client connections, so a drain can close the idle ones at once
+//! and, past the drain timeout, shut down the rest. Touched only by its own worker thread.
+
+use std::{cell::RefCell, net::Shutdown, os::fd::RawFd};
+
+#[derive(Clone, Copy)]
+struct Entry {
+    fd: RawFd,
+    idle: bool,
+}
+
+#[derive(Default)]
+pub struct ConnTracker {
+    slots: RefCell<Vec<Option<Entry>>>,
+    free: RefCell<Vec<usize>>,
+}
+
+/// A registered connection; deregisters itself when dropped.
+pub struct ConnHandle<'t> {
+    tracker: &'t ConnTracker,
+    slot: usize,
+}
+
+impl ConnTracker {
+    pub fn register(&self, fd: RawFd) -> ConnHandle<'_> {
+        let entry = Some(Entry { fd, idle: false });
+        let mut slots = self.slots.borrow_mut();
+        let slot = match self.free.borrow_mut().pop() {
+            Some(i) => {
+                slots[i] = entry;
+                i
+            }
+            None => {
+                slots.push(entry);
+                slots.len() - 1
+            }
+        };
+        ConnHandle {
+            tracker: self,
+            slot,
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.slots.borrow().len() - self.free.borrow().len()
+    }
+
+    /// Shuts down connections: only the idle ones, or all of them.
+    pub fn shutdown(&self, idle_only: bool) {
+        for entry in self.slots.borrow().iter().flatten() {
+            if entry.idle || !idle_only {
+                let how = if idle_only {
+                    Shutdown::Read
+                } else {
+                    Shutdown::Both
+                };
+                crate::sys::shutdown_fd(entry.fd, how);
+            }
+        }
+    }
+}
+
+impl ConnHandle<'_> {
+    /// Marks the connection idle (waiting for a next request) or busy.
+    pub fn set_idle(&self, idle: bool) {
+        if let Some(e) = self.tracker.slots.borrow_mut()[self.slot].as_mut() {
+            e.idle = idle;
+        }
+    }
+}
+
+impl Drop for ConnHandle<'_> {
+    fn drop(&mut self) {
+        self.tracker.slots.borrow_mut()[self.slot] = None;
+        self.tracker.free.borrow_mut().push(self.slot);
+    }
+}

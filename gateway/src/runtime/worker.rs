@@ -1,0 +1,180 @@
+//! Worker threads: one per core, pinned, each with its own tokio-uring runtime, its own
+//! SO_REUSEPORT listeners and its own upstream pools. Nothing on the request path is shared
+//! between workers except the read-only config snapshot.
+
+use std::{
+    cell::Cell, net::TcpListener as StdListener, rc::Rc, sync::Arc, thread::JoinHandle,
+    time::Duration,
+};
+
+use tokio::time::Instant;
+use tokio_uring::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use super::{shutdown::DrainFlag, snapshot::ConfigSnapshot, tracker::ConnTracker};
+use crate::{
+    http::encode,
+    io::{TcpTransport, Transport},
+    proxy::connection::serve,
+    upstream::UpstreamGroup,
+};
+
+/// Submission queue entries per worker ring.
+const RING_ENTRIES: u32 = 4096;
+/// Pause after a failed accept (such as EMFILE) so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
+/// How often a draining worker checks whether its connections have finished.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+/// After the drain timeout, how long connections get to finish once shut down.
+const FORCED_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// One worker's state, owned by its thread.
+pub struct Worker {
+    pub id: usize,
+    pub snapshot: Arc<ConfigSnapshot>,
+    /// Indexed like [`crate::routing::RouteTable::upstream_names`].
+    pub upstreams: Vec<UpstreamGroup>,
+    pub tracker: ConnTracker,
+    /// Set once this worker saw the drain begin: connections close after their current request.
+    pub draining: Cell<bool>,
+}
+
+/// Starts the worker threads; each gets the listeners at its index.
+pub fn spawn_workers(
+    snapshot: Arc<ConfigSnapshot>,
+    listeners: Vec<Vec<StdListener>>,
+    drain: DrainFlag,
+) -> std::io::Result<Vec<JoinHandle<()>>> {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut handles = Vec::new();
+    for (id, listeners) in listeners.into_iter().enumerate() {
+        let snapshot = snapshot.clone();
+        let drain = drain.clone();
+        let core = if cores.is_empty() {
+            None
+        } else {
+            Some(cores[id % cores.len()])
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("portcullis-w{id}"))
+            .spawn(move || run_worker(id, core, snapshot, listeners, drain))?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+fn run_worker(
+    id: usize,
+    core: Option<core_affinity::CoreId>,
+    snapshot: Arc<ConfigSnapshot>,
+    listeners: Vec<StdListener>,
+    drain: DrainFlag,
+) {
+    if let Some(core) = core {
+        if !core_affinity::set_for_current(core) {
+            warn!(
+                worker = id,
+                core = core.id,
+                "could not pin worker to its core"
+            );
+        }
+    }
+    tokio_uring::builder()
+        .entries(RING_ENTRIES)
+        .start(async move {
+            let upstreams = snapshot
+                .routes
+                .upstream_names()
+                .iter()
+                .map(|name| UpstreamGroup::new(name, &snapshot.config.upstreams[name]))
+                .collect();
+            let worker = Rc::new(Worker {
+                id,
+                snapshot,
+                upstreams,
+                tracker: ConnTracker::default(),
+                draining: Cell::new(false),
+            });
+            debug!(worker = id, core = ?core.map(|c| c.id), "worker started");
+            let accept_loops: Vec<_> = listeners
+                .into_iter()
+                .map(|l| {
+                    tokio_uring::spawn(accept_loop(
+                        worker.clone(),
+                        TcpListener::from_std(l),
+                        drain.clone(),
+                    ))
+                })
+                .collect();
+            for task in accept_loops {
+                let _ = task.await;
+            }
+            drain_worker(&worker).await;
+            debug!(worker = id, "worker stopped");
+        });
+}
+
+async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, drain: DrainFlag) {
+    let max_connections = worker.snapshot.server().max_connections_per_worker;
+    loop {
+        let accepted = listener.accept().await;
+        if drain.is_set() {
+            return;
+        }
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(worker = worker.id, error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        if worker.tracker.active() >= max_connections {
+            debug!(worker = worker.id, %peer, "connection limit reached: refusing");
+            tokio_uring::spawn(refuse(stream));
+            continue;
+        }
+        let worker = worker.clone();
+        tokio_uring::spawn(async move {
+            let transport = TcpTransport::new(stream);
+            let handle = worker.tracker.register(transport.raw_fd());
+            serve(transport, peer, &worker, &handle).await;
+        });
+    }
+}
+
+/// Answers 503 to a connection over `max_connections_per_worker`, then closes it.
+async fn refuse(stream: TcpStream) {
+    let transport = TcpTransport::new(stream);
+    let mut out = Vec::with_capacity(160);
+    encode::write_error(&mut out, 503, "connection limit reached", false, false);
+    let len = out.len();
+    let _ = tokio::time::timeout(Duration::from_secs(1), transport.write_all(out, 0..len)).await;
+    let _ = transport.shutdown(std::net::Shutdown::Both);
+}
+
+/// Lets in-flight requests finish within the drain timeout, then closes what is left.
+async fn drain_worker(worker: &Worker) {
+    worker.draining.set(true);
+    for group in &worker.upstreams {
+        group.clear_idle();
+    }
+    worker.tracker.shutdown(true);
+    let deadline = Instant::now() + worker.snapshot.server().drain_timeout.get();
+    while worker.tracker.active() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    if worker.tracker.active() > 0 {
+        info!(
+            worker = worker.id,
+            connections = worker.tracker.active(),
+            "drain timeout: closing remaining connections"
+        );
+        worker.tracker.shutdown(false);
+        let deadline = Instant::now() + FORCED_CLOSE_GRACE;
+        while worker.tracker.active() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+}

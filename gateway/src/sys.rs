@@ -1,0 +1,58 @@
+//! The few raw system calls the gateway makes outside its libraries, each with its SAFETY
+//! argument. Nothing else in the crate uses `unsafe`.
+
+use std::{ffi::CString, net::Shutdown, os::fd::RawFd, path::Path};
+
+/// Shuts down a socket by descriptor; errors (such as a descriptor already closed) are ignored,
+/// since every caller only wants pending operations on it to finish.
+pub fn shutdown_fd(fd: RawFd, how: Shutdown) {
+    let how = match how {
+        Shutdown::Read => libc::SHUT_RD,
+        Shutdown::Write => libc::SHUT_WR,
+        Shutdown::Both => libc::SHUT_RDWR,
+    };
+    // SAFETY: shutdown(2) takes a plain integer and touches no memory of ours; on a descriptor
+    // that is not a socket it fails with ENOTSOCK/EBADF, which we ignore.
+    unsafe {
+        libc::shutdown(fd, how);
+    }
+}
+
+/// The bpffs magic number of statfs(2).
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// True when `path` lies on a bpf filesystem.
+pub fn is_bpffs(path: &Path) -> std::io::Result<bool> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call and `st` is a valid, writable
+    // statfs struct (all-zero is a valid bit pattern for it).
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Mounts a bpf filesystem at `path`.
+pub fn mount_bpffs(path: &Path) -> std::io::Result<()> {
+    let target =
+        CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let fstype = c"bpf";
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call; data is null, which
+    // mount(2) accepts for bpffs.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Upstream groups as one worker sees them: round-robin server choice and a keep-alive pool per
+//! server. Each worker owns its own groups (no lock, no sharing across cores).
+
+use std::{
+    cell::{Cell, RefCell},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use tokio::time::Instant;
+use tokio_uring::net::TcpStream;
+
+use crate::{config::UpstreamConfig, io::TcpTransport};
+
+/// Why no connection to an upstream server could be had.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The connection did not complete within `connect_timeout` (answered 504).
+    TimedOut,
+    /// Refused, unreachable or otherwise failed (answered 502).
+    Failed(std::io::Error),
+}
+
+/// A connection to one server of a group.
+pub struct UpstreamConn {
+    pub transport: TcpTransport,
+    pub server: usize,
+    /// Taken from the keep-alive pool rather than freshly connected: a failure before any
+    /// response byte may be the server having closed it while idle.
+    pub reused: bool,
+}
+
+struct IdleConn {
+    transport: TcpTransport,
+    since: Instant,
+}
+
+/// One upstream group, per worker.
+pub struct UpstreamGroup {
+    pub name: String,
+    servers: Vec<SocketAddr>,
+    /// `ip:port` of each server, the Host sent when the client gave none.
+    host_values: Vec<String>,
+    next: Cell<usize>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    idle: Vec<RefCell<Vec<IdleConn>>>,
+}
+
+impl UpstreamGroup {
+    pub fn new(name: &str, config: &UpstreamConfig) -> Self {
+        UpstreamGroup {
+            name: name.to_owned(),
+            servers: config.servers.clone(),
+            host_values: config.servers.iter().map(|s| s.to_string()).collect(),
+            next: Cell::new(0),
+            connect_timeout: config.connect_timeout.get(),
+            read_timeout: config.read_timeout.get(),
+            idle_timeout: config.idle_timeout.get(),
+            max_idle: config.max_idle_per_server,
+            idle: config
+                .servers
+                .iter()
+                .map(|_| RefCell::new(Vec::new()))
+                .collect(),
+        }
+    }
+
+    /// The next server in round-robin order.
+    pub fn pick(&self) -> usize {
+        let i = self.next.get();
+        self.next.set((i + 1) % self.servers.len());
+        i
+    }
+
+    pub fn server_addr(&self, server: usize) -> SocketAddr {
+        self.servers[server]
+    }
+
+    pub fn host_value(&self, server: usize) -> &str {
+        &self.host_values[server]
+    }
+
+    /// A pooled connection to `server` if one is fresh enough, else a new one.
+    pub async fn checkout(&self, server: usize) -> Result<UpstreamConn, ConnectError> {
+        if let Some(transport) = self.take_idle(server) {
+            return Ok(UpstreamConn {
+                transport,
+                server,
+                reused: true,
+            });
+        }
+        self.connect(server).await
+    }
+
+    /// A new connection to `server`.
+    pub async fn connect(&self, server: usize) -> Result<UpstreamConn, ConnectError> {
+        let addr = self.servers[server];
+        // A connect that times out is dropped, not cancelled: the kernel finishes or abandons the
+        // handshake (bounded by tcp_syn_retries) and tokio-uring then closes the socket.
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Err(_) => Err(ConnectError::TimedOut),
+            Ok(Err(e)) => Err(ConnectError::Failed(e)),
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(UpstreamConn {
+                    transport: TcpTransport::new(stream),
+                    server,
+                    reused: false,
+                })
+            }
+        }
+    }
+
+    fn take_idle(&self, server: usize) -> Option<TcpTransport> {
+        let mut idle = self.idle[server].borrow_mut();
+        let now = Instant::now();
+        // Most recently used first: it is the least likely to have been closed by the server.
+        while let Some(conn) = idle.pop() {
+            if now.duration_since(conn.since) < self.idle_timeout {
+                return Some(conn.transport);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose exchange was completely framed and consumed.
+    pub fn release(&self, conn: UpstreamConn) {
+        let mut idle = self.idle[conn.server].borrow_mut();
+        let now = Instant::now();
+        idle.retain(|c| now.duration_since(c.since) < self.idle_timeout);
+        if idle.len() < self.max_idle {
+            idle.push(IdleConn {
+                transport: conn.transport,
+                since: now,
+            });
+        }
+    }
+
+    /// Closes every pooled connection (on drain).
+    pub fn clear_idle(&self) {
+        for pool in &self.idle {
+            pool.borrow_mut().clear();
+        }
+    }
+}
