@@ -1,1 +1,108 @@
-fn main() {}
+//! `cargo xtask`: the project's build, run and test entry points.
+//!
+//! - `build-ebpf`: checks for (and installs where it can) rust-src, a bpf-linker built against
+//!   the LLVM major that rustc uses, and that LLVM's dev files; then builds the XDP object.
+//! - `run`: builds everything and runs the gateway with `config/gateway.toml` in front of the
+//!   bundled demo upstream.
+//! - `test`: the whole suite, privileged tests included when run as root.
+
+mod ebpf;
+mod run;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the XDP object (installing the toolchain pieces it needs where possible).
+    BuildEbpf,
+    /// Build and run the gateway with config/gateway.toml and the demo upstream.
+    Run {
+        /// Config file to run instead of config/gateway.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run every test (as root: the privileged XDP tests too).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::BuildEbpf => ebpf::build().map(|_| ()),
+        Task::Run { config } => run::run(config),
+        Task::Test { cargo_args } => test::run(&cargo_args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// The target directory, honouring CARGO_TARGET_DIR.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                workspace_root().join(d)
+            }
+        }
+        None => workspace_root().join("target"),
+    }
+}
+
+/// `cargo`, as the one running xtask.
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+/// Runs a command, failing with its name when it does not succeed.
+pub fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot start {:?}: {e}", cmd.get_program()))?;
+    if !status.success() {
+        anyhow::bail!("{:?} failed ({status})", cmd);
+    }
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
+}

@@ -101,21 +101,21 @@ pub fn locate(source: &str, path: &KeyPath) -> Option<usize> {
     let mut best: Option<usize> = None;
     let mut node = Node::Table(doc.as_table());
     for seg in &path.0 {
-        let (span, next) = match (node, seg) {
-            (Node::Table(t), KeySegment::Key(k)) => table_key(t, k)?,
-            (Node::Value(Value::InlineTable(t)), KeySegment::Key(k)) => {
-                let (key, item) = t.get_key_value(k)?;
-                (key.span(), Node::from_item(item)?)
-            }
+        let step = match (node, seg) {
+            (Node::Table(t), KeySegment::Key(k)) => table_key(t, k),
+            (Node::Value(Value::InlineTable(t)), KeySegment::Key(k)) => t
+                .get_key_value(k)
+                .and_then(|(key, item)| Some((key.span(), Node::from_item(item)?))),
             (Node::ArrayOfTables(a), KeySegment::Index(i)) => {
-                let t = a.get(*i)?;
-                (t.span(), Node::Table(t))
+                a.get(*i).map(|t| (t.span(), Node::Table(t)))
             }
             (Node::Value(Value::Array(a)), KeySegment::Index(i)) => {
-                let v = a.get(*i)?;
-                (v.span(), Node::Value(v))
+                a.get(*i).map(|v| (v.span(), Node::Value(v)))
             }
-            _ => return best,
+            _ => None,
+        };
+        let Some((span, next)) = step else {
+            return best;
         };
         if let Some(span) = span {
             best = Some(line_of(source, span.start));

@@ -207,6 +207,7 @@ impl ChunkedDecoder {
             (DataCr, _) => return Err(ChunkedError::InvalidLineEnd),
             (DataLf, b'\n') => SizeStart,
             (TrailerStart, b'\r') => EndLf,
+            (TrailerStart, b'\n') => return Err(ChunkedError::InvalidLineEnd),
             (EndLf, b'\n') => Done,
             // obs-fold (a line starting with whitespace) and empty names are refused.
             (TrailerStart, _) if crate::config::is_token_byte(b) => TrailerName,

@@ -1,0 +1,521 @@
+//! Test support: the real `portcullis` binary started on a temporary config, a real upstream
+//! HTTP server on a loopback socket, and a raw HTTP client.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running gateway process.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts the gateway on `config` (TOML). `{listen}` in it is replaced by `127.0.0.1:0`
+    /// unless the config sets its own `[server]`.
+    pub fn start(config: &str) -> Gateway {
+        Self::start_with(config, &[])
+    }
+
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start portcullis");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let log_writer = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                    let _ = tx.send(addr);
+                }
+                let mut l = log_writer.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                thread::sleep(Duration::from_millis(100));
+                panic!("gateway did not start; log:\n{}", log.lock().unwrap());
+            }
+        };
+        Gateway {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Peak resident memory of the gateway, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A request as the upstream received it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Raw head bytes as received.
+    pub raw_head: Vec<u8>,
+    /// Which upstream connection (accept order) carried it.
+    pub connection: usize,
+    /// The body came chunked.
+    pub chunked: bool,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// What the upstream does with a request.
+pub enum Reply {
+    /// Writes these raw bytes, then keeps the connection.
+    Raw(Vec<u8>),
+    /// Writes these raw bytes, then closes.
+    RawThenClose(Vec<u8>),
+    /// Waits, then writes the bytes.
+    Delayed(Duration, Vec<u8>),
+    /// Answers 101 and then echoes every byte back until the peer closes.
+    SwitchAndEcho,
+    /// Closes without answering.
+    Close,
+}
+
+pub fn ok_response(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+type Handler = dyn Fn(&Received) -> Reply + Send + Sync;
+
+/// A real HTTP/1.1 upstream on a loopback socket that records what it receives.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    pub connections: Arc<AtomicUsize>,
+    /// Body bytes received in total (bodies larger than `KEEP_BODY_BYTES` are counted, not kept).
+    pub body_bytes: Arc<AtomicUsize>,
+}
+
+/// Bodies up to this size are kept for assertions; larger ones are only counted.
+pub const KEEP_BODY_BYTES: usize = 1 << 20;
+
+impl Upstream {
+    pub fn start(handler: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let body_bytes = Arc::new(AtomicUsize::new(0));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let (r, c, b) = (received.clone(), connections.clone(), body_bytes.clone());
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let id = c.fetch_add(1, Ordering::SeqCst);
+                let (r, h, b) = (r.clone(), handler.clone(), b.clone());
+                thread::spawn(move || serve_upstream(stream, id, r, h, b));
+            }
+        });
+        Upstream {
+            addr,
+            received,
+            connections,
+            body_bytes,
+        }
+    }
+
+    /// An upstream that answers 200 with the request target as the body.
+    pub fn echo_target() -> Upstream {
+        Upstream::start(|r| Reply::Raw(ok_response(&r.target)))
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+fn serve_upstream(
+    stream: TcpStream,
+    id: usize,
+    received: Arc<Mutex<Vec<Received>>>,
+    handler: Arc<Handler>,
+    body_bytes: Arc<AtomicUsize>,
+) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone().unwrap());
+    let mut writer = stream;
+    loop {
+        let Some(req) = read_request(&mut reader, id, &body_bytes) else {
+            return;
+        };
+        received.lock().unwrap().push(req.clone());
+        match handler(&req) {
+            Reply::Raw(bytes) => {
+                if writer.write_all(&bytes).is_err() {
+                    return;
+                }
+            }
+            Reply::RawThenClose(bytes) => {
+                let _ = writer.write_all(&bytes);
+                let _ = writer.shutdown(Shutdown::Both);
+                return;
+            }
+            Reply::Delayed(d, bytes) => {
+                thread::sleep(d);
+                if writer.write_all(&bytes).is_err() {
+                    return;
+                }
+            }
+            Reply::SwitchAndEcho => {
+                let _ = writer.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n");
+                let mut buf = [0u8; 4096];
+                loop {
+                    let buffered = reader.buffer().to_vec();
+                    if !buffered.is_empty() {
+                        reader.consume(buffered.len());
+                        if writer.write_all(&buffered).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    match reader.get_mut().read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if writer.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            Reply::Close => return,
+        }
+    }
+}
+
+/// Reads one request (head and body) from `reader`.
+fn read_request(
+    reader: &mut BufReader<TcpStream>,
+    id: usize,
+    body_bytes: &AtomicUsize,
+) -> Option<Received> {
+    let mut raw_head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        if reader.read_until(b'\n', &mut line).ok()? == 0 {
+            return None;
+        }
+        raw_head.extend_from_slice(&line);
+        if line == b"\r\n" || line == b"\n" {
+            break;
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(&raw_head).ok()?;
+    let method = req.method?.to_owned();
+    let target = req.path?.to_owned();
+    let headers: Vec<(String, String)> = req
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_owned(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let find = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    let chunked = find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let keep = |data: &[u8], body: &mut Vec<u8>| {
+        body_bytes.fetch_add(data.len(), Ordering::SeqCst);
+        if body.len() + data.len() <= KEEP_BODY_BYTES {
+            body.extend_from_slice(data);
+        }
+    };
+    if chunked {
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).ok()?;
+            let size = usize::from_str_radix(line.trim_end().split(';').next()?, 16).ok()?;
+            if size == 0 {
+                // Trailers until the empty line.
+                loop {
+                    let mut t = String::new();
+                    reader.read_line(&mut t).ok()?;
+                    if t == "\r\n" || t.is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            let mut remaining = size;
+            let mut buf = vec![0u8; 64 * 1024];
+            while remaining > 0 {
+                let n = remaining.min(buf.len());
+                reader.read_exact(&mut buf[..n]).ok()?;
+                keep(&buf[..n], &mut body);
+                remaining -= n;
+            }
+            let mut crlf = [0u8; 2];
+            reader.read_exact(&mut crlf).ok()?;
+        }
+    } else if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        let mut remaining = len;
+        let mut buf = vec![0u8; 64 * 1024];
+        while remaining > 0 {
+            let n = remaining.min(buf.len());
+            reader.read_exact(&mut buf[..n]).ok()?;
+            keep(&buf[..n], &mut body);
+            remaining -= n;
+        }
+    }
+    Some(Received {
+        method,
+        target,
+        headers,
+        body,
+        raw_head,
+        connection: id,
+        chunked,
+    })
+}
+
+/// A response as the client read it.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub chunked: bool,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A raw HTTP/1.1 client connection.
+pub struct Client {
+    reader: BufReader<TcpStream>,
+    pub stream: TcpStream,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        Client {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            stream,
+        }
+    }
+
+    pub fn send(&mut self, raw: &[u8]) {
+        self.stream.write_all(raw).unwrap();
+    }
+
+    /// Reads one response; `head_request` for responses to HEAD.
+    pub fn read_response(&mut self, head_request: bool) -> Option<Response> {
+        let mut raw_head = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            if self.reader.read_until(b'\n', &mut line).ok()? == 0 {
+                return None;
+            }
+            raw_head.extend_from_slice(&line);
+            if line == b"\r\n" {
+                break;
+            }
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut resp = httparse::Response::new(&mut headers);
+        resp.parse(&raw_head)
+            .expect("gateway sent a valid response head");
+        let status = resp.code?;
+        let headers: Vec<(String, String)> = resp
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_owned(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
+        let find = |n: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.clone())
+        };
+        let chunked = find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        let mut body = Vec::new();
+        if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+        } else if chunked {
+            loop {
+                let mut line = String::new();
+                self.reader.read_line(&mut line).ok()?;
+                let size = usize::from_str_radix(line.trim_end(), 16).expect("chunk size");
+                if size == 0 {
+                    let mut end = String::new();
+                    self.reader.read_line(&mut end).ok()?;
+                    break;
+                }
+                let start = body.len();
+                body.resize(start + size, 0);
+                self.reader.read_exact(&mut body[start..]).ok()?;
+                let mut crlf = [0u8; 2];
+                self.reader.read_exact(&mut crlf).ok()?;
+            }
+        } else if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            body.resize(len, 0);
+            self.reader.read_exact(&mut body).ok()?;
+        } else {
+            self.reader.read_to_end(&mut body).ok()?;
+        }
+        Some(Response {
+            status,
+            headers,
+            body,
+            chunked,
+        })
+    }
+
+    /// True when the gateway closed the connection (reads end of stream).
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.reader.read(&mut b), Ok(0) | Err(_))
+    }
+
+    /// Reads whatever the peer sends until it closes or `limit` passes.
+    pub fn read_raw_until_close(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = self.reader.read_to_end(&mut out);
+        out
+    }
+}
+
+/// One request on a fresh connection.
+pub fn request(addr: SocketAddr, raw: &str) -> Response {
+    let mut c = Client::connect(addr);
+    c.send(raw.as_bytes());
+    c.read_response(raw.starts_with("HEAD "))
+        .expect("a response")
+}
+
+/// A config with one upstream group `up` pointing at `upstream` and the given routes.
+pub fn config_with(upstream: SocketAddr, extra_upstream: &str, routes: &str) -> String {
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\n\n[upstreams.up]\nservers = [\"{upstream}\"]\n{extra_upstream}\n{routes}"
+    )
+}
+
+/// The default catch-all route to `up`.
+pub const ROUTE_ALL: &str = "[[routes]]\nmatch = { path_prefix = \"/\" }\nupstream = \"up\"\n";

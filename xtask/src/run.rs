@@ -1,0 +1,58 @@
+//! `cargo xtask run`: the demo, end to end.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command},
+};
+
+use anyhow::Context;
+
+use crate::{cargo, run_checked, target_dir, workspace_root};
+
+/// Where the demo upstream listens (config/gateway.toml points there).
+const DEMO_UPSTREAM: &str = "127.0.0.1:9001";
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+    // The default config does not use XDP, so a missing eBPF toolchain only disables it.
+    if let Err(e) = crate::ebpf::build() {
+        eprintln!("xtask: warning: the XDP object was not built ({e:#}); configs with [xdp] will need `xdp.object`");
+    }
+    run_checked(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "portcullis",
+        "--package",
+        "portcullis-benches",
+    ]))?;
+    let bin = target_dir().join("release");
+    let config = config.unwrap_or_else(|| workspace_root().join("config/gateway.toml"));
+    let _upstream = KillOnDrop(
+        Command::new(bin.join("backend"))
+            .args(["--listen", DEMO_UPSTREAM])
+            .spawn()
+            .context("cannot start the demo upstream")?,
+    );
+    eprintln!(
+        "xtask: gateway on http://127.0.0.1:8080/ (config {}); Ctrl-C stops it",
+        config.display()
+    );
+    let status = Command::new(bin.join("portcullis"))
+        .arg("--config")
+        .arg(&config)
+        .status()
+        .context("cannot start the gateway")?;
+    if !status.success() {
+        anyhow::bail!("the gateway exited with {status}");
+    }
+    Ok(())
+}
