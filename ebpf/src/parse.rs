@@ -45,6 +45,13 @@ fn read_u8(data: usize, data_end: usize, offset: usize) -> Option<u8> {
 }
 
 #[inline(always)]
+fn read_array<const N: usize>(data: usize, data_end: usize, offset: usize) -> Option<[u8; N]> {
+    // SAFETY: ptr_at checked all N bytes lie inside the packet; read_unaligned tolerates any
+    // offset.
+    ptr_at::<[u8; N]>(data, data_end, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+#[inline(always)]
 fn read_be16(data: usize, data_end: usize, offset: usize) -> Option<u16> {
     // SAFETY: ptr_at checked both bytes lie inside the packet; read_unaligned tolerates any offset.
     ptr_at::<[u8; 2]>(data, data_end, offset)
@@ -121,12 +128,10 @@ fn parse_ipv6(data: usize, data_end: usize, offset: usize) -> Parsed {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next_header {
             // Hop-by-hop, routing, destination options: length in 8-octet units, not counting
-            // the first 8.
+            // the first 8. (Multi-byte reads at a variable offset keep the `ptr + N > end`
+            // bound check the verifier understands; a 1-byte one gets rewritten to `ptr >= end`.)
             0 | 43 | 60 => {
-                let (Some(next), Some(len)) = (
-                    read_u8(data, data_end, offset),
-                    read_u8(data, data_end, offset + 1),
-                ) else {
+                let Some([next, len]) = read_array::<2>(data, data_end, offset) else {
                     return Parsed::Unparsed;
                 };
                 next_header = next;
@@ -134,13 +139,10 @@ fn parse_ipv6(data: usize, data_end: usize, offset: usize) -> Parsed {
             }
             // Fragment header: fixed 8 octets; only the first fragment carries the transport.
             44 => {
-                let (Some(next), Some(fragment)) = (
-                    read_u8(data, data_end, offset),
-                    read_be16(data, data_end, offset + 2),
-                ) else {
+                let Some([next, _, hi, lo]) = read_array::<4>(data, data_end, offset) else {
                     return Parsed::Unparsed;
                 };
-                if fragment & 0xfff8 != 0 {
+                if u16::from_be_bytes([hi, lo]) & 0xfff8 != 0 {
                     return Parsed::Fragment;
                 }
                 next_header = next;
@@ -148,10 +150,7 @@ fn parse_ipv6(data: usize, data_end: usize, offset: usize) -> Parsed {
             }
             // Authentication header: length in 4-octet units, minus 2.
             51 => {
-                let (Some(next), Some(len)) = (
-                    read_u8(data, data_end, offset),
-                    read_u8(data, data_end, offset + 1),
-                ) else {
+                let Some([next, len]) = read_array::<2>(data, data_end, offset) else {
                     return Parsed::Unparsed;
                 };
                 next_header = next;

@@ -36,6 +36,10 @@ pub fn parse_content_length(value: &[u8]) -> Option<u64> {
     })
 }
 
+/// A field value that breaks its field's grammar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidField;
+
 /// Accumulates Content-Length fields: several are accepted only when identical.
 #[derive(Default)]
 pub struct ContentLengthFields {
@@ -44,10 +48,10 @@ pub struct ContentLengthFields {
 
 impl ContentLengthFields {
     /// Adds one field; `Err` when it is malformed or differs from an earlier one.
-    pub fn add(&mut self, raw: &[u8]) -> Result<(), ()> {
-        let n = parse_content_length(raw).ok_or(())?;
+    pub fn add(&mut self, raw: &[u8]) -> Result<(), InvalidField> {
+        let n = parse_content_length(raw).ok_or(InvalidField)?;
         match self.value {
-            Some(prev) if prev != n => Err(()),
+            Some(prev) if prev != n => Err(InvalidField),
             _ => {
                 self.value = Some(n);
                 Ok(())
@@ -123,14 +127,14 @@ pub struct ConnectionOptions<'b> {
 
 impl<'b> ConnectionOptions<'b> {
     /// Adds one Connection field value; `Err` when it holds too many or malformed options.
-    pub fn add(&mut self, value: &'b [u8]) -> Result<(), ()> {
+    pub fn add(&mut self, value: &'b [u8]) -> Result<(), InvalidField> {
         for token in value.split(|b| *b == b',') {
             let token = trim_ows(token);
             if token.is_empty() {
                 continue;
             }
             if !token.iter().all(|b| crate::config::is_token_byte(*b)) {
-                return Err(());
+                return Err(InvalidField);
             }
             if token.eq_ignore_ascii_case(b"close") {
                 self.close = true;
@@ -140,7 +144,7 @@ impl<'b> ConnectionOptions<'b> {
                 self.upgrade = true;
             } else {
                 if self.len == MAX_CONNECTION_TOKENS {
-                    return Err(());
+                    return Err(InvalidField);
                 }
                 self.tokens[self.len] = token;
                 self.len += 1;

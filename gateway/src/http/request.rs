@@ -198,7 +198,11 @@ pub fn parse_request<'b, 'h>(
         }
     };
 
-    let (path, query, authority) = split_target(target, method)?;
+    let SplitTarget {
+        path,
+        query,
+        authority,
+    } = split_target(target, method)?;
     let host = match (authority, host) {
         (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => {
             return Err(RequestError::BadRequest(
@@ -284,19 +288,32 @@ fn looks_like_other_version(buf: &[u8]) -> bool {
         && matches!(version, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor] if major.is_ascii_digit() && minor.is_ascii_digit())
 }
 
-/// Splits a target into (path, query, authority of an absolute-form target).
-fn split_target<'b>(
-    target: &'b str,
-    method: &str,
-) -> Result<(&'b [u8], &'b [u8], Option<&'b [u8]>), RequestError> {
+/// A request target taken apart.
+struct SplitTarget<'b> {
+    path: &'b [u8],
+    /// `?` and the query, or empty.
+    query: &'b [u8],
+    /// The authority of an absolute-form target.
+    authority: Option<&'b [u8]>,
+}
+
+fn split_target<'b>(target: &'b str, method: &str) -> Result<SplitTarget<'b>, RequestError> {
     let t = target.as_bytes();
     if t.first() == Some(&b'/') {
         let (path, query) = split_query(t);
-        return Ok((path, query, None));
+        return Ok(SplitTarget {
+            path,
+            query,
+            authority: None,
+        });
     }
     if t == b"*" {
         if method == "OPTIONS" {
-            return Ok((t, b"", None));
+            return Ok(SplitTarget {
+                path: t,
+                query: b"",
+                authority: None,
+            });
         }
         return Err(RequestError::BadRequest(
             "asterisk-form target outside OPTIONS",
@@ -321,7 +338,11 @@ fn split_target<'b>(
     }
     let (path, query) = split_query(&rest[authority_end..]);
     let path: &'b [u8] = if path.is_empty() { b"/" } else { path };
-    Ok((path, query, Some(authority)))
+    Ok(SplitTarget {
+        path,
+        query,
+        authority: Some(authority),
+    })
 }
 
 fn split_query(t: &[u8]) -> (&[u8], &[u8]) {
@@ -354,9 +375,10 @@ mod tests {
         max_uri_bytes: 256,
     };
 
-    fn parse(
-        raw: &str,
-    ) -> Result<Option<(BodyFraming, bool, Option<String>, String)>, RequestError> {
+    /// (framing, keep-alive, host, path) of a parsed request.
+    type Summary = (BodyFraming, bool, Option<String>, String);
+
+    fn parse(raw: &str) -> Result<Option<Summary>, RequestError> {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         parse_request(raw.as_bytes(), &mut headers, &LIMITS).map(|r| {
             r.map(|h| {

@@ -117,21 +117,34 @@ pub async fn relay_request_body<C: Transport, U: Transport>(
     }
 }
 
-/// Moves the response body that starts at `buf[start..]` from `upstream` to `client`.
-///
-/// With `dechunk`, a chunked body is sent without its framing (for HTTP/1.0 clients, which end
-/// it by the connection closing). Returns true when the upstream sent nothing beyond the body,
-/// so its connection may be reused.
+/// How a response body is relayed.
+#[derive(Clone, Copy, Debug)]
+pub struct ResponseRelay {
+    pub framing: BodyFraming,
+    /// Send a chunked body without its framing (for HTTP/1.0 clients, which see its end by the
+    /// connection closing).
+    pub dechunk: bool,
+    /// Longest wait for each upstream read.
+    pub read_timeout: Duration,
+    /// Longest wait for each client write.
+    pub write_timeout: Duration,
+}
+
+/// Moves the response body that starts at `buf[start..]` from `upstream` to `client`. Returns
+/// true when the upstream sent nothing beyond the body, so its connection may be reused.
 pub async fn relay_response_body<U: Transport, C: Transport>(
     upstream: &U,
     client: &C,
     mut buf: Vec<u8>,
     start: usize,
-    framing: BodyFraming,
-    dechunk: bool,
-    read_timeout: Duration,
-    write_timeout: Duration,
+    relay: ResponseRelay,
 ) -> (Result<bool, ResponseBodyError>, Vec<u8>) {
+    let ResponseRelay {
+        framing,
+        dechunk,
+        read_timeout,
+        write_timeout,
+    } = relay;
     let mut decoder = ChunkedDecoder::new();
     let mut remaining = match framing {
         BodyFraming::Length(n) => n,

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{
-    body::{relay_request_body, relay_response_body, RequestBodyError},
+    body::{relay_request_body, relay_response_body, RequestBodyError, ResponseRelay},
     connection::{is_http11, Connection, Next},
     pipeline::{Answer, RequestFacts},
     tunnel::tunnel,
@@ -208,10 +208,12 @@ impl<C: Transport> Connection<'_, C> {
             &self.client,
             take(&mut self.upbuf),
             response.head_len,
-            response.body,
-            dechunk,
-            group.read_timeout,
-            server_config.body_timeout.get(),
+            ResponseRelay {
+                framing: response.body,
+                dechunk,
+                read_timeout: group.read_timeout,
+                write_timeout: server_config.body_timeout.get(),
+            },
         )
         .await;
         self.upbuf = buf;

@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod netns;
+
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running gateway process.

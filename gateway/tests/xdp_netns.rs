@@ -1,0 +1,126 @@
+//! The XDP program for real: loaded by the gateway, attached to a veth in driver mode, counting
+//! per-source packets from a client in another network namespace. Root only.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{netns::*, Gateway};
+
+#[test]
+fn xdp_attaches_counts_per_source_and_detaches() {
+    let _serial = PRIVILEGED.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged_or_skip("xdp_attaches_counts_per_source_and_detaches") {
+        return;
+    }
+    let net = VethNamespace::create("a");
+    let pins = BpffsDir::new();
+    let pin_path = pins.dir.path().join("portcullis");
+    let config = format!(
+        "[server]\nlisten = [\"{}:0\"]\nworkers = 2\n\n[xdp]\ninterface = \"{}\"\nmode = \"driver\"\npin_path = \"{}\"\n\n[[routes]]\nrespond = {{ status = 200, body = \"through xdp\" }}\n",
+        net.host_ip,
+        net.host_if,
+        pin_path.display()
+    );
+    let mut gw = Gateway::start(&config);
+    let log = gw.log();
+    assert!(
+        log.contains("XDP program attached") && log.contains("mode=\"driver\""),
+        "{log}"
+    );
+    let link = sh_ok(&["ip", "link", "show", &net.host_if]);
+    assert!(
+        link.contains("xdp"),
+        "the interface shows an XDP program: {link}"
+    );
+
+    let url = format!("http://{}/", gw.addr);
+    for _ in 0..5 {
+        let body = net.exec_ok(&["curl", "-sS", "--max-time", "5", &url]);
+        assert_eq!(body, "through xdp");
+    }
+    // Traffic to a port the gateway does not listen on is not counted per source.
+    let other = format!("http://{}:{}/", net.host_ip, gw.addr.port() + 1);
+    let _ = net.exec(&["curl", "-sS", "--max-time", "2", &other]);
+
+    let scratch = tempfile::tempdir().unwrap();
+    let config_path = scratch.path().join("stats.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let stats = sh_ok(&[
+        env!("CARGO_BIN_EXE_portcullis"),
+        "xdp",
+        "stats",
+        "--config",
+        config_path.to_str().unwrap(),
+    ]);
+    let source_packets: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("source {} ", net.peer_ip)))
+        .unwrap_or_else(|| panic!("no count for {}: {stats}", net.peer_ip))
+        .parse()
+        .unwrap();
+    // Five HTTP exchanges are at least 5 x (SYN, ACK, request, ACK of response, FIN) packets.
+    assert!(source_packets >= 25, "{stats}");
+    let counter = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("counter {name} ")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(counter("passed") >= source_packets, "{stats}");
+    assert!(
+        counter("not_protected") >= 1,
+        "the SYN to the other port: {stats}"
+    );
+    assert_eq!(
+        stats.lines().filter(|l| l.starts_with("source ")).count(),
+        1,
+        "only the client's address: {stats}"
+    );
+
+    gw.signal(libc::SIGTERM);
+    let status = gw
+        .wait_exit(Duration::from_secs(10))
+        .expect("gateway exits");
+    assert!(status.success(), "{}", gw.log());
+    let link = sh_ok(&["ip", "link", "show", &net.host_if]);
+    assert!(!link.contains("xdp"), "detached on exit: {link}");
+    assert!(!pin_path.join("COUNTERS").exists(), "pins removed on exit");
+}
+
+#[test]
+fn xdp_failure_is_fatal_unless_optional() {
+    let _serial = PRIVILEGED.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged_or_skip("xdp_failure_is_fatal_unless_optional") {
+        return;
+    }
+    let pins = BpffsDir::new();
+    let base = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n\n[xdp]\ninterface = \"pcl-nonexist0\"\npin_path = \"{}\"\n",
+        pins.dir.path().join("p").display()
+    );
+    let route = "\n[[routes]]\nrespond = { status = 200 }\n";
+    let dir = tempfile::tempdir().unwrap();
+    let fatal = dir.path().join("fatal.toml");
+    std::fs::write(&fatal, format!("{base}{route}")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&fatal)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pcl-nonexist0") && err.contains("optional"),
+        "{err}"
+    );
+
+    let gw = Gateway::start(&format!("{base}optional = true\n{route}"));
+    assert!(gw.log().contains("running without it"), "{}", gw.log());
+    assert_eq!(
+        support::request(gw.addr, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+}
