@@ -2,3 +2,4 @@
 //! upstream and `cargo xtask bench` measures behind each proxy.
 
 pub mod backend;
+pub mod loadgen;

@@ -5,8 +5,11 @@
 //! - `run`: builds everything and runs the gateway with `config/gateway.toml` in front of the
 //!   bundled demo upstream.
 //! - `test`: the whole suite, privileged tests included when run as root.
+//! - `bench`: Portcullis beside nginx, haproxy and the direct backend.
 
+mod bench;
 mod ebpf;
+mod plot;
 mod run;
 mod test;
 
@@ -34,6 +37,12 @@ enum Task {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Benchmark Portcullis beside nginx, haproxy and the direct backend.
+    Bench {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
     /// Run every test (as root: the privileged XDP tests too).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -48,6 +57,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => ebpf::build().map(|_| ()),
         Task::Run { config } => run::run(config),
         Task::Test { cargo_args } => test::run(&cargo_args),
+        Task::Bench { duration } => bench::run(duration),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

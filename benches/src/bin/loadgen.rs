@@ -1,0 +1,59 @@
+//! `loadgen`: the Portcullis load generator. Open loop with `--rate`, closed loop without.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use portcullis_benches::loadgen::{self, LoadSpec};
+
+#[derive(Parser)]
+#[command(about = "HTTP/1.1 load generator with HDR latency histograms (open or closed loop)")]
+struct Args {
+    /// Address to load.
+    #[arg(long)]
+    target: SocketAddr,
+    #[arg(long, default_value = "/")]
+    path: String,
+    #[arg(long, default_value = "bench.local")]
+    host: String,
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Requests per second over all connections (open loop); omit for closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Pin thread i to core (first + i).
+    #[arg(long)]
+    pin_from_core: Option<usize>,
+    /// Where to write the percentile distribution.
+    #[arg(long)]
+    hgrm: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    anyhow::ensure!(
+        a.connections >= a.threads && a.threads >= 1,
+        "need at least one connection per thread"
+    );
+    let spec = LoadSpec {
+        target: a.target,
+        path: a.path,
+        host: a.host,
+        connections: a.connections,
+        threads: a.threads,
+        duration: Duration::from_secs_f64(a.duration),
+        rate: a.rate,
+        pin_from_core: a.pin_from_core,
+    };
+    let summary = loadgen::run(&spec)?;
+    println!("{}", summary.text());
+    println!("{}", summary.machine_line());
+    if let Some(path) = a.hgrm {
+        loadgen::write_hgrm(&summary.histogram, &path)?;
+    }
+    Ok(())
+}
