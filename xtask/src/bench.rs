@@ -159,16 +159,32 @@ struct Target {
     port: u16,
 }
 
-fn loadgen(
-    bin: &Path,
-    layout: &Layout,
+/// What every load run shares.
+struct Runner {
+    bin: PathBuf,
+    layout: Layout,
+}
+
+/// One load run: closed loop when `rate` is `None`.
+struct Load<'a> {
     port: u16,
-    path: &str,
+    path: &'a str,
     connections: usize,
     rate: Option<f64>,
     duration: f64,
-    hgrm: Option<&Path>,
-) -> anyhow::Result<Run> {
+    hgrm: Option<&'a Path>,
+}
+
+fn loadgen(runner: &Runner, load: Load) -> anyhow::Result<Run> {
+    let Runner { bin, layout } = runner;
+    let Load {
+        port,
+        path,
+        connections,
+        rate,
+        duration,
+        hgrm,
+    } = load;
     let mut cmd = Command::new(bin.join("loadgen"));
     cmd.args(["--target", &format!("127.0.0.1:{port}"), "--path", path])
         .args([
@@ -285,8 +301,11 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
         "--package",
         "portcullis-benches",
     ]))?;
-    let bin = target_dir().join("release");
-    let layout = layout();
+    let runner = Runner {
+        bin: target_dir().join("release"),
+        layout: layout(),
+    };
+    let (bin, layout) = (&runner.bin, &runner.layout);
     let workers = layout.server_cores.len();
     let stamp = Command::new("date")
         .arg("+%Y%m%d-%H%M%S")
@@ -356,29 +375,31 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
         wait_for_port(t.port, t.name)?;
         // Warm up connections and caches.
         loadgen(
-            &bin,
-            &layout,
-            t.port,
-            "/1k",
-            MAX_CONNECTIONS,
-            None,
-            1.0,
-            None,
+            &runner,
+            Load {
+                port: t.port,
+                path: "/1k",
+                connections: MAX_CONNECTIONS,
+                rate: None,
+                duration: 1.0,
+                hgrm: None,
+            },
         )?;
     }
 
     eprintln!("bench: load generator against wrk, closed loop on the direct backend");
     let ours = loadgen(
-        &bin,
-        &layout,
-        BACKEND_PORT,
-        "/1k",
-        MAX_CONNECTIONS,
-        None,
-        duration,
-        None,
+        &runner,
+        Load {
+            port: BACKEND_PORT,
+            path: "/1k",
+            connections: MAX_CONNECTIONS,
+            rate: None,
+            duration,
+            hgrm: None,
+        },
     )?;
-    let wrk = wrk_rps(&layout, BACKEND_PORT, "/1k", duration)?;
+    let wrk = wrk_rps(layout, BACKEND_PORT, "/1k", duration)?;
 
     let mut max_1k = BTreeMap::new();
     let mut max_64k = BTreeMap::new();
@@ -387,27 +408,29 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
         max_1k.insert(
             t.name,
             loadgen(
-                &bin,
-                &layout,
-                t.port,
-                "/1k",
-                MAX_CONNECTIONS,
-                None,
-                duration,
-                None,
+                &runner,
+                Load {
+                    port: t.port,
+                    path: "/1k",
+                    connections: MAX_CONNECTIONS,
+                    rate: None,
+                    duration,
+                    hgrm: None,
+                },
             )?,
         );
         max_64k.insert(
             t.name,
             loadgen(
-                &bin,
-                &layout,
-                t.port,
-                "/64k",
-                MAX_CONNECTIONS,
-                None,
-                duration,
-                None,
+                &runner,
+                Load {
+                    port: t.port,
+                    path: "/64k",
+                    connections: MAX_CONNECTIONS,
+                    rate: None,
+                    duration,
+                    hgrm: None,
+                },
             )?,
         );
     }
@@ -430,14 +453,15 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
             at_load.insert(
                 (t.name, i),
                 loadgen(
-                    &bin,
-                    &layout,
-                    t.port,
-                    "/1k",
-                    RATE_CONNECTIONS,
-                    Some(rate),
-                    duration,
-                    Some(&hgrm),
+                    &runner,
+                    Load {
+                        port: t.port,
+                        path: "/1k",
+                        connections: RATE_CONNECTIONS,
+                        rate: Some(rate),
+                        duration,
+                        hgrm: Some(&hgrm),
+                    },
                 )?,
             );
         }
