@@ -284,7 +284,7 @@ fn write_configs(dir: &Path, workers: usize, cores: &[usize]) -> anyhow::Result<
     std::fs::write(
         dir.join("haproxy.cfg"),
         format!(
-            "global\n  nbthread {workers}\n  cpu-map auto:1/1-{workers} {}\n  maxconn 20000\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\nfrontend fe\n  bind 127.0.0.1:19082\n  default_backend be\n\nbackend be\n  server s1 {backend}\n",
+            "global\n  nbthread {workers}\n  cpu-map auto:1/1-{workers} {}\n  maxconn 4096\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\nfrontend fe\n  bind 127.0.0.1:19082\n  default_backend be\n\nbackend be\n  server s1 {backend}\n",
             cpu_list(cores).replace(',', " ")
         ),
     )?;

@@ -1,6 +1,8 @@
 //! Decoding of request heads: httparse for the syntax, then the RFC 9112 rules that decide
 //! where the message ends and whether the gateway may forward it at all.
 
+use std::mem::MaybeUninit;
+
 use httparse::Header;
 
 use super::{
@@ -98,12 +100,12 @@ impl RequestHead<'_, '_> {
 /// caller then checks [`incomplete_head_error`] before reading more.
 pub fn parse_request<'b, 'h>(
     buf: &'b [u8],
-    headers: &'h mut [Header<'b>],
+    headers: &'h mut [MaybeUninit<Header<'b>>],
     limits: &HeadLimits,
 ) -> Result<Option<RequestHead<'b, 'h>>, RequestError> {
     let max_headers = limits.max_headers.min(headers.len());
-    let mut req = httparse::Request::new(&mut headers[..max_headers]);
-    let head_len = match req.parse(buf) {
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut headers[..max_headers]) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(classify_parse_error(e, buf)),
@@ -379,7 +381,7 @@ mod tests {
     type Summary = (BodyFraming, bool, Option<String>, String);
 
     fn parse(raw: &str) -> Result<Option<Summary>, RequestError> {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut headers = [const { MaybeUninit::uninit() }; 64];
         parse_request(raw.as_bytes(), &mut headers, &LIMITS).map(|r| {
             r.map(|h| {
                 (

@@ -1,6 +1,8 @@
 //! Decoding of upstream response heads. Any framing the gateway cannot be sure of is an
 //! upstream error (502) and the upstream connection is closed, never reused.
 
+use std::mem::MaybeUninit;
+
 use httparse::Header;
 
 use super::{
@@ -53,11 +55,13 @@ impl ResponseHead<'_, '_> {
 /// response body whatever the fields say.
 pub fn parse_response<'b, 'h>(
     buf: &'b [u8],
-    headers: &'h mut [Header<'b>],
+    headers: &'h mut [MaybeUninit<Header<'b>>],
     request_is_head: bool,
 ) -> Result<Option<ResponseHead<'b, 'h>>, ResponseError> {
-    let mut resp = httparse::Response::new(headers);
-    let head_len = match resp.parse(buf) {
+    let mut resp = httparse::Response::new(&mut []);
+    let head_len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, headers)
+    {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             return if buf.len() >= MAX_RESPONSE_HEAD_BYTES {
@@ -152,7 +156,7 @@ mod tests {
     use super::*;
 
     fn parse(raw: &str, head: bool) -> Result<Option<(u16, BodyFraming, bool)>, ResponseError> {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut headers = [const { MaybeUninit::uninit() }; 32];
         parse_response(raw.as_bytes(), &mut headers, head)
             .map(|r| r.map(|h| (h.status, h.body, h.keep_alive)))
     }

@@ -68,6 +68,27 @@ pub async fn write_before<T: Transport>(
     }
 }
 
+/// Writes all of `head[head_range]` then all of `body[body_range]`.
+pub async fn write_pair_before<T: Transport>(
+    t: &T,
+    head: Vec<u8>,
+    head_range: Range<usize>,
+    body: Vec<u8>,
+    body_range: Range<usize>,
+    deadline: Instant,
+) -> (Result<(), IoFailure>, Vec<u8>, Vec<u8>) {
+    let mut op = pin!(t.write_all_pair(head, head_range, body, body_range));
+    tokio::select! {
+        biased;
+        (res, head, body) = &mut op => (res.map_err(classify_write_error), head, body),
+        _ = tokio::time::sleep_until(deadline) => {
+            let _ = t.shutdown(Shutdown::Both);
+            let (_, head, body) = op.await;
+            (Err(IoFailure::TimedOut), head, body)
+        }
+    }
+}
+
 fn classify_write_error(e: io::Error) -> IoFailure {
     match e.kind() {
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::WriteZero => {

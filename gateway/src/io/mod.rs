@@ -7,7 +7,7 @@ mod tcp;
 
 use std::{io, net::Shutdown, ops::Range};
 
-pub use deadline::{read_before, write_before, IoFailure};
+pub use deadline::{read_before, write_before, write_pair_before, IoFailure};
 
 /// A byte stream the proxy reads and writes with owned buffers, as io_uring requires.
 ///
@@ -19,6 +19,15 @@ pub trait Transport {
     async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
     /// Writes all of `buf[range]`.
     async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<()>, Vec<u8>);
+    /// Writes all of `head[head_range]`, then all of `body[body_range]`: one vectored write when
+    /// the kernel takes it all, so a response head and the start of its body leave together.
+    async fn write_all_pair(
+        &self,
+        head: Vec<u8>,
+        head_range: Range<usize>,
+        body: Vec<u8>,
+        body_range: Range<usize>,
+    ) -> (io::Result<()>, Vec<u8>, Vec<u8>);
     /// Shuts down one or both directions; pending operations then complete at once.
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
 }

@@ -11,7 +11,7 @@ use crate::{
         chunked::{ChunkedDecoder, ChunkedError},
         BodyFraming,
     },
-    io::{read_before, write_before, IoFailure, Transport},
+    io::{read_before, write_before, write_pair_before, IoFailure, Transport},
 };
 
 /// Why a request body could not be moved.
@@ -130,15 +130,18 @@ pub struct ResponseRelay {
     pub write_timeout: Duration,
 }
 
-/// Moves the response body that starts at `buf[start..]` from `upstream` to `client`. Returns
-/// true when the upstream sent nothing beyond the body, so its connection may be reused.
+/// Sends the response `head`, then moves the response body that starts at `buf[start..]` from
+/// `upstream` to `client`; the head leaves together with the first part of the body. Returns
+/// true when the upstream sent nothing beyond the body, so its connection may be reused, and
+/// hands back both buffers as `(result, buf, head)`.
 pub async fn relay_response_body<U: Transport, C: Transport>(
     upstream: &U,
     client: &C,
     mut buf: Vec<u8>,
     start: usize,
+    mut head: Vec<u8>,
     relay: ResponseRelay,
-) -> (Result<bool, ResponseBodyError>, Vec<u8>) {
+) -> (Result<bool, ResponseBodyError>, Vec<u8>, Vec<u8>) {
     let ResponseRelay {
         framing,
         dechunk,
@@ -149,8 +152,18 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
     let mut remaining = match framing {
         BodyFraming::Length(n) => n,
         BodyFraming::Chunked | BodyFraming::UntilClose => u64::MAX,
-        BodyFraming::None => return (Ok(buf.len() == start), buf),
+        BodyFraming::None => {
+            let len = head.len();
+            let (res, h) = write_before(client, head, 0..len, Instant::now() + write_timeout).await;
+            return (
+                res.map(|_| buf.len() == start)
+                    .map_err(ResponseBodyError::Client),
+                buf,
+                h,
+            );
+        }
     };
+    let mut head_len = head.len();
     let mut pos = start;
     loop {
         let len = buf.len();
@@ -176,7 +189,7 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
                         p.consumed,
                         p.done,
                     ),
-                    Err(_) => return (Err(ResponseBodyError::UpstreamFraming), buf),
+                    Err(_) => return (Err(ResponseBodyError::UpstreamFraming), buf, head),
                 }
             }
             _ => {
@@ -186,23 +199,25 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
             }
         };
         let deadline = Instant::now() + write_timeout;
-        let (res, b) = write_before(client, buf, pos..send_end, deadline).await;
-        buf = b;
+        let (res, h, b) =
+            write_pair_before(client, head, 0..head_len, buf, pos..send_end, deadline).await;
+        (head, buf) = (h, b);
+        head_len = 0;
         if let Err(e) = res {
-            return (Err(ResponseBodyError::Client(e)), buf);
+            return (Err(ResponseBodyError::Client(e)), buf, head);
         }
         if done {
-            return (Ok(pos + take == buf.len()), buf);
+            return (Ok(pos + take == buf.len()), buf, head);
         }
         buf.clear();
         pos = 0;
         let (res, b) = read_before(upstream, buf, Instant::now() + read_timeout).await;
         buf = b;
         match res {
-            Ok(0) if framing == BodyFraming::UntilClose => return (Ok(false), buf),
-            Ok(0) => return (Err(ResponseBodyError::UpstreamFraming), buf),
+            Ok(0) if framing == BodyFraming::UntilClose => return (Ok(false), buf, head),
+            Ok(0) => return (Err(ResponseBodyError::UpstreamFraming), buf, head),
             Ok(_) => {}
-            Err(e) => return (Err(ResponseBodyError::Upstream(e)), buf),
+            Err(e) => return (Err(ResponseBodyError::Upstream(e)), buf, head),
         }
     }
 }

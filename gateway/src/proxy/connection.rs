@@ -101,7 +101,7 @@ impl<C: Transport> Connection<'_, C> {
         let (facts, plan, request_deadline) = loop {
             if !self.inbuf.is_empty() {
                 let started = *head_started.get_or_insert_with(Instant::now);
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
+                let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS_CEILING];
                 match parse_request(&self.inbuf, &mut headers, &snapshot.limits) {
                     Ok(Some(req)) => {
                         let mut facts = RequestFacts::of(&req);

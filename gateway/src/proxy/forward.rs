@@ -183,12 +183,12 @@ impl<C: Transport> Connection<'_, C> {
             }
         };
 
-        // The response head is in `self.out`; send it.
-        if !self.send_out().await {
-            return Next::Abort;
-        }
+        // The response head is in `self.out`; it leaves with the start of the body.
         self.inbuf.drain(..consumed);
         if response.status == 101 {
+            if !self.send_out().await {
+                return Next::Abort;
+            }
             self.upbuf.drain(..response.head_len);
             let client_pending = take(&mut self.inbuf);
             let upstream_pending = take(&mut self.upbuf);
@@ -203,11 +203,12 @@ impl<C: Transport> Connection<'_, C> {
         }
         let dechunk = response.body == BodyFraming::Chunked && !response.client.chunked;
         let server_config = worker.snapshot.server();
-        let (res, buf) = relay_response_body(
+        let (res, buf, head) = relay_response_body(
             &conn.transport,
             &self.client,
             take(&mut self.upbuf),
             response.head_len,
+            take(&mut self.out),
             ResponseRelay {
                 framing: response.body,
                 dechunk,
@@ -217,6 +218,7 @@ impl<C: Transport> Connection<'_, C> {
         )
         .await;
         self.upbuf = buf;
+        self.out = head;
         match res {
             Ok(clean) => {
                 if clean && response.upstream_keep_alive {
@@ -276,7 +278,7 @@ impl<C: Transport> Connection<'_, C> {
                 Err(e) => return Err(HeadFailure::Io(e)),
             }
             loop {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+                let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
                 let resp = match parse_response(&self.upbuf, &mut headers, facts.is_head) {
                     Ok(Some(r)) => r,
                     Ok(None) => break,

@@ -1,0 +1,68 @@
+//! Microbenchmarks of the request hot path: head decoding plus route lookup, and the rebuild
+//! of the upstream head (header rewrite). Run with `cargo bench -p portcullis-benches`.
+
+use std::{hint::black_box, net::IpAddr, path::Path};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use portcullis::{
+    config::{Config, MAX_HEADERS_CEILING},
+    http::{encode, request::parse_request},
+    routing::RouteTable,
+};
+
+const REQUEST: &[u8] = b"GET /v1/users/42?fields=name,email HTTP/1.1\r\nHost: api.example.com\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36\r\nAccept: application/json\r\nAccept-Encoding: gzip, deflate, br\r\nAccept-Language: en-GB,en;q=0.9\r\nAuthorization: Bearer eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJl\r\nX-Request-Id: 7b0c1b1e-7a57-4a3c-9d5e-0b8d0f5f2a11\r\nX-Forwarded-For: 198.51.100.7\r\nConnection: keep-alive\r\n\r\n";
+
+fn table() -> RouteTable {
+    let mut src = String::from("[upstreams.api]\nservers = [\"127.0.0.1:9001\"]\n");
+    // A realistic table: many hosts and prefixes, the matching route neither first nor last.
+    for i in 0..50 {
+        src.push_str(&format!("[[routes]]\nmatch = {{ host = \"svc{i}.example.com\", path_prefix = \"/v1/\" }}\nupstream = \"api\"\n"));
+        src.push_str(&format!(
+            "[[routes]]\nmatch = {{ path_prefix = \"/internal/{i}/\" }}\nupstream = \"api\"\n"
+        ));
+    }
+    src.push_str("[[routes]]\nmatch = { host = \"api.example.com\", path_prefix = \"/v1/\" }\nupstream = \"api\"\nstrip_prefix = true\n");
+    src.push_str("[[routes]]\nmatch = { host = \"*.example.com\" }\nupstream = \"api\"\n");
+    RouteTable::new(&Config::parse(Path::new("bench.toml"), &src).expect("valid bench config"))
+}
+
+fn bench(c: &mut Criterion) {
+    let routes = table();
+    let config = Config::parse(Path::new("b.toml"), "").unwrap();
+    let limits = portcullis::runtime::snapshot::ConfigSnapshot::new(config).limits;
+    let mut group = c.benchmark_group("hot_path");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("parse_head_and_route", |b| {
+        b.iter(|| {
+            let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS_CEILING];
+            let req = parse_request(black_box(REQUEST), &mut headers, &limits)
+                .unwrap()
+                .unwrap();
+            black_box(
+                routes
+                    .find(req.host, req.path, req.method.as_bytes())
+                    .map(|r| r.index),
+            )
+        })
+    });
+    let peer: IpAddr = "203.0.113.9".parse().unwrap();
+    let mut out = Vec::with_capacity(4096);
+    group.bench_function("parse_route_and_rewrite_head", |b| {
+        b.iter(|| {
+            let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS_CEILING];
+            let req = parse_request(black_box(REQUEST), &mut headers, &limits)
+                .unwrap()
+                .unwrap();
+            let route = routes
+                .find(req.host, req.path, req.method.as_bytes())
+                .unwrap();
+            out.clear();
+            encode::write_upstream_request(&mut out, &req, route, peer, "http", "127.0.0.1:9001");
+            black_box(out.len())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
