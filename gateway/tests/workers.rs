@@ -8,7 +8,7 @@ use support::*;
 #[test]
 fn one_pinned_worker_per_core_each_with_an_io_uring() {
     let cores = std::thread::available_parallelism().unwrap().get();
-    let gw = Gateway::start(&format!("[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = \"auto\"\n\n[[routes]]\nrespond = {{ status = 200 }}\n"));
+    let gw = Gateway::start("[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = \"auto\"\n\n[[routes]]\nrespond = { status = 200 }\n");
     assert_eq!(
         request(gw.addr, "GET / HTTP/1.1\r\nHost: a\r\n\r\n").status,
         200

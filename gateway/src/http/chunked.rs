@@ -50,7 +50,7 @@ enum State {
     SizeStart,
     /// Inside the hex digits.
     Size,
-    /// After the digits: optional whitespace before `;` or CR.
+    /// After the digits: whitespace, which only `;` may follow (BWS before an extension).
     SizeWhitespace,
     /// Inside chunk extensions, until CR.
     Extension,
@@ -190,7 +190,7 @@ impl ChunkedDecoder {
             (SizeStart, _) => return Err(ChunkedError::InvalidSize),
             (Size | SizeWhitespace, b' ' | b'\t') => SizeWhitespace,
             (Size | SizeWhitespace, b';') => Extension,
-            (Size | SizeWhitespace | Extension, b'\r') => SizeLf,
+            (Size | Extension, b'\r') => SizeLf,
             (Size | SizeWhitespace, _) => return Err(ChunkedError::InvalidSize),
             // Extension bytes: visible characters, SP and HTAB; no other controls.
             (Extension, _) if b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80 => Extension,
@@ -249,7 +249,7 @@ mod tests {
 
     #[test]
     fn decodes_whatever_the_split() {
-        let body = b"5\r\nhello\r\n1;ext=\"v\"\r\n \r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1\r\n";
+        let body = b"5\r\nhello\r\n1 ;ext=\"v\"\r\n \r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1\r\n";
         for step in 1..body.len() {
             let (data, consumed, done) = decode_in_steps(body, step).unwrap();
             assert!(done);
@@ -276,6 +276,7 @@ mod tests {
             (b"0\r\nX : 1\r\n\r\n", ChunkedError::InvalidTrailer),
             (b"0\r\nX: a\x01\r\n\r\n", ChunkedError::InvalidTrailer),
             (b"0\r\n\n", ChunkedError::InvalidLineEnd),
+            (b"5 \r\nhello\r\n", ChunkedError::InvalidSize),
         ];
         for (input, want) in cases {
             assert_eq!(

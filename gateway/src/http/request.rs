@@ -166,6 +166,11 @@ pub fn parse_request<'b, 'h>(
             }
         } else if name.eq_ignore_ascii_case("upgrade") {
             upgrade = Some(value);
+        } else if is_framing_lookalike(name) {
+            // Some servers read `_` as `-`: they would frame this request differently.
+            return Err(RequestError::BadRequest(
+                "field name imitates a framing field",
+            ));
         }
     }
 
@@ -200,6 +205,9 @@ pub fn parse_request<'b, 'h>(
         }
     };
 
+    if method == "CONNECT" {
+        return Err(RequestError::NotImplemented("CONNECT is not supported"));
+    }
     let SplitTarget {
         path,
         query,
@@ -216,9 +224,6 @@ pub fn parse_request<'b, 'h>(
     };
     if host.is_none() && version == Version::Http11 {
         return Err(RequestError::BadRequest("missing Host field"));
-    }
-    if method == "CONNECT" {
-        return Err(RequestError::NotImplemented("CONNECT is not supported"));
     }
     let keep_alive = match version {
         Version::Http11 => !connection.close,
@@ -244,6 +249,18 @@ pub fn parse_request<'b, 'h>(
         expect_continue: expect_continue && version == Version::Http11,
         upgrade,
     }))
+}
+
+/// True for names such as `Transfer_Encoding` or `content_length`: equal to a framing field
+/// once `_` is read as `-`, but not the field itself.
+fn is_framing_lookalike(name: &str) -> bool {
+    name.contains('_')
+        && ["transfer-encoding", "content-length"].iter().any(|f| {
+            f.len() == name.len()
+                && f.bytes()
+                    .zip(name.bytes())
+                    .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'))
+        })
 }
 
 /// For a head that is still incomplete: the error to answer when it can no longer become valid.
