@@ -32,7 +32,18 @@ fn main() {
                 .join(OBJECT_NAME)
         }
     };
-    println!("cargo::rerun-if-changed={}", candidate.display());
+    // Watching a missing path would rerun this script, and rebuild the crate, on every build.
+    // So: the object when it exists; else the directory `cargo xtask build-ebpf` creates, when
+    // that exists; else nothing (xtask passes PORTCULLIS_EBPF_OBJECT, which reruns this script).
+    if candidate.is_file() {
+        println!("cargo::rerun-if-changed={}", candidate.display());
+    } else if let Some(dir) = candidate
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "bpfel-unknown-none"))
+        .filter(|d| d.is_dir())
+    {
+        println!("cargo::rerun-if-changed={}", dir.display());
+    }
     let embedded = out_dir.join("portcullis-xdp.o");
     match fs::read(&candidate) {
         Ok(bytes) => {

@@ -91,10 +91,15 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
-/// `cargo`, as the one running xtask.
+/// `cargo`, as the one running xtask. When the XDP object exists its path is passed on, so the
+/// gateway's build script embeds it (and notices when it appears).
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(workspace_root());
+    let object = ebpf::object_path();
+    if object.is_file() {
+        c.env("PORTCULLIS_EBPF_OBJECT", object);
+    }
     c
 }
 

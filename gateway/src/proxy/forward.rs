@@ -15,6 +15,7 @@ use super::{
 };
 use crate::{
     http::{
+        chunked::ChunkedDecoder,
         encode::{self, ClientFraming},
         response::{parse_response, ResponseError, MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEAD_BYTES},
         BodyFraming,
@@ -57,6 +58,15 @@ impl<C: Transport> Connection<'_, C> {
         let has_body = !matches!(facts.body, BodyFraming::None | BodyFraming::Length(0));
         let mut consumed = facts.head_len;
         let mut retried = false;
+        if facts.body == BodyFraming::Chunked {
+            // Judge the part of a chunked body already received before anything goes upstream:
+            // a message refused half-way would reach the upstream truncated.
+            let buffered = &self.inbuf[facts.head_len..];
+            if let Err(e) = ChunkedDecoder::new().decode(buffered, |_| {}) {
+                debug!(peer = %self.peer, error = %e, "invalid chunked request body");
+                return self.error_and_close(400, "invalid chunked body").await;
+            }
+        }
         let (conn, response) = loop {
             let attempt = if retried {
                 group.connect(server).await

@@ -46,6 +46,7 @@ pub fn spawn_workers(
     drain: DrainFlag,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<usize>();
     let mut handles = Vec::new();
     for (id, listeners) in listeners.into_iter().enumerate() {
         let snapshot = snapshot.clone();
@@ -57,8 +58,18 @@ pub fn spawn_workers(
         };
         let handle = std::thread::Builder::new()
             .name(format!("portcullis-w{id}"))
-            .spawn(move || run_worker(id, core, snapshot, listeners, drain))?;
+            .spawn({
+                let started = started_tx.clone();
+                move || run_worker(id, core, snapshot, listeners, drain, started)
+            })?;
         handles.push(handle);
+    }
+    drop(started_tx);
+    // Return once every worker is pinned and running its ring, so "listening" means ready.
+    for _ in 0..handles.len() {
+        if started_rx.recv().is_err() {
+            return Err(std::io::Error::other("a worker thread failed to start"));
+        }
     }
     Ok(handles)
 }
@@ -69,6 +80,7 @@ fn run_worker(
     snapshot: Arc<ConfigSnapshot>,
     listeners: Vec<StdListener>,
     drain: DrainFlag,
+    started: std::sync::mpsc::Sender<usize>,
 ) {
     if let Some(core) = core {
         if !core_affinity::set_for_current(core) {
@@ -96,6 +108,7 @@ fn run_worker(
                 draining: Cell::new(false),
             });
             debug!(worker = id, core = ?core.map(|c| c.id), "worker started");
+            let _ = started.send(id);
             let accept_loops: Vec<_> = listeners
                 .into_iter()
                 .map(|l| {

@@ -1,0 +1,149 @@
+//! Property: for arbitrary valid requests, what the upstream receives parses to the same method,
+//! target, end-to-end fields and body that the client sent, whether the body was framed by
+//! Content-Length or chunked (in arbitrary chunk sizes).
+
+mod support;
+
+use std::sync::OnceLock;
+
+use proptest::prelude::*;
+use support::*;
+
+/// Fields the gateway owns or rewrites; every other field must arrive unchanged.
+const GATEWAY_FIELDS: [&str; 7] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "via",
+    "connection",
+];
+
+struct Fixture {
+    upstream: support::Upstream,
+    gateway: Gateway,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let upstream = support::Upstream::echo_target();
+        let gateway = Gateway::start(&config_with(upstream.addr, "", ROUTE_ALL));
+        Fixture { upstream, gateway }
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Req {
+    method: String,
+    target: String,
+    fields: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// Chunk sizes to split the body into; `None` sends Content-Length.
+    chunks: Option<Vec<usize>>,
+}
+
+fn token() -> impl Strategy<Value = String> {
+    "[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]{0,15}"
+}
+
+fn request() -> impl Strategy<Value = Req> {
+    let method = prop_oneof![
+        Just("GET"),
+        Just("POST"),
+        Just("PUT"),
+        Just("PATCH"),
+        Just("DELETE"),
+        Just("OPTIONS"),
+        Just("X-CUSTOM")
+    ];
+    let target = (
+        "(/[A-Za-z0-9._~%!$&'()*+,;=:@-]{0,12}){1,4}",
+        proptest::option::of("[A-Za-z0-9=&%._-]{0,24}"),
+    )
+        .prop_map(|(path, query)| match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        });
+    let field = (token(), "[ -~]{0,40}")
+        .prop_map(|(name, value)| (format!("x-{name}"), value.trim().to_owned()));
+    let fields = proptest::collection::vec(field, 0..12);
+    let body = proptest::collection::vec(any::<u8>(), 0..3000);
+    let chunks = proptest::option::of(proptest::collection::vec(1usize..700, 1..8));
+    (method, target, fields, body, chunks).prop_map(|(method, target, fields, body, chunks)| Req {
+        method: method.to_owned(),
+        target,
+        fields,
+        body,
+        chunks,
+    })
+}
+
+fn encode(r: &Req) -> Vec<u8> {
+    let mut out = format!(
+        "{} {} HTTP/1.1\r\nHost: roundtrip.test\r\n",
+        r.method, r.target
+    )
+    .into_bytes();
+    for (n, v) in &r.fields {
+        out.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
+    }
+    match &r.chunks {
+        None => {
+            out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", r.body.len()).as_bytes());
+            out.extend_from_slice(&r.body);
+        }
+        Some(sizes) => {
+            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+            let mut rest = &r.body[..];
+            let mut sizes = sizes.iter().cycle();
+            while !rest.is_empty() {
+                let n = (*sizes.next().unwrap()).min(rest.len());
+                out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                out.extend_from_slice(&rest[..n]);
+                out.extend_from_slice(b"\r\n");
+                rest = &rest[n..];
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn upstream_receives_what_the_client_sent(reqs in proptest::collection::vec(request(), 1..4)) {
+        let f = fixture();
+        // Several requests on one connection, sent pipelined in one write.
+        let mut c = Client::connect(f.gateway.addr);
+        let mut wire = Vec::new();
+        for r in &reqs {
+            wire.extend_from_slice(&encode(r));
+        }
+        c.send(&wire);
+        for r in &reqs {
+            let resp = c.read_response(false).expect("a response");
+            prop_assert_eq!(resp.status, 200);
+            prop_assert_eq!(resp.text(), r.target.clone());
+        }
+        let received = f.upstream.requests();
+        let mine: Vec<_> = received.iter().rev().take(reqs.len()).rev().collect();
+        for (sent, got) in reqs.iter().zip(mine) {
+            prop_assert_eq!(&got.method, &sent.method);
+            prop_assert_eq!(&got.target, &sent.target);
+            prop_assert_eq!(&got.body, &sent.body);
+            prop_assert_eq!(got.header("host"), Some("roundtrip.test"));
+            let end_to_end: Vec<(String, String)> = got
+                .headers
+                .iter()
+                .filter(|(n, _)| !GATEWAY_FIELDS.iter().any(|g| n.eq_ignore_ascii_case(g)))
+                .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+                .collect();
+            let expected: Vec<(String, String)> = sent.fields.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
+            prop_assert_eq!(end_to_end, expected);
+        }
+    }
+}
