@@ -4,8 +4,6 @@
 
 use core::mem::size_of;
 
-use portcullis_common::SourceKey;
-
 const ETH_HEADER_LEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -18,10 +16,22 @@ const IPV6_HEADER_LEN: usize = 40;
 /// Extension headers followed before giving up (fail open) on an IPv6 packet.
 const MAX_IPV6_EXT_HEADERS: usize = 6;
 
+/// A packet's source address, unmasked.
+#[derive(Clone, Copy)]
+pub enum Source {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
 /// What the parser learned about a frame.
 pub enum Parsed {
-    /// A TCP or UDP packet with its source address and destination port (host order).
-    Transport { source: SourceKey, dst_port: u16 },
+    /// A TCP or UDP packet: its source, destination port (host order), and whether it is a TCP
+    /// SYN without ACK (a new connection).
+    Transport {
+        source: Source,
+        dst_port: u16,
+        syn: bool,
+    },
     /// A non-first fragment: there is no transport header to read.
     Fragment,
     /// Well-formed but not something the policy applies to (ARP, ICMP, ...).
@@ -101,7 +111,7 @@ fn parse_ipv4(data: usize, data_end: usize, offset: usize) -> Parsed {
         return Parsed::Unparsed;
     };
     // SAFETY: ptr_at checked the four bytes lie inside the packet.
-    let source = SourceKey::from_ipv4(unsafe { src.read_unaligned() });
+    let source = Source::V4(unsafe { src.read_unaligned() });
     if flags_fragment & 0x1fff != 0 {
         return Parsed::Fragment;
     }
@@ -123,7 +133,7 @@ fn parse_ipv6(data: usize, data_end: usize, offset: usize) -> Parsed {
         return Parsed::Unparsed;
     };
     // SAFETY: ptr_at checked the sixteen bytes lie inside the packet.
-    let source = SourceKey::from_ipv6(unsafe { src.read_unaligned() });
+    let source = Source::V6(unsafe { src.read_unaligned() });
     let mut offset = offset + IPV6_HEADER_LEN;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next_header {
@@ -164,18 +174,27 @@ fn parse_ipv6(data: usize, data_end: usize, offset: usize) -> Parsed {
 }
 
 #[inline(always)]
-fn transport(
-    data: usize,
-    data_end: usize,
-    offset: usize,
-    protocol: u8,
-    source: SourceKey,
-) -> Parsed {
-    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+fn transport(data: usize, data_end: usize, offset: usize, protocol: u8, source: Source) -> Parsed {
+    if protocol == IPPROTO_UDP {
+        return match read_array::<4>(data, data_end, offset) {
+            Some([_, _, hi, lo]) => Parsed::Transport {
+                source,
+                dst_port: u16::from_be_bytes([hi, lo]),
+                syn: false,
+            },
+            None => Parsed::Unparsed,
+        };
+    }
+    if protocol != IPPROTO_TCP {
         return Parsed::Other;
     }
-    match read_be16(data, data_end, offset + 2) {
-        Some(dst_port) => Parsed::Transport { source, dst_port },
+    // Destination port at 2..4, flags at 13 (SYN 0x02, ACK 0x10).
+    match read_array::<14>(data, data_end, offset) {
+        Some(h) => Parsed::Transport {
+            source,
+            dst_port: u16::from_be_bytes([h[2], h[3]]),
+            syn: h[13] & 0x12 == 0x02,
+        },
         None => Parsed::Unparsed,
     }
 }

@@ -44,8 +44,28 @@ enum Command {
 
 #[derive(Subcommand)]
 enum XdpCommand {
-    /// Print packet counters and per-source packet counts.
+    /// Print packet counters, sources (most dropped first) and bans.
     Stats,
+    /// Add, list or remove bans.
+    Ban {
+        #[command(subcommand)]
+        command: BanCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BanCommand {
+    /// Ban an address (for IPv6: its configured prefix).
+    Add {
+        address: std::net::IpAddr,
+        /// How long, such as "10m"; default: the config's `ban_duration`.
+        #[arg(long)]
+        duration: Option<String>,
+    },
+    /// List the bans in force.
+    List,
+    /// Lift a ban.
+    Remove { address: std::net::IpAddr },
 }
 
 fn main() -> ExitCode {
@@ -69,9 +89,13 @@ fn main() -> ExitCode {
             println!("{}: ok", cli.config.display());
             ExitCode::SUCCESS
         }
-        Command::Xdp {
-            command: XdpCommand::Stats,
-        } => xdp_stats(&config),
+        Command::Xdp { command } => match xdp_command(&config, command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -114,8 +138,13 @@ fn run(config: Config) -> anyhow::Result<()> {
         .map(|l| l.try_clone())
         .collect::<Result<Vec<_>, _>>()?;
     watch_signals(drain.clone(), clones)?;
+    // The ban hook only makes sense with the program attached.
+    let bans = match (&_xdp, &config.xdp) {
+        (Some(_), Some(x)) => xdp::start_ban_hook(x),
+        _ => None,
+    };
     let snapshot = Arc::new(ConfigSnapshot::new(config));
-    let handles = spawn_workers(snapshot, listeners, drain)?;
+    let handles = spawn_workers(snapshot, listeners, drain, bans)?;
     for addr in &bound {
         info!(workers, "listening on {addr}");
     }
@@ -130,24 +159,51 @@ fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn xdp_stats(config: &Config) -> ExitCode {
-    let Some(xdp_config) = &config.xdp else {
-        eprintln!("error: the config has no [xdp] section");
-        return ExitCode::FAILURE;
-    };
-    match xdp::read_pinned_stats(&xdp_config.pin_path) {
-        Ok(stats) => {
+fn xdp_command(config: &Config, command: XdpCommand) -> anyhow::Result<()> {
+    let xdp_config = config
+        .xdp
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("the config has no [xdp] section"))?;
+    let pin_path = &xdp_config.pin_path;
+    match command {
+        XdpCommand::Stats => {
+            let stats = xdp::read_pinned_stats(pin_path)?;
             for (name, value) in &stats.counters {
                 println!("counter {name} {value}");
             }
-            for (addr, packets) in &stats.sources {
-                println!("source {addr} {packets}");
+            for s in &stats.sources {
+                println!("source {} packets={} drops={}", s.addr, s.packets, s.drops);
             }
-            ExitCode::SUCCESS
+            for (addr, left) in xdp::BanTable::open(pin_path)?.list()? {
+                println!("ban {addr} expires_in={}s", left.as_secs());
+            }
         }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+        XdpCommand::Ban {
+            command: BanCommand::Add { address, duration },
+        } => {
+            let duration = match duration {
+                Some(d) => portcullis::config::parse_duration(&d).map_err(anyhow::Error::msg)?,
+                None => xdp_config.ban_duration.get(),
+            };
+            xdp::BanTable::open(pin_path)?.add(address, duration)?;
+            println!("banned {address} for {}s", duration.as_secs());
+        }
+        XdpCommand::Ban {
+            command: BanCommand::List,
+        } => {
+            for (addr, left) in xdp::BanTable::open(pin_path)?.list()? {
+                println!("{addr} expires_in={}s", left.as_secs());
+            }
+        }
+        XdpCommand::Ban {
+            command: BanCommand::Remove { address },
+        } => {
+            if xdp::BanTable::open(pin_path)?.remove(address)? {
+                println!("unbanned {address}");
+            } else {
+                anyhow::bail!("{address} was not banned");
+            }
         }
     }
+    Ok(())
 }

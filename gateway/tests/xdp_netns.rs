@@ -55,7 +55,8 @@ fn xdp_attaches_counts_per_source_and_detaches() {
     ]);
     let source_packets: u64 = stats
         .lines()
-        .find_map(|l| l.strip_prefix(&format!("source {} ", net.peer_ip)))
+        .find_map(|l| l.strip_prefix(&format!("source {} packets=", net.peer_ip)))
+        .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no count for {}: {stats}", net.peer_ip))
         .parse()
         .unwrap();

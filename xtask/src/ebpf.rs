@@ -208,6 +208,12 @@ pub fn build() -> anyhow::Result<PathBuf> {
                 "build-std=core",
             ])
             .env("RUSTC_BOOTSTRAP", "1")
+            // v3 has the atomics the rate limiter needs (BPF_CMPXCHG, fetch-and-op); kernels
+            // since 5.12 run it.
+            .env(
+                "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+                "-C target-cpu=v3",
+            )
             .env("PATH", path),
     )?;
     let object = object_path();

@@ -235,6 +235,32 @@ pub struct XdpConfig {
     pub optional: bool,
     /// Destination ports the program polices; default: the listen ports.
     pub ports: Option<Vec<u16>>,
+    /// Packets per second one source may send to the protected ports; omit for no limit.
+    pub rate: Option<u64>,
+    /// Packets a source may send at once above `rate`; default: one second's worth.
+    pub burst: Option<u64>,
+    /// New TCP connections (SYN) per second per source; omit for no limit.
+    pub syn_rate: Option<u64>,
+    /// SYNs at once above `syn_rate`; default: one second's worth.
+    pub syn_burst: Option<u64>,
+    /// IPv6 sources are limited and banned per prefix of this length.
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u32,
+    /// CIDRs whose packets are dropped.
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// CIDRs that bypass every limit and ban.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Ban a source after this many gateway answers with a status in `ban_statuses` within
+    /// `ban_window`; omit to never ban automatically.
+    pub ban_after: Option<u32>,
+    #[serde(default = "default_ban_window")]
+    pub ban_window: ConfigDuration,
+    #[serde(default = "default_ban_statuses")]
+    pub ban_statuses: Vec<u16>,
+    #[serde(default = "default_ban_duration")]
+    pub ban_duration: ConfigDuration,
     /// Capacity of the per-source LRU map.
     #[serde(default = "default_max_sources")]
     pub max_sources: u32,
@@ -244,6 +270,19 @@ pub struct XdpConfig {
     /// The BPF object to load; default: the one embedded at build time, or
     /// `$PORTCULLIS_EBPF_OBJECT`.
     pub object: Option<PathBuf>,
+}
+
+fn default_ipv6_prefix() -> u32 {
+    64
+}
+fn default_ban_window() -> ConfigDuration {
+    ConfigDuration::from_secs(10)
+}
+fn default_ban_statuses() -> Vec<u16> {
+    vec![400, 401, 403, 429]
+}
+fn default_ban_duration() -> ConfigDuration {
+    ConfigDuration::from_secs(600)
 }
 
 fn default_max_sources() -> u32 {

@@ -111,6 +111,69 @@ impl Config {
                     ));
                 }
             }
+            for (key, value) in [
+                ("rate", xdp.rate),
+                ("burst", xdp.burst),
+                ("syn_rate", xdp.syn_rate),
+                ("syn_burst", xdp.syn_burst),
+            ] {
+                if value == Some(0) || value.is_some_and(|v| v > 1_000_000_000) {
+                    return Err(Invalid::new(
+                        at().key(key),
+                        "must be from 1 to 1000000000 (packets); omit it for no limit",
+                    ));
+                }
+            }
+            if xdp.burst.is_some() && xdp.rate.is_none() {
+                return Err(Invalid::new(
+                    at().key("burst"),
+                    "needs `rate`: a burst is the allowance above a rate",
+                ));
+            }
+            if xdp.syn_burst.is_some() && xdp.syn_rate.is_none() {
+                return Err(Invalid::new(at().key("syn_burst"), "needs `syn_rate`"));
+            }
+            if !(1..=128).contains(&xdp.ipv6_prefix) {
+                return Err(Invalid::new(
+                    at().key("ipv6_prefix"),
+                    format!(
+                        "{} is out of range: use 1 to 128, such as 64",
+                        xdp.ipv6_prefix
+                    ),
+                ));
+            }
+            for (key, list) in [("deny", &xdp.deny), ("allow", &xdp.allow)] {
+                for (i, cidr) in list.iter().enumerate() {
+                    if crate::xdp::parse_cidr(cidr).is_none() {
+                        return Err(Invalid::new(at().key(key).index(i), format!("`{cidr}` is not an address or CIDR, such as \"203.0.113.0/24\" or \"2001:db8::/32\"")));
+                    }
+                }
+            }
+            if xdp.ban_after == Some(0) {
+                return Err(Invalid::new(
+                    at().key("ban_after"),
+                    "must be at least 1; omit it to never ban",
+                ));
+            }
+            for (i, status) in xdp.ban_statuses.iter().enumerate() {
+                if !(400..=599).contains(status) {
+                    return Err(Invalid::new(
+                        at().key("ban_statuses").index(i),
+                        format!("{status} is not an error status: use 400 to 599"),
+                    ));
+                }
+            }
+            for (key, d) in [
+                ("ban_window", xdp.ban_window),
+                ("ban_duration", xdp.ban_duration),
+            ] {
+                if d.get().is_zero() {
+                    return Err(Invalid::new(
+                        at().key(key),
+                        "must be longer than zero, such as \"10s\"",
+                    ));
+                }
+            }
             if xdp.max_sources == 0 {
                 return Err(Invalid::new(
                     at().key("max_sources"),

@@ -148,6 +148,7 @@ impl<C: Transport> Connection<'_, C> {
     /// Answers a request whose head was refused; the connection always closes.
     async fn reject(&mut self, e: RequestError) -> Next {
         debug!(peer = %self.peer, status = e.status(), reason = e.detail(), "refused request");
+        self.worker.answered(self.peer.ip(), e.status());
         self.out.clear();
         encode::write_error(&mut self.out, e.status(), e.detail(), false, false);
         self.send_out().await;
@@ -200,6 +201,7 @@ impl<C: Transport> Connection<'_, C> {
         match answer {
             Answer::Error { status, detail, .. } => {
                 debug!(peer = %self.peer, status, reason = detail, "gateway answered");
+                self.worker.answered(self.peer.ip(), status);
                 encode::write_error(&mut self.out, status, detail, keep_alive, facts.is_head);
             }
             Answer::Static { route } => {

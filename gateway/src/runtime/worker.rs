@@ -17,6 +17,7 @@ use crate::{
     io::{TcpTransport, Transport},
     proxy::connection::serve,
     upstream::UpstreamGroup,
+    xdp::BanReporter,
 };
 
 /// Submission queue entries per worker ring.
@@ -37,6 +38,18 @@ pub struct Worker {
     pub tracker: ConnTracker,
     /// Set once this worker saw the drain begin: connections close after their current request.
     pub draining: Cell<bool>,
+    /// Where the gateway's own error answers are reported for XDP bans, when configured.
+    pub bans: Option<BanReporter>,
+}
+
+impl Worker {
+    /// Notes an answer the gateway gave itself (never an upstream's), for the ban hook.
+    #[inline]
+    pub fn answered(&self, peer: std::net::IpAddr, status: u16) {
+        if let Some(b) = &self.bans {
+            b.report(peer, status);
+        }
+    }
 }
 
 /// Starts the worker threads; each gets the listeners at its index.
@@ -44,6 +57,7 @@ pub fn spawn_workers(
     snapshot: Arc<ConfigSnapshot>,
     listeners: Vec<Vec<StdListener>>,
     drain: DrainFlag,
+    bans: Option<BanReporter>,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (started_tx, started_rx) = std::sync::mpsc::channel::<usize>();
@@ -60,7 +74,8 @@ pub fn spawn_workers(
             .name(format!("portcullis-w{id}"))
             .spawn({
                 let started = started_tx.clone();
-                move || run_worker(id, core, snapshot, listeners, drain, started)
+                let bans = bans.clone();
+                move || run_worker(id, core, snapshot, listeners, drain, started, bans)
             })?;
         handles.push(handle);
     }
@@ -81,6 +96,7 @@ fn run_worker(
     listeners: Vec<StdListener>,
     drain: DrainFlag,
     started: std::sync::mpsc::Sender<usize>,
+    bans: Option<BanReporter>,
 ) {
     if let Some(core) = core {
         if !core_affinity::set_for_current(core) {
@@ -106,6 +122,7 @@ fn run_worker(
                 upstreams,
                 tracker: ConnTracker::default(),
                 draining: Cell::new(false),
+                bans,
             });
             debug!(worker = id, core = ?core.map(|c| c.id), "worker started");
             let _ = started.send(id);

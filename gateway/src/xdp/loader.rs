@@ -4,15 +4,36 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
 use aya::{
-    maps::HashMap,
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap,
+    },
     programs::{Xdp, XdpMode as AyaXdpMode},
     Ebpf, EbpfLoader,
 };
-use portcullis_common::{MAP_PORTS, MAP_SOURCE_PACKETS, PINNED_MAPS, XDP_PROGRAM_NAME};
-use tracing::info;
+use aya_log::EbpfLogger;
+use ipnet::IpNet;
+use portcullis_common::{
+    LogBudget, Settings, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_DENY_V4, MAP_DENY_V6, MAP_LOG_BUDGET,
+    MAP_PORTS, MAP_SETTINGS, MAP_SOURCES, PINNED_MAPS, XDP_PROGRAM_NAME,
+};
+use tracing::{info, warn};
 
+use super::policy::{parse_cidr, settings};
 use crate::config::{XdpConfig, XdpMode};
+
+/// How often the program's log ring buffer is drained.
+const LOG_POLL: Duration = Duration::from_millis(200);
 
 #[cfg(portcullis_ebpf_embedded)]
 static EMBEDDED_OBJECT: &[u8] =
@@ -41,6 +62,8 @@ pub struct XdpGuard {
     ebpf: Ebpf,
     pin_path: PathBuf,
     interfaces: Vec<(String, AyaXdpMode)>,
+    log_stop: Arc<AtomicBool>,
+    log_thread: Option<JoinHandle<()>>,
 }
 
 impl XdpGuard {
@@ -51,23 +74,73 @@ impl XdpGuard {
             .map(|(i, m)| (i.as_str(), mode_name(*m)))
     }
 
-    /// Replaces the protected ports, without detaching the program.
-    pub fn sync_ports(&mut self, ports: &[u16]) -> anyhow::Result<()> {
-        let mut map: HashMap<_, u16, u8> = HashMap::try_from(
-            self.ebpf
-                .map_mut(MAP_PORTS)
-                .ok_or_else(|| anyhow!("map {MAP_PORTS} missing"))?,
-        )?;
-        let stale: Vec<u16> = map
+    /// Writes the policy of `config` (settings, ports, deny and allow lists) into the maps of
+    /// the attached program. Used at start and again on reload: the program stays attached.
+    pub fn apply(&mut self, config: &XdpConfig, ports: &[u16]) -> anyhow::Result<()> {
+        let mut settings_map: Array<_, Settings> = Array::try_from(self.map_mut(MAP_SETTINGS)?)?;
+        settings_map.set(0, settings(config), 0)?;
+        let mut port_map: HashMap<_, u16, u8> = HashMap::try_from(self.map_mut(MAP_PORTS)?)?;
+        let stale: Vec<u16> = port_map
             .keys()
             .filter_map(Result::ok)
             .filter(|p| !ports.contains(p))
             .collect();
         for port in stale {
-            map.remove(&port)?;
+            port_map.remove(&port)?;
         }
         for port in ports {
-            map.insert(port, 1, 0)?;
+            port_map.insert(port, 1, 0)?;
+        }
+        let parse =
+            |list: &[String]| -> Vec<IpNet> { list.iter().filter_map(|c| parse_cidr(c)).collect() };
+        let (deny, allow) = (parse(&config.deny), parse(&config.allow));
+        self.sync_v4(MAP_DENY_V4, &deny)?;
+        self.sync_v6(MAP_DENY_V6, &deny)?;
+        self.sync_v4(MAP_ALLOW_V4, &allow)?;
+        self.sync_v6(MAP_ALLOW_V6, &allow)?;
+        Ok(())
+    }
+
+    fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("the object has no map {name}"))
+    }
+
+    fn sync_v4(&mut self, name: &str, nets: &[IpNet]) -> anyhow::Result<()> {
+        let mut trie: LpmTrie<_, [u8; 4], u8> = LpmTrie::try_from(self.map_mut(name)?)?;
+        let wanted: Vec<Key<[u8; 4]>> = nets
+            .iter()
+            .filter_map(|n| match n {
+                IpNet::V4(v4) => Some(Key::new(u32::from(v4.prefix_len()), v4.network().octets())),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        let old: Vec<Key<[u8; 4]>> = trie.keys().filter_map(Result::ok).collect();
+        for key in old {
+            trie.remove(&key)?;
+        }
+        for key in &wanted {
+            trie.insert(key, 1, 0)?;
+        }
+        Ok(())
+    }
+
+    fn sync_v6(&mut self, name: &str, nets: &[IpNet]) -> anyhow::Result<()> {
+        let mut trie: LpmTrie<_, [u8; 16], u8> = LpmTrie::try_from(self.map_mut(name)?)?;
+        let wanted: Vec<Key<[u8; 16]>> = nets
+            .iter()
+            .filter_map(|n| match n {
+                IpNet::V6(v6) => Some(Key::new(u32::from(v6.prefix_len()), v6.network().octets())),
+                IpNet::V4(_) => None,
+            })
+            .collect();
+        let old: Vec<Key<[u8; 16]>> = trie.keys().filter_map(Result::ok).collect();
+        for key in old {
+            trie.remove(&key)?;
+        }
+        for key in &wanted {
+            trie.insert(key, 1, 0)?;
         }
         Ok(())
     }
@@ -75,6 +148,10 @@ impl XdpGuard {
 
 impl Drop for XdpGuard {
     fn drop(&mut self) {
+        self.log_stop.store(true, Ordering::Release);
+        if let Some(t) = self.log_thread.take() {
+            let _ = t.join();
+        }
         for name in PINNED_MAPS {
             let _ = std::fs::remove_file(self.pin_path.join(name));
         }
@@ -96,7 +173,7 @@ fn mode_name(m: AyaXdpMode) -> &'static str {
 pub fn attach(config: &XdpConfig, ports: &[u16]) -> anyhow::Result<XdpGuard> {
     let object = object_bytes(config)?;
     let mut ebpf = EbpfLoader::new()
-        .map_max_entries(MAP_SOURCE_PACKETS, config.max_sources)
+        .map_max_entries(MAP_SOURCES, config.max_sources)
         .load(&object)
         .context("cannot load the XDP object into the kernel")?;
     let program: &mut Xdp = ebpf
@@ -128,14 +205,41 @@ pub fn attach(config: &XdpConfig, ports: &[u16]) -> anyhow::Result<XdpGuard> {
             return Err(anyhow!(e).context(format!("cannot attach XDP to interface `{iface}`")));
         }
     }
+    let log_stop = Arc::new(AtomicBool::new(false));
+    let log_thread = start_log_forwarding(&mut ebpf, log_stop.clone());
     let mut guard = XdpGuard {
         ebpf,
         pin_path: config.pin_path.clone(),
         interfaces,
+        log_stop,
+        log_thread,
     };
-    guard.sync_ports(ports)?;
+    let mut budget: Array<_, LogBudget> = Array::try_from(guard.map_mut(MAP_LOG_BUDGET)?)?;
+    budget.set(0, LogBudget::default(), 0)?;
+    guard.apply(config, ports)?;
     pin_maps(&guard.ebpf, &guard.pin_path)?;
     Ok(guard)
+}
+
+/// Forwards the program's aya-log events (rate-limited in the kernel) to the gateway's log.
+fn start_log_forwarding(ebpf: &mut Ebpf, stop: Arc<AtomicBool>) -> Option<JoinHandle<()>> {
+    let mut logger = match EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("XDP log events unavailable: {e}");
+            return None;
+        }
+    };
+    std::thread::Builder::new()
+        .name("portcullis-xdplog".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                logger.flush();
+                std::thread::sleep(LOG_POLL);
+            }
+            logger.flush();
+        })
+        .ok()
 }
 
 fn pin_maps(ebpf: &Ebpf, pin_path: &Path) -> anyhow::Result<()> {

@@ -1,5 +1,5 @@
-//! Reading the program's counters from the pinned maps, so `portcullis xdp stats` works from
-//! another process against a running gateway.
+//! Reading the program's counters and per-source state from the pinned maps, so
+//! `portcullis xdp stats` works from another process against a running gateway.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -7,14 +7,32 @@ use std::{
 };
 
 use anyhow::Context;
-use aya::maps::{Map, MapData, PerCpuArray, PerCpuHashMap};
-use portcullis_common::{Counter, SourceKey, MAP_COUNTERS, MAP_SOURCE_PACKETS};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use portcullis_common::{Counter, SourceKey, SourceState, MAP_COUNTERS, MAP_SOURCES};
 
-/// Counters summed over CPUs, and packets per source (most first).
+/// One source as the program sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceStats {
+    pub addr: IpAddr,
+    pub packets: u64,
+    pub drops: u64,
+}
+
+/// Counters summed over CPUs, and sources, most dropped first.
 #[derive(Debug, Default)]
 pub struct XdpStats {
     pub counters: Vec<(&'static str, u64)>,
-    pub sources: Vec<(IpAddr, u64)>,
+    pub sources: Vec<SourceStats>,
+}
+
+impl XdpStats {
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
+    }
 }
 
 pub fn source_addr(key: &SourceKey) -> IpAddr {
@@ -42,16 +60,21 @@ pub fn read_pinned_stats(pin_path: &Path) -> anyhow::Result<XdpStats> {
         let per_cpu = counters_map.get(&(counter as u32), 0)?;
         stats.counters.push((counter.name(), per_cpu.iter().sum()));
     }
-    let sources: PerCpuHashMap<_, SourceKey, u64> =
-        PerCpuHashMap::try_from(open(pin_path, MAP_SOURCE_PACKETS)?)?;
+    let sources: HashMap<_, SourceKey, SourceState> =
+        HashMap::try_from(open(pin_path, MAP_SOURCES)?)?;
     for entry in sources.iter() {
-        let (key, per_cpu) = entry?;
-        stats
-            .sources
-            .push((source_addr(&key), per_cpu.iter().sum()));
+        let (key, state) = entry?;
+        stats.sources.push(SourceStats {
+            addr: source_addr(&key),
+            packets: state.packets,
+            drops: state.drops,
+        });
     }
-    stats
-        .sources
-        .sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    stats.sources.sort_by(|a, b| {
+        b.drops
+            .cmp(&a.drops)
+            .then(b.packets.cmp(&a.packets))
+            .then(a.addr.cmp(&b.addr))
+    });
     Ok(stats)
 }

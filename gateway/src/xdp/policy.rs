@@ -1,0 +1,92 @@
+//! Translation of the `[xdp]` section into what the program reads: its settings, source keys and
+//! CIDR lists.
+
+use std::{net::IpAddr, str::FromStr};
+
+use ipnet::IpNet;
+use portcullis_common::{Settings, SourceKey};
+
+use crate::config::XdpConfig;
+
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
+
+/// Parses `203.0.113.0/24`, `2001:db8::/32` or a bare address (a /32 or /128); host bits are
+/// cleared.
+pub fn parse_cidr(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    if let Ok(net) = IpNet::from_str(text) {
+        return Some(net.trunc());
+    }
+    IpAddr::from_str(text).ok().map(IpNet::from)
+}
+
+/// GCRA parameters for `rate` packets per second with bursts of `burst` packets.
+fn gcra(rate: Option<u64>, burst: Option<u64>) -> (u64, u64) {
+    match rate {
+        None => (0, 0),
+        Some(rate) => {
+            let interval = (NANOS_PER_SECOND / rate).max(1);
+            let burst = burst.unwrap_or(rate).max(1);
+            (interval, interval.saturating_mul(burst - 1))
+        }
+    }
+}
+
+pub fn settings(config: &XdpConfig) -> Settings {
+    let (packet_interval_ns, packet_tolerance_ns) = gcra(config.rate, config.burst);
+    let (syn_interval_ns, syn_tolerance_ns) = gcra(config.syn_rate, config.syn_burst);
+    Settings {
+        packet_interval_ns,
+        packet_tolerance_ns,
+        syn_interval_ns,
+        syn_tolerance_ns,
+        ipv6_prefix_len: config.ipv6_prefix,
+        _reserved: 0,
+    }
+}
+
+/// The key the program uses for `ip`: IPv4-mapped, or the IPv6 prefix.
+pub fn source_key(ip: IpAddr, ipv6_prefix: u32) -> SourceKey {
+    match ip {
+        IpAddr::V4(v4) => SourceKey::from_ipv4(v4.octets()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SourceKey::from_ipv4(v4.octets()),
+            None => SourceKey::from_ipv6(v6.octets(), ipv6_prefix),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_and_keys() {
+        assert_eq!(
+            parse_cidr("203.0.113.7/24").unwrap().to_string(),
+            "203.0.113.0/24"
+        );
+        assert_eq!(
+            parse_cidr("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1/128"
+        );
+        assert!(parse_cidr("203.0.113.0/33").is_none());
+        assert!(parse_cidr("nonsense").is_none());
+        let a = source_key("2001:db8:1:2:aaaa::1".parse().unwrap(), 64);
+        let b = source_key("2001:db8:1:2:bbbb::2".parse().unwrap(), 64);
+        let c = source_key("2001:db8:1:3::1".parse().unwrap(), 64);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            source_key("::ffff:203.0.113.9".parse().unwrap(), 64),
+            source_key("203.0.113.9".parse().unwrap(), 64)
+        );
+    }
+
+    #[test]
+    fn gcra_parameters() {
+        assert_eq!(gcra(None, None), (0, 0));
+        assert_eq!(gcra(Some(1000), Some(10)), (1_000_000, 9_000_000));
+        assert_eq!(gcra(Some(2), None), (500_000_000, 500_000_000));
+    }
+}
