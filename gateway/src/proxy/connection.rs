@@ -209,6 +209,7 @@ impl<C: Transport> Connection<'_, C> {
                 else {
                     unreachable!("Answer::Static is planned only for respond routes");
                 };
+                self.worker.answered(self.peer.ip(), response.status);
                 encode::write_static(
                     &mut self.out,
                     response,

@@ -375,6 +375,7 @@ impl<C: Transport> Connection<'_, C> {
 
     /// Answers after part of the request body was consumed: the rest cannot be skipped.
     async fn error_and_close(&mut self, status: u16, detail: &str) -> Next {
+        self.worker.answered(self.peer.ip(), status);
         self.out.clear();
         encode::write_error(&mut self.out, status, detail, false, false);
         self.send_out().await;

@@ -59,14 +59,20 @@ pub struct VethNamespace {
 }
 
 impl VethNamespace {
+    /// 203.0.113.1 (host) <-> 203.0.113.2 (namespace).
     pub fn create(tag: &str) -> VethNamespace {
+        Self::create_on(tag, ("203.0.113.1", "203.0.113.2"))
+    }
+
+    /// A pair on `/24` addresses `(host, peer)`; the namespace routes everything via the host.
+    pub fn create_on(tag: &str, (host_ip, peer_ip): (&'static str, &'static str)) -> VethNamespace {
         let id = format!("{}{}", tag, std::process::id() % 100_000);
         let v = VethNamespace {
             ns: format!("pcl-{id}"),
             host_if: format!("pg{id}"),
             peer_if: format!("pp{id}"),
-            host_ip: "203.0.113.1",
-            peer_ip: "203.0.113.2",
+            host_ip,
+            peer_ip,
         };
         v.remove();
         sh_ok(&["ip", "netns", "add", &v.ns]);
@@ -74,11 +80,26 @@ impl VethNamespace {
             "ip", "link", "add", &v.host_if, "type", "veth", "peer", "name", &v.peer_if,
         ]);
         sh_ok(&["ip", "link", "set", &v.peer_if, "netns", &v.ns]);
-        sh_ok(&["ip", "addr", "add", "203.0.113.1/24", "dev", &v.host_if]);
+        sh_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{host_ip}/24"),
+            "dev",
+            &v.host_if,
+        ]);
         sh_ok(&["ip", "link", "set", &v.host_if, "up"]);
-        v.exec_ok(&["ip", "addr", "add", "203.0.113.2/24", "dev", &v.peer_if]);
+        v.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{peer_ip}/24"),
+            "dev",
+            &v.peer_if,
+        ]);
         v.exec_ok(&["ip", "link", "set", &v.peer_if, "up"]);
         v.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        v.exec_ok(&["ip", "route", "add", "default", "via", host_ip]);
         v
     }
 
