@@ -8,6 +8,7 @@
 //! - `bench`: Portcullis beside nginx, haproxy and the direct backend.
 
 mod bench;
+mod bench_xdp;
 mod ebpf;
 mod plot;
 mod run;
@@ -43,6 +44,12 @@ enum Task {
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
     },
+    /// (root) XDP cost per packet on each path, and a flood with and without XDP.
+    BenchXdp {
+        /// Seconds per flood run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
     /// Run every test (as root: the privileged XDP tests too).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -58,6 +65,7 @@ fn main() -> ExitCode {
         Task::Run { config } => run::run(config),
         Task::Test { cargo_args } => test::run(&cargo_args),
         Task::Bench { duration } => bench::run(duration),
+        Task::BenchXdp { duration } => bench_xdp::run(duration),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

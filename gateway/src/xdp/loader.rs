@@ -256,8 +256,21 @@ fn pin_maps(ebpf: &Ebpf, pin_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Makes sure `path` is a directory on a bpf filesystem, mounting one there if needed.
+/// The conventional bpffs mount point.
+const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";
+
+/// Makes sure `path` is a directory on a bpf filesystem, mounting one if needed: at
+/// `/sys/fs/bpf` for paths below it (as systemd would have), else at `path` itself.
 fn ensure_bpffs(path: &Path) -> anyhow::Result<()> {
+    let conventional = Path::new(BPFFS_MOUNT_POINT);
+    if path.starts_with(conventional)
+        && conventional.is_dir()
+        && !crate::sys::is_bpffs(conventional)?
+    {
+        crate::sys::mount_bpffs(conventional)
+            .with_context(|| format!("cannot mount a bpf filesystem at {BPFFS_MOUNT_POINT}"))?;
+        info!("mounted a bpf filesystem at {BPFFS_MOUNT_POINT}");
+    }
     std::fs::create_dir_all(path)
         .with_context(|| format!("cannot create the pin path {}", path.display()))?;
     if crate::sys::is_bpffs(path)? {
