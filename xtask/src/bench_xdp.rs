@@ -240,9 +240,10 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
             let cfg = dir.join("stats.toml");
             std::fs::write(
                 &cfg,
-                format!(
-                    "[xdp]\ninterface = \"pcbah\"\npin_path = \"/sys/fs/bpf/portcullis-bench\"\n"
-                ),
+                "[xdp]
+interface = \"pcbah\"
+pin_path = \"/sys/fs/bpf/portcullis-bench\"
+",
             )?;
             let out = Command::new(bin.join("portcullis"))
                 .args(["xdp", "stats", "--config"])
