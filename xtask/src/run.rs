@@ -36,12 +36,20 @@ pub fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     ]))?;
     let bin = target_dir().join("release");
     let config = config.unwrap_or_else(|| workspace_root().join("config/gateway.toml"));
-    let _upstream = KillOnDrop(
+    let mut upstream = KillOnDrop(
         Command::new(bin.join("backend"))
             .args(["--listen", DEMO_UPSTREAM])
             .spawn()
             .context("cannot start the demo upstream")?,
     );
+    // The backend exits at once when it cannot listen (say, the port is taken): stop here
+    // rather than run a gateway in front of whatever else answers there.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    if let Some(status) = upstream.0.try_wait()? {
+        anyhow::bail!(
+            "the demo upstream could not start on {DEMO_UPSTREAM} ({status}); is the port in use?"
+        );
+    }
     eprintln!(
         "xtask: gateway on http://127.0.0.1:8080/ (config {}); Ctrl-C stops it",
         config.display()
