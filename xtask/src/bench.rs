@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{bail, Context};
 
-use crate::{cargo, is_root, run_checked, target_dir, workspace_root};
+use crate::{is_root, run_checked, workspace_root};
 
 const BACKEND_PORT: u16 = 19001;
 /// Connections for the maximum-throughput runs.
@@ -293,16 +293,8 @@ fn write_configs(dir: &Path, workers: usize, cores: &[usize]) -> anyhow::Result<
 
 pub fn run(duration: f64) -> anyhow::Result<()> {
     ensure_tools()?;
-    run_checked(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "portcullis",
-        "--package",
-        "portcullis-benches",
-    ]))?;
     let runner = Runner {
-        bin: target_dir().join("release"),
+        bin: crate::build_release()?,
         layout: layout(),
     };
     let (bin, layout) = (&runner.bin, &runner.layout);

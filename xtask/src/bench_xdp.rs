@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{bail, Context};
 
-use crate::{cargo, is_root, run_checked, target_dir, workspace_root};
+use crate::{is_root, run_checked, workspace_root};
 
 const GATEWAY: &str = "203.0.113.1:19090";
 const LEGIT_RATE: u32 = 2000;
@@ -144,15 +144,7 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
         bail!("bench-xdp loads BPF programs and creates network namespaces: run it as root");
     }
     let object = crate::ebpf::build()?;
-    run_checked(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "portcullis",
-        "--package",
-        "portcullis-benches",
-    ]))?;
-    let bin = target_dir().join("release");
+    let bin = crate::build_release()?;
     eprintln!("bench-xdp: cost per packet (BPF_PROG_TEST_RUN)");
     let per_packet = Command::new(bin.join("xdp_bench"))
         .arg("--object")

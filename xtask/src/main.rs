@@ -111,6 +111,19 @@ pub fn cargo() -> Command {
     c
 }
 
+/// Builds the gateway and the bench binaries (backend, loadgen, xdp_bench) in release mode.
+pub fn build_release() -> anyhow::Result<PathBuf> {
+    run_checked(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "portcullis",
+        "--package",
+        "portcullis-benches",
+    ]))?;
+    Ok(target_dir().join("release"))
+}
+
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::Context;
 
-use crate::{cargo, run_checked, target_dir, workspace_root};
+use crate::workspace_root;
 
 /// Where the demo upstream listens (config/gateway.toml points there).
 const DEMO_UPSTREAM: &str = "127.0.0.1:9001";
@@ -26,15 +26,7 @@ pub fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     if let Err(e) = crate::ebpf::build() {
         eprintln!("xtask: warning: the XDP object was not built ({e:#}); configs with [xdp] will need `xdp.object`");
     }
-    run_checked(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "portcullis",
-        "--package",
-        "portcullis-benches",
-    ]))?;
-    let bin = target_dir().join("release");
+    let bin = crate::build_release()?;
     let config = config.unwrap_or_else(|| workspace_root().join("config/gateway.toml"));
     let mut upstream = KillOnDrop(
         Command::new(bin.join("backend"))

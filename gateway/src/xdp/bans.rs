@@ -5,10 +5,13 @@
 use std::{net::IpAddr, path::Path, time::Duration};
 
 use anyhow::Context;
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use portcullis_common::{Settings, SourceKey, MAP_BANS, MAP_SETTINGS};
 
-use super::{policy::source_key, stats::source_addr};
+use super::{
+    policy::source_key,
+    stats::{open_pinned, source_addr},
+};
 use crate::sys::monotonic_ns;
 
 pub struct BanTable {
@@ -16,23 +19,12 @@ pub struct BanTable {
     ipv6_prefix: u32,
 }
 
-fn open(pin_path: &Path, name: &str) -> anyhow::Result<Map> {
-    let path = pin_path.join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "cannot open pinned map {} (is the gateway running with [xdp]?)",
-            path.display()
-        )
-    })?;
-    Ok(Map::from_map_data(data)?)
-}
-
 impl BanTable {
     pub fn open(pin_path: &Path) -> anyhow::Result<BanTable> {
-        let settings: Array<_, Settings> = Array::try_from(open(pin_path, MAP_SETTINGS)?)?;
+        let settings: Array<_, Settings> = Array::try_from(open_pinned(pin_path, MAP_SETTINGS)?)?;
         let ipv6_prefix = settings.get(&0, 0)?.ipv6_prefix_len;
         Ok(BanTable {
-            map: HashMap::try_from(open(pin_path, MAP_BANS)?)?,
+            map: HashMap::try_from(open_pinned(pin_path, MAP_BANS)?)?,
             ipv6_prefix,
         })
     }

@@ -108,34 +108,25 @@ impl XdpGuard {
     }
 
     fn sync_v4(&mut self, name: &str, nets: &[IpNet]) -> anyhow::Result<()> {
-        let mut trie: LpmTrie<_, [u8; 4], u8> = LpmTrie::try_from(self.map_mut(name)?)?;
-        let wanted: Vec<Key<[u8; 4]>> = nets
-            .iter()
-            .filter_map(|n| match n {
-                IpNet::V4(v4) => Some(Key::new(u32::from(v4.prefix_len()), v4.network().octets())),
-                IpNet::V6(_) => None,
-            })
-            .collect();
-        let old: Vec<Key<[u8; 4]>> = trie.keys().filter_map(Result::ok).collect();
-        for key in old {
-            trie.remove(&key)?;
-        }
-        for key in &wanted {
-            trie.insert(key, 1, 0)?;
-        }
-        Ok(())
+        let keys = nets.iter().filter_map(|n| match n {
+            IpNet::V4(v4) => Some(Key::new(u32::from(v4.prefix_len()), v4.network().octets())),
+            IpNet::V6(_) => None,
+        });
+        self.sync_trie(name, keys.collect())
     }
 
     fn sync_v6(&mut self, name: &str, nets: &[IpNet]) -> anyhow::Result<()> {
-        let mut trie: LpmTrie<_, [u8; 16], u8> = LpmTrie::try_from(self.map_mut(name)?)?;
-        let wanted: Vec<Key<[u8; 16]>> = nets
-            .iter()
-            .filter_map(|n| match n {
-                IpNet::V6(v6) => Some(Key::new(u32::from(v6.prefix_len()), v6.network().octets())),
-                IpNet::V4(_) => None,
-            })
-            .collect();
-        let old: Vec<Key<[u8; 16]>> = trie.keys().filter_map(Result::ok).collect();
+        let keys = nets.iter().filter_map(|n| match n {
+            IpNet::V6(v6) => Some(Key::new(u32::from(v6.prefix_len()), v6.network().octets())),
+            IpNet::V4(_) => None,
+        });
+        self.sync_trie(name, keys.collect())
+    }
+
+    /// Makes the trie `name` hold exactly `wanted`.
+    fn sync_trie<K: aya::Pod>(&mut self, name: &str, wanted: Vec<Key<K>>) -> anyhow::Result<()> {
+        let mut trie: LpmTrie<_, K, u8> = LpmTrie::try_from(self.map_mut(name)?)?;
+        let old: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
         for key in old {
             trie.remove(&key)?;
         }

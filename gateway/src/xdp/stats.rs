@@ -42,7 +42,8 @@ pub fn source_addr(key: &SourceKey) -> IpAddr {
     }
 }
 
-fn open(pin_path: &Path, name: &str) -> anyhow::Result<Map> {
+/// Opens a map the gateway pinned under `pin_path`.
+pub(super) fn open_pinned(pin_path: &Path, name: &str) -> anyhow::Result<Map> {
     let path = pin_path.join(name);
     let data = MapData::from_pin(&path).with_context(|| {
         format!(
@@ -54,14 +55,15 @@ fn open(pin_path: &Path, name: &str) -> anyhow::Result<Map> {
 }
 
 pub fn read_pinned_stats(pin_path: &Path) -> anyhow::Result<XdpStats> {
-    let counters_map: PerCpuArray<_, u64> = PerCpuArray::try_from(open(pin_path, MAP_COUNTERS)?)?;
+    let counters_map: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(open_pinned(pin_path, MAP_COUNTERS)?)?;
     let mut stats = XdpStats::default();
     for counter in Counter::ALL {
         let per_cpu = counters_map.get(&(counter as u32), 0)?;
         stats.counters.push((counter.name(), per_cpu.iter().sum()));
     }
     let sources: HashMap<_, SourceKey, SourceState> =
-        HashMap::try_from(open(pin_path, MAP_SOURCES)?)?;
+        HashMap::try_from(open_pinned(pin_path, MAP_SOURCES)?)?;
     for entry in sources.iter() {
         let (key, state) = entry?;
         stats.sources.push(SourceStats {

@@ -287,12 +287,8 @@ fn serve_upstream(
     }
 }
 
-/// Reads one request (head and body) from `reader`.
-fn read_request(
-    reader: &mut BufReader<TcpStream>,
-    id: usize,
-    body_bytes: &AtomicUsize,
-) -> Option<Received> {
+/// Reads a message head up to and including its empty line (CRLF or bare LF).
+fn read_head(reader: &mut impl BufRead) -> Option<Vec<u8>> {
     let mut raw_head = Vec::new();
     loop {
         let mut line = Vec::new();
@@ -301,9 +297,46 @@ fn read_request(
         }
         raw_head.extend_from_slice(&line);
         if line == b"\r\n" || line == b"\n" {
-            break;
+            return Some(raw_head);
         }
     }
+}
+
+/// Reads a chunked body and its trailers, passing the data to `sink`.
+fn read_chunked(reader: &mut impl BufRead, mut sink: impl FnMut(&[u8])) -> Option<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        let size = usize::from_str_radix(line.trim_end().split(';').next()?, 16).ok()?;
+        if size == 0 {
+            loop {
+                let mut trailer = String::new();
+                reader.read_line(&mut trailer).ok()?;
+                if trailer == "\r\n" || trailer.is_empty() {
+                    return Some(());
+                }
+            }
+        }
+        let mut remaining = size;
+        while remaining > 0 {
+            let n = remaining.min(buf.len());
+            reader.read_exact(&mut buf[..n]).ok()?;
+            sink(&buf[..n]);
+            remaining -= n;
+        }
+        let mut crlf = [0u8; 2];
+        reader.read_exact(&mut crlf).ok()?;
+    }
+}
+
+/// Reads one request (head and body) from `reader`.
+fn read_request(
+    reader: &mut BufReader<TcpStream>,
+    id: usize,
+    body_bytes: &AtomicUsize,
+) -> Option<Received> {
+    let raw_head = read_head(reader)?;
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut headers);
     req.parse(&raw_head).ok()?;
@@ -334,32 +367,7 @@ fn read_request(
         }
     };
     if chunked {
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).ok()?;
-            let size = usize::from_str_radix(line.trim_end().split(';').next()?, 16).ok()?;
-            if size == 0 {
-                // Trailers until the empty line.
-                loop {
-                    let mut t = String::new();
-                    reader.read_line(&mut t).ok()?;
-                    if t == "\r\n" || t.is_empty() {
-                        break;
-                    }
-                }
-                break;
-            }
-            let mut remaining = size;
-            let mut buf = vec![0u8; 64 * 1024];
-            while remaining > 0 {
-                let n = remaining.min(buf.len());
-                reader.read_exact(&mut buf[..n]).ok()?;
-                keep(&buf[..n], &mut body);
-                remaining -= n;
-            }
-            let mut crlf = [0u8; 2];
-            reader.read_exact(&mut crlf).ok()?;
-        }
+        read_chunked(reader, |data| keep(data, &mut body))?;
     } else if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
         let mut remaining = len;
         let mut buf = vec![0u8; 64 * 1024];
@@ -425,17 +433,7 @@ impl Client {
 
     /// Reads one response; `head_request` for responses to HEAD.
     pub fn read_response(&mut self, head_request: bool) -> Option<Response> {
-        let mut raw_head = Vec::new();
-        loop {
-            let mut line = Vec::new();
-            if self.reader.read_until(b'\n', &mut line).ok()? == 0 {
-                return None;
-            }
-            raw_head.extend_from_slice(&line);
-            if line == b"\r\n" {
-                break;
-            }
-        }
+        let raw_head = read_head(&mut self.reader)?;
         let mut headers = [httparse::EMPTY_HEADER; 128];
         let mut resp = httparse::Response::new(&mut headers);
         resp.parse(&raw_head)
@@ -461,21 +459,7 @@ impl Client {
         let mut body = Vec::new();
         if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         } else if chunked {
-            loop {
-                let mut line = String::new();
-                self.reader.read_line(&mut line).ok()?;
-                let size = usize::from_str_radix(line.trim_end(), 16).expect("chunk size");
-                if size == 0 {
-                    let mut end = String::new();
-                    self.reader.read_line(&mut end).ok()?;
-                    break;
-                }
-                let start = body.len();
-                body.resize(start + size, 0);
-                self.reader.read_exact(&mut body[start..]).ok()?;
-                let mut crlf = [0u8; 2];
-                self.reader.read_exact(&mut crlf).ok()?;
-            }
+            read_chunked(&mut self.reader, |data| body.extend_from_slice(data))?;
         } else if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
             body.resize(len, 0);
             self.reader.read_exact(&mut body).ok()?;
