@@ -5,8 +5,11 @@ use std::{hint::black_box, net::IpAddr, path::Path};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use portcullis::{
-    config::{Config, MAX_HEADERS_CEILING},
-    http::{encode, request::parse_request},
+    config::{AuthConfig, Config, MAX_HEADERS_CEILING},
+    http::{
+        encode::{self, Identity},
+        request::parse_request,
+    },
     routing::RouteTable,
 };
 
@@ -57,9 +60,29 @@ fn bench(c: &mut Criterion) {
                 .find(req.host, req.path, req.method.as_bytes())
                 .unwrap();
             out.clear();
-            encode::write_upstream_request(&mut out, &req, route, peer, "http", "127.0.0.1:9001");
+            encode::write_upstream_request(
+                &mut out,
+                &req,
+                route,
+                &Identity::default(),
+                &AuthConfig::default(),
+                peer,
+                "http",
+                "127.0.0.1:9001",
+            );
             black_box(out.len())
         })
+    });
+    // API-key authentication: hash the presented key and compare in constant time.
+    let (key, hash) = portcullis::auth::new_key();
+    let consumers_config = Config::parse(
+        Path::new("c.toml"),
+        &format!("[[consumers]]\nid = \"alice\"\napi_keys = [\"{hash}\"]\n"),
+    )
+    .unwrap();
+    let consumers = portcullis::auth::Consumers::new(&consumers_config);
+    group.bench_function("api_key_verify", |b| {
+        b.iter(|| black_box(consumers.by_api_key(black_box(key.as_bytes()))))
     });
     group.finish();
 }

@@ -5,10 +5,10 @@
 use std::{mem::MaybeUninit, net::IpAddr, path::Path};
 
 use portcullis::{
-    config::Config,
+    config::{AuthConfig, Config},
     http::{
         chunked::{ChunkedDecoder, ChunkedError},
-        encode::{self, ClientFraming},
+        encode::{self, ClientFraming, Identity},
         request::{incomplete_head_error, parse_request, HeadLimits},
         response::parse_response,
         BodyFraming, Version,
@@ -52,6 +52,8 @@ pub fn request_head(data: &[u8]) {
         &mut out,
         &req,
         route,
+        &Identity::default(),
+        &AuthConfig::default(),
         IpAddr::from([203, 0, 113, 7]),
         "http",
         "127.0.0.1:9",

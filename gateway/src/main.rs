@@ -35,10 +35,25 @@ enum Command {
     Run,
     /// Validate the config file and exit: 0 when valid, 1 with the error otherwise.
     Check,
+    /// Create API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Inspect the XDP program of a running gateway through its pinned maps.
     Xdp {
         #[command(subcommand)]
         command: XdpCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a fresh API key (256 random bits) and the config lines holding its hash.
+    New {
+        /// The consumer the key belongs to.
+        #[arg(long)]
+        consumer: String,
     },
 }
 
@@ -77,6 +92,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(Command::Keys {
+        command: KeysCommand::New { consumer },
+    }) = &cli.command
+    {
+        let (key, hash) = portcullis::auth::new_key();
+        println!("API key for {consumer} (shown once, never stored; give it to the consumer now):\n{key}\n");
+        println!("Config lines holding its hash:\n[[consumers]]\nid = \"{consumer}\"\napi_keys = [\"{hash}\"]");
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -85,6 +109,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
+        Command::Keys { .. } => unreachable!("handled before the config is loaded"),
         Command::Check => {
             println!("{}: ok", cli.config.display());
             ExitCode::SUCCESS

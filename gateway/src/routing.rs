@@ -56,6 +56,8 @@ pub struct Route {
     pub action: Action,
     pub rewrite: PathRewrite,
     pub max_body_bytes: Option<u64>,
+    /// The route's access policy; `None` for an open route.
+    pub auth: Option<crate::config::RouteAuthConfig>,
 }
 
 #[derive(Debug, Default)]
@@ -260,6 +262,7 @@ fn compile_route(index: usize, r: &RouteConfig, upstream_names: &[String]) -> Ro
         action,
         rewrite,
         max_body_bytes: r.max_body_bytes,
+        auth: r.auth.clone(),
     }
 }
 

@@ -28,6 +28,9 @@ struct Args {
     /// Pin thread i to core (first + i).
     #[arg(long)]
     pin_from_core: Option<usize>,
+    /// Extra request header, `Name: value` (repeatable).
+    #[arg(long = "header")]
+    headers: Vec<String>,
     /// Where to write the percentile distribution.
     #[arg(long)]
     hgrm: Option<PathBuf>,
@@ -43,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         target: a.target,
         path: a.path,
         host: a.host,
+        extra_headers: a.headers.iter().map(|h| format!("{h}\r\n")).collect(),
         connections: a.connections,
         threads: a.threads,
         duration: Duration::from_secs_f64(a.duration),

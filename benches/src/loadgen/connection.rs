@@ -76,8 +76,8 @@ pub async fn drive_thread(
     }));
     let request = Rc::new(
         format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: portcullis-loadgen\r\n\r\n",
-            spec.path, spec.host
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: portcullis-loadgen\r\n{}\r\n",
+            spec.path, spec.host, spec.extra_headers
         )
         .into_bytes(),
     );

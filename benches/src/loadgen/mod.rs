@@ -29,6 +29,8 @@ pub struct LoadSpec {
     /// Request line target, such as `/1k`.
     pub path: String,
     pub host: String,
+    /// Extra header lines, each ending in CRLF.
+    pub extra_headers: String,
     pub connections: usize,
     pub threads: usize,
     pub duration: Duration,

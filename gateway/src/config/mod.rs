@@ -33,6 +33,69 @@ pub struct Config {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+/// Where credentials are looked for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Header carrying an API key (also accepted as `Authorization: Bearer`).
+    pub api_key_header: String,
+    /// Query parameter carrying an API key; off unless set (keys in URLs end up in logs).
+    pub api_key_query: Option<String>,
+    /// The realm named in `WWW-Authenticate`.
+    pub realm: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            api_key_header: "x-api-key".into(),
+            api_key_query: None,
+            realm: "portcullis".into(),
+        }
+    }
+}
+
+/// A caller known to the gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub id: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// API keys, stored only as `sha256:<64 hex digits>` (`portcullis keys new` prints them).
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+}
+
+/// Credential kinds a route accepts.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    ApiKey,
+}
+
+/// A route's access policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAuthConfig {
+    #[serde(default = "default_auth_methods")]
+    pub methods: Vec<AuthMethod>,
+    /// The consumer must be in at least one of these groups; empty: any consumer.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Forward the credential to the upstream (default: stripped).
+    #[serde(default)]
+    pub keep_credentials: bool,
+}
+
+fn default_auth_methods() -> Vec<AuthMethod> {
+    vec![AuthMethod::ApiKey]
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +234,8 @@ pub struct RouteConfig {
     pub rewrite_prefix: Option<String>,
     /// Largest request body accepted on this route: beyond it, 413.
     pub max_body_bytes: Option<u64>,
+    /// Who may call this route; omit for an open route.
+    pub auth: Option<RouteAuthConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]

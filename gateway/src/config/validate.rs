@@ -93,6 +93,7 @@ impl Config {
         for (i, route) in self.routes.iter().enumerate() {
             self.validate_route(i, route)?;
         }
+        self.validate_auth()?;
 
         if let Some(xdp) = &self.xdp {
             let at = || key_path("xdp");
@@ -305,6 +306,80 @@ impl Config {
                     return Err(Invalid::new(
                         r().key("headers").key(name),
                         "holds a control character; field values may not",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_auth(&self) -> Result<(), Invalid> {
+        let a = &self.auth;
+        if a.api_key_header.is_empty() || !a.api_key_header.bytes().all(is_token_byte) {
+            return Err(Invalid::new(
+                key_path("auth").key("api_key_header"),
+                "is not a field name, such as \"X-API-Key\"",
+            ));
+        }
+        if let Some(q) = &a.api_key_query {
+            if q.is_empty()
+                || !q
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+            {
+                return Err(Invalid::new(
+                    key_path("auth").key("api_key_query"),
+                    "use letters, digits, `_`, `-` or `.`, such as \"api_key\"",
+                ));
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        let mut hashes = std::collections::HashSet::new();
+        for (i, c) in self.consumers.iter().enumerate() {
+            let at = || key_path("consumers").index(i);
+            if c.id.is_empty() || !c.id.bytes().all(is_token_byte) {
+                return Err(Invalid::new(
+                    at().key("id"),
+                    format!(
+                        "`{}` is not a valid id: use letters, digits and !#$%&'*+-.^_`|~",
+                        c.id
+                    ),
+                ));
+            }
+            if !ids.insert(c.id.as_str()) {
+                return Err(Invalid::new(
+                    at().key("id"),
+                    format!("`{}` is used by an earlier consumer", c.id),
+                ));
+            }
+            for (j, g) in c.groups.iter().enumerate() {
+                if g.is_empty() || !g.bytes().all(is_token_byte) || g.contains(',') {
+                    return Err(Invalid::new(
+                        at().key("groups").index(j),
+                        format!("`{g}` is not a valid group name"),
+                    ));
+                }
+            }
+            for (j, k) in c.api_keys.iter().enumerate() {
+                if crate::auth::parse_key_hash(k).is_none() {
+                    return Err(Invalid::new(at().key("api_keys").index(j), "must be \"sha256:\" and 64 hex digits (run `portcullis keys new --consumer ID`); never the key itself"));
+                }
+                if !hashes.insert(k.to_ascii_lowercase()) {
+                    return Err(Invalid::new(
+                        at().key("api_keys").index(j),
+                        "this key hash is listed twice",
+                    ));
+                }
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if let Some(auth) = &route.auth {
+                if auth.methods.is_empty() {
+                    return Err(Invalid::new(
+                        key_path("routes").index(i).key("auth").key("methods"),
+                        "needs at least one method, such as [\"api_key\"]",
                     ));
                 }
             }

@@ -7,22 +7,44 @@ use std::{io::Write, net::IpAddr};
 use super::{
     fields::is_hop_by_hop, request::RequestHead, response::ResponseHead, BodyFraming, Version,
 };
-use crate::{config::RespondConfig, routing::Route, routing::StaticResponse};
+use crate::{
+    auth::{AuthError, Consumer, CredentialSource},
+    config::{AuthConfig, RespondConfig},
+    routing::{Route, StaticResponse},
+};
 
 /// The Via entry the gateway adds (RFC 9110 §7.6.3).
 pub const VIA: &str = "1.1 portcullis";
 
 /// Fields the gateway sets itself on forwarded requests; client copies are merged or dropped.
-const REQUEST_REPLACED: [&str; 4] = ["x-forwarded-for", "x-forwarded-proto", "via", "expect"];
+/// The identity fields are always dropped, so a client cannot claim to be a consumer.
+const REQUEST_REPLACED: [&str; 6] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "via",
+    "expect",
+    "x-consumer-id",
+    "x-consumer-groups",
+];
+
+/// Who called, as the pipeline established it, and which credential to strip.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Identity<'a> {
+    pub consumer: Option<&'a Consumer>,
+    pub strip: Option<CredentialSource>,
+}
 
 /// Writes the request to send upstream for `req`, matched by `route`.
 ///
 /// `peer` is appended to X-Forwarded-For; `proto` becomes X-Forwarded-Proto; `default_host` is
 /// used when the client sent no Host (HTTP/1.0), since the upstream request is HTTP/1.1.
+#[allow(clippy::too_many_arguments)]
 pub fn write_upstream_request(
     out: &mut Vec<u8>,
     req: &RequestHead,
     route: &Route,
+    identity: &Identity,
+    auth: &AuthConfig,
     peer: IpAddr,
     proto: &str,
     default_host: &str,
@@ -30,7 +52,10 @@ pub fn write_upstream_request(
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
     route.write_path(req.path, out);
-    out.extend_from_slice(req.query);
+    match (identity.strip, auth.api_key_query.as_deref()) {
+        (Some(CredentialSource::Query), Some(name)) => write_query_without(out, req.query, name),
+        _ => out.extend_from_slice(req.query),
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
     let mut forwarded_for_written = false;
@@ -91,6 +116,15 @@ pub fn write_upstream_request(
         {
             continue;
         }
+        match identity.strip {
+            Some(CredentialSource::Header) if name.eq_ignore_ascii_case(&auth.api_key_header) => {
+                continue
+            }
+            Some(CredentialSource::Bearer) if name.eq_ignore_ascii_case("authorization") => {
+                continue
+            }
+            _ => {}
+        }
         write_field(out, name, h.value);
     }
     if !host_written {
@@ -103,6 +137,10 @@ pub fn write_upstream_request(
         let _ = write!(out, "via: {VIA}\r\n");
     }
     let _ = write!(out, "x-forwarded-proto: {proto}\r\n");
+    if let Some(consumer) = identity.consumer {
+        write_field(out, "x-consumer-id", consumer.id.as_bytes());
+        write_field(out, "x-consumer-groups", consumer.groups_header.as_bytes());
+    }
     match req.body {
         BodyFraming::Length(n) => {
             let _ = write!(out, "content-length: {n}\r\n");
@@ -223,6 +261,59 @@ pub fn write_error(
         reason(status),
         detail.len() + 1
     );
+    write_connection(out, keep_alive, Version::Http11);
+    out.extend_from_slice(b"\r\n");
+    if !head_only {
+        out.extend_from_slice(detail.as_bytes());
+        out.push(b'\n');
+    }
+}
+
+/// Writes `query` (`?a=1&b=2`, or empty) without parameter `name`.
+fn write_query_without(out: &mut Vec<u8>, query: &[u8], name: &str) {
+    let Some(pairs) = query.strip_prefix(b"?") else {
+        return;
+    };
+    let mut first = true;
+    for pair in pairs.split(|b| *b == b'&') {
+        let key = pair.split(|b| *b == b'=').next().unwrap_or(pair);
+        if key == name.as_bytes() {
+            continue;
+        }
+        out.push(if first { b'?' } else { b'&' });
+        first = false;
+        out.extend_from_slice(pair);
+    }
+}
+
+/// Writes a refusal by a route's access policy: 401 with `WWW-Authenticate`, or 403.
+pub fn write_denied(
+    out: &mut Vec<u8>,
+    e: AuthError,
+    realm: &str,
+    keep_alive: bool,
+    head_only: bool,
+) {
+    let detail = e.detail();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
+        e.status(),
+        reason(e.status()),
+        detail.len() + 1
+    );
+    match e {
+        AuthError::Missing => {
+            let _ = write!(out, "www-authenticate: Bearer realm=\"{realm}\"\r\n");
+        }
+        AuthError::Invalid => {
+            let _ = write!(
+                out,
+                "www-authenticate: Bearer realm=\"{realm}\", error=\"invalid_token\"\r\n"
+            );
+        }
+        AuthError::Forbidden => {}
+    }
     write_connection(out, keep_alive, Version::Http11);
     out.extend_from_slice(b"\r\n");
     if !head_only {

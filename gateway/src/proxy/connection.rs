@@ -204,6 +204,17 @@ impl<C: Transport> Connection<'_, C> {
                 self.worker.answered(self.peer.ip(), status);
                 encode::write_error(&mut self.out, status, detail, keep_alive, facts.is_head);
             }
+            Answer::Denied(e) => {
+                debug!(peer = %self.peer, status = e.status(), reason = e.detail(), "access denied");
+                self.worker.answered(self.peer.ip(), e.status());
+                encode::write_denied(
+                    &mut self.out,
+                    e,
+                    &self.worker.snapshot.config.auth.realm,
+                    keep_alive,
+                    facts.is_head,
+                );
+            }
             Answer::Static { route } => {
                 let Action::Respond(response) = &self.worker.snapshot.routes.route(route).action
                 else {

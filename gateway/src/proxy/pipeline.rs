@@ -8,7 +8,12 @@
 use std::net::IpAddr;
 
 use crate::{
-    http::{encode, request::RequestHead, BodyFraming, Version},
+    auth::find_credential,
+    http::{
+        encode::{self, Identity},
+        request::RequestHead,
+        BodyFraming, Version,
+    },
     routing::Action,
     runtime::worker::Worker,
 };
@@ -34,6 +39,8 @@ pub enum Answer {
     },
     /// The `respond` action of the route with this index.
     Static { route: usize },
+    /// The route's access policy refused the request (401 with WWW-Authenticate, or 403).
+    Denied(crate::auth::AuthError),
 }
 
 /// What the connection loop needs to remember of a request once its head is no longer
@@ -104,14 +111,38 @@ pub fn plan(
         }
     }
 
-    // Stage 3: act.
+    // Stage 3: who is calling. (Rate limits and quotas, then cache and transforms, follow here.)
+    let mut identity = Identity::default();
+    if let Some(policy) = &route.auth {
+        let credential = find_credential(req, &snapshot.config.auth);
+        match snapshot.consumers.admit(policy, credential.as_ref()) {
+            Ok(consumer) => {
+                identity.consumer = Some(snapshot.consumers.get(consumer));
+                if !policy.keep_credentials {
+                    identity.strip = credential.map(|c| c.source);
+                }
+            }
+            Err(e) => return Plan::Answer(Answer::Denied(e)),
+        }
+    }
+
+    // Stage 4: act.
     match &route.action {
         Action::Respond(_) => Plan::Answer(Answer::Static { route: route.index }),
         Action::Upstream(group_index) => {
             let group = &worker.upstreams[*group_index];
             let server = group.pick();
             out.clear();
-            encode::write_upstream_request(out, req, route, peer, "http", group.host_value(server));
+            encode::write_upstream_request(
+                out,
+                req,
+                route,
+                &identity,
+                &snapshot.config.auth,
+                peer,
+                "http",
+                group.host_value(server),
+            );
             Plan::Forward {
                 group: *group_index,
                 server,

@@ -17,6 +17,7 @@ pub const UPSTREAM_BUFFER_BYTES: usize = 32 * 1024;
 /// Everything the request path reads from config, compiled once.
 pub struct ConfigSnapshot {
     pub config: Config,
+    pub consumers: crate::auth::Consumers,
     pub routes: RouteTable,
     pub limits: HeadLimits,
     pub client_buffer_bytes: usize,
@@ -32,6 +33,7 @@ impl ConfigSnapshot {
         };
         ConfigSnapshot {
             routes: RouteTable::new(&config),
+            consumers: crate::auth::Consumers::new(&config),
             limits,
             client_buffer_bytes: s.max_header_bytes.max(MIN_CLIENT_BUFFER_BYTES),
             config,
