@@ -32,7 +32,9 @@ fn table() -> RouteTable {
 fn bench(c: &mut Criterion) {
     let routes = table();
     let config = Config::parse(Path::new("b.toml"), "").unwrap();
-    let limits = portcullis::runtime::snapshot::ConfigSnapshot::new(config).limits;
+    let limits = portcullis::runtime::snapshot::ConfigSnapshot::new(config)
+        .expect("valid snapshot")
+        .limits;
     let mut group = c.benchmark_group("hot_path");
     group.throughput(Throughput::Elements(1));
     group.bench_function("parse_head_and_route", |b| {
@@ -84,7 +86,66 @@ fn bench(c: &mut Criterion) {
     group.bench_function("api_key_verify", |b| {
         b.iter(|| black_box(consumers.by_api_key(black_box(key.as_bytes()))))
     });
+    jwt_benches(&mut group);
     group.finish();
+}
+
+/// JWT: signature verification (uncached) and the per-worker cache hit, for RS256 and ES256.
+/// Keys come from openssl.
+fn jwt_benches(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let dir = std::env::temp_dir().join(format!("portcullis-bench-jwt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &[&str]| {
+        assert!(std::process::Command::new("openssl")
+            .args(args)
+            .status()
+            .expect("openssl is needed")
+            .success())
+    };
+    for (alg, algorithm) in [("RS256", Algorithm::RS256), ("ES256", Algorithm::ES256)] {
+        let private = dir.join(format!("{alg}.pem"));
+        let public = dir.join(format!("{alg}.pub.pem"));
+        let (private_s, public_s) = (private.to_str().unwrap(), public.to_str().unwrap());
+        if alg == "RS256" {
+            openssl(&["genrsa", "-out", private_s, "2048"]);
+            openssl(&["rsa", "-pubout", "-in", private_s, "-out", public_s]);
+        } else {
+            // PKCS#8, which jsonwebtoken reads for EC keys.
+            openssl(&[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                private_s,
+            ]);
+            openssl(&["pkey", "-pubout", "-in", private_s, "-out", public_s]);
+        }
+        let src = format!("[[auth.issuers]]\nissuer = \"bench\"\nalgorithms = [\"{alg}\"]\npem_file = \"{public_s}\"\n");
+        let issuers = portcullis::auth::Issuers::start(
+            &Config::parse(Path::new("j.toml"), &src).unwrap().auth,
+        )
+        .unwrap();
+        let pem = std::fs::read(&private).unwrap();
+        let key = if alg == "RS256" {
+            EncodingKey::from_rsa_pem(&pem)
+        } else {
+            EncodingKey::from_ec_pem(&pem)
+        }
+        .unwrap();
+        let claims = serde_json::json!({"iss": "bench", "sub": "user-1", "exp": 4_000_000_000u64, "scope": "read"});
+        let token = encode(&Header::new(algorithm), &claims, &key).unwrap();
+        group.bench_function(format!("jwt_{alg}_uncached"), |b| {
+            b.iter(|| black_box(issuers.verify(black_box(token.as_bytes())).is_ok()))
+        });
+        let mut cache = portcullis::auth::TokenCache::default();
+        cache.insert(token.as_bytes(), issuers.verify(token.as_bytes()).unwrap());
+        group.bench_function(format!("jwt_{alg}_cached"), |b| {
+            b.iter(|| black_box(cache.get(black_box(token.as_bytes())).is_some()))
+        });
+    }
 }
 
 criterion_group!(benches, bench);

@@ -168,7 +168,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         (Some(_), Some(x)) => xdp::start_ban_hook(x),
         _ => None,
     };
-    let snapshot = Arc::new(ConfigSnapshot::new(config));
+    let snapshot = Arc::new(ConfigSnapshot::new(config)?);
     let handles = spawn_workers(snapshot, listeners, drain, bans)?;
     for addr in &bound {
         info!(workers, "listening on {addr}");

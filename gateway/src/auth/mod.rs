@@ -6,6 +6,8 @@
 //! time. Keys are never logged.
 
 mod credentials;
+mod jwks;
+mod jwt;
 mod keys;
 
 use std::collections::HashMap;
@@ -14,6 +16,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 pub use credentials::{find_credential, Credential, CredentialSource};
+pub use jwks::parse_jwks;
+pub use jwt::{parse_algorithm, Issuers, JwtError, TokenCache, TokenIdentity};
 pub use keys::{new_key, parse_key_hash, KEY_HASH_PREFIX};
 
 use crate::config::{Config, RouteAuthConfig};
@@ -141,6 +145,8 @@ mod tests {
         wrong[10] ^= 1;
         assert_eq!(table.by_api_key(&wrong), None);
         let policy = RouteAuthConfig {
+            scopes: vec![],
+            claims: Default::default(),
             methods: vec![AuthMethod::ApiKey],
             groups: vec!["ops".into()],
             keep_credentials: false,

@@ -49,6 +49,8 @@ pub struct AuthConfig {
     pub api_key_query: Option<String>,
     /// The realm named in `WWW-Authenticate`.
     pub realm: String,
+    /// JWT issuers whose tokens are accepted.
+    pub issuers: Vec<IssuerConfig>,
 }
 
 impl Default for AuthConfig {
@@ -57,8 +59,55 @@ impl Default for AuthConfig {
             api_key_header: "x-api-key".into(),
             api_key_query: None,
             realm: "portcullis".into(),
+            issuers: Vec::new(),
         }
     }
+}
+
+/// A JWT issuer: where its keys come from and how its tokens are validated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The `iss` claim tokens must carry.
+    pub issuer: String,
+    /// Accepted `aud` values; empty: `aud` is not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Accepted algorithms, explicitly (`none` is never accepted): "RS256", "ES256", "EdDSA"...
+    pub algorithms: Vec<String>,
+    /// Exactly one key source: a PEM public key (or an HMAC secret file for HS*), a JWKS file,
+    /// or a JWKS URL fetched off the request path.
+    pub pem_file: Option<PathBuf>,
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    /// How often a JWKS URL is fetched again.
+    #[serde(default = "default_jwks_refresh")]
+    pub refresh_interval: ConfigDuration,
+    /// Least time between fetches triggered by a token naming an unknown `kid`.
+    #[serde(default = "default_jwks_refetch")]
+    pub refetch_min_interval: ConfigDuration,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    #[serde(default = "default_jwt_leeway")]
+    pub leeway: ConfigDuration,
+    /// The claim naming the consumer.
+    #[serde(default = "default_consumer_claim")]
+    pub consumer_claim: String,
+    /// Claims passed upstream as headers: claim name -> header name.
+    #[serde(default)]
+    pub claim_headers: BTreeMap<String, String>,
+}
+
+fn default_jwks_refresh() -> ConfigDuration {
+    ConfigDuration::from_secs(300)
+}
+fn default_jwks_refetch() -> ConfigDuration {
+    ConfigDuration::from_secs(10)
+}
+fn default_jwt_leeway() -> ConfigDuration {
+    ConfigDuration::from_secs(30)
+}
+fn default_consumer_claim() -> String {
+    "sub".into()
 }
 
 /// A caller known to the gateway.
@@ -78,6 +127,7 @@ pub struct ConsumerConfig {
 #[serde(rename_all = "snake_case")]
 pub enum AuthMethod {
     ApiKey,
+    Jwt,
 }
 
 /// A route's access policy.
@@ -89,6 +139,12 @@ pub struct RouteAuthConfig {
     /// The consumer must be in at least one of these groups; empty: any consumer.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// JWT: every one of these scopes must be granted (`scope`, space-separated, or `scp`).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// JWT: claims that must hold exactly these string values.
+    #[serde(default)]
+    pub claims: BTreeMap<String, String>,
     /// Forward the credential to the upstream (default: stripped).
     #[serde(default)]
     pub keep_credentials: bool,

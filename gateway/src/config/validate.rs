@@ -335,6 +335,56 @@ impl Config {
                 ));
             }
         }
+        for (i, iss) in a.issuers.iter().enumerate() {
+            let at = || key_path("auth").key("issuers").index(i);
+            if iss.issuer.is_empty() {
+                return Err(Invalid::new(
+                    at().key("issuer"),
+                    "needs the `iss` value tokens carry",
+                ));
+            }
+            if iss.algorithms.is_empty() {
+                return Err(Invalid::new(
+                    at().key("algorithms"),
+                    "needs an explicit list, such as [\"RS256\"]",
+                ));
+            }
+            for (j, alg) in iss.algorithms.iter().enumerate() {
+                if crate::auth::parse_algorithm(alg).is_none() {
+                    return Err(Invalid::new(at().key("algorithms").index(j), format!("`{alg}` is not accepted: use HS256/384/512, RS256/384/512, PS256/384/512, ES256/384 or EdDSA")));
+                }
+            }
+            let sources = [
+                iss.pem_file.is_some(),
+                iss.jwks_file.is_some(),
+                iss.jwks_url.is_some(),
+            ]
+            .iter()
+            .filter(|s| **s)
+            .count();
+            if sources != 1 {
+                return Err(Invalid::new(
+                    at(),
+                    "needs exactly one of `pem_file`, `jwks_file` and `jwks_url`",
+                ));
+            }
+            if let Some(url) = &iss.jwks_url {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(Invalid::new(
+                        at().key("jwks_url"),
+                        "must be an http:// or https:// URL",
+                    ));
+                }
+            }
+            for (claim, header) in &iss.claim_headers {
+                if header.is_empty() || !header.bytes().all(is_token_byte) {
+                    return Err(Invalid::new(
+                        at().key("claim_headers").key(claim),
+                        format!("`{header}` is not a field name"),
+                    ));
+                }
+            }
+        }
         let mut ids = std::collections::HashSet::new();
         let mut hashes = std::collections::HashSet::new();
         for (i, c) in self.consumers.iter().enumerate() {
@@ -380,6 +430,14 @@ impl Config {
                     return Err(Invalid::new(
                         key_path("routes").index(i).key("auth").key("methods"),
                         "needs at least one method, such as [\"api_key\"]",
+                    ));
+                }
+                if auth.methods.contains(&crate::config::AuthMethod::Jwt)
+                    && self.auth.issuers.is_empty()
+                {
+                    return Err(Invalid::new(
+                        key_path("routes").index(i).key("auth").key("methods"),
+                        "accepts \"jwt\" but no [[auth.issuers]] is configured",
                     ));
                 }
             }

@@ -8,7 +8,7 @@ use super::{
     fields::is_hop_by_hop, request::RequestHead, response::ResponseHead, BodyFraming, Version,
 };
 use crate::{
-    auth::{AuthError, Consumer, CredentialSource},
+    auth::{AuthError, CredentialSource},
     config::{AuthConfig, RespondConfig},
     routing::{Route, StaticResponse},
 };
@@ -30,7 +30,12 @@ const REQUEST_REPLACED: [&str; 6] = [
 /// Who called, as the pipeline established it, and which credential to strip.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Identity<'a> {
-    pub consumer: Option<&'a Consumer>,
+    /// The consumer id and its groups (comma-separated), when the caller authenticated.
+    pub consumer: Option<(&'a str, &'a str)>,
+    /// Claims passed upstream as headers.
+    pub claim_headers: &'a [(String, String)],
+    /// Further field names (lower case) whose client copies are dropped: the claim headers.
+    pub replaced: &'a [String],
     pub strip: Option<CredentialSource>,
 }
 
@@ -116,6 +121,13 @@ pub fn write_upstream_request(
         {
             continue;
         }
+        if identity
+            .replaced
+            .iter()
+            .any(|r| name.eq_ignore_ascii_case(r))
+        {
+            continue;
+        }
         match identity.strip {
             Some(CredentialSource::Header) if name.eq_ignore_ascii_case(&auth.api_key_header) => {
                 continue
@@ -137,9 +149,12 @@ pub fn write_upstream_request(
         let _ = write!(out, "via: {VIA}\r\n");
     }
     let _ = write!(out, "x-forwarded-proto: {proto}\r\n");
-    if let Some(consumer) = identity.consumer {
-        write_field(out, "x-consumer-id", consumer.id.as_bytes());
-        write_field(out, "x-consumer-groups", consumer.groups_header.as_bytes());
+    if let Some((id, groups)) = identity.consumer {
+        write_field(out, "x-consumer-id", id.as_bytes());
+        write_field(out, "x-consumer-groups", groups.as_bytes());
+    }
+    for (name, value) in identity.claim_headers {
+        write_field(out, name, value.as_bytes());
     }
     match req.body {
         BodyFraming::Length(n) => {

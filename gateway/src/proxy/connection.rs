@@ -31,6 +31,10 @@ pub const DRAIN_LIMIT_BYTES: u64 = 64 * 1024;
 const LINGER: Duration = Duration::from_millis(500);
 /// Reads made while lingering, at most.
 const LINGER_READS: usize = 8;
+/// How long a request whose JWT names an unknown key waits for the issuer's keys to be fetched
+/// again (the fetch itself is rate-limited per issuer).
+const KEY_REFETCH_WAIT: Duration = Duration::from_secs(2);
+const KEY_REFETCH_POLL: Duration = Duration::from_millis(20);
 
 /// What happens to the connection after a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -98,6 +102,7 @@ impl<C: Transport> Connection<'_, C> {
                 server.keepalive_timeout.get()
             };
         let mut head_started: Option<Instant> = None;
+        let mut may_await_keys = true;
         let (facts, plan, request_deadline) = loop {
             if !self.inbuf.is_empty() {
                 let started = *head_started.get_or_insert_with(Instant::now);
@@ -105,7 +110,20 @@ impl<C: Transport> Connection<'_, C> {
                 match parse_request(&self.inbuf, &mut headers, &snapshot.limits) {
                     Ok(Some(req)) => {
                         let mut facts = RequestFacts::of(&req);
-                        let plan = plan(&req, &mut facts, self.peer.ip(), worker, &mut self.out);
+                        let plan = plan(
+                            &req,
+                            &mut facts,
+                            self.peer.ip(),
+                            worker,
+                            &mut self.out,
+                            may_await_keys,
+                        );
+                        if let Plan::AwaitKeys(issuer) = plan {
+                            // The head stays in the buffer: wait for the keys, then plan again.
+                            may_await_keys = false;
+                            self.await_keys(issuer).await;
+                            continue;
+                        }
                         break (facts, plan, started + server.request_timeout.get());
                     }
                     Ok(None) => {
@@ -142,6 +160,20 @@ impl<C: Transport> Connection<'_, C> {
             Plan::Forward { group, server } => {
                 self.forward(facts, group, server, request_deadline).await
             }
+            Plan::AwaitKeys(_) => unreachable!("planned again above"),
+        }
+    }
+
+    /// Asks issuer `issuer` for a fresh key set and waits (bounded) until one arrives.
+    async fn await_keys(&self, issuer: usize) {
+        let keys = self.worker.snapshot.issuers.keys(issuer);
+        let before = keys.version.load(std::sync::atomic::Ordering::Acquire);
+        keys.request_refetch();
+        let deadline = Instant::now() + KEY_REFETCH_WAIT;
+        while keys.version.load(std::sync::atomic::Ordering::Acquire) == before
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(KEY_REFETCH_POLL).await;
         }
     }
 

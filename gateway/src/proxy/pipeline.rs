@@ -8,7 +8,8 @@
 use std::net::IpAddr;
 
 use crate::{
-    auth::find_credential,
+    auth::{find_credential, AuthError, CredentialSource, JwtError},
+    config::AuthMethod,
     http::{
         encode::{self, Identity},
         request::RequestHead,
@@ -25,6 +26,8 @@ pub enum Plan {
     Answer(Answer),
     /// Forward to `server` of upstream group `group`; the upstream head was written to `out`.
     Forward { group: usize, server: usize },
+    /// A JWT names a key issuer `0` does not have yet: wait for a refetch, then plan again.
+    AwaitKeys(usize),
 }
 
 /// One of the gateway's own answers.
@@ -79,12 +82,15 @@ impl RequestFacts {
 }
 
 /// Runs the stages for `req`; writes the upstream head to `out` when the plan is to forward.
+/// `may_await_keys`: whether a JWT naming an unknown key may make the connection wait for a
+/// refetch (once per request).
 pub fn plan(
     req: &RequestHead,
     facts: &mut RequestFacts,
     peer: IpAddr,
     worker: &Worker,
     out: &mut Vec<u8>,
+    may_await_keys: bool,
 ) -> Plan {
     let snapshot = &worker.snapshot;
     // Stage 1: route.
@@ -112,17 +118,51 @@ pub fn plan(
     }
 
     // Stage 3: who is calling. (Rate limits and quotas, then cache and transforms, follow here.)
-    let mut identity = Identity::default();
+    let mut identity = Identity {
+        replaced: &snapshot.issuers.claim_header_names,
+        ..Identity::default()
+    };
+    // Keeps a verified token's identity alive while the upstream head borrows from it.
+    let token_identity;
     if let Some(policy) = &route.auth {
         let credential = find_credential(req, &snapshot.config.auth);
-        match snapshot.consumers.admit(policy, credential.as_ref()) {
-            Ok(consumer) => {
-                identity.consumer = Some(snapshot.consumers.get(consumer));
-                if !policy.keep_credentials {
-                    identity.strip = credential.map(|c| c.source);
+        let accepts = |m| policy.methods.contains(&m);
+        match credential {
+            None => return Plan::Answer(Answer::Denied(AuthError::Missing)),
+            Some(c)
+                if accepts(AuthMethod::Jwt)
+                    && c.source == CredentialSource::Bearer
+                    && looks_like_jwt(c.value) =>
+            {
+                let cached = worker.tokens.borrow_mut().get(c.value);
+                token_identity = match cached {
+                    Some(t) => t,
+                    None => match snapshot.issuers.verify(c.value) {
+                        Ok(t) => worker.tokens.borrow_mut().insert(c.value, t),
+                        Err(JwtError::UnknownKey(issuer)) if may_await_keys => {
+                            return Plan::AwaitKeys(issuer)
+                        }
+                        Err(_) => return Plan::Answer(Answer::Denied(AuthError::Invalid)),
+                    },
+                };
+                if !token_identity.allowed_by(policy) {
+                    return Plan::Answer(Answer::Denied(AuthError::Forbidden));
+                }
+                identity.consumer = Some((&token_identity.consumer, &token_identity.groups_header));
+                identity.claim_headers = &token_identity.claim_headers;
+                identity.strip = (!policy.keep_credentials).then_some(c.source);
+            }
+            Some(c) if accepts(AuthMethod::ApiKey) => {
+                match snapshot.consumers.admit(policy, Some(&c)) {
+                    Ok(consumer) => {
+                        let consumer = snapshot.consumers.get(consumer);
+                        identity.consumer = Some((&consumer.id, &consumer.groups_header));
+                        identity.strip = (!policy.keep_credentials).then_some(c.source);
+                    }
+                    Err(e) => return Plan::Answer(Answer::Denied(e)),
                 }
             }
-            Err(e) => return Plan::Answer(Answer::Denied(e)),
+            Some(_) => return Plan::Answer(Answer::Denied(AuthError::Invalid)),
         }
     }
 
@@ -149,4 +189,9 @@ pub fn plan(
             }
         }
     }
+}
+
+/// A JWT is three base64url parts; API keys never contain a dot.
+fn looks_like_jwt(token: &[u8]) -> bool {
+    token.iter().filter(|b| **b == b'.').count() == 2
 }

@@ -18,26 +18,29 @@ pub const UPSTREAM_BUFFER_BYTES: usize = 32 * 1024;
 pub struct ConfigSnapshot {
     pub config: Config,
     pub consumers: crate::auth::Consumers,
+    pub issuers: crate::auth::Issuers,
     pub routes: RouteTable,
     pub limits: HeadLimits,
     pub client_buffer_bytes: usize,
 }
 
 impl ConfigSnapshot {
-    pub fn new(config: Config) -> Self {
+    /// Compiles `config`; loads JWT keys (starting JWKS fetchers), which can fail.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
         let s = &config.server;
         let limits = HeadLimits {
             max_header_bytes: s.max_header_bytes,
             max_headers: s.max_headers,
             max_uri_bytes: s.max_uri_bytes,
         };
-        ConfigSnapshot {
+        Ok(ConfigSnapshot {
             routes: RouteTable::new(&config),
             consumers: crate::auth::Consumers::new(&config),
+            issuers: crate::auth::Issuers::start(&config.auth).map_err(anyhow::Error::msg)?,
             limits,
             client_buffer_bytes: s.max_header_bytes.max(MIN_CLIENT_BUFFER_BYTES),
             config,
-        }
+        })
     }
 
     pub fn server(&self) -> &ServerConfig {

@@ -40,6 +40,8 @@ pub struct Worker {
     pub draining: Cell<bool>,
     /// Where the gateway's own error answers are reported for XDP bans, when configured.
     pub bans: Option<BanReporter>,
+    /// JWTs this worker verified, until they expire.
+    pub tokens: std::cell::RefCell<crate::auth::TokenCache>,
 }
 
 impl Worker {
@@ -123,6 +125,7 @@ fn run_worker(
                 tracker: ConnTracker::default(),
                 draining: Cell::new(false),
                 bans,
+                tokens: Default::default(),
             });
             debug!(worker = id, core = ?core.map(|c| c.id), "worker started");
             let _ = started.send(id);

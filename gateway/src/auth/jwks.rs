@@ -1,0 +1,218 @@
+//! Verification keys for each JWT issuer: from a PEM file, a JWKS file, or a JWKS URL that a
+//! background thread fetches off the request path. Workers read the current set without a lock
+//! (`ArcSwap`). A failed or garbled fetch keeps the last good set. A token naming an unknown
+//! `kid` asks for a refetch, at most once per `refetch_min_interval`, so a flood of random kids
+//! cannot hammer the identity provider.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{channel, Receiver, RecvTimeoutError, Sender},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::{
+    jwk::{AlgorithmParameters, JwkSet},
+    Algorithm, DecodingKey,
+};
+use tracing::{info, warn};
+
+use crate::config::IssuerConfig;
+
+/// Longest a JWKS fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest JWKS document accepted.
+const MAX_JWKS_BYTES: u64 = 1 << 20;
+
+/// One verification key.
+pub struct VerificationKey {
+    pub kid: Option<String>,
+    pub key: DecodingKey,
+    /// The algorithm family the key belongs to (RSA keys serve RS* and PS*).
+    pub family: jsonwebtoken::AlgorithmFamily,
+}
+
+/// An issuer's current keys.
+#[derive(Default)]
+pub struct KeySet {
+    pub keys: Vec<VerificationKey>,
+}
+
+impl KeySet {
+    /// The key for `kid` (or the only key, for tokens without one) usable with `alg`.
+    pub fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<&DecodingKey> {
+        self.keys
+            .iter()
+            .find(|k| k.family == alg.family() && (kid.is_none() || k.kid.as_deref() == kid))
+            .map(|k| &k.key)
+    }
+
+    pub fn has_kid(&self, kid: &str) -> bool {
+        self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+    }
+}
+
+/// An issuer's keys as the workers see them, and how to ask for a refetch.
+pub struct IssuerKeys {
+    pub current: ArcSwap<KeySet>,
+    /// Bumped on every successful load; a worker waiting for a refetch watches it.
+    pub version: AtomicU64,
+    refetch: Option<Sender<()>>,
+}
+
+impl IssuerKeys {
+    /// Asks the fetcher for a fresh set (no-op for keys from files).
+    pub fn request_refetch(&self) {
+        if let Some(tx) = &self.refetch {
+            let _ = tx.send(());
+        }
+    }
+
+    pub fn can_refetch(&self) -> bool {
+        self.refetch.is_some()
+    }
+}
+
+/// Parses a JWKS document. Keys of unknown types are skipped; an empty result is an error.
+pub fn parse_jwks(body: &[u8]) -> Result<KeySet, String> {
+    let set: JwkSet =
+        serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let family = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => jsonwebtoken::AlgorithmFamily::Rsa,
+            AlgorithmParameters::EllipticCurve(_) => jsonwebtoken::AlgorithmFamily::Ec,
+            AlgorithmParameters::OctetKeyPair(_) => jsonwebtoken::AlgorithmFamily::Ed,
+            AlgorithmParameters::OctetKey(_) => jsonwebtoken::AlgorithmFamily::Hmac,
+        };
+        if let Ok(key) = DecodingKey::from_jwk(jwk) {
+            keys.push(VerificationKey {
+                kid: jwk.common.key_id.clone(),
+                key,
+                family,
+            });
+        }
+    }
+    if keys.is_empty() {
+        return Err("the JWKS holds no usable key".into());
+    }
+    Ok(KeySet { keys })
+}
+
+/// Reads a PEM public key (or, for HS algorithms, a secret) for `alg`'s family.
+fn load_pem(bytes: &[u8], alg: Algorithm) -> Result<KeySet, String> {
+    use jsonwebtoken::AlgorithmFamily::*;
+    let key = match alg.family() {
+        Rsa => DecodingKey::from_rsa_pem(bytes),
+        Ec => DecodingKey::from_ec_pem(bytes),
+        Ed => DecodingKey::from_ed_pem(bytes),
+        Hmac => Ok(DecodingKey::from_secret(bytes.trim_ascii())),
+    }
+    .map_err(|e| format!("cannot read the key: {e}"))?;
+    Ok(KeySet {
+        keys: vec![VerificationKey {
+            kid: None,
+            key,
+            family: alg.family(),
+        }],
+    })
+}
+
+fn fetch(url: &str) -> Result<KeySet, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(FETCH_TIMEOUT))
+        .build()
+        .into();
+    let mut response = agent
+        .get(url)
+        .call()
+        .map_err(|e| format!("fetch failed: {e}"))?;
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_JWKS_BYTES)
+        .read_to_vec()
+        .map_err(|e| format!("read failed: {e}"))?;
+    parse_jwks(&body)
+}
+
+/// Loads an issuer's keys; for a JWKS URL starts the fetcher thread. A URL that cannot be
+/// fetched at start leaves the set empty (tokens are refused) until a fetch succeeds.
+pub fn start(config: &IssuerConfig, first_alg: Algorithm) -> Result<Arc<IssuerKeys>, String> {
+    let (initial, refetch_rx) = if let Some(path) = &config.pem_file {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        (
+            load_pem(&bytes, first_alg).map_err(|e| format!("{}: {e}", path.display()))?,
+            None,
+        )
+    } else if let Some(path) = &config.jwks_file {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        (
+            parse_jwks(&bytes).map_err(|e| format!("{}: {e}", path.display()))?,
+            None,
+        )
+    } else {
+        let (tx, rx) = channel();
+        (KeySet::default(), Some((tx, rx)))
+    };
+    let keys = Arc::new(IssuerKeys {
+        current: ArcSwap::from_pointee(initial),
+        version: AtomicU64::new(1),
+        refetch: refetch_rx.as_ref().map(|(tx, _)| tx.clone()),
+    });
+    if let (Some(url), Some((_, rx))) = (&config.jwks_url, refetch_rx) {
+        let fetcher = Fetcher {
+            url: url.clone(),
+            issuer: config.issuer.clone(),
+            keys: keys.clone(),
+            refresh: config.refresh_interval.get(),
+            min_gap: config.refetch_min_interval.get(),
+        };
+        std::thread::Builder::new()
+            .name("portcullis-jwks".into())
+            .spawn(move || fetcher.run(rx))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(keys)
+}
+
+struct Fetcher {
+    url: String,
+    issuer: String,
+    keys: Arc<IssuerKeys>,
+    refresh: Duration,
+    min_gap: Duration,
+}
+
+impl Fetcher {
+    fn run(self, requests: Receiver<()>) {
+        loop {
+            let fetched_at = Instant::now();
+            match fetch(&self.url) {
+                Ok(set) => {
+                    let count = set.keys.len();
+                    self.keys.current.store(Arc::new(set));
+                    self.keys.version.fetch_add(1, Ordering::Release);
+                    info!(issuer = %self.issuer, url = %self.url, keys = count, "JWKS loaded");
+                }
+                // Keep the last good set.
+                Err(e) => {
+                    warn!(issuer = %self.issuer, url = %self.url, "JWKS fetch failed, keeping the previous keys: {e}")
+                }
+            }
+            // Wait for the next refresh, or a refetch request: deferred (never dropped) until
+            // `min_gap` has passed since the last fetch, and a burst collapses into one fetch.
+            match requests.recv_timeout(self.refresh) {
+                Ok(()) => {
+                    std::thread::sleep(self.min_gap.saturating_sub(fetched_at.elapsed()));
+                    while requests.try_recv().is_ok() {}
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+}
