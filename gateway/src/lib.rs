@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod io;
+pub mod limits;
 pub mod proxy;
 pub mod routing;
 pub mod runtime;

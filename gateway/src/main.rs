@@ -169,6 +169,18 @@ fn run(config: Config) -> anyhow::Result<()> {
         _ => None,
     };
     let snapshot = Arc::new(ConfigSnapshot::new(config)?);
+    // Forget rate-limit state that has fully recovered, so memory follows active keys.
+    let sweeping = snapshot.clone();
+    std::thread::Builder::new()
+        .name("portcullis-limits".into())
+        .spawn(move || loop {
+            std::thread::sleep(portcullis::limits::SWEEP_INTERVAL);
+            for route in sweeping.routes.routes() {
+                for limit in &route.limits {
+                    limit.sweep();
+                }
+            }
+        })?;
     let handles = spawn_workers(snapshot, listeners, drain, bans)?;
     for addr in &bound {
         info!(workers, "listening on {addr}");

@@ -58,6 +58,9 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     /// The route's access policy; `None` for an open route.
     pub auth: Option<crate::config::RouteAuthConfig>,
+    /// Rate limits, checked in order.
+    pub limits: Vec<crate::limits::Limit>,
+    pub rate_limit_headers: bool,
 }
 
 #[derive(Debug, Default)]
@@ -105,6 +108,11 @@ impl RouteTable {
         }
         table.routes = routes;
         table
+    }
+
+    /// Every route, in file order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 
     pub fn route(&self, index: usize) -> &Route {
@@ -263,6 +271,13 @@ fn compile_route(index: usize, r: &RouteConfig, upstream_names: &[String]) -> Ro
         rewrite,
         max_body_bytes: r.max_body_bytes,
         auth: r.auth.clone(),
+        limits: r
+            .limits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| crate::limits::Limit::new(i, l))
+            .collect(),
+        rate_limit_headers: r.rate_limit_headers,
     }
 }
 

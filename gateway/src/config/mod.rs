@@ -292,6 +292,36 @@ pub struct RouteConfig {
     pub max_body_bytes: Option<u64>,
     /// Who may call this route; omit for an open route.
     pub auth: Option<RouteAuthConfig>,
+    /// Rate limits, all applied to every request of the route.
+    #[serde(default)]
+    pub limits: Vec<LimitConfig>,
+    /// Send the RateLimit and RateLimit-Policy fields (IETF httpapi draft) with 429s.
+    #[serde(default = "default_true")]
+    pub rate_limit_headers: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// One rate limit: `rate` requests per `per`, with bursts of up to `burst`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// What is counted separately: "client" (address), "consumer" (else the address),
+    /// "route" (everyone together), or "header:NAME" (else the address).
+    pub key: String,
+    pub rate: u64,
+    #[serde(default = "default_limit_window")]
+    pub per: ConfigDuration,
+    /// Requests at once; default: `rate`.
+    pub burst: Option<u64>,
+    /// Name in the RateLimit fields; default: `limit<N>`.
+    pub name: Option<String>,
+}
+
+fn default_limit_window() -> ConfigDuration {
+    ConfigDuration::from_secs(1)
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -280,6 +280,35 @@ impl Config {
                 ));
             }
         }
+        for (j, limit) in route.limits.iter().enumerate() {
+            let l = || at().key("limits").index(j);
+            if crate::limits::LimitKey::parse(&limit.key).is_none() {
+                return Err(Invalid::new(l().key("key"), format!("`{}` is not a limit key: use \"client\", \"consumer\", \"route\" or \"header:NAME\"", limit.key)));
+            }
+            if limit.rate == 0 || limit.rate > 1_000_000_000 {
+                return Err(Invalid::new(
+                    l().key("rate"),
+                    "must be from 1 to 1000000000",
+                ));
+            }
+            if limit.burst == Some(0) {
+                return Err(Invalid::new(l().key("burst"), "must be at least 1"));
+            }
+            if limit.per.get().is_zero() {
+                return Err(Invalid::new(
+                    l().key("per"),
+                    "must be longer than zero, such as \"1s\" or \"24h\"",
+                ));
+            }
+            if let Some(name) = &limit.name {
+                if name.is_empty() || !name.bytes().all(is_token_byte) {
+                    return Err(Invalid::new(
+                        l().key("name"),
+                        "must be a token, such as \"per-minute\"",
+                    ));
+                }
+            }
+        }
         if let Some(respond) = &route.respond {
             let r = || at().key("respond");
             if !(200..=599).contains(&respond.status) {

@@ -301,6 +301,35 @@ fn write_query_without(out: &mut Vec<u8>, query: &[u8], name: &str) {
     }
 }
 
+/// Writes a 429 with Retry-After and, for `limit`, the RateLimit-Policy and RateLimit fields
+/// of the IETF httpapi rate-limit headers draft.
+pub fn write_rate_limited(
+    out: &mut Vec<u8>,
+    retry_after_secs: u64,
+    limit: Option<&crate::limits::Limit>,
+    keep_alive: bool,
+    head_only: bool,
+) {
+    let detail = "rate limit exceeded";
+    let _ = write!(out, "HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nretry-after: {retry_after_secs}\r\n", detail.len() + 1);
+    if let Some(l) = limit {
+        let _ = write!(
+            out,
+            "ratelimit-policy: \"{}\";q={};w={}\r\nratelimit: \"{}\";r=0;t={retry_after_secs}\r\n",
+            l.name,
+            l.quota,
+            l.window.as_secs().max(1),
+            l.name
+        );
+    }
+    write_connection(out, keep_alive, Version::Http11);
+    out.extend_from_slice(b"\r\n");
+    if !head_only {
+        out.extend_from_slice(detail.as_bytes());
+        out.push(b'\n');
+    }
+}
+
 /// Writes a refusal by a route's access policy: 401 with `WWW-Authenticate`, or 403.
 pub fn write_denied(
     out: &mut Vec<u8>,

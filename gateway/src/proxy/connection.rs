@@ -236,6 +236,23 @@ impl<C: Transport> Connection<'_, C> {
                 self.worker.answered(self.peer.ip(), status);
                 encode::write_error(&mut self.out, status, detail, keep_alive, facts.is_head);
             }
+            Answer::RateLimited {
+                route,
+                limit,
+                retry_after_secs,
+            } => {
+                debug!(peer = %self.peer, route, limit, retry_after_secs, "rate limited");
+                self.worker.answered(self.peer.ip(), 429);
+                let r = self.worker.snapshot.routes.route(route);
+                let fields = r.rate_limit_headers.then(|| &r.limits[limit]);
+                encode::write_rate_limited(
+                    &mut self.out,
+                    retry_after_secs,
+                    fields,
+                    keep_alive,
+                    facts.is_head,
+                );
+            }
             Answer::Denied(e) => {
                 debug!(peer = %self.peer, status = e.status(), reason = e.detail(), "access denied");
                 self.worker.answered(self.peer.ip(), e.status());

@@ -15,6 +15,7 @@ use crate::{
         request::RequestHead,
         BodyFraming, Version,
     },
+    limits::{self, LimitSubject},
     routing::Action,
     runtime::worker::Worker,
 };
@@ -44,6 +45,12 @@ pub enum Answer {
     Static { route: usize },
     /// The route's access policy refused the request (401 with WWW-Authenticate, or 403).
     Denied(crate::auth::AuthError),
+    /// Limit `limit` of route `route` refused the request: 429, retry after that many seconds.
+    RateLimited {
+        route: usize,
+        limit: usize,
+        retry_after_secs: u64,
+    },
 }
 
 /// What the connection loop needs to remember of a request once its head is no longer
@@ -166,7 +173,36 @@ pub fn plan(
         }
     }
 
-    // Stage 4: act.
+    // Stage 4: rate limits (quotas, cache and transforms follow here).
+    if !route.limits.is_empty() {
+        let header = |name: &str| {
+            req.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| h.value)
+        };
+        let subject = LimitSubject {
+            client: peer,
+            consumer: identity.consumer.map(|(id, _)| id),
+            header: &header,
+        };
+        if let Err(refusal) = limits::check(&route.limits, &subject) {
+            let limit = route
+                .limits
+                .iter()
+                .position(|l| std::ptr::eq(l, refusal.limit))
+                .unwrap_or(0);
+            let retry_after_secs =
+                refusal.retry_after.as_secs() + u64::from(refusal.retry_after.subsec_nanos() > 0);
+            return Plan::Answer(Answer::RateLimited {
+                route: route.index,
+                limit,
+                retry_after_secs: retry_after_secs.max(1),
+            });
+        }
+    }
+
+    // Stage 5: act.
     match &route.action {
         Action::Respond(_) => Plan::Answer(Answer::Static { route: route.index }),
         Action::Upstream(group_index) => {

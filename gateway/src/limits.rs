@@ -1,0 +1,173 @@
+//! Request rate limits, exact across all workers of one host.
+//!
+//! Each limit is GCRA: per key, one timestamp (the theoretical arrival time of the next request)
+//! in an `AtomicU64`, updated by compare-and-swap, so concurrent workers can neither lose an
+//! update nor admit the same slot twice. Keys live in a lock-free map (papaya): no mutex on the
+//! request path. Entries that have fully recovered carry no information and are swept
+//! periodically, so memory follows the number of active keys.
+//!
+//! Several limits on one route are checked in order; a request refused by a later limit has
+//! already used its slot in the earlier ones (as in Kong and Envoy's local limiter).
+
+use std::{
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        OnceLock,
+    },
+    time::{Duration, Instant},
+};
+
+use papaya::HashMap;
+
+use crate::config::LimitConfig;
+
+/// Sweep entries that have fully recovered every this often.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What a limit counts separately.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitKey {
+    Client,
+    Consumer,
+    Route,
+    Header(String),
+}
+
+impl LimitKey {
+    pub fn parse(text: &str) -> Option<LimitKey> {
+        match text {
+            "client" => Some(LimitKey::Client),
+            "consumer" => Some(LimitKey::Consumer),
+            "route" => Some(LimitKey::Route),
+            _ => {
+                let name = text.strip_prefix("header:")?;
+                (!name.is_empty() && name.bytes().all(crate::config::is_token_byte))
+                    .then(|| LimitKey::Header(name.to_owned()))
+            }
+        }
+    }
+}
+
+/// Nanoseconds since the first use, on the monotonic clock.
+fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    // Start one hour in, so "fully recovered" (tat <= now) never needs a negative time.
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 3_600_000_000_000
+}
+
+/// One compiled limit.
+#[derive(Debug)]
+pub struct Limit {
+    pub name: String,
+    pub key: LimitKey,
+    /// Requests per window, and the window, as configured (for RateLimit-Policy).
+    pub quota: u64,
+    pub window: Duration,
+    interval_ns: u64,
+    tolerance_ns: u64,
+    states: HashMap<Box<[u8]>, AtomicU64>,
+}
+
+/// A refusal: when to retry, and the fields describing the limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal<'l> {
+    pub limit: &'l Limit,
+    pub retry_after: Duration,
+}
+
+/// The identity a limit may key on.
+pub struct LimitSubject<'a> {
+    pub client: IpAddr,
+    pub consumer: Option<&'a str>,
+    /// Looks up a request field by name.
+    pub header: &'a dyn Fn(&str) -> Option<&'a [u8]>,
+}
+
+impl Limit {
+    pub fn new(index: usize, c: &LimitConfig) -> Limit {
+        let window = c.per.get();
+        let interval_ns = (window.as_nanos() as u64 / c.rate).max(1);
+        let burst = c.burst.unwrap_or(c.rate).max(1);
+        Limit {
+            name: c.name.clone().unwrap_or_else(|| format!("limit{index}")),
+            key: LimitKey::parse(&c.key).expect("validate() checked the key"),
+            quota: c.rate,
+            window,
+            interval_ns,
+            tolerance_ns: interval_ns.saturating_mul(burst - 1),
+            states: HashMap::new(),
+        }
+    }
+
+    /// Admits one request for `subject`, or says when to retry.
+    pub fn admit(&self, subject: &LimitSubject) -> Result<(), Duration> {
+        // The client address as key bytes, written once up front (no allocation).
+        let mut buf = [0u8; 16];
+        let client_len = match subject.client {
+            IpAddr::V4(v4) => {
+                buf[..4].copy_from_slice(&v4.octets());
+                4
+            }
+            IpAddr::V6(v6) => {
+                buf = v6.octets();
+                16
+            }
+        };
+        let client = &buf[..client_len];
+        let key: &[u8] = match &self.key {
+            LimitKey::Route => &[],
+            LimitKey::Client => client,
+            LimitKey::Consumer => subject.consumer.map(str::as_bytes).unwrap_or(client),
+            LimitKey::Header(name) => (subject.header)(name).unwrap_or(client),
+        };
+        let guard = self.states.guard();
+        let tat = match self.states.get(key, &guard) {
+            Some(t) => t,
+            None => self
+                .states
+                .get_or_insert(key.into(), AtomicU64::new(0), &guard),
+        };
+        let now = now_ns();
+        loop {
+            let old = tat.load(Ordering::Acquire);
+            let base = old.max(now);
+            if base - now > self.tolerance_ns {
+                return Err(Duration::from_nanos(base - now - self.tolerance_ns));
+            }
+            if tat
+                .compare_exchange_weak(
+                    old,
+                    base + self.interval_ns,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Removes entries that have fully recovered (they are the same as absent ones).
+    pub fn sweep(&self) {
+        let now = now_ns();
+        self.states
+            .pin()
+            .retain(|_, tat| tat.load(Ordering::Acquire) > now);
+    }
+
+    pub fn tracked_keys(&self) -> usize {
+        self.states.len()
+    }
+}
+
+/// Applies `limits` in order; the first refusal wins.
+pub fn check<'l>(limits: &'l [Limit], subject: &LimitSubject) -> Result<(), Refusal<'l>> {
+    for limit in limits {
+        if let Err(retry_after) = limit.admit(subject) {
+            return Err(Refusal { limit, retry_after });
+        }
+    }
+    Ok(())
+}
