@@ -171,3 +171,55 @@ pub fn check<'l>(limits: &'l [Limit], subject: &LimitSubject) -> Result<(), Refu
     }
     Ok(())
 }
+
+/// A route's in-flight limit, shared by all workers.
+#[derive(Debug)]
+pub struct ConcurrencyLimit {
+    pub max: usize,
+    pub queue_timeout: Duration,
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// A slot taken from a [`ConcurrencyLimit`]; returned when dropped, whatever the outcome.
+pub struct ConcurrencySlot<'l> {
+    limit: &'l ConcurrencyLimit,
+}
+
+impl ConcurrencyLimit {
+    pub fn new(c: &crate::config::ConcurrencyConfig) -> ConcurrencyLimit {
+        ConcurrencyLimit {
+            max: c.max,
+            queue_timeout: c.queue_timeout.get(),
+            in_flight: Default::default(),
+        }
+    }
+
+    /// Takes a slot if one is free.
+    pub fn try_acquire(&self) -> Option<ConcurrencySlot<'_>> {
+        let mut current = self.in_flight.load(Ordering::Acquire);
+        loop {
+            if current >= self.max {
+                return None;
+            }
+            match self.in_flight.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(ConcurrencySlot { limit: self }),
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ConcurrencySlot<'_> {
+    fn drop(&mut self) {
+        self.limit.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -61,6 +61,7 @@ pub struct Route {
     /// Rate limits, checked in order.
     pub limits: Vec<crate::limits::Limit>,
     pub rate_limit_headers: bool,
+    pub concurrency: Option<crate::limits::ConcurrencyLimit>,
 }
 
 #[derive(Debug, Default)]
@@ -278,6 +279,10 @@ fn compile_route(index: usize, r: &RouteConfig, upstream_names: &[String]) -> Ro
             .map(|(i, l)| crate::limits::Limit::new(i, l))
             .collect(),
         rate_limit_headers: r.rate_limit_headers,
+        concurrency: r
+            .concurrency
+            .as_ref()
+            .map(crate::limits::ConcurrencyLimit::new),
     }
 }
 

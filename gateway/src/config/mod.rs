@@ -298,6 +298,21 @@ pub struct RouteConfig {
     /// Send the RateLimit and RateLimit-Policy fields (IETF httpapi draft) with 429s.
     #[serde(default = "default_true")]
     pub rate_limit_headers: bool,
+    /// At most this many requests of the route in flight to the upstream, on this host.
+    pub concurrency: Option<ConcurrencyConfig>,
+}
+
+/// A route's in-flight limit: beyond `max`, wait up to `queue_timeout` for a slot, then 503.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyConfig {
+    pub max: usize,
+    #[serde(default = "default_queue_timeout")]
+    pub queue_timeout: ConfigDuration,
+}
+
+fn default_queue_timeout() -> ConfigDuration {
+    ConfigDuration::from_millis(0)
 }
 
 fn default_true() -> bool {

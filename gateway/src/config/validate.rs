@@ -309,6 +309,20 @@ impl Config {
                 }
             }
         }
+        if let Some(c) = &route.concurrency {
+            if c.max == 0 {
+                return Err(Invalid::new(
+                    at().key("concurrency").key("max"),
+                    "must be at least 1",
+                ));
+            }
+            if route.upstream.is_none() {
+                return Err(Invalid::new(
+                    at().key("concurrency"),
+                    "limits requests in flight to an upstream; a `respond` route has none",
+                ));
+            }
+        }
         if let Some(respond) = &route.respond {
             let r = || at().key("respond");
             if !(200..=599).contains(&respond.status) {

@@ -35,6 +35,8 @@ const LINGER_READS: usize = 8;
 /// again (the fetch itself is rate-limited per issuer).
 const KEY_REFETCH_WAIT: Duration = Duration::from_secs(2);
 const KEY_REFETCH_POLL: Duration = Duration::from_millis(20);
+/// How often a request queued for a concurrency slot looks again.
+const CONCURRENCY_POLL: Duration = Duration::from_millis(2);
 
 /// What happens to the connection after a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -157,11 +159,44 @@ impl<C: Transport> Connection<'_, C> {
         };
         match plan {
             Plan::Answer(answer) => self.answer(facts, answer, request_deadline).await,
-            Plan::Forward { group, server } => {
+            Plan::Forward {
+                group,
+                server,
+                route,
+            } => {
+                let Some(limit) = &worker.snapshot.routes.route(route).concurrency else {
+                    return self.forward(facts, group, server, request_deadline).await;
+                };
+                let Some(_slot) = self.concurrency_slot(limit).await else {
+                    let answer = Answer::Error {
+                        status: 503,
+                        detail: "too many requests in flight for this route",
+                        close: false,
+                    };
+                    return self.answer(facts, answer, request_deadline).await;
+                };
                 self.forward(facts, group, server, request_deadline).await
             }
             Plan::AwaitKeys(_) => unreachable!("planned again above"),
         }
+    }
+
+    /// A slot of `limit`, waiting up to its queue timeout (without blocking the worker).
+    async fn concurrency_slot<'l>(
+        &self,
+        limit: &'l crate::limits::ConcurrencyLimit,
+    ) -> Option<crate::limits::ConcurrencySlot<'l>> {
+        if let Some(slot) = limit.try_acquire() {
+            return Some(slot);
+        }
+        let deadline = Instant::now() + limit.queue_timeout;
+        while Instant::now() < deadline {
+            tokio::time::sleep(CONCURRENCY_POLL).await;
+            if let Some(slot) = limit.try_acquire() {
+                return Some(slot);
+            }
+        }
+        None
     }
 
     /// Asks issuer `issuer` for a fresh key set and waits (bounded) until one arrives.

@@ -25,8 +25,13 @@ use crate::{
 pub enum Plan {
     /// The gateway answers itself.
     Answer(Answer),
-    /// Forward to `server` of upstream group `group`; the upstream head was written to `out`.
-    Forward { group: usize, server: usize },
+    /// Forward to `server` of upstream group `group` for route `route`; the upstream head was
+    /// written to `out`.
+    Forward {
+        group: usize,
+        server: usize,
+        route: usize,
+    },
     /// A JWT names a key issuer `0` does not have yet: wait for a refetch, then plan again.
     AwaitKeys(usize),
 }
@@ -222,6 +227,7 @@ pub fn plan(
             Plan::Forward {
                 group: *group_index,
                 server,
+                route: route.index,
             }
         }
     }
