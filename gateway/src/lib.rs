@@ -7,6 +7,7 @@ pub mod http;
 pub mod io;
 pub mod limits;
 pub mod proxy;
+pub mod quotas;
 pub mod routing;
 pub mod runtime;
 mod sys;

@@ -168,7 +168,9 @@ fn run(config: Config) -> anyhow::Result<()> {
         (Some(_), Some(x)) => xdp::start_ban_hook(x),
         _ => None,
     };
+    let flush_interval = config.quotas.flush_interval.get();
     let snapshot = Arc::new(ConfigSnapshot::new(config)?);
+    snapshot.quota_store.start_flusher(flush_interval)?;
     // Forget rate-limit state that has fully recovered, so memory follows active keys.
     let sweeping = snapshot.clone();
     std::thread::Builder::new()
@@ -181,13 +183,17 @@ fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
         })?;
-    let handles = spawn_workers(snapshot, listeners, drain, bans)?;
+    let handles = spawn_workers(snapshot.clone(), listeners, drain, bans)?;
     for addr in &bound {
         info!(workers, "listening on {addr}");
     }
     let mut panicked = false;
     for handle in handles {
         panicked |= handle.join().is_err();
+    }
+    // A clean stop saves every quota counter.
+    if let Err(e) = snapshot.quota_store.flush() {
+        error!("cannot save quota counters: {e}");
     }
     if panicked {
         anyhow::bail!("a worker thread panicked");

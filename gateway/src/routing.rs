@@ -62,6 +62,7 @@ pub struct Route {
     pub limits: Vec<crate::limits::Limit>,
     pub rate_limit_headers: bool,
     pub concurrency: Option<crate::limits::ConcurrencyLimit>,
+    pub quotas: Vec<crate::quotas::Quota>,
 }
 
 #[derive(Debug, Default)]
@@ -283,6 +284,12 @@ fn compile_route(index: usize, r: &RouteConfig, upstream_names: &[String]) -> Ro
             .concurrency
             .as_ref()
             .map(crate::limits::ConcurrencyLimit::new),
+        quotas: r
+            .quotas
+            .iter()
+            .enumerate()
+            .map(|(i, q)| crate::quotas::Quota::new(i, q))
+            .collect(),
     }
 }
 

@@ -37,6 +37,52 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub consumers: Vec<ConsumerConfig>,
+    #[serde(default)]
+    pub quotas: QuotasConfig,
+}
+
+/// Where quota counters are kept, and how often they are written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotasConfig {
+    /// Directory of the quota file (`quotas.state`), created if missing.
+    pub data_dir: PathBuf,
+    /// Counters are written (write, fsync, rename) this often when they changed: a `kill -9`
+    /// loses at most this much counting.
+    pub flush_interval: ConfigDuration,
+}
+
+impl Default for QuotasConfig {
+    fn default() -> Self {
+        QuotasConfig {
+            data_dir: PathBuf::from("portcullis-data"),
+            flush_interval: ConfigDuration::from_secs(1),
+        }
+    }
+}
+
+/// A calendar period (UTC).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaPeriod {
+    Day,
+    Month,
+}
+
+/// A quota: at most `limit` requests per calendar `period`, per key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// "consumer" (else the client address), "client", "route" or "header:NAME".
+    #[serde(default = "default_quota_key")]
+    pub key: String,
+    pub limit: u64,
+    pub period: QuotaPeriod,
+    pub name: Option<String>,
+}
+
+fn default_quota_key() -> String {
+    "consumer".into()
 }
 
 /// Where credentials are looked for.
@@ -300,6 +346,9 @@ pub struct RouteConfig {
     pub rate_limit_headers: bool,
     /// At most this many requests of the route in flight to the upstream, on this host.
     pub concurrency: Option<ConcurrencyConfig>,
+    /// Quotas over calendar periods, persisted under `[quotas].data_dir`.
+    #[serde(default)]
+    pub quotas: Vec<QuotaConfig>,
 }
 
 /// A route's in-flight limit: beyond `max`, wait up to `queue_timeout` for a slot, then 503.

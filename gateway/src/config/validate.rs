@@ -309,6 +309,15 @@ impl Config {
                 }
             }
         }
+        for (j, q) in route.quotas.iter().enumerate() {
+            let at_q = || at().key("quotas").index(j);
+            if crate::limits::LimitKey::parse(&q.key).is_none() {
+                return Err(Invalid::new(at_q().key("key"), format!("`{}` is not a quota key: use \"consumer\", \"client\", \"route\" or \"header:NAME\"", q.key)));
+            }
+            if q.limit == 0 {
+                return Err(Invalid::new(at_q().key("limit"), "must be at least 1"));
+            }
+        }
         if let Some(c) = &route.concurrency {
             if c.max == 0 {
                 return Err(Invalid::new(

@@ -303,24 +303,18 @@ fn write_query_without(out: &mut Vec<u8>, query: &[u8], name: &str) {
 
 /// Writes a 429 with Retry-After and, for `limit`, the RateLimit-Policy and RateLimit fields
 /// of the IETF httpapi rate-limit headers draft.
+/// `policy` is (name, quota, window in seconds).
 pub fn write_rate_limited(
     out: &mut Vec<u8>,
     retry_after_secs: u64,
-    limit: Option<&crate::limits::Limit>,
+    policy: Option<(&str, u64, u64)>,
     keep_alive: bool,
     head_only: bool,
 ) {
     let detail = "rate limit exceeded";
     let _ = write!(out, "HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nretry-after: {retry_after_secs}\r\n", detail.len() + 1);
-    if let Some(l) = limit {
-        let _ = write!(
-            out,
-            "ratelimit-policy: \"{}\";q={};w={}\r\nratelimit: \"{}\";r=0;t={retry_after_secs}\r\n",
-            l.name,
-            l.quota,
-            l.window.as_secs().max(1),
-            l.name
-        );
+    if let Some((name, quota, window)) = policy {
+        let _ = write!(out, "ratelimit-policy: \"{name}\";q={quota};w={window}\r\nratelimit: \"{name}\";r=0;t={retry_after_secs}\r\n");
     }
     write_connection(out, keep_alive, Version::Http11);
     out.extend_from_slice(b"\r\n");

@@ -279,7 +279,30 @@ impl<C: Transport> Connection<'_, C> {
                 debug!(peer = %self.peer, route, limit, retry_after_secs, "rate limited");
                 self.worker.answered(self.peer.ip(), 429);
                 let r = self.worker.snapshot.routes.route(route);
-                let fields = r.rate_limit_headers.then(|| &r.limits[limit]);
+                let fields = r.rate_limit_headers.then(|| {
+                    let l = &r.limits[limit];
+                    (l.name.as_str(), l.quota, l.window.as_secs().max(1))
+                });
+                encode::write_rate_limited(
+                    &mut self.out,
+                    retry_after_secs,
+                    fields,
+                    keep_alive,
+                    facts.is_head,
+                );
+            }
+            Answer::QuotaExceeded {
+                route,
+                quota,
+                retry_after_secs,
+            } => {
+                debug!(peer = %self.peer, route, quota, retry_after_secs, "quota spent");
+                self.worker.answered(self.peer.ip(), 429);
+                let r = self.worker.snapshot.routes.route(route);
+                let fields = r.rate_limit_headers.then(|| {
+                    let q = &r.quotas[quota];
+                    (q.name.as_str(), q.limit, q.window_secs())
+                });
                 encode::write_rate_limited(
                     &mut self.out,
                     retry_after_secs,

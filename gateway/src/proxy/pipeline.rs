@@ -56,6 +56,12 @@ pub enum Answer {
         limit: usize,
         retry_after_secs: u64,
     },
+    /// Quota `quota` of route `route` is spent until the period ends in that many seconds.
+    QuotaExceeded {
+        route: usize,
+        quota: usize,
+        retry_after_secs: u64,
+    },
 }
 
 /// What the connection loop needs to remember of a request once its head is no longer
@@ -204,6 +210,31 @@ pub fn plan(
                 limit,
                 retry_after_secs: retry_after_secs.max(1),
             });
+        }
+    }
+
+    if !route.quotas.is_empty() {
+        let header = |name: &str| {
+            req.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| h.value)
+        };
+        let subject = LimitSubject {
+            client: peer,
+            consumer: identity.consumer.map(|(id, _)| id),
+            header: &header,
+        };
+        for (i, quota) in route.quotas.iter().enumerate() {
+            if let Err(retry_after_secs) =
+                snapshot.quota_store.take(route.index, i, quota, &subject)
+            {
+                return Plan::Answer(Answer::QuotaExceeded {
+                    route: route.index,
+                    quota: i,
+                    retry_after_secs,
+                });
+            }
         }
     }
 
