@@ -2,6 +2,7 @@
 //! HTTP/1.1; an XDP program drops abusive traffic before it reaches them.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod io;

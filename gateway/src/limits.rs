@@ -59,6 +59,9 @@ fn now_ns() -> u64 {
 /// One compiled limit.
 #[derive(Debug)]
 pub struct Limit {
+    /// The route's index, which names the shared counter in cluster mode.
+    route: usize,
+    index: usize,
     pub name: String,
     pub key: LimitKey,
     /// Requests per window, and the window, as configured (for RateLimit-Policy).
@@ -85,11 +88,13 @@ pub struct LimitSubject<'a> {
 }
 
 impl Limit {
-    pub fn new(index: usize, c: &LimitConfig) -> Limit {
+    pub fn new(route: usize, index: usize, c: &LimitConfig) -> Limit {
         let window = c.per.get();
         let interval_ns = (window.as_nanos() as u64 / c.rate).max(1);
         let burst = c.burst.unwrap_or(c.rate).max(1);
         Limit {
+            route,
+            index,
             name: c.name.clone().unwrap_or_else(|| format!("limit{index}")),
             key: LimitKey::parse(&c.key).expect("validate() checked the key"),
             quota: c.rate,
@@ -101,7 +106,11 @@ impl Limit {
     }
 
     /// Admits one request for `subject`, or says when to retry.
-    pub fn admit(&self, subject: &LimitSubject) -> Result<(), Duration> {
+    pub fn admit(
+        &self,
+        subject: &LimitSubject,
+        cluster: Option<&crate::cluster::Cluster>,
+    ) -> Result<(), Duration> {
         // The client address as key bytes, written once up front (no allocation).
         let mut buf = [0u8; 16];
         let client_len = match subject.client {
@@ -144,8 +153,26 @@ impl Limit {
                 )
                 .is_ok()
             {
-                return Ok(());
+                break;
             }
+        }
+        let Some(c) = cluster else { return Ok(()) };
+        // In cluster mode the limit is also a fixed window of `quota` per `window`, shared.
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let window = self.window.as_secs().max(1);
+        let mut shared = Vec::with_capacity(32 + key.len());
+        shared.extend_from_slice(b"pcl:l:");
+        shared.extend_from_slice(&(self.route as u32).to_le_bytes());
+        shared.push(self.index as u8);
+        shared.extend_from_slice(&(unix / window).to_le_bytes());
+        shared.extend_from_slice(key);
+        if c.admit(&shared, self.quota, window + 60) {
+            Ok(())
+        } else {
+            Err(Duration::from_secs(window - unix % window))
         }
     }
 
@@ -163,9 +190,13 @@ impl Limit {
 }
 
 /// Applies `limits` in order; the first refusal wins.
-pub fn check<'l>(limits: &'l [Limit], subject: &LimitSubject) -> Result<(), Refusal<'l>> {
+pub fn check<'l>(
+    limits: &'l [Limit],
+    subject: &LimitSubject,
+    cluster: Option<&crate::cluster::Cluster>,
+) -> Result<(), Refusal<'l>> {
     for limit in limits {
-        if let Err(retry_after) = limit.admit(subject) {
+        if let Err(retry_after) = limit.admit(subject, cluster) {
             return Err(Refusal { limit, retry_after });
         }
     }

@@ -158,6 +158,7 @@ impl QuotaStore {
         index: usize,
         quota: &Quota,
         subject: &LimitSubject,
+        cluster: Option<&crate::cluster::Cluster>,
     ) -> Result<(), u64> {
         let now = unix_now();
         let (period_id, remaining) = period_now(quota.period, now);
@@ -201,6 +202,16 @@ impl QuotaStore {
         if counter.fetch_add(1, Ordering::AcqRel) >= quota.limit {
             counter.fetch_sub(1, Ordering::AcqRel);
             return Err(remaining.max(1));
+        }
+        if let Some(c) = cluster {
+            // The same bytes on every host name the same Redis counter.
+            let mut shared = [0u8; 6 + KEY_PREFIX_BYTES + MAX_KEY_BYTES];
+            shared[..6].copy_from_slice(b"pcl:q:");
+            shared[6..6 + len].copy_from_slice(key);
+            if !c.admit(&shared[..6 + len], quota.limit, remaining + 60) {
+                counter.fetch_sub(1, Ordering::AcqRel);
+                return Err(remaining.max(1));
+            }
         }
         self.dirty.store(true, Ordering::Release);
         Ok(())

@@ -277,7 +277,7 @@ fn compile_route(index: usize, r: &RouteConfig, upstream_names: &[String]) -> Ro
             .limits
             .iter()
             .enumerate()
-            .map(|(i, l)| crate::limits::Limit::new(i, l))
+            .map(|(i, l)| crate::limits::Limit::new(index, i, l))
             .collect(),
         rate_limit_headers: r.rate_limit_headers,
         concurrency: r

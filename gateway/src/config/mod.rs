@@ -39,6 +39,30 @@ pub struct Config {
     pub consumers: Vec<ConsumerConfig>,
     #[serde(default)]
     pub quotas: QuotasConfig,
+    /// Share limits and quotas with other hosts through Redis.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: limits and quotas shared through Redis, synchronised in batches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db`.
+    pub redis: String,
+    /// Requests a host may admit per shared counter between syncs: over-admission is at most
+    /// `(hosts - 1) * batch`.
+    #[serde(default = "default_cluster_batch")]
+    pub batch: u64,
+    /// How often pending counts are pushed and totals read back (sooner at half a batch).
+    #[serde(default = "default_cluster_sync")]
+    pub sync_interval: ConfigDuration,
+}
+
+fn default_cluster_batch() -> u64 {
+    10
+}
+fn default_cluster_sync() -> ConfigDuration {
+    ConfigDuration::from_millis(100)
 }
 
 /// Where quota counters are kept, and how often they are written.

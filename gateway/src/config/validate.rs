@@ -94,6 +94,26 @@ impl Config {
             self.validate_route(i, route)?;
         }
         self.validate_auth()?;
+        if let Some(c) = &self.cluster {
+            if !c.redis.starts_with("redis://") {
+                return Err(Invalid::new(
+                    key_path("cluster").key("redis"),
+                    "must be a redis:// URL, such as \"redis://127.0.0.1:6379\"",
+                ));
+            }
+            if c.batch == 0 {
+                return Err(Invalid::new(
+                    key_path("cluster").key("batch"),
+                    "must be at least 1",
+                ));
+            }
+            if c.sync_interval.get().is_zero() {
+                return Err(Invalid::new(
+                    key_path("cluster").key("sync_interval"),
+                    "must be longer than zero, such as \"100ms\"",
+                ));
+            }
+        }
 
         if let Some(xdp) = &self.xdp {
             let at = || key_path("xdp");

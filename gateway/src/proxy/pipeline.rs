@@ -197,7 +197,7 @@ pub fn plan(
             consumer: identity.consumer.map(|(id, _)| id),
             header: &header,
         };
-        if let Err(refusal) = limits::check(&route.limits, &subject) {
+        if let Err(refusal) = limits::check(&route.limits, &subject, snapshot.cluster.as_deref()) {
             let limit = route
                 .limits
                 .iter()
@@ -226,9 +226,13 @@ pub fn plan(
             header: &header,
         };
         for (i, quota) in route.quotas.iter().enumerate() {
-            if let Err(retry_after_secs) =
-                snapshot.quota_store.take(route.index, i, quota, &subject)
-            {
+            if let Err(retry_after_secs) = snapshot.quota_store.take(
+                route.index,
+                i,
+                quota,
+                &subject,
+                snapshot.cluster.as_deref(),
+            ) {
                 return Plan::Answer(Answer::QuotaExceeded {
                     route: route.index,
                     quota: i,

@@ -20,6 +20,8 @@ pub struct ConfigSnapshot {
     pub consumers: crate::auth::Consumers,
     pub issuers: crate::auth::Issuers,
     pub quota_store: std::sync::Arc<crate::quotas::QuotaStore>,
+    /// Limits and quotas shared through Redis, when `[cluster]` is set.
+    pub cluster: Option<std::sync::Arc<crate::cluster::Cluster>>,
     pub routes: RouteTable,
     pub limits: HeadLimits,
     pub client_buffer_bytes: usize,
@@ -39,6 +41,11 @@ impl ConfigSnapshot {
             consumers: crate::auth::Consumers::new(&config),
             issuers: crate::auth::Issuers::start(&config.auth).map_err(anyhow::Error::msg)?,
             quota_store: crate::quotas::QuotaStore::open(&config.quotas)?,
+            cluster: config
+                .cluster
+                .as_ref()
+                .map(crate::cluster::Cluster::start)
+                .transpose()?,
             limits,
             client_buffer_bytes: s.max_header_bytes.max(MIN_CLIENT_BUFFER_BYTES),
             config,
