@@ -9,7 +9,7 @@ use tracing::debug;
 
 use super::{
     body::{relay_request_body, BodyDeadlines},
-    pipeline::{plan, Answer, Plan, RequestFacts},
+    pipeline::{plan, Answer, Plan, RequestFacts, TrafficPolicy},
 };
 use crate::{
     config::MAX_HEADERS_CEILING,
@@ -271,37 +271,25 @@ impl<C: Transport> Connection<'_, C> {
                 self.worker.answered(self.peer.ip(), status);
                 encode::write_error(&mut self.out, status, detail, keep_alive, facts.is_head);
             }
-            Answer::RateLimited {
+            Answer::TooMany {
                 route,
-                limit,
+                policy,
                 retry_after_secs,
             } => {
-                debug!(peer = %self.peer, route, limit, retry_after_secs, "rate limited");
+                debug!(peer = %self.peer, route, ?policy, retry_after_secs, "too many requests");
                 self.worker.answered(self.peer.ip(), 429);
                 let r = self.worker.snapshot.routes.route(route);
-                let fields = r.rate_limit_headers.then(|| {
-                    let l = &r.limits[limit];
-                    (l.name.as_str(), l.quota, l.window.as_secs().max(1))
-                });
-                encode::write_rate_limited(
-                    &mut self.out,
-                    retry_after_secs,
-                    fields,
-                    keep_alive,
-                    facts.is_head,
-                );
-            }
-            Answer::QuotaExceeded {
-                route,
-                quota,
-                retry_after_secs,
-            } => {
-                debug!(peer = %self.peer, route, quota, retry_after_secs, "quota spent");
-                self.worker.answered(self.peer.ip(), 429);
-                let r = self.worker.snapshot.routes.route(route);
-                let fields = r.rate_limit_headers.then(|| {
-                    let q = &r.quotas[quota];
-                    (q.name.as_str(), q.limit, q.window_secs())
+                let fields = r.rate_limit_headers.then(|| match policy {
+                    TrafficPolicy::Limit(i) => (
+                        r.limits[i].name.as_str(),
+                        r.limits[i].quota,
+                        r.limits[i].window.as_secs().max(1),
+                    ),
+                    TrafficPolicy::Quota(i) => (
+                        r.quotas[i].name.as_str(),
+                        r.quotas[i].limit,
+                        r.quotas[i].window_secs(),
+                    ),
                 });
                 encode::write_rate_limited(
                     &mut self.out,

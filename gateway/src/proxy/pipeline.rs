@@ -50,18 +50,20 @@ pub enum Answer {
     Static { route: usize },
     /// The route's access policy refused the request (401 with WWW-Authenticate, or 403).
     Denied(crate::auth::AuthError),
-    /// Limit `limit` of route `route` refused the request: 429, retry after that many seconds.
-    RateLimited {
+    /// A rate limit or quota of route `route` refused the request: 429, retry after that many
+    /// seconds.
+    TooMany {
         route: usize,
-        limit: usize,
+        policy: TrafficPolicy,
         retry_after_secs: u64,
     },
-    /// Quota `quota` of route `route` is spent until the period ends in that many seconds.
-    QuotaExceeded {
-        route: usize,
-        quota: usize,
-        retry_after_secs: u64,
-    },
+}
+
+/// Which of a route's traffic policies refused a request.
+#[derive(Debug, Clone, Copy)]
+pub enum TrafficPolicy {
+    Limit(usize),
+    Quota(usize),
 }
 
 /// What the connection loop needs to remember of a request once its head is no longer
@@ -184,8 +186,8 @@ pub fn plan(
         }
     }
 
-    // Stage 4: rate limits (quotas, cache and transforms follow here).
-    if !route.limits.is_empty() {
+    // Stage 4: rate limits, then quotas (cache and transforms follow here).
+    if !route.limits.is_empty() || !route.quotas.is_empty() {
         let header = |name: &str| {
             req.headers
                 .iter()
@@ -197,45 +199,30 @@ pub fn plan(
             consumer: identity.consumer.map(|(id, _)| id),
             header: &header,
         };
-        if let Err(refusal) = limits::check(&route.limits, &subject, snapshot.cluster.as_deref()) {
+        let cluster = snapshot.cluster.as_deref();
+        if let Err(refusal) = limits::check(&route.limits, &subject, cluster) {
             let limit = route
                 .limits
                 .iter()
                 .position(|l| std::ptr::eq(l, refusal.limit))
                 .unwrap_or(0);
-            let retry_after_secs =
+            let retry =
                 refusal.retry_after.as_secs() + u64::from(refusal.retry_after.subsec_nanos() > 0);
-            return Plan::Answer(Answer::RateLimited {
+            return Plan::Answer(Answer::TooMany {
                 route: route.index,
-                limit,
-                retry_after_secs: retry_after_secs.max(1),
+                policy: TrafficPolicy::Limit(limit),
+                retry_after_secs: retry.max(1),
             });
         }
-    }
-
-    if !route.quotas.is_empty() {
-        let header = |name: &str| {
-            req.headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .map(|h| h.value)
-        };
-        let subject = LimitSubject {
-            client: peer,
-            consumer: identity.consumer.map(|(id, _)| id),
-            header: &header,
-        };
         for (i, quota) in route.quotas.iter().enumerate() {
-            if let Err(retry_after_secs) = snapshot.quota_store.take(
-                route.index,
-                i,
-                quota,
-                &subject,
-                snapshot.cluster.as_deref(),
-            ) {
-                return Plan::Answer(Answer::QuotaExceeded {
+            if let Err(retry_after_secs) =
+                snapshot
+                    .quota_store
+                    .take(route.index, i, quota, &subject, cluster)
+            {
+                return Plan::Answer(Answer::TooMany {
                     route: route.index,
-                    quota: i,
+                    policy: TrafficPolicy::Quota(i),
                     retry_after_secs,
                 });
             }
