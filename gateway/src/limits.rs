@@ -203,17 +203,20 @@ pub fn check<'l>(
     Ok(())
 }
 
-/// A route's in-flight limit, shared by all workers.
+/// A route's in-flight limit, shared by all workers: one count for the route, or one per
+/// consumer (unauthenticated callers share one).
 #[derive(Debug)]
 pub struct ConcurrencyLimit {
     pub max: usize,
     pub queue_timeout: Duration,
-    in_flight: std::sync::atomic::AtomicUsize,
+    per_consumer: bool,
+    route: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    consumers: HashMap<Box<str>, std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 /// A slot taken from a [`ConcurrencyLimit`]; returned when dropped, whatever the outcome.
-pub struct ConcurrencySlot<'l> {
-    limit: &'l ConcurrencyLimit,
+pub struct ConcurrencySlot {
+    counter: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ConcurrencyLimit {
@@ -221,36 +224,60 @@ impl ConcurrencyLimit {
         ConcurrencyLimit {
             max: c.max,
             queue_timeout: c.queue_timeout.get(),
-            in_flight: Default::default(),
+            per_consumer: c.key == "consumer",
+            route: Default::default(),
+            consumers: HashMap::new(),
         }
     }
 
-    /// Takes a slot if one is free.
-    pub fn try_acquire(&self) -> Option<ConcurrencySlot<'_>> {
-        let mut current = self.in_flight.load(Ordering::Acquire);
+    /// The count this request is held against.
+    pub fn counter(
+        &self,
+        consumer: Option<&str>,
+    ) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        if !self.per_consumer {
+            return self.route.clone();
+        }
+        let id = consumer.unwrap_or("");
+        let guard = self.consumers.guard();
+        match self.consumers.get(id, &guard) {
+            Some(c) => c.clone(),
+            None => self
+                .consumers
+                .get_or_insert(id.into(), Default::default(), &guard)
+                .clone(),
+        }
+    }
+
+    /// Takes a slot of `counter` if one is free.
+    pub fn try_acquire(
+        &self,
+        counter: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Option<ConcurrencySlot> {
+        let mut current = counter.load(Ordering::Acquire);
         loop {
             if current >= self.max {
                 return None;
             }
-            match self.in_flight.compare_exchange_weak(
+            match counter.compare_exchange_weak(
                 current,
                 current + 1,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Some(ConcurrencySlot { limit: self }),
+                Ok(_) => {
+                    return Some(ConcurrencySlot {
+                        counter: counter.clone(),
+                    })
+                }
                 Err(now) => current = now,
             }
         }
     }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
-    }
 }
 
-impl Drop for ConcurrencySlot<'_> {
+impl Drop for ConcurrencySlot {
     fn drop(&mut self) {
-        self.limit.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.counter.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -157,3 +157,62 @@ fn concurrency_limit_refuses_or_queues() {
         200
     );
 }
+
+/// (key, hash) from the real `keys new` command.
+fn mint(consumer: &str) -> (String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["keys", "new", "--consumer", consumer])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text
+        .lines()
+        .find(|l| l.starts_with("pcl_"))
+        .unwrap()
+        .to_owned();
+    let hash = text
+        .lines()
+        .find_map(|l| l.strip_prefix("api_keys = [\""))
+        .unwrap()
+        .trim_end_matches("\"]")
+        .to_owned();
+    (key, hash)
+}
+
+#[test]
+fn concurrency_per_consumer() {
+    let up = Upstream::start(|_| Reply::Delayed(Duration::from_millis(300), ok_response("slow")));
+    let (alice, alice_hash) = mint("alice");
+    let (bob, bob_hash) = mint("bob");
+    let gw = Gateway::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\n\n[[consumers]]\nid = \"alice\"\napi_keys = [\"{alice_hash}\"]\n\n[[consumers]]\nid = \"bob\"\napi_keys = [\"{bob_hash}\"]\n\n[upstreams.up]\nservers = [\"{}\"]\n\n[[routes]]\nupstream = \"up\"\nauth = {{ methods = [\"api_key\"] }}\nconcurrency = {{ key = \"consumer\", max = 1 }}\n",
+        up.addr
+    ));
+    let call = |key: &str| {
+        request(
+            gw.addr,
+            &format!("GET / HTTP/1.1\r\nHost: a\r\nX-API-Key: {key}\r\n\r\n"),
+        )
+        .status
+    };
+    let statuses: Vec<(&str, u16)> = thread::scope(|s| {
+        let handles: Vec<_> = [("alice", &alice), ("alice", &alice), ("bob", &bob)]
+            .into_iter()
+            .map(|(who, key)| s.spawn(move || (who, call(key))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let alice_ok = statuses
+        .iter()
+        .filter(|(w, s)| *w == "alice" && *s == 200)
+        .count();
+    let alice_refused = statuses
+        .iter()
+        .filter(|(w, s)| *w == "alice" && *s == 503)
+        .count();
+    assert_eq!((alice_ok, alice_refused), (1, 1), "{statuses:?}");
+    assert!(
+        statuses.contains(&("bob", 200)),
+        "bob has his own slot: {statuses:?}"
+    );
+}

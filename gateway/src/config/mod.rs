@@ -379,9 +379,16 @@ pub struct RouteConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConcurrencyConfig {
+    /// "route" (one count for the route) or "consumer" (one per consumer).
+    #[serde(default = "default_concurrency_key")]
+    pub key: String,
     pub max: usize,
     #[serde(default = "default_queue_timeout")]
     pub queue_timeout: ConfigDuration,
+}
+
+fn default_concurrency_key() -> String {
+    "route".into()
 }
 
 fn default_queue_timeout() -> ConfigDuration {

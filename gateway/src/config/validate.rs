@@ -339,6 +339,12 @@ impl Config {
             }
         }
         if let Some(c) = &route.concurrency {
+            if c.key != "route" && c.key != "consumer" {
+                return Err(Invalid::new(
+                    at().key("concurrency").key("key"),
+                    format!("`{}` is not valid: use \"route\" or \"consumer\"", c.key),
+                ));
+            }
             if c.max == 0 {
                 return Err(Invalid::new(
                     at().key("concurrency").key("max"),

@@ -162,12 +162,15 @@ impl<C: Transport> Connection<'_, C> {
             Plan::Forward {
                 group,
                 server,
-                route,
+                in_flight,
             } => {
-                let Some(limit) = &worker.snapshot.routes.route(route).concurrency else {
+                let Some((route, counter)) = in_flight else {
                     return self.forward(facts, group, server, request_deadline).await;
                 };
-                let Some(_slot) = self.concurrency_slot(limit).await else {
+                let Some(limit) = &worker.snapshot.routes.route(route).concurrency else {
+                    unreachable!("in_flight is planned only for routes with a concurrency limit");
+                };
+                let Some(_slot) = self.concurrency_slot(limit, &counter).await else {
                     let answer = Answer::Error {
                         status: 503,
                         detail: "too many requests in flight for this route",
@@ -182,17 +185,18 @@ impl<C: Transport> Connection<'_, C> {
     }
 
     /// A slot of `limit`, waiting up to its queue timeout (without blocking the worker).
-    async fn concurrency_slot<'l>(
+    async fn concurrency_slot(
         &self,
-        limit: &'l crate::limits::ConcurrencyLimit,
-    ) -> Option<crate::limits::ConcurrencySlot<'l>> {
-        if let Some(slot) = limit.try_acquire() {
+        limit: &crate::limits::ConcurrencyLimit,
+        counter: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Option<crate::limits::ConcurrencySlot> {
+        if let Some(slot) = limit.try_acquire(counter) {
             return Some(slot);
         }
         let deadline = Instant::now() + limit.queue_timeout;
         while Instant::now() < deadline {
             tokio::time::sleep(CONCURRENCY_POLL).await;
-            if let Some(slot) = limit.try_acquire() {
+            if let Some(slot) = limit.try_acquire(counter) {
                 return Some(slot);
             }
         }

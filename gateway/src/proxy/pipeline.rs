@@ -30,7 +30,9 @@ pub enum Plan {
     Forward {
         group: usize,
         server: usize,
-        route: usize,
+        /// The route, and the concurrency count this request is held against, when the route
+        /// has a concurrency limit.
+        in_flight: Option<(usize, std::sync::Arc<std::sync::atomic::AtomicUsize>)>,
     },
     /// A JWT names a key issuer `0` does not have yet: wait for a refetch, then plan again.
     AwaitKeys(usize),
@@ -249,7 +251,10 @@ pub fn plan(
             Plan::Forward {
                 group: *group_index,
                 server,
-                route: route.index,
+                in_flight: route
+                    .concurrency
+                    .as_ref()
+                    .map(|c| (route.index, c.counter(identity.consumer.map(|(id, _)| id)))),
             }
         }
     }
