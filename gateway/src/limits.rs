@@ -163,13 +163,23 @@ impl Limit {
             .unwrap_or_default()
             .as_secs();
         let window = self.window.as_secs().max(1);
-        let mut shared = Vec::with_capacity(32 + key.len());
-        shared.extend_from_slice(b"pcl:l:");
-        shared.extend_from_slice(&(self.route as u32).to_le_bytes());
-        shared.push(self.index as u8);
-        shared.extend_from_slice(&(unix / window).to_le_bytes());
-        shared.extend_from_slice(key);
-        if c.admit(&shared, self.quota, window + 60) {
+        // pcl:l: | route | limit | window | key (keys over 128 bytes as their SHA-256): on the
+        // stack, the same bytes on every host.
+        let mut shared = [0u8; 6 + 4 + 1 + 8 + 128];
+        shared[..6].copy_from_slice(b"pcl:l:");
+        shared[6..10].copy_from_slice(&(self.route as u32).to_le_bytes());
+        shared[10] = self.index as u8;
+        shared[11..19].copy_from_slice(&(unix / window).to_le_bytes());
+        let digest;
+        let key = if key.len() > 128 {
+            digest = <sha2::Sha256 as sha2::Digest>::digest(key);
+            &digest[..]
+        } else {
+            key
+        };
+        shared[19..19 + key.len()].copy_from_slice(key);
+        let shared = &shared[..19 + key.len()];
+        if c.admit(shared, self.quota, window + 60) {
             Ok(())
         } else {
             Err(Duration::from_secs(window - unix % window))

@@ -4,35 +4,7 @@
 
 mod support;
 
-use std::process::Command;
-
 use support::*;
-
-/// (key, hash) from the real `keys new` command.
-fn mint(consumer: &str) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["keys", "new", "--consumer", consumer])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let key = text
-        .lines()
-        .find(|l| l.starts_with("pcl_"))
-        .unwrap()
-        .to_owned();
-    let hash = text
-        .lines()
-        .find_map(|l| l.strip_prefix("api_keys = [\""))
-        .unwrap()
-        .trim_end_matches("\"]")
-        .to_owned();
-    assert!(
-        !text.contains(&hash[7..]) || !hash.contains(&key),
-        "the key and its hash differ"
-    );
-    (key, hash)
-}
 
 struct Fixture {
     up: Upstream,

@@ -64,7 +64,7 @@ fn free_port() -> u16 {
 
 fn gateway(up: &Upstream, redis_port: u16, data: &std::path::Path) -> Gateway {
     Gateway::start(&format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\n\n[cluster]\nredis = \"redis://127.0.0.1:{redis_port}\"\nbatch = {BATCH}\nsync_interval = \"50ms\"\n\n[quotas]\ndata_dir = \"{}\"\n\n[upstreams.up]\nservers = [\"{}\"]\n\n[[routes]]\nupstream = \"up\"\nquotas = [{{ key = \"header:X-Tenant\", limit = {LIMIT}, period = \"day\" }}]\n",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\n\n[cluster]\nredis = \"redis://127.0.0.1:{redis_port}\"\nbatch = {BATCH}\nsync_interval = \"50ms\"\n\n[quotas]\ndata_dir = \"{}\"\n\n[upstreams.up]\nservers = [\"{}\"]\n\n[[routes]]\nmatch = {{ path_prefix = \"/limited/\" }}\nupstream = \"up\"\nlimits = [{{ key = \"route\", rate = {LIMIT}, per = \"1h\" }}]\n\n[[routes]]\nupstream = \"up\"\nquotas = [{{ key = \"header:X-Tenant\", limit = {LIMIT}, period = \"day\" }}]\n",
         data.display(),
         up.addr
     ))
@@ -124,6 +124,31 @@ fn two_hosts_share_a_quota_through_redis() {
     );
     eprintln!(
         "cluster: admitted {admitted} of {LIMIT} allowed across {HOSTS} hosts (bound {bound})"
+    );
+
+    // A rate limit is shared the same way (a window of `rate` per `per` across hosts).
+    let limited = AtomicUsize::new(0);
+    thread::scope(|s| {
+        for client in 0..8 {
+            let (gw, limited) = (&hosts[client % 2], &limited);
+            s.spawn(move || {
+                for _ in 0..20 {
+                    if request(gw.addr, "GET /limited/x HTTP/1.1\r\nHost: a\r\n\r\n").status == 200
+                    {
+                        limited.fetch_add(1, Ordering::SeqCst);
+                    }
+                    thread::sleep(Duration::from_millis(5));
+                }
+            });
+        }
+    });
+    let limited = limited.into_inner();
+    assert!(
+        (LIMIT..=bound).contains(&limited),
+        "rate limit admitted {limited}, allowed {LIMIT}, bound {bound}"
+    );
+    eprintln!(
+        "cluster: rate limit admitted {limited} of {LIMIT} across {HOSTS} hosts (bound {bound})"
     );
 
     // Redis goes away: each host falls back to its local quota and says so.

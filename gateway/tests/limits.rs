@@ -158,27 +158,6 @@ fn concurrency_limit_refuses_or_queues() {
     );
 }
 
-/// (key, hash) from the real `keys new` command.
-fn mint(consumer: &str) -> (String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["keys", "new", "--consumer", consumer])
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let key = text
-        .lines()
-        .find(|l| l.starts_with("pcl_"))
-        .unwrap()
-        .to_owned();
-    let hash = text
-        .lines()
-        .find_map(|l| l.strip_prefix("api_keys = [\""))
-        .unwrap()
-        .trim_end_matches("\"]")
-        .to_owned();
-    (key, hash)
-}
-
 #[test]
 fn concurrency_per_consumer() {
     let up = Upstream::start(|_| Reply::Delayed(Duration::from_millis(300), ok_response("slow")));

@@ -505,3 +505,25 @@ pub fn config_with(upstream: SocketAddr, extra_upstream: &str, routes: &str) -> 
 
 /// The default catch-all route to `up`.
 pub const ROUTE_ALL: &str = "[[routes]]\nmatch = { path_prefix = \"/\" }\nupstream = \"up\"\n";
+
+/// A fresh API key and its stored hash, from the real `portcullis keys new` command.
+pub fn mint(consumer: &str) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["keys", "new", "--consumer", consumer])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text
+        .lines()
+        .find(|l| l.starts_with("pcl_"))
+        .unwrap()
+        .to_owned();
+    let hash = text
+        .lines()
+        .find_map(|l| l.strip_prefix("api_keys = [\""))
+        .unwrap()
+        .trim_end_matches("\"]")
+        .to_owned();
+    (key, hash)
+}
