@@ -118,10 +118,6 @@ impl Cluster {
             }
         }
     }
-
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Acquire)
-    }
 }
 
 struct Syncer {

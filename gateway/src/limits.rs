@@ -193,10 +193,6 @@ impl Limit {
             .pin()
             .retain(|_, tat| tat.load(Ordering::Acquire) > now);
     }
-
-    pub fn tracked_keys(&self) -> usize {
-        self.states.len()
-    }
 }
 
 /// Applies `limits` in order; the first refusal wins.

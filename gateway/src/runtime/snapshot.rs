@@ -1,7 +1,5 @@
 //! The compiled, read-only configuration every worker shares behind an `Arc`.
 
-use std::time::Duration;
-
 use crate::{
     config::{Config, ServerConfig},
     http::request::HeadLimits,
@@ -54,9 +52,5 @@ impl ConfigSnapshot {
 
     pub fn server(&self) -> &ServerConfig {
         &self.config.server
-    }
-
-    pub fn header_timeout(&self) -> Duration {
-        self.config.server.header_timeout.get()
     }
 }

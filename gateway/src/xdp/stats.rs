@@ -25,16 +25,6 @@ pub struct XdpStats {
     pub sources: Vec<SourceStats>,
 }
 
-impl XdpStats {
-    pub fn counter(&self, name: &str) -> u64 {
-        self.counters
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
-            .unwrap_or(0)
-    }
-}
-
 pub fn source_addr(key: &SourceKey) -> IpAddr {
     match key.ipv4() {
         Some(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
