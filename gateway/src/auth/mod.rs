@@ -16,9 +16,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 pub use credentials::{find_credential, Credential, CredentialSource};
-pub use jwks::parse_jwks;
 pub use jwt::{parse_algorithm, Issuers, JwtError, TokenCache, TokenIdentity};
-pub use keys::{new_key, parse_key_hash, KEY_HASH_PREFIX};
+pub use keys::{new_key, parse_key_hash};
 
 use crate::config::{Config, RouteAuthConfig};
 

@@ -141,10 +141,7 @@ pub struct Received {
 
 impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        find_field(&self.headers, name)
     }
     pub fn headers_named(&self, name: &str) -> Vec<&str> {
         self.headers
@@ -287,6 +284,27 @@ fn serve_upstream(
     }
 }
 
+/// Fields as owned (name, value) pairs.
+fn owned_fields(headers: &[httparse::Header]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_owned(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The first field named `name` (any case).
+fn find_field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 /// Reads a message head up to and including its empty line (CRLF or bare LF).
 fn read_head(reader: &mut impl BufRead) -> Option<Vec<u8>> {
     let mut raw_head = Vec::new();
@@ -342,22 +360,8 @@ fn read_request(
     req.parse(&raw_head).ok()?;
     let method = req.method?.to_owned();
     let target = req.path?.to_owned();
-    let headers: Vec<(String, String)> = req
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_owned(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
-    let find = |n: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(n))
-            .map(|(_, v)| v.clone())
-    };
+    let headers = owned_fields(req.headers);
+    let find = |n: &str| find_field(&headers, n).map(str::to_owned);
     let mut body = Vec::new();
     let chunked = find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
     let keep = |data: &[u8], body: &mut Vec<u8>| {
@@ -400,10 +404,7 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        find_field(&self.headers, name)
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -439,22 +440,8 @@ impl Client {
         resp.parse(&raw_head)
             .expect("gateway sent a valid response head");
         let status = resp.code?;
-        let headers: Vec<(String, String)> = resp
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_owned(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
-        let find = |n: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(n))
-                .map(|(_, v)| v.clone())
-        };
+        let headers = owned_fields(resp.headers);
+        let find = |n: &str| find_field(&headers, n).map(str::to_owned);
         let chunked = find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
         let mut body = Vec::new();
         if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
