@@ -9,17 +9,22 @@ use portcullis::{
     http::{
         chunked::{ChunkedDecoder, ChunkedError},
         encode::{self, ClientFraming, Identity},
-        request::{incomplete_head_error, parse_request, HeadLimits},
+        request::{incomplete_head_error, parse_request, HeadRules},
         response::parse_response,
+        target::{normalize_path, EncodedSlash, PathPolicy},
         BodyFraming, Version,
     },
     routing::RouteTable,
 };
 
-const LIMITS: HeadLimits = HeadLimits {
+const LIMITS: HeadRules = HeadRules {
     max_header_bytes: 16 * 1024,
     max_headers: 64,
     max_uri_bytes: 4096,
+    path: PathPolicy {
+        merge_slashes: true,
+        encoded_slash: EncodedSlash::Reject,
+    },
 };
 
 fn catch_all() -> RouteTable {
@@ -31,7 +36,8 @@ fn catch_all() -> RouteTable {
 /// accepts again with the same method, path, query and framing.
 pub fn request_head(data: &[u8]) {
     let mut headers = [const { MaybeUninit::uninit() }; 64];
-    let req = match parse_request(data, &mut headers, &LIMITS) {
+    let mut normalized = Vec::new();
+    let req = match parse_request(data, &mut headers, &LIMITS, &mut normalized) {
         Ok(Some(req)) => req,
         Ok(None) => {
             let _ = incomplete_head_error(data, &LIMITS);
@@ -45,10 +51,10 @@ pub fn request_head(data: &[u8]) {
     assert!(req.head_len <= data.len());
     let routes = catch_all();
     let route = routes
-        .find(req.host, req.path, req.method.as_bytes())
+        .find(req.route_host, req.path, req.method.as_bytes())
         .expect("catch-all route");
     let mut out = Vec::new();
-    encode::write_upstream_request(
+    let written = encode::write_upstream_request(
         &mut out,
         &req,
         route,
@@ -58,13 +64,17 @@ pub fn request_head(data: &[u8]) {
         "http",
         "127.0.0.1:9",
     );
+    // Every value came through the decoder, which refuses CR, LF and NUL.
+    assert!(written.is_ok(), "{written:?}");
     let mut again_headers = [const { MaybeUninit::uninit() }; 128];
-    let limits = HeadLimits {
+    let limits = HeadRules {
         max_header_bytes: 64 * 1024,
         max_headers: 128,
         max_uri_bytes: 64 * 1024,
+        ..LIMITS
     };
-    let again = parse_request(&out, &mut again_headers, &limits)
+    let mut again_normalized = Vec::new();
+    let again = parse_request(&out, &mut again_headers, &limits, &mut again_normalized)
         .unwrap_or_else(|e| {
             panic!(
                 "re-encoded head refused ({e:?}): {:?}",
@@ -135,7 +145,7 @@ pub fn response_head(data: &[u8]) {
         client_version: Version::Http11,
     };
     let mut out = Vec::new();
-    encode::write_client_response(&mut out, &resp, framing);
+    encode::write_client_response(&mut out, &resp, framing).expect("decoded values are safe");
     let mut again_headers = [const { MaybeUninit::uninit() }; 256];
     let again = parse_response(&out, &mut again_headers, is_head)
         .unwrap_or_else(|e| {
@@ -149,4 +159,58 @@ pub fn response_head(data: &[u8]) {
     assert_eq!(again.status, resp.status);
     // Read-to-close stays read-to-close: the gateway adds no length it does not know.
     assert_eq!(again.body, resp.body);
+}
+
+/// Path normalisation: never panics; the normal form is a fixed point (normalising it again
+/// gives it back), never longer than the input, and holds no dot-segment, no empty segment
+/// (slashes merged), no escape of an unreserved character and no lower-case hex digit.
+pub fn path(data: &[u8]) {
+    let Some((&flags, input)) = data.split_first() else {
+        return;
+    };
+    let policy = PathPolicy {
+        merge_slashes: flags & 1 == 0,
+        encoded_slash: if flags & 2 == 0 {
+            EncodedSlash::Reject
+        } else {
+            EncodedSlash::Keep
+        },
+    };
+    let mut once = Vec::new();
+    if normalize_path(input, policy, &mut once).is_err() {
+        return;
+    }
+    assert!(once.len() <= input.len());
+    let mut twice = Vec::new();
+    normalize_path(&once, policy, &mut twice).expect("a normal form is accepted again");
+    assert_eq!(once, twice, "normalising twice changes the path");
+    if once == b"*" {
+        return;
+    }
+    assert_eq!(once.first(), Some(&b'/'));
+    let segments: Vec<&[u8]> = once[1..].split(|b| *b == b'/').collect();
+    for (i, segment) in segments.iter().enumerate() {
+        assert!(
+            *segment != b"." && *segment != b"..",
+            "dot-segment left in {:?}",
+            String::from_utf8_lossy(&once)
+        );
+        if policy.merge_slashes && i + 1 < segments.len() {
+            assert!(!segment.is_empty(), "empty segment left");
+        }
+    }
+    for escape in once.windows(3).filter(|w| w[0] == b'%') {
+        let hex = std::str::from_utf8(&escape[1..]).expect("ASCII");
+        assert!(
+            hex.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()),
+            "lower-case escape {hex}"
+        );
+        let decoded = u8::from_str_radix(hex, 16).expect("two hex digits");
+        assert!(
+            !(decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded)),
+            "escaped unreserved character %{hex}"
+        );
+    }
+    assert!(once.iter().all(|b| b.is_ascii() && *b != b'\\'));
 }

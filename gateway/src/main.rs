@@ -177,10 +177,8 @@ fn run(config: Config) -> anyhow::Result<()> {
         .name("portcullis-limits".into())
         .spawn(move || loop {
             std::thread::sleep(portcullis::limits::SWEEP_INTERVAL);
-            for route in sweeping.routes.routes() {
-                for limit in &route.limits {
-                    limit.sweep();
-                }
+            for limit in sweeping.routes.all_limits() {
+                limit.sweep();
             }
         })?;
     let handles = spawn_workers(snapshot.clone(), listeners, drain, bans)?;

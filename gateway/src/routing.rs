@@ -3,13 +3,14 @@
 //! Precedence, fixed: exact host over wildcard host over no host; then exact path over the
 //! longest prefix over shorter prefixes (over no path); then routes with `methods` over routes
 //! without; remaining ties go to the first in the file.
+//!
+//! Routes match the normalised path and host (see [`crate::http::target`]), never the raw
+//! target. Paths match case-sensitively (RFC 3986 §6.2.2.1) unless a route sets
+//! `case_insensitive`.
 
 use std::collections::HashMap;
 
 use crate::config::{Config, RouteConfig};
-
-/// Longest host name (RFC 1035) plus room for a port; longer Host values match no host route.
-const MAX_HOST_BYTES: usize = 255;
 
 /// What a matched route does.
 #[derive(Debug)]
@@ -52,12 +53,16 @@ pub struct Route {
     /// Position in the config file, for logs.
     pub index: usize,
     path: PathMatch,
+    case_insensitive: bool,
     methods: Option<Vec<Box<[u8]>>>,
     pub action: Action,
     pub rewrite: PathRewrite,
     pub max_body_bytes: Option<u64>,
     /// The route's access policy; `None` for an open route.
     pub auth: Option<crate::config::RouteAuthConfig>,
+    /// Rate limits counted before credentials are checked: the route's own, or the ones of
+    /// `[server]` shared by every route that has none of its own.
+    pub pre_auth_limits: std::sync::Arc<[crate::limits::Limit]>,
     /// Rate limits, checked in order.
     pub limits: Vec<crate::limits::Limit>,
     pub rate_limit_headers: bool,
@@ -69,6 +74,8 @@ pub struct Route {
 pub struct RouteTable {
     routes: Vec<Route>,
     exact_host: HashMap<Box<[u8]>, Vec<usize>>,
+    /// `[server] pre_auth_limits`, shared by every route that sets none of its own.
+    server_pre_auth_limits: std::sync::Arc<[crate::limits::Limit]>,
     /// (suffix including the leading dot, route) in precedence order.
     wildcard_host: Vec<(Box<[u8]>, usize)>,
     any_host: Vec<usize>,
@@ -78,14 +85,22 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn new(config: &Config) -> RouteTable {
         let upstream_names: Vec<String> = config.upstreams.keys().cloned().collect();
+        let server_pre_auth_limits: std::sync::Arc<[crate::limits::Limit]> = config
+            .server
+            .pre_auth_limits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| crate::limits::Limit::new(SERVER_LIMIT_SCOPE, PRE_AUTH_INDEX + i, l))
+            .collect();
         let routes: Vec<Route> = config
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| compile_route(i, r, &upstream_names))
+            .map(|(i, r)| compile_route(i, r, &upstream_names, &server_pre_auth_limits))
             .collect();
         let mut table = RouteTable {
             upstream_names,
+            server_pre_auth_limits,
             ..RouteTable::default()
         };
         let mut order: Vec<usize> = (0..routes.len()).collect();
@@ -117,6 +132,19 @@ impl RouteTable {
         &self.routes
     }
 
+    /// Every rate limit of the table, each once (for sweeping recovered entries).
+    pub fn all_limits(&self) -> impl Iterator<Item = &crate::limits::Limit> {
+        self.server_pre_auth_limits
+            .iter()
+            .chain(self.routes.iter().flat_map(|r| {
+                let own_pre_auth =
+                    !std::sync::Arc::ptr_eq(&r.pre_auth_limits, &self.server_pre_auth_limits);
+                r.limits
+                    .iter()
+                    .chain(r.pre_auth_limits.iter().filter(move |_| own_pre_auth))
+            }))
+    }
+
     pub fn route(&self, index: usize) -> &Route {
         &self.routes[index]
     }
@@ -126,11 +154,9 @@ impl RouteTable {
         &self.upstream_names
     }
 
-    /// Finds the route for a request. `host` is the Host field value (any case, port allowed),
-    /// `path` the target's path without the query.
+    /// Finds the route for a request. `host` is the normalised host (lower case, no port, see
+    /// [`crate::http::target::normalize_host`]), `path` the normalised path without the query.
     pub fn find(&self, host: Option<&[u8]>, path: &[u8], method: &[u8]) -> Option<&Route> {
-        let mut lowered = [0u8; MAX_HOST_BYTES];
-        let host = host.and_then(|h| normalize_host(h, &mut lowered));
         if let Some(host) = host {
             if let Some(candidates) = self.exact_host.get(host) {
                 if let Some(r) = self.first_match(candidates.iter().copied(), path, method) {
@@ -163,10 +189,14 @@ impl RouteTable {
 
 impl Route {
     fn matches(&self, path: &[u8], method: &[u8]) -> bool {
-        let path_ok = match &self.path {
-            PathMatch::Any => true,
-            PathMatch::Exact(p) => path == &p[..],
-            PathMatch::Prefix(p) => path.starts_with(p),
+        let path_ok = match (&self.path, self.case_insensitive) {
+            (PathMatch::Any, _) => true,
+            (PathMatch::Exact(p), false) => path == &p[..],
+            (PathMatch::Exact(p), true) => path.eq_ignore_ascii_case(p),
+            (PathMatch::Prefix(p), false) => path.starts_with(p),
+            (PathMatch::Prefix(p), true) => {
+                path.len() >= p.len() && path[..p.len()].eq_ignore_ascii_case(p)
+            }
         };
         path_ok
             && self
@@ -202,27 +232,6 @@ impl Route {
     }
 }
 
-/// Lower-cases `host` into `buf` without its port; `None` when it cannot be a host name.
-fn normalize_host<'b>(host: &[u8], buf: &'b mut [u8; MAX_HOST_BYTES]) -> Option<&'b [u8]> {
-    let name = if host.first() == Some(&b'[') {
-        // IPv6 literal: keep up to the closing bracket.
-        &host[..host.iter().position(|b| *b == b']')? + 1]
-    } else {
-        match host.iter().rposition(|b| *b == b':') {
-            Some(colon) => &host[..colon],
-            None => host,
-        }
-    };
-    let name = name.strip_suffix(b".").unwrap_or(name);
-    if name.is_empty() || name.len() > buf.len() {
-        return None;
-    }
-    for (dst, src) in buf.iter_mut().zip(name) {
-        *dst = src.to_ascii_lowercase();
-    }
-    Some(&buf[..name.len()])
-}
-
 /// Sort key: smaller sorts first. Host class is handled by the bucket the route lands in.
 fn precedence_key(route: &Route) -> (u8, std::cmp::Reverse<usize>, u8, usize) {
     let (path_class, len) = match &route.path {
@@ -234,7 +243,18 @@ fn precedence_key(route: &Route) -> (u8, std::cmp::Reverse<usize>, u8, usize) {
     (path_class, std::cmp::Reverse(len), methods, route.index)
 }
 
-fn compile_route(index: usize, r: &RouteConfig, upstream_names: &[String]) -> Route {
+/// The limit scope that names `[server] pre_auth_limits` in cluster keys (routes use their
+/// index).
+const SERVER_LIMIT_SCOPE: usize = u32::MAX as usize;
+/// Pre-auth limits are numbered from here in cluster keys, apart from a route's own limits.
+const PRE_AUTH_INDEX: usize = 128;
+
+fn compile_route(
+    index: usize,
+    r: &RouteConfig,
+    upstream_names: &[String],
+    server_pre_auth_limits: &std::sync::Arc<[crate::limits::Limit]>,
+) -> Route {
     let m = &r.matcher;
     let path = match (&m.path, &m.path_prefix) {
         (Some(p), _) => PathMatch::Exact(p.as_bytes().into()),
@@ -265,6 +285,7 @@ fn compile_route(index: usize, r: &RouteConfig, upstream_names: &[String]) -> Ro
     Route {
         index,
         path,
+        case_insensitive: r.case_insensitive,
         methods: m
             .methods
             .as_ref()
@@ -273,6 +294,14 @@ fn compile_route(index: usize, r: &RouteConfig, upstream_names: &[String]) -> Ro
         rewrite,
         max_body_bytes: r.max_body_bytes,
         auth: r.auth.clone(),
+        pre_auth_limits: match &r.pre_auth_limits {
+            Some(own) => own
+                .iter()
+                .enumerate()
+                .map(|(i, l)| crate::limits::Limit::new(index, PRE_AUTH_INDEX + i, l))
+                .collect(),
+            None => server_pre_auth_limits.clone(),
+        },
         limits: r
             .limits
             .iter()
@@ -305,7 +334,11 @@ mod tests {
     }
 
     fn found(t: &RouteTable, host: Option<&str>, path: &str, method: &str) -> Option<usize> {
-        t.find(host.map(str::as_bytes), path.as_bytes(), method.as_bytes())
+        let mut host_buf = Vec::new();
+        let host = host
+            .is_some_and(|h| crate::http::target::normalize_host(h.as_bytes(), &mut host_buf))
+            .then_some(&host_buf[..]);
+        t.find(host, path.as_bytes(), method.as_bytes())
             .map(|r| r.index)
     }
 

@@ -35,3 +35,8 @@ fn chunked_corpus() {
 fn response_head_corpus() {
     replay("response_head", harness::response_head);
 }
+
+#[test]
+fn path_corpus() {
+    replay("path", harness::path);
+}

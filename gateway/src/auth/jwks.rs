@@ -1,14 +1,16 @@
 //! Verification keys for each JWT issuer: from a PEM file, a JWKS file, or a JWKS URL that a
 //! background thread fetches off the request path. Workers read the current set without a lock
 //! (`ArcSwap`). A failed or garbled fetch keeps the last good set. A token naming an unknown
-//! `kid` asks for a refetch, at most once per `refetch_min_interval`, so a flood of random kids
-//! cannot hammer the identity provider.
+//! `kid` asks for a refetch; those refetches happen at most once per `refetch_min_interval`, so
+//! a flood of random kids cannot hammer the identity provider. Scheduled and start-up fetches do
+//! not count towards that interval: a key rotated just after one is fetched at once.
 
 use std::{
+    hash::{BuildHasher, RandomState},
     sync::{
         atomic::{AtomicU64, Ordering},
-        mpsc::{channel, Receiver, RecvTimeoutError, Sender},
-        Arc,
+        mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender},
+        Arc, OnceLock,
     },
     time::{Duration, Instant},
 };
@@ -58,21 +60,44 @@ impl KeySet {
 /// An issuer's keys as the workers see them, and how to ask for a refetch.
 pub struct IssuerKeys {
     pub current: ArcSwap<KeySet>,
-    /// Bumped on every successful load; a worker waiting for a refetch watches it.
+    /// Bumped whenever the key set changes; caches of refused tokens are cleared then.
     pub version: AtomicU64,
-    refetch: Option<Sender<()>>,
+    /// Bumped after every fetch attempt, changed keys or not; a worker waiting for a refetch
+    /// watches it.
+    pub fetches: AtomicU64,
+    /// When the next refetch asked for by an unknown `kid` may start, in [`monotonic_ns`].
+    next_kid_fetch_ns: AtomicU64,
+    /// Holds one pending request at most: more would say nothing new, and a flood of
+    /// unknown kids must not grow a queue.
+    refetch: Option<SyncSender<()>>,
+}
+
+/// Nanoseconds on the monotonic clock since the first call in this process.
+pub fn monotonic_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
 impl IssuerKeys {
     /// Asks the fetcher for a fresh set (no-op for keys from files).
     pub fn request_refetch(&self) {
         if let Some(tx) = &self.refetch {
-            let _ = tx.send(());
+            // Full means a request is already pending, which is the same request.
+            let _ = tx.try_send(());
         }
     }
 
     pub fn can_refetch(&self) -> bool {
         self.refetch.is_some()
+    }
+
+    /// How long until a refetch asked for now may start (zero: at once).
+    pub fn refetch_delay(&self) -> Duration {
+        Duration::from_nanos(
+            self.next_kid_fetch_ns
+                .load(Ordering::Acquire)
+                .saturating_sub(monotonic_ns()),
+        )
     }
 }
 
@@ -121,7 +146,8 @@ fn load_pem(bytes: &[u8], alg: Algorithm) -> Result<KeySet, String> {
     })
 }
 
-fn fetch(url: &str) -> Result<KeySet, String> {
+/// Fetches and parses a JWKS; returns the body too, so an unchanged document can be told apart.
+fn fetch(url: &str) -> Result<(KeySet, Vec<u8>), String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(FETCH_TIMEOUT))
         .build()
@@ -136,7 +162,7 @@ fn fetch(url: &str) -> Result<KeySet, String> {
         .limit(MAX_JWKS_BYTES)
         .read_to_vec()
         .map_err(|e| format!("read failed: {e}"))?;
-    parse_jwks(&body)
+    Ok((parse_jwks(&body)?, body))
 }
 
 /// Loads an issuer's keys; for a JWKS URL starts the fetcher thread. A URL that cannot be
@@ -155,12 +181,14 @@ pub fn start(config: &IssuerConfig, first_alg: Algorithm) -> Result<Arc<IssuerKe
             None,
         )
     } else {
-        let (tx, rx) = channel();
+        let (tx, rx) = sync_channel(1);
         (KeySet::default(), Some((tx, rx)))
     };
     let keys = Arc::new(IssuerKeys {
         current: ArcSwap::from_pointee(initial),
         version: AtomicU64::new(1),
+        fetches: AtomicU64::new(0),
+        next_kid_fetch_ns: AtomicU64::new(0),
         refetch: refetch_rx.as_ref().map(|(tx, _)| tx.clone()),
     });
     if let (Some(url), Some((_, rx))) = (&config.jwks_url, refetch_rx) {
@@ -189,30 +217,52 @@ struct Fetcher {
 
 impl Fetcher {
     fn run(self, requests: Receiver<()>) {
+        // Tells a changed document from the same one fetched again.
+        let hasher = RandomState::new();
+        let mut last_document: Option<u64> = None;
+        let mut next_refresh = Instant::now();
         loop {
-            let fetched_at = Instant::now();
-            match fetch(&self.url) {
-                Ok(set) => {
-                    let count = set.keys.len();
-                    self.keys.current.store(Arc::new(set));
-                    self.keys.version.fetch_add(1, Ordering::Release);
-                    info!(issuer = %self.issuer, url = %self.url, keys = count, "JWKS loaded");
-                }
-                // Keep the last good set.
-                Err(e) => {
-                    warn!(issuer = %self.issuer, url = %self.url, "JWKS fetch failed, keeping the previous keys: {e}")
-                }
+            if Instant::now() >= next_refresh {
+                // Scheduled (or start-up) fetch: does not delay a kid-triggered one.
+                self.fetch_once(&hasher, &mut last_document);
+                next_refresh = Instant::now() + self.refresh;
             }
-            // Wait for the next refresh, or a refetch request: deferred (never dropped) until
-            // `min_gap` has passed since the last fetch, and a burst collapses into one fetch.
-            match requests.recv_timeout(self.refresh) {
+            match requests.recv_timeout(next_refresh.saturating_duration_since(Instant::now())) {
                 Ok(()) => {
-                    std::thread::sleep(self.min_gap.saturating_sub(fetched_at.elapsed()));
+                    // A token named an unknown kid: wait out the gap since the last such
+                    // fetch (requests arriving meanwhile are deferred, never dropped), then
+                    // collapse the burst into one fetch.
+                    std::thread::sleep(self.keys.refetch_delay());
                     while requests.try_recv().is_ok() {}
+                    self.keys.next_kid_fetch_ns.store(
+                        monotonic_ns() + self.min_gap.as_nanos() as u64,
+                        Ordering::Release,
+                    );
+                    self.fetch_once(&hasher, &mut last_document);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
+    }
+
+    fn fetch_once(&self, hasher: &RandomState, last_document: &mut Option<u64>) {
+        match fetch(&self.url) {
+            Ok((set, body)) => {
+                let digest = hasher.hash_one(&body);
+                if *last_document != Some(digest) {
+                    *last_document = Some(digest);
+                    let count = set.keys.len();
+                    self.keys.current.store(Arc::new(set));
+                    self.keys.version.fetch_add(1, Ordering::Release);
+                    info!(issuer = %self.issuer, url = %self.url, keys = count, "JWKS loaded");
+                }
+            }
+            // Keep the last good set.
+            Err(e) => {
+                warn!(issuer = %self.issuer, url = %self.url, "JWKS fetch failed, keeping the previous keys: {e}")
+            }
+        }
+        self.keys.fetches.fetch_add(1, Ordering::Release);
     }
 }

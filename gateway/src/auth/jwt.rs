@@ -1,23 +1,24 @@
 //! JWT validation: signature with the issuer's keys and explicitly listed algorithms (so
 //! `none` and HS-with-an-RSA-public-key confusion cannot pass), `exp`, `nbf` and `iat` with a
-//! leeway, `iss` and `aud`. Verified tokens are cached per worker until they expire, so a hot
+//! leeway, `iss` and `aud`. Every identity value a token supplies (the consumer, groups, claim
+//! headers) must be safe to write into a head, or the token is invalid. Verified tokens are
+//! cached per worker until they expire, and refused ones for a while, so a hot or replayed
 //! token costs a hash lookup, not a signature check.
 
 use std::{
-    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    num::NonZeroUsize,
     rc::Rc,
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use jsonwebtoken::{decode, decode_header, Algorithm, Validation};
+use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, Validation};
+use lru::LruCache;
 use serde_json::{Map, Value};
 
 use super::jwks::{start as start_keys, IssuerKeys};
 use crate::config::{AuthConfig, IssuerConfig, RouteAuthConfig};
-
-/// Verified tokens kept per worker, at most; the cache is cleared when full.
-const TOKEN_CACHE_ENTRIES: usize = 10_000;
 
 /// `"RS256"` and friends; `None` for anything not accepted (including `none`).
 pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
@@ -73,8 +74,24 @@ pub enum JwtError {
     Malformed,
     /// Signed with a `kid` no issuer knows; issuer `0` can refetch its keys.
     UnknownKey(usize),
-    /// Signature, time or issuer/audience checks failed.
+    /// `nbf` or `iat` lies in the future: the same token may be valid later.
+    NotYetValid,
+    /// Signature, expiry or issuer/audience checks failed.
     Invalid,
+    /// Verified, but the consumer claim is missing or empty, or an identity value (consumer,
+    /// group, claim header) holds a control character or cannot be written into a head.
+    UnsafeIdentity,
+}
+
+impl JwtError {
+    /// Whether the same token fails the same way until the keys change, so the refusal may be
+    /// remembered.
+    pub fn is_lasting(self) -> bool {
+        matches!(
+            self,
+            JwtError::Malformed | JwtError::Invalid | JwtError::UnsafeIdentity
+        )
+    }
 }
 
 struct Issuer {
@@ -136,12 +153,26 @@ impl Issuers {
         &self.issuers[issuer].keys
     }
 
+    /// Changes whenever any issuer's key set changes.
+    pub fn keys_epoch(&self) -> u64 {
+        self.issuers
+            .iter()
+            .map(|i| i.keys.version.load(Ordering::Acquire))
+            .fold(0, u64::wrapping_add)
+    }
+
+    /// The configured issuer at `issuer`.
+    pub fn config(&self, issuer: usize) -> &IssuerConfig {
+        &self.issuers[issuer].config
+    }
+
     /// Verifies `token` against every issuer whose algorithms allow its header.
     pub fn verify(&self, token: &[u8]) -> Result<TokenIdentity, JwtError> {
         let token = std::str::from_utf8(token).map_err(|_| JwtError::Malformed)?;
         let header = decode_header(token).map_err(|_| JwtError::Malformed)?;
         let mut unknown_key = None;
         let mut any_issuer = false;
+        let mut not_yet_valid = false;
         for (index, issuer) in self.issuers.iter().enumerate() {
             if !issuer.algorithms.contains(&header.alg) {
                 continue;
@@ -167,8 +198,12 @@ impl Issuers {
             } else {
                 validation.set_audience(&c.audiences);
             }
-            let Ok(data) = decode::<Map<String, Value>>(token, key, &validation) else {
-                continue;
+            let data = match decode::<Map<String, Value>>(token, key, &validation) {
+                Ok(data) => data,
+                Err(e) => {
+                    not_yet_valid |= matches!(e.kind(), ErrorKind::ImmatureSignature);
+                    continue;
+                }
             };
             let claims = data.claims;
             // jsonwebtoken does not check iat: a token issued in the future is refused.
@@ -177,19 +212,27 @@ impl Issuers {
                 .and_then(Value::as_u64)
                 .is_some_and(|iat| iat > now_secs() + validation.leeway)
             {
+                not_yet_valid = true;
                 continue;
             }
-            return Ok(identity(c, claims));
+            return identity(c, claims);
         }
         match (unknown_key, any_issuer) {
             (Some(i), _) => Err(JwtError::UnknownKey(i)),
             (None, false) => Err(JwtError::Malformed),
+            (None, true) if not_yet_valid => Err(JwtError::NotYetValid),
             (None, true) => Err(JwtError::Invalid),
         }
     }
 }
 
-fn identity(c: &IssuerConfig, claims: Map<String, Value>) -> TokenIdentity {
+/// True for a value that may be written into a head as it is: no control characters (CR, LF
+/// and NUL among them), not even tab.
+fn is_safe_identity_value(v: &str) -> bool {
+    !v.bytes().any(|b| b < b' ' || b == 0x7f)
+}
+
+fn identity(c: &IssuerConfig, claims: Map<String, Value>) -> Result<TokenIdentity, JwtError> {
     let string_list = |v: Option<&Value>| -> Vec<String> {
         match v {
             Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
@@ -201,28 +244,39 @@ fn identity(c: &IssuerConfig, claims: Map<String, Value>) -> TokenIdentity {
             _ => Vec::new(),
         }
     };
+    // One caller without a consumer claim must not share a bucket with every other such caller.
     let consumer = claims
         .get(&c.consumer_claim)
         .and_then(Value::as_str)
-        .unwrap_or_default()
+        .filter(|id| !id.is_empty() && is_safe_identity_value(id))
+        .ok_or(JwtError::UnsafeIdentity)?
         .to_owned();
     let groups = string_list(claims.get("groups"));
+    // Groups travel as one comma-separated field: a comma would forge a second group.
+    if groups
+        .iter()
+        .any(|g| g.is_empty() || g.contains(',') || !is_safe_identity_value(g))
+    {
+        return Err(JwtError::UnsafeIdentity);
+    }
     let mut scopes = string_list(claims.get("scope"));
     scopes.extend(string_list(claims.get("scp")));
-    let claim_headers = c
-        .claim_headers
-        .iter()
-        .filter_map(|(claim, header)| {
-            let v = match claims.get(claim)? {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            // Never let a claim value break the head it is written into.
-            (!v.bytes().any(|b| b < b' ' && b != b'\t')).then(|| (header.clone(), v))
-        })
-        .collect();
+    let mut claim_headers = Vec::with_capacity(c.claim_headers.len());
+    for (claim, header) in &c.claim_headers {
+        let Some(value) = claims.get(claim) else {
+            continue;
+        };
+        let v = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if !is_safe_identity_value(&v) {
+            return Err(JwtError::UnsafeIdentity);
+        }
+        claim_headers.push((header.clone(), v));
+    }
     let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
-    TokenIdentity {
+    Ok(TokenIdentity {
         groups_header: groups.join(","),
         consumer,
         groups,
@@ -230,32 +284,79 @@ fn identity(c: &IssuerConfig, claims: Map<String, Value>) -> TokenIdentity {
         claim_headers,
         claims,
         expires_at,
-    }
+    })
 }
 
-/// Verified tokens, per worker.
-#[derive(Default)]
+/// A token's key in the cache of refused tokens: a keyed hash, so the cache holds no token
+/// and an attacker cannot aim collisions at it.
+type TokenDigest = u64;
+
+/// Verified and refused tokens, per worker. Both maps are bounded and evict the least recently
+/// used entry when full.
 pub struct TokenCache {
-    entries: HashMap<Box<[u8]>, Rc<TokenIdentity>>,
+    verified: LruCache<Box<[u8]>, Rc<TokenIdentity>>,
+    refused: LruCache<TokenDigest, (JwtError, Instant)>,
+    refused_ttl: Duration,
+    hasher: RandomState,
+    /// The sum of every issuer's key-set version when `refused` was last valid.
+    keys_epoch: u64,
 }
 
 impl TokenCache {
+    pub fn new(config: &AuthConfig) -> TokenCache {
+        let size = |n: usize| NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN);
+        TokenCache {
+            verified: LruCache::new(size(config.token_cache_entries)),
+            refused: LruCache::new(size(config.invalid_token_cache_entries)),
+            refused_ttl: config.invalid_token_cache_ttl.get(),
+            hasher: RandomState::new(),
+            keys_epoch: 0,
+        }
+    }
+
     /// A cached identity for `token`, unless it has expired since.
     pub fn get(&mut self, token: &[u8]) -> Option<Rc<TokenIdentity>> {
-        let hit = self.entries.get(token)?;
+        let hit = self.verified.get(token)?;
         if hit.expires_at > now_secs() {
             return Some(hit.clone());
         }
-        self.entries.remove(token);
+        self.verified.pop(token);
         None
     }
 
     pub fn insert(&mut self, token: &[u8], identity: TokenIdentity) -> Rc<TokenIdentity> {
-        if self.entries.len() >= TOKEN_CACHE_ENTRIES {
-            self.entries.clear();
-        }
         let identity = Rc::new(identity);
-        self.entries.insert(token.into(), identity.clone());
+        self.verified.put(token.into(), identity.clone());
         identity
+    }
+
+    /// The remembered refusal of `token`, if it is still fresh and the keys have not changed
+    /// since (`keys_epoch` from [`Issuers::keys_epoch`]).
+    pub fn refused(&mut self, token: &[u8], keys_epoch: u64) -> Option<JwtError> {
+        if keys_epoch != self.keys_epoch {
+            self.refused.clear();
+            self.keys_epoch = keys_epoch;
+            return None;
+        }
+        let digest = self.hasher.hash_one(token);
+        let (error, at) = *self.refused.get(&digest)?;
+        if at.elapsed() < self.refused_ttl {
+            return Some(error);
+        }
+        self.refused.pop(&digest);
+        None
+    }
+
+    /// Remembers a refusal that will not change until the keys do.
+    pub fn remember_refusal(&mut self, token: &[u8], error: JwtError, keys_epoch: u64) {
+        if !error.is_lasting() {
+            return;
+        }
+        if keys_epoch != self.keys_epoch {
+            self.refused.clear();
+            self.keys_epoch = keys_epoch;
+        }
+        self.refused
+            .put(self.hasher.hash_one(token), (error, Instant::now()));
     }
 }

@@ -121,6 +121,12 @@ pub struct AuthConfig {
     pub realm: String,
     /// JWT issuers whose tokens are accepted.
     pub issuers: Vec<IssuerConfig>,
+    /// Tokens that failed their checks, remembered per worker so a replay costs a hash lookup.
+    pub invalid_token_cache_entries: usize,
+    /// How long a failed token is remembered.
+    pub invalid_token_cache_ttl: ConfigDuration,
+    /// Verified tokens kept per worker (least recently used evicted first).
+    pub token_cache_entries: usize,
 }
 
 impl Default for AuthConfig {
@@ -130,6 +136,9 @@ impl Default for AuthConfig {
             api_key_query: None,
             realm: "portcullis".into(),
             issuers: Vec::new(),
+            invalid_token_cache_entries: 4096,
+            invalid_token_cache_ttl: ConfigDuration::from_secs(60),
+            token_cache_entries: 10_000,
         }
     }
 }
@@ -153,9 +162,14 @@ pub struct IssuerConfig {
     /// How often a JWKS URL is fetched again.
     #[serde(default = "default_jwks_refresh")]
     pub refresh_interval: ConfigDuration,
-    /// Least time between fetches triggered by a token naming an unknown `kid`.
+    /// Least time between fetches triggered by tokens naming an unknown `kid` (scheduled and
+    /// start-up fetches do not count).
     #[serde(default = "default_jwks_refetch")]
     pub refetch_min_interval: ConfigDuration,
+    /// Longest a request whose token names an unknown `kid` waits for the refetch it asked
+    /// for; when the next allowed refetch is further away, it is refused at once.
+    #[serde(default = "default_unknown_kid_wait")]
+    pub unknown_kid_wait: ConfigDuration,
     /// Clock skew allowed on `exp`, `nbf` and `iat`.
     #[serde(default = "default_jwt_leeway")]
     pub leeway: ConfigDuration,
@@ -172,6 +186,9 @@ fn default_jwks_refresh() -> ConfigDuration {
 }
 fn default_jwks_refetch() -> ConfigDuration {
     ConfigDuration::from_secs(10)
+}
+fn default_unknown_kid_wait() -> ConfigDuration {
+    ConfigDuration::from_secs(2)
 }
 fn default_jwt_leeway() -> ConfigDuration {
     ConfigDuration::from_secs(30)
@@ -248,6 +265,14 @@ pub struct ServerConfig {
     pub max_headers: usize,
     /// Longest request target, in bytes: beyond it, 414.
     pub max_uri_bytes: usize,
+    /// Merge repeated slashes in request paths before routing (`//a` is `/a`).
+    pub merge_slashes: bool,
+    /// `%2F` in a request path: "reject" (400) or "keep" (forwarded untouched, never a
+    /// separator for routing).
+    pub encoded_slash: crate::http::target::EncodedSlash,
+    /// Rate limits counted before credentials are checked, for every route that does not set
+    /// its own `pre_auth_limits`; keyed by "client" or "header:NAME".
+    pub pre_auth_limits: Vec<LimitConfig>,
 }
 
 impl Default for ServerConfig {
@@ -264,6 +289,19 @@ impl Default for ServerConfig {
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             max_uri_bytes: 8 * 1024,
+            merge_slashes: true,
+            encoded_slash: crate::http::target::EncodedSlash::Reject,
+            pre_auth_limits: Vec::new(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// How request paths are normalised before routing.
+    pub fn path_policy(&self) -> crate::http::target::PathPolicy {
+        crate::http::target::PathPolicy {
+            merge_slashes: self.merge_slashes,
+            encoded_slash: self.encoded_slash,
         }
     }
 }
@@ -360,8 +398,15 @@ pub struct RouteConfig {
     pub rewrite_prefix: Option<String>,
     /// Largest request body accepted on this route: beyond it, 413.
     pub max_body_bytes: Option<u64>,
+    /// Match the path without regard to ASCII case, for upstreams that are case-insensitive
+    /// (IIS, some object stores). Default: case-sensitive, as RFC 3986 says.
+    #[serde(default)]
+    pub case_insensitive: bool,
     /// Who may call this route; omit for an open route.
     pub auth: Option<RouteAuthConfig>,
+    /// Rate limits counted before credentials are checked (keyed by "client" or
+    /// "header:NAME"); default: `[server] pre_auth_limits`; `[]` for none.
+    pub pre_auth_limits: Option<Vec<LimitConfig>>,
     /// Rate limits, all applied to every request of the route.
     #[serde(default)]
     pub limits: Vec<LimitConfig>,

@@ -1,6 +1,12 @@
 //! `Config::validate`: every rule that serde's types cannot express, each failure naming the key.
 
-use super::{key_path, Config, Invalid, KeyPath, MAX_HEADERS_CEILING, MAX_HEADER_BYTES_CEILING};
+use super::{
+    key_path, Config, Invalid, KeyPath, LimitConfig, MAX_HEADERS_CEILING, MAX_HEADER_BYTES_CEILING,
+};
+use crate::{
+    http::target::{is_normal_path, normalize_path},
+    limits::LimitKey,
+};
 
 /// Field names a `respond` action may not set: the gateway frames its own responses.
 const RESPOND_RESERVED_HEADERS: [&str; 4] = [
@@ -67,6 +73,10 @@ impl Config {
             1,
             1_000_000,
         )?;
+
+        for (j, limit) in s.pre_auth_limits.iter().enumerate() {
+            validate_limit(server().key("pre_auth_limits").index(j), limit, false)?;
+        }
 
         for (name, upstream) in &self.upstreams {
             let at = || key_path("upstreams").key(name);
@@ -253,6 +263,20 @@ impl Config {
                         ),
                     ));
                 }
+                // Requests are routed on their normal form: a route that is not normal would
+                // never match (or match something else than it says).
+                let policy = self.server.path_policy();
+                if !is_normal_path(p, policy) {
+                    let mut normal = Vec::new();
+                    let hint = match normalize_path(p.as_bytes(), policy, &mut normal) {
+                        Ok(()) => format!("write it as `{}`", String::from_utf8_lossy(&normal)),
+                        Err(e) => format!("requests with it are refused ({e})"),
+                    };
+                    return Err(Invalid::new(
+                        matcher().key(key),
+                        format!("`{p}` is not a normalised path (no `.` or `..` segments, no `//`, no escapes of letters, digits or `-._~`, upper-case hex): {hint}"),
+                    ));
+                }
             }
         }
         if let Some(methods) = &m.methods {
@@ -301,33 +325,10 @@ impl Config {
             }
         }
         for (j, limit) in route.limits.iter().enumerate() {
-            let l = || at().key("limits").index(j);
-            if crate::limits::LimitKey::parse(&limit.key).is_none() {
-                return Err(Invalid::new(l().key("key"), format!("`{}` is not a limit key: use \"client\", \"consumer\", \"route\" or \"header:NAME\"", limit.key)));
-            }
-            if limit.rate == 0 || limit.rate > 1_000_000_000 {
-                return Err(Invalid::new(
-                    l().key("rate"),
-                    "must be from 1 to 1000000000",
-                ));
-            }
-            if limit.burst == Some(0) {
-                return Err(Invalid::new(l().key("burst"), "must be at least 1"));
-            }
-            if limit.per.get().is_zero() {
-                return Err(Invalid::new(
-                    l().key("per"),
-                    "must be longer than zero, such as \"1s\" or \"24h\"",
-                ));
-            }
-            if let Some(name) = &limit.name {
-                if name.is_empty() || !name.bytes().all(is_token_byte) {
-                    return Err(Invalid::new(
-                        l().key("name"),
-                        "must be a token, such as \"per-minute\"",
-                    ));
-                }
-            }
+            validate_limit(at().key("limits").index(j), limit, true)?;
+        }
+        for (j, limit) in route.pre_auth_limits.iter().flatten().enumerate() {
+            validate_limit(at().key("pre_auth_limits").index(j), limit, false)?;
         }
         for (j, q) in route.quotas.iter().enumerate() {
             let at_q = || at().key("quotas").index(j);
@@ -412,6 +413,18 @@ impl Config {
                     "use letters, digits, `_`, `-` or `.`, such as \"api_key\"",
                 ));
             }
+        }
+        for (key, value) in [
+            ("invalid_token_cache_entries", a.invalid_token_cache_entries),
+            ("token_cache_entries", a.token_cache_entries),
+        ] {
+            in_range(key_path("auth").key(key), value, 1, 10_000_000)?;
+        }
+        if a.invalid_token_cache_ttl.get().is_zero() {
+            return Err(Invalid::new(
+                key_path("auth").key("invalid_token_cache_ttl"),
+                "must be longer than zero, such as \"60s\"",
+            ));
         }
         for (i, iss) in a.issuers.iter().enumerate() {
             let at = || key_path("auth").key("issuers").index(i);
@@ -522,6 +535,41 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// One rate limit; `after_auth`: whether it may key on the consumer (pre-auth limits run
+/// before anyone is known).
+fn validate_limit(l: KeyPath, limit: &LimitConfig, after_auth: bool) -> Result<(), Invalid> {
+    let key = || l.clone().key("key");
+    match LimitKey::parse(&limit.key) {
+        None if after_auth => return Err(Invalid::new(key(), format!("`{}` is not a limit key: use \"client\", \"consumer\", \"route\" or \"header:NAME\"", limit.key))),
+        None | Some(LimitKey::Consumer) | Some(LimitKey::Route) if !after_auth => return Err(Invalid::new(key(), format!("`{}` is not valid before authentication: use \"client\" or \"header:NAME\" (no consumer is known yet, and one count for everyone would let a flood lock legitimate callers out)", limit.key))),
+        _ => {}
+    }
+    if limit.rate == 0 || limit.rate > 1_000_000_000 {
+        return Err(Invalid::new(
+            l.clone().key("rate"),
+            "must be from 1 to 1000000000",
+        ));
+    }
+    if limit.burst == Some(0) {
+        return Err(Invalid::new(l.clone().key("burst"), "must be at least 1"));
+    }
+    if limit.per.get().is_zero() {
+        return Err(Invalid::new(
+            l.clone().key("per"),
+            "must be longer than zero, such as \"1s\" or \"24h\"",
+        ));
+    }
+    if let Some(name) = &limit.name {
+        if name.is_empty() || !name.bytes().all(is_token_byte) {
+            return Err(Invalid::new(
+                l.clone().key("name"),
+                "must be a token, such as \"per-minute\"",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn in_range(key: KeyPath, value: usize, min: usize, max: usize) -> Result<(), Invalid> {

@@ -27,6 +27,14 @@ const REQUEST_REPLACED: [&str; 6] = [
     "x-consumer-groups",
 ];
 
+/// A field value that would break the head it is written into (CR, LF or NUL): the head is
+/// not sent. Names the field, never the value, which may be a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused to write field `{field}`: its value holds CR, LF or NUL")]
+pub struct UnsafeFieldValue {
+    pub field: String,
+}
+
 /// Who called, as the pipeline established it, and which credential to strip.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Identity<'a> {
@@ -43,6 +51,8 @@ pub struct Identity<'a> {
 ///
 /// `peer` is appended to X-Forwarded-For; `proto` becomes X-Forwarded-Proto; `default_host` is
 /// used when the client sent no Host (HTTP/1.0), since the upstream request is HTTP/1.1.
+/// Every value is checked for CR, LF and NUL whatever its source; on such a value the head
+/// in `out` is incomplete and must not be sent.
 #[allow(clippy::too_many_arguments)]
 pub fn write_upstream_request(
     out: &mut Vec<u8>,
@@ -53,7 +63,7 @@ pub fn write_upstream_request(
     peer: IpAddr,
     proto: &str,
     default_host: &str,
-) {
+) -> Result<(), UnsafeFieldValue> {
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
     route.write_path(req.path, out);
@@ -71,7 +81,7 @@ pub fn write_upstream_request(
         if name.eq_ignore_ascii_case("host") {
             // An absolute-form target's authority wins (RFC 9112 §3.2.2); they were checked equal.
             host_written = true;
-            write_field(out, "host", req.host.unwrap_or(h.value));
+            write_field(out, "host", req.host.unwrap_or(h.value))?;
             continue;
         }
         if name.eq_ignore_ascii_case("x-forwarded-for") {
@@ -90,7 +100,7 @@ pub fn write_upstream_request(
                         out.extend_from_slice(b", ");
                     }
                     first = false;
-                    out.extend_from_slice(x.value);
+                    out.extend_from_slice(checked("x-forwarded-for", x.value)?);
                 }
                 let _ = write!(out, ", {peer}\r\n");
             }
@@ -105,7 +115,7 @@ pub fn write_upstream_request(
                     .iter()
                     .filter(|x| x.name.eq_ignore_ascii_case("via"))
                 {
-                    out.extend_from_slice(x.value);
+                    out.extend_from_slice(checked("via", x.value)?);
                     out.extend_from_slice(b", ");
                 }
                 out.extend_from_slice(VIA.as_bytes());
@@ -137,10 +147,10 @@ pub fn write_upstream_request(
             }
             _ => {}
         }
-        write_field(out, name, h.value);
+        write_field(out, name, h.value)?;
     }
     if !host_written {
-        write_field(out, "host", req.host.unwrap_or(default_host.as_bytes()));
+        write_field(out, "host", req.host.unwrap_or(default_host.as_bytes()))?;
     }
     if !forwarded_for_written {
         let _ = write!(out, "x-forwarded-for: {peer}\r\n");
@@ -150,11 +160,11 @@ pub fn write_upstream_request(
     }
     let _ = write!(out, "x-forwarded-proto: {proto}\r\n");
     if let Some((id, groups)) = identity.consumer {
-        write_field(out, "x-consumer-id", id.as_bytes());
-        write_field(out, "x-consumer-groups", groups.as_bytes());
+        write_field(out, "x-consumer-id", id.as_bytes())?;
+        write_field(out, "x-consumer-groups", groups.as_bytes())?;
     }
     for (name, value) in identity.claim_headers {
-        write_field(out, name, value.as_bytes());
+        write_field(out, name, value.as_bytes())?;
     }
     match req.body {
         BodyFraming::Length(n) => {
@@ -165,9 +175,10 @@ pub fn write_upstream_request(
     }
     if let Some(upgrade) = req.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
-        write_field(out, "upgrade", upgrade);
+        write_field(out, "upgrade", upgrade)?;
     }
     out.extend_from_slice(b"\r\n");
+    Ok(())
 }
 
 /// How the response is framed toward the client.
@@ -181,15 +192,20 @@ pub struct ClientFraming {
     pub client_version: Version,
 }
 
-/// Writes the response head for the client from an upstream response head.
-pub fn write_client_response(out: &mut Vec<u8>, resp: &ResponseHead, framing: ClientFraming) {
+/// Writes the response head for the client from an upstream response head; refuses (leaving
+/// `out` incomplete) a value with CR, LF or NUL.
+pub fn write_client_response(
+    out: &mut Vec<u8>,
+    resp: &ResponseHead,
+    framing: ClientFraming,
+) -> Result<(), UnsafeFieldValue> {
     let _ = write!(out, "HTTP/1.1 {} {}\r\n", resp.status, resp.reason);
     let upgrade = resp.status == 101;
     let mut via_written = false;
     for h in resp.headers {
         let name = h.name;
         if upgrade && name.eq_ignore_ascii_case("upgrade") {
-            write_field(out, name, h.value);
+            write_field(out, name, h.value)?;
             continue;
         }
         if name.eq_ignore_ascii_case("via") {
@@ -201,7 +217,7 @@ pub fn write_client_response(out: &mut Vec<u8>, resp: &ResponseHead, framing: Cl
                     .iter()
                     .filter(|x| x.name.eq_ignore_ascii_case("via"))
                 {
-                    out.extend_from_slice(x.value);
+                    out.extend_from_slice(checked("via", x.value)?);
                     out.extend_from_slice(b", ");
                 }
                 out.extend_from_slice(VIA.as_bytes());
@@ -212,7 +228,7 @@ pub fn write_client_response(out: &mut Vec<u8>, resp: &ResponseHead, framing: Cl
         if is_hop_by_hop(name) || resp.connection.nominates(name) {
             continue;
         }
-        write_field(out, name, h.value);
+        write_field(out, name, h.value)?;
     }
     if !via_written {
         let _ = write!(out, "via: {VIA}\r\n");
@@ -229,7 +245,7 @@ pub fn write_client_response(out: &mut Vec<u8>, resp: &ResponseHead, framing: Cl
                 .iter()
                 .find(|h| h.name.eq_ignore_ascii_case("content-length"))
             {
-                write_field(out, "content-length", h.value);
+                write_field(out, "content-length", h.value)?;
             }
         }
         _ => {}
@@ -245,6 +261,7 @@ pub fn write_client_response(out: &mut Vec<u8>, resp: &ResponseHead, framing: Cl
         write_connection(out, framing.keep_alive, framing.client_version);
     }
     out.extend_from_slice(b"\r\n");
+    Ok(())
 }
 
 fn write_connection(out: &mut Vec<u8>, keep_alive: bool, client_version: Version) {
@@ -255,11 +272,25 @@ fn write_connection(out: &mut Vec<u8>, keep_alive: bool, client_version: Version
     }
 }
 
-fn write_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+/// `value`, unless it holds CR, LF or NUL (which would end the field or the head early).
+fn checked<'v>(field: &str, value: &'v [u8]) -> Result<&'v [u8], UnsafeFieldValue> {
+    match memchr::memchr3(b'\r', b'\n', 0, value) {
+        None => Ok(value),
+        Some(_) => Err(UnsafeFieldValue {
+            field: field.to_owned(),
+        }),
+    }
+}
+
+/// Writes one field; the only way a value enters a head the gateway builds, so no source of
+/// values can split a head.
+fn write_field(out: &mut Vec<u8>, name: &str, value: &[u8]) -> Result<(), UnsafeFieldValue> {
+    let value = checked(name, value)?;
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+    Ok(())
 }
 
 /// Writes one of the gateway's own answers: a short plain-text body naming the problem.
@@ -389,7 +420,8 @@ pub fn static_response(r: &RespondConfig) -> StaticResponse {
         head.extend_from_slice(b"content-type: text/plain\r\n");
     }
     for (name, value) in &r.headers {
-        write_field(&mut head, name, value.as_bytes());
+        // validate() refused control characters in respond headers.
+        let _ = write_field(&mut head, name, value.as_bytes());
     }
     StaticResponse {
         status: r.status,

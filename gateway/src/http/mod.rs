@@ -1,5 +1,6 @@
 //! HTTP/1.1 codec, sans-IO: decoding of request and response heads with strict RFC 9112
-//! framing, the chunked body decoder, and encoding of the heads the gateway sends.
+//! framing, normalisation of request targets, the chunked body decoder, and encoding of the
+//! heads the gateway sends.
 //!
 //! Bare-LF policy: httparse accepts a bare LF as a line end in the head; the gateway accepts it
 //! there too but never forwards raw head bytes: every head it sends is rebuilt with CRLF, so no
@@ -11,6 +12,7 @@ pub mod encode;
 pub mod fields;
 pub mod request;
 pub mod response;
+pub mod target;
 
 /// The protocol version of a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

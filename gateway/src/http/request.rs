@@ -7,15 +7,17 @@ use httparse::Header;
 
 use super::{
     fields::{classify_transfer_encoding, ConnectionOptions, ContentLengthFields, TransferCoding},
+    target::{normalize_host, normalize_path, PathError, PathPolicy},
     BodyFraming, Version,
 };
 
-/// The request-size limits of `[server]`.
+/// The request-size limits and the path policy of `[server]`.
 #[derive(Clone, Copy, Debug)]
-pub struct HeadLimits {
+pub struct HeadRules {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_uri_bytes: usize,
+    pub path: PathPolicy,
 }
 
 /// Why a request was refused before routing. Every one of them closes the connection: once
@@ -24,6 +26,8 @@ pub struct HeadLimits {
 pub enum RequestError {
     /// 400: malformed syntax or framing; the text says which rule.
     BadRequest(&'static str),
+    /// 400: a path that cannot be normalised safely.
+    BadPath(PathError),
     /// 414: the target is longer than `max_uri_bytes`.
     UriTooLong,
     /// 431: the head is larger than `max_header_bytes`.
@@ -41,7 +45,7 @@ pub enum RequestError {
 impl RequestError {
     pub fn status(&self) -> u16 {
         match self {
-            RequestError::BadRequest(_) => 400,
+            RequestError::BadRequest(_) | RequestError::BadPath(_) => 400,
             RequestError::UriTooLong => 414,
             RequestError::HeadersTooLarge | RequestError::TooManyHeaders => 431,
             RequestError::ExpectationFailed => 417,
@@ -53,6 +57,7 @@ impl RequestError {
     pub fn detail(&self) -> &'static str {
         match self {
             RequestError::BadRequest(why) | RequestError::NotImplemented(why) => why,
+            RequestError::BadPath(e) => e.detail(),
             RequestError::UriTooLong => "request target too long",
             RequestError::HeadersTooLarge => "request header section too large",
             RequestError::TooManyHeaders => "too many request header fields",
@@ -62,13 +67,15 @@ impl RequestError {
     }
 }
 
-/// A decoded request head; every slice borrows the connection's read buffer.
+/// A decoded request head; every slice borrows the connection's read buffer, or its
+/// normalisation buffer for `path` and `route_host`.
 #[derive(Debug)]
 pub struct RequestHead<'b, 'h> {
     pub method: &'b str,
     /// The target as received.
     pub target: &'b str,
-    /// The path the route matches (the target's path, without the query).
+    /// The target's path in normal form, without the query: what routes match and what the
+    /// upstream receives.
     pub path: &'b [u8],
     /// `?` and the query, or empty.
     pub query: &'b [u8],
@@ -77,8 +84,11 @@ pub struct RequestHead<'b, 'h> {
     /// Length of the head in the buffer, up to and including the empty line.
     pub head_len: usize,
     pub body: BodyFraming,
-    /// The Host field, or the authority of an absolute-form target.
+    /// The Host field, or the authority of an absolute-form target, as received.
     pub host: Option<&'b [u8]>,
+    /// `host` as routes match it: lower case, without port or trailing dot; `None` when there
+    /// is no host or it cannot name one.
+    pub route_host: Option<&'b [u8]>,
     pub connection: ConnectionOptions<'b>,
     /// The client asked to keep the connection open after this exchange.
     pub keep_alive: bool,
@@ -96,12 +106,21 @@ impl RequestHead<'_, '_> {
     }
 }
 
+impl From<PathError> for RequestError {
+    fn from(e: PathError) -> Self {
+        RequestError::BadPath(e)
+    }
+}
+
 /// Decodes a request head from the start of `buf`. `Ok(None)` means more bytes are needed; the
-/// caller then checks [`incomplete_head_error`] before reading more.
+/// caller then checks [`incomplete_head_error`] before reading more. The normalised path and
+/// host are written to `normalized` (the connection's buffer, reused: no allocation once it
+/// has grown to the longest target).
 pub fn parse_request<'b, 'h>(
     buf: &'b [u8],
     headers: &'h mut [MaybeUninit<Header<'b>>],
-    limits: &HeadLimits,
+    limits: &HeadRules,
+    normalized: &'b mut Vec<u8>,
 ) -> Result<Option<RequestHead<'b, 'h>>, RequestError> {
     let max_headers = limits.max_headers.min(headers.len());
     let mut req = httparse::Request::new(&mut []);
@@ -225,6 +244,12 @@ pub fn parse_request<'b, 'h>(
     if host.is_none() && version == Version::Http11 {
         return Err(RequestError::BadRequest("missing Host field"));
     }
+    normalize_path(path, limits.path, normalized)?;
+    let path_len = normalized.len();
+    let has_route_host = host.is_some_and(|h| normalize_host(h, normalized));
+    let normalized: &'b [u8] = normalized;
+    let (path, route_host) = normalized.split_at(path_len);
+    let route_host = has_route_host.then_some(route_host);
     let keep_alive = match version {
         Version::Http11 => !connection.close,
         Version::Http10 => connection.keep_alive && !connection.close,
@@ -244,6 +269,7 @@ pub fn parse_request<'b, 'h>(
         head_len,
         body,
         host,
+        route_host,
         connection,
         keep_alive,
         expect_continue: expect_continue && version == Version::Http11,
@@ -264,7 +290,7 @@ fn is_framing_lookalike(name: &str) -> bool {
 }
 
 /// For a head that is still incomplete: the error to answer when it can no longer become valid.
-pub fn incomplete_head_error(buf: &[u8], limits: &HeadLimits) -> Option<RequestError> {
+pub fn incomplete_head_error(buf: &[u8], limits: &HeadRules) -> Option<RequestError> {
     let line_end = buf.iter().position(|b| *b == b'\n');
     let first_line = line_end.unwrap_or(buf.len());
     // Method (<= 32) + two spaces + version (8) around the target.
@@ -388,10 +414,14 @@ fn valid_host_value(v: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    const LIMITS: HeadLimits = HeadLimits {
+    const LIMITS: HeadRules = HeadRules {
         max_header_bytes: 8192,
         max_headers: 32,
         max_uri_bytes: 256,
+        path: PathPolicy {
+            merge_slashes: true,
+            encoded_slash: super::super::target::EncodedSlash::Reject,
+        },
     };
 
     /// (framing, keep-alive, host, path) of a parsed request.
@@ -399,7 +429,8 @@ mod tests {
 
     fn parse(raw: &str) -> Result<Option<Summary>, RequestError> {
         let mut headers = [const { MaybeUninit::uninit() }; 64];
-        parse_request(raw.as_bytes(), &mut headers, &LIMITS).map(|r| {
+        let mut normalized = Vec::new();
+        parse_request(raw.as_bytes(), &mut headers, &LIMITS, &mut normalized).map(|r| {
             r.map(|h| {
                 (
                     h.body,

@@ -34,6 +34,9 @@ pub enum ResponseBodyError {
     Upstream(IoFailure),
     /// The upstream ended the body early or broke its chunked framing.
     UpstreamFraming,
+    /// The upstream broke its chunked framing before anything was sent to the client, so the
+    /// client can still be told (502).
+    UpstreamFramingBeforeHead,
     Client(IoFailure),
 }
 
@@ -189,6 +192,9 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
                         p.consumed,
                         p.done,
                     ),
+                    Err(_) if head_len > 0 => {
+                        return (Err(ResponseBodyError::UpstreamFramingBeforeHead), buf, head)
+                    }
                     Err(_) => return (Err(ResponseBodyError::UpstreamFraming), buf, head),
                 }
             }

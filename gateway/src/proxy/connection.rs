@@ -31,9 +31,7 @@ pub const DRAIN_LIMIT_BYTES: u64 = 64 * 1024;
 const LINGER: Duration = Duration::from_millis(500);
 /// Reads made while lingering, at most.
 const LINGER_READS: usize = 8;
-/// How long a request whose JWT names an unknown key waits for the issuer's keys to be fetched
-/// again (the fetch itself is rate-limited per issuer).
-const KEY_REFETCH_WAIT: Duration = Duration::from_secs(2);
+/// How often a request waiting for an issuer's keys to be fetched again looks.
 const KEY_REFETCH_POLL: Duration = Duration::from_millis(20);
 /// How often a request queued for a concurrency slot looks again.
 const CONCURRENCY_POLL: Duration = Duration::from_millis(2);
@@ -60,6 +58,8 @@ pub(super) struct Connection<'w, C: Transport> {
     pub(super) out: Vec<u8>,
     /// Bytes read from the upstream.
     pub(super) upbuf: Vec<u8>,
+    /// The current request's normalised path and host.
+    normalized: Vec<u8>,
 }
 
 /// Serves a client connection until it closes.
@@ -78,6 +78,7 @@ pub async fn serve<C: Transport>(
         inbuf: Vec::with_capacity(snapshot.client_buffer_bytes),
         out: Vec::with_capacity(4096),
         upbuf: Vec::with_capacity(UPSTREAM_BUFFER_BYTES),
+        normalized: Vec::new(),
     };
     let mut first = true;
     loop {
@@ -109,7 +110,12 @@ impl<C: Transport> Connection<'_, C> {
             if !self.inbuf.is_empty() {
                 let started = *head_started.get_or_insert_with(Instant::now);
                 let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS_CEILING];
-                match parse_request(&self.inbuf, &mut headers, &snapshot.limits) {
+                match parse_request(
+                    &self.inbuf,
+                    &mut headers,
+                    &snapshot.limits,
+                    &mut self.normalized,
+                ) {
                     Ok(Some(req)) => {
                         let mut facts = RequestFacts::of(&req);
                         let plan = plan(
@@ -203,15 +209,21 @@ impl<C: Transport> Connection<'_, C> {
         None
     }
 
-    /// Asks issuer `issuer` for a fresh key set and waits (bounded) until one arrives.
+    /// Asks issuer `issuer` to fetch its keys again and waits, without blocking the worker,
+    /// until that fetch has run, for at most the issuer's `unknown_kid_wait`. When the next
+    /// allowed refetch is further away than that, returns at once (the token is then refused).
     async fn await_keys(&self, issuer: usize) {
-        let keys = self.worker.snapshot.issuers.keys(issuer);
-        let before = keys.version.load(std::sync::atomic::Ordering::Acquire);
+        let issuers = &self.worker.snapshot.issuers;
+        let keys = issuers.keys(issuer);
+        let wait = issuers.config(issuer).unknown_kid_wait.get();
+        let fetches = || keys.fetches.load(std::sync::atomic::Ordering::Acquire);
+        let before = fetches();
         keys.request_refetch();
-        let deadline = Instant::now() + KEY_REFETCH_WAIT;
-        while keys.version.load(std::sync::atomic::Ordering::Acquire) == before
-            && Instant::now() < deadline
-        {
+        if keys.refetch_delay() > wait {
+            return;
+        }
+        let deadline = Instant::now() + wait;
+        while fetches() == before && Instant::now() < deadline {
             tokio::time::sleep(KEY_REFETCH_POLL).await;
         }
     }
@@ -284,6 +296,11 @@ impl<C: Transport> Connection<'_, C> {
                 self.worker.answered(self.peer.ip(), 429);
                 let r = self.worker.snapshot.routes.route(route);
                 let fields = r.rate_limit_headers.then(|| match policy {
+                    TrafficPolicy::PreAuthLimit(i) => (
+                        r.pre_auth_limits[i].name.as_str(),
+                        r.pre_auth_limits[i].quota,
+                        r.pre_auth_limits[i].window.as_secs().max(1),
+                    ),
                     TrafficPolicy::Limit(i) => (
                         r.limits[i].name.as_str(),
                         r.limits[i].quota,

@@ -8,7 +8,9 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{
-    body::{relay_request_body, relay_response_body, RequestBodyError, ResponseRelay},
+    body::{
+        relay_request_body, relay_response_body, RequestBodyError, ResponseBodyError, ResponseRelay,
+    },
     connection::{is_http11, Connection, Next},
     pipeline::{Answer, RequestFacts},
     tunnel::tunnel,
@@ -240,6 +242,15 @@ impl<C: Transport> Connection<'_, C> {
                     Next::Close
                 }
             }
+            Err(ResponseBodyError::UpstreamFramingBeforeHead) => {
+                warn!(upstream = %group.name, server = %group.server_addr(server), "invalid chunked response body");
+                let answer = Answer::Error {
+                    status: 502,
+                    detail: "invalid response from upstream",
+                    close: true,
+                };
+                self.answer(facts, answer, request_deadline).await
+            }
             Err(e) => {
                 debug!(peer = %self.peer, upstream = %group.name, error = ?e, "response body relay ended early");
                 Next::Abort
@@ -314,7 +325,12 @@ impl<C: Transport> Connection<'_, C> {
                                 keep_alive: true,
                                 client_version: facts.version,
                             },
-                        );
+                        )
+                        .map_err(|_| {
+                            HeadFailure::Invalid(ResponseError::Malformed(
+                                "unsafe field value in an interim response",
+                            ))
+                        })?;
                     }
                     self.upbuf.drain(..head_len);
                     if relay && !self.send_out().await {
@@ -336,7 +352,9 @@ impl<C: Transport> Connection<'_, C> {
                     client_version: facts.version,
                 };
                 self.out.clear();
-                encode::write_client_response(&mut self.out, &resp, client);
+                encode::write_client_response(&mut self.out, &resp, client).map_err(|_| {
+                    HeadFailure::Invalid(ResponseError::Malformed("unsafe field value"))
+                })?;
                 return Ok(FinalResponse {
                     status: resp.status,
                     head_len: resp.head_len,

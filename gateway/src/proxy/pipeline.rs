@@ -7,6 +7,8 @@
 
 use std::net::IpAddr;
 
+use tracing::{debug, error};
+
 use crate::{
     auth::{find_credential, AuthError, CredentialSource, JwtError},
     config::AuthMethod,
@@ -64,6 +66,8 @@ pub enum Answer {
 /// Which of a route's traffic policies refused a request.
 #[derive(Debug, Clone, Copy)]
 pub enum TrafficPolicy {
+    /// One of the route's pre-auth limits.
+    PreAuthLimit(usize),
     Limit(usize),
     Quota(usize),
 }
@@ -118,7 +122,7 @@ pub fn plan(
     // Stage 1: route.
     let Some(route) = snapshot
         .routes
-        .find(req.host, req.path, req.method.as_bytes())
+        .find(req.route_host, req.path, req.method.as_bytes())
     else {
         return Plan::Answer(Answer::Error {
             status: 404,
@@ -139,7 +143,25 @@ pub fn plan(
         }
     }
 
-    // Stage 3: who is calling. (Rate limits and quotas, then cache and transforms, follow here.)
+    // Stage 3: limits counted before credentials, so junk credentials cost no more than any
+    // other request.
+    if !route.pre_auth_limits.is_empty() {
+        let header = |name: &str| find_header(req, name);
+        let subject = LimitSubject {
+            client: peer,
+            consumer: None,
+            header: &header,
+        };
+        if let Err(refusal) = limits::check(
+            &route.pre_auth_limits,
+            &subject,
+            snapshot.cluster.as_deref(),
+        ) {
+            return Plan::Answer(too_many(route, &route.pre_auth_limits, refusal, true));
+        }
+    }
+
+    // Stage 4: who is calling. (Rate limits and quotas, then cache and transforms, follow here.)
     let mut identity = Identity {
         replaced: &snapshot.issuers.claim_header_names,
         ..Identity::default()
@@ -156,17 +178,26 @@ pub fn plan(
                     && c.source == CredentialSource::Bearer
                     && looks_like_jwt(c.value) =>
             {
-                let cached = worker.tokens.borrow_mut().get(c.value);
-                token_identity = match cached {
+                let mut tokens = worker.tokens.borrow_mut();
+                let keys_epoch = snapshot.issuers.keys_epoch();
+                token_identity = match tokens.get(c.value) {
                     Some(t) => t,
+                    None if tokens.refused(c.value, keys_epoch).is_some() => {
+                        return Plan::Answer(Answer::Denied(AuthError::Invalid))
+                    }
                     None => match snapshot.issuers.verify(c.value) {
-                        Ok(t) => worker.tokens.borrow_mut().insert(c.value, t),
+                        Ok(t) => tokens.insert(c.value, t),
                         Err(JwtError::UnknownKey(issuer)) if may_await_keys => {
                             return Plan::AwaitKeys(issuer)
                         }
-                        Err(_) => return Plan::Answer(Answer::Denied(AuthError::Invalid)),
+                        Err(e) => {
+                            tokens.remember_refusal(c.value, e, keys_epoch);
+                            debug!(error = ?e, "token refused");
+                            return Plan::Answer(Answer::Denied(AuthError::Invalid));
+                        }
                     },
                 };
+                drop(tokens);
                 if !token_identity.allowed_by(policy) {
                     return Plan::Answer(Answer::Denied(AuthError::Forbidden));
                 }
@@ -188,14 +219,9 @@ pub fn plan(
         }
     }
 
-    // Stage 4: rate limits, then quotas (cache and transforms follow here).
+    // Stage 5: rate limits, then quotas (cache and transforms follow here).
     if !route.limits.is_empty() || !route.quotas.is_empty() {
-        let header = |name: &str| {
-            req.headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .map(|h| h.value)
-        };
+        let header = |name: &str| find_header(req, name);
         let subject = LimitSubject {
             client: peer,
             consumer: identity.consumer.map(|(id, _)| id),
@@ -203,18 +229,7 @@ pub fn plan(
         };
         let cluster = snapshot.cluster.as_deref();
         if let Err(refusal) = limits::check(&route.limits, &subject, cluster) {
-            let limit = route
-                .limits
-                .iter()
-                .position(|l| std::ptr::eq(l, refusal.limit))
-                .unwrap_or(0);
-            let retry =
-                refusal.retry_after.as_secs() + u64::from(refusal.retry_after.subsec_nanos() > 0);
-            return Plan::Answer(Answer::TooMany {
-                route: route.index,
-                policy: TrafficPolicy::Limit(limit),
-                retry_after_secs: retry.max(1),
-            });
+            return Plan::Answer(too_many(route, &route.limits, refusal, false));
         }
         for (i, quota) in route.quotas.iter().enumerate() {
             if let Err(retry_after_secs) =
@@ -231,14 +246,14 @@ pub fn plan(
         }
     }
 
-    // Stage 5: act.
+    // Stage 6: act.
     match &route.action {
         Action::Respond(_) => Plan::Answer(Answer::Static { route: route.index }),
         Action::Upstream(group_index) => {
             let group = &worker.upstreams[*group_index];
             let server = group.pick();
             out.clear();
-            encode::write_upstream_request(
+            if let Err(e) = encode::write_upstream_request(
                 out,
                 req,
                 route,
@@ -247,7 +262,15 @@ pub fn plan(
                 peer,
                 "http",
                 group.host_value(server),
-            );
+            ) {
+                // A bug upstream of the encoder, never the client's doing: say which field.
+                error!(route = route.index, field = e.field, "{e}");
+                return Plan::Answer(Answer::Error {
+                    status: 500,
+                    detail: "the gateway could not build the upstream request",
+                    close: false,
+                });
+            }
             Plan::Forward {
                 group: *group_index,
                 server,
@@ -257,6 +280,36 @@ pub fn plan(
                     .map(|c| (route.index, c.counter(identity.consumer.map(|(id, _)| id)))),
             }
         }
+    }
+}
+
+fn find_header<'b>(req: &RequestHead<'b, '_>, name: &str) -> Option<&'b [u8]> {
+    req.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+/// The 429 for `refusal` by one of `limits` (the route's pre-auth limits or its limits).
+fn too_many(
+    route: &crate::routing::Route,
+    limits: &[limits::Limit],
+    refusal: limits::Refusal,
+    pre_auth: bool,
+) -> Answer {
+    let index = limits
+        .iter()
+        .position(|l| std::ptr::eq(l, refusal.limit))
+        .unwrap_or(0);
+    let retry = refusal.retry_after.as_secs() + u64::from(refusal.retry_after.subsec_nanos() > 0);
+    Answer::TooMany {
+        route: route.index,
+        policy: if pre_auth {
+            TrafficPolicy::PreAuthLimit(index)
+        } else {
+            TrafficPolicy::Limit(index)
+        },
+        retry_after_secs: retry.max(1),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use crate::{
     config::{Config, ServerConfig},
-    http::request::HeadLimits,
+    http::request::HeadRules,
     routing::RouteTable,
 };
 
@@ -21,7 +21,7 @@ pub struct ConfigSnapshot {
     /// Limits and quotas shared through Redis, when `[cluster]` is set.
     pub cluster: Option<std::sync::Arc<crate::cluster::Cluster>>,
     pub routes: RouteTable,
-    pub limits: HeadLimits,
+    pub limits: HeadRules,
     pub client_buffer_bytes: usize,
 }
 
@@ -29,10 +29,11 @@ impl ConfigSnapshot {
     /// Compiles `config`; loads JWT keys (starting JWKS fetchers), which can fail.
     pub fn new(config: Config) -> anyhow::Result<Self> {
         let s = &config.server;
-        let limits = HeadLimits {
+        let limits = HeadRules {
             max_header_bytes: s.max_header_bytes,
             max_headers: s.max_headers,
             max_uri_bytes: s.max_uri_bytes,
+            path: s.path_policy(),
         };
         Ok(ConfigSnapshot {
             routes: RouteTable::new(&config),

@@ -118,6 +118,8 @@ fn run_worker(
                 .iter()
                 .map(|name| UpstreamGroup::new(name, &snapshot.config.upstreams[name]))
                 .collect();
+            let tokens =
+                std::cell::RefCell::new(crate::auth::TokenCache::new(&snapshot.config.auth));
             let worker = Rc::new(Worker {
                 id,
                 snapshot,
@@ -125,7 +127,7 @@ fn run_worker(
                 tracker: ConnTracker::default(),
                 draining: Cell::new(false),
                 bans,
-                tokens: Default::default(),
+                tokens,
             });
             debug!(worker = id, core = ?core.map(|c| c.id), "worker started");
             let _ = started.send(id);
