@@ -168,13 +168,18 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with("refetch_min_interval = \"300ms\"\n", "")
+}
+
+/// `issuer_extra` goes into the issuer's table, `jwt_route_extra` into the `/jwt/` route.
+fn fixture_with(issuer_extra: &str, jwt_route_extra: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let key1 = rsa_key(dir.path(), "k1");
     let key2 = rsa_key(dir.path(), "k2");
     let idp = provider(Jwks::Serve(jwks(&[("kid-1", &key1)])));
     let up = support::Upstream::echo_target();
     let config = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n\n[[auth.issuers]]\nissuer = \"{ISS}\"\naudiences = [\"api\"]\nalgorithms = [\"RS256\"]\njwks_url = \"{}\"\nrefresh_interval = \"1h\"\nrefetch_min_interval = \"300ms\"\nleeway = \"5s\"\nclaim_headers = {{ email = \"X-User-Email\" }}\n\n[upstreams.up]\nservers = [\"{}\"]\n\n[[routes]]\nmatch = {{ path_prefix = \"/scoped/\" }}\nupstream = \"up\"\nauth = {{ methods = [\"jwt\"], scopes = [\"write\"] }}\n\n[[routes]]\nmatch = {{ path_prefix = \"/jwt/\" }}\nupstream = \"up\"\nauth = {{ methods = [\"jwt\"] }}\n\n[[routes]]\nupstream = \"up\"\n",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n\n[[auth.issuers]]\nissuer = \"{ISS}\"\naudiences = [\"api\"]\nalgorithms = [\"RS256\"]\njwks_url = \"{}\"\nrefresh_interval = \"1h\"\n{issuer_extra}leeway = \"5s\"\nclaim_headers = {{ email = \"X-User-Email\" }}\n\n[upstreams.up]\nservers = [\"{}\"]\n\n[[routes]]\nmatch = {{ path_prefix = \"/scoped/\" }}\nupstream = \"up\"\nauth = {{ methods = [\"jwt\"], scopes = [\"write\"] }}\n\n[[routes]]\nmatch = {{ path_prefix = \"/jwt/\" }}\nupstream = \"up\"\nauth = {{ methods = [\"jwt\"] }}\n{jwt_route_extra}\n[[routes]]\nupstream = \"up\"\n",
         idp.url, up.addr
     );
     let gw = Gateway::start(&config);
@@ -355,6 +360,157 @@ fn key_rotation_outage_and_garbage() {
     assert!(
         fetched as u128 <= allowed,
         "{fetched} fetches for 10 random kids in {:?}",
+        started.elapsed()
+    );
+}
+
+/// An identity value a token supplies must be safe to write into a head, and a consumer must be
+/// named: otherwise the token is invalid and nothing reaches the upstream.
+#[test]
+fn identity_values_cannot_inject() {
+    let f = fixture();
+    let cases = [
+        ("CR LF in sub", json!({"sub": "alice\r\nX-Injected: yes"})),
+        ("LF in sub", json!({"sub": "alice\nX-Injected: yes"})),
+        ("NUL in sub", json!({"sub": "alice\0"})),
+        ("tab in sub", json!({"sub": "alice\tbob"})),
+        ("missing sub", json!({"sub": null})),
+        ("empty sub", json!({"sub": ""})),
+        ("sub not a string", json!({"sub": 42})),
+        (
+            "CR LF in a group",
+            json!({"groups": ["ops\r\nX-Injected: yes"]}),
+        ),
+        ("comma in a group", json!({"groups": ["ops,admin"]})),
+        (
+            "LF in a claim header",
+            json!({"email": "a@b\nX-Injected: yes"}),
+        ),
+        ("NUL in a claim header", json!({"email": "a@b\0"})),
+    ];
+    let before = f.up.requests().len();
+    for (name, extra) in cases {
+        let token = rs256(&f.key1, "kid-1", &claims(extra));
+        let r = call(&f, "/jwt/i", &token);
+        assert_eq!(
+            (r.status, r.header("www-authenticate")),
+            (
+                401,
+                Some("Bearer realm=\"portcullis\", error=\"invalid_token\"")
+            ),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        f.up.requests().len(),
+        before,
+        "nothing reached the upstream"
+    );
+    // A clean token with groups and a claim header still passes, with its values intact.
+    let good = rs256(
+        &f.key1,
+        "kid-1",
+        &claims(json!({"groups": ["ops", "dev"], "sub": "alice"})),
+    );
+    assert_eq!(call(&f, "/jwt/i", &good).status, 200);
+    let seen = f.up.requests().pop().unwrap();
+    assert_eq!(seen.header("x-consumer-id"), Some("alice"));
+    assert_eq!(seen.header("x-consumer-groups"), Some("ops,dev"));
+    assert_eq!(seen.header("x-injected"), None);
+}
+
+/// A flood of distinct junk tokens from one client is limited before any signature check,
+/// while another client with a valid token is served.
+#[test]
+fn junk_token_flood_meets_the_pre_auth_limit() {
+    let f = fixture_with(
+        "refetch_min_interval = \"300ms\"\n",
+        "pre_auth_limits = [{ key = \"client\", rate = 20, per = \"1s\", burst = 20 }]\n",
+    );
+    let attacker: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let good = rs256(&f.key1, "kid-1", &claims(json!({})));
+    // Well-formed tokens with a forged signature, each different: each needs a full check.
+    let (head_and_claims, signature) = good.rsplit_once('.').unwrap();
+    let junk: Vec<String> = (0..120)
+        .map(|i| format!("{head_and_claims}.{:04}{}", i, &signature[4..]))
+        .collect();
+    let started = std::time::Instant::now();
+    let (mut unauthorized, mut limited) = (0u32, 0u32);
+    for (i, junk) in junk.iter().enumerate() {
+        let mut c = Client::connect_from(f.gw.addr, attacker);
+        c.send(
+            format!("GET /jwt/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {junk}\r\n\r\n")
+                .as_bytes(),
+        );
+        match c.read_response(false).unwrap().status {
+            401 => unauthorized += 1,
+            429 => limited += 1,
+            s => panic!("junk token answered {s}"),
+        }
+        if i % 20 == 0 {
+            assert_eq!(
+                call(&f, "/jwt/ok", &good).status,
+                200,
+                "the legitimate client"
+            );
+        }
+    }
+    let refill = (started.elapsed().as_secs_f64() * 20.0).ceil() as u32;
+    assert!(
+        (20..=20 + refill).contains(&unauthorized),
+        "{unauthorized} junk tokens were checked (burst 20, refill {refill})"
+    );
+    assert_eq!(unauthorized + limited, 120);
+    assert!(limited > 0);
+    let r = request(f.gw.addr, "GET /jwt/x HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 401, "the loopback client keeps its own count");
+}
+
+/// A key rotated one second after the start-up fetch is fetched at once: scheduled and start-up
+/// fetches do not count towards `refetch_min_interval`. A second rotation right after a
+/// kid-triggered fetch waits for the next allowed refetch when it is within
+/// `unknown_kid_wait`, and is refused at once when it is further away.
+#[test]
+fn rotation_right_after_a_scheduled_fetch() {
+    let f = fixture_with(
+        "refetch_min_interval = \"1500ms\"\nunknown_kid_wait = \"3s\"\n",
+        "",
+    );
+    thread::sleep(std::time::Duration::from_secs(1));
+    *f.idp.state.lock().unwrap() = Jwks::Serve(jwks(&[("kid-1", &f.key1), ("kid-2", &f.key2)]));
+    let rotated = rs256(&f.key2, "kid-2", &claims(json!({})));
+    assert_eq!(call(&f, "/jwt/r", &rotated).status, 200, "first rotation");
+    // That was a kid-triggered fetch: the next may start 1.5 s later, within the 3 s bound,
+    // so a token with yet another new kid waits for it instead of failing.
+    let dir = tempfile::tempdir().unwrap();
+    let key3 = rsa_key(dir.path(), "k3");
+    *f.idp.state.lock().unwrap() = Jwks::Serve(jwks(&[("kid-2", &f.key2), ("kid-3", &key3)]));
+    let third = rs256(&key3, "kid-3", &claims(json!({})));
+    let started = std::time::Instant::now();
+    assert_eq!(call(&f, "/jwt/r", &third).status, 200, "second rotation");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+}
+
+#[test]
+fn unknown_kid_beyond_the_wait_bound_is_refused_at_once() {
+    let f = fixture_with(
+        "refetch_min_interval = \"30s\"\nunknown_kid_wait = \"1s\"\n",
+        "",
+    );
+    *f.idp.state.lock().unwrap() = Jwks::Serve(jwks(&[("kid-2", &f.key2)]));
+    let rotated = rs256(&f.key2, "kid-2", &claims(json!({})));
+    assert_eq!(
+        call(&f, "/jwt/r", &rotated).status,
+        200,
+        "right after start-up"
+    );
+    // The next kid-triggered refetch is 30 s away, beyond the 1 s bound: refused at once.
+    let started = std::time::Instant::now();
+    let unknown = rs256(&f.key1, "kid-7", &claims(json!({})));
+    assert_eq!(call(&f, "/jwt/r", &unknown).status, 401);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(900),
+        "did not wait: {:?}",
         started.elapsed()
     );
 }

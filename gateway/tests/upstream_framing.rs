@@ -31,6 +31,16 @@ fn bad_upstream_framing_gives_502_and_the_connection_is_not_reused() {
             "NUL in field",
             b"HTTP/1.1 200 OK\r\nX: a\x00\r\nContent-Length: 0\r\n\r\n",
         ),
+        // Invalid chunked framing in the same read as the head: nothing was sent to the
+        // client yet, so it gets a 502, not an empty reply.
+        (
+            "bad chunk size in the first read",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        ),
+        (
+            "chunk without CRLF in the first read",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX0\r\n\r\n",
+        ),
     ];
     for (name, raw) in cases {
         let raw = raw.to_vec();

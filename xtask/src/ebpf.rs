@@ -78,7 +78,8 @@ fn bpf_linker_llvm_major() -> Option<Option<u32>> {
     Some(major)
 }
 
-fn which(bin: &str) -> Option<PathBuf> {
+/// The path of `bin` on PATH or in cargo's bin directory.
+pub fn which(bin: &str) -> Option<PathBuf> {
     let cargo_bin = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| {

@@ -11,6 +11,7 @@ mod bench;
 mod bench_xdp;
 mod ebpf;
 mod plot;
+mod prerequisites;
 mod run;
 mod test;
 

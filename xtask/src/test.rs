@@ -1,4 +1,5 @@
-//! `cargo xtask test`: the whole suite, closing with one line that totals every test binary.
+//! `cargo xtask test`: checks and installs the test prerequisites and the eBPF toolchain, then
+//! runs the whole suite, closing with one line that totals every test binary.
 
 use std::{
     io::{BufRead, BufReader},
@@ -11,6 +12,7 @@ use crate::{cargo, is_root};
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
     let root = is_root();
+    crate::prerequisites::ensure()?;
     let object = match crate::ebpf::build() {
         Ok(object) => Some(object),
         // As root (and so in CI) the XDP tests must run: a missing object is a failure.

@@ -360,3 +360,65 @@ impl TokenCache {
             .put(self.hasher.hash_one(token), (error, Instant::now()));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(verified: usize, refused: usize) -> AuthConfig {
+        AuthConfig {
+            token_cache_entries: verified,
+            invalid_token_cache_entries: refused,
+            ..AuthConfig::default()
+        }
+    }
+
+    fn identity(expires_at: u64) -> TokenIdentity {
+        TokenIdentity {
+            consumer: "c".into(),
+            groups: vec![],
+            groups_header: String::new(),
+            scopes: vec![],
+            claim_headers: vec![],
+            claims: Map::new(),
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn refusals_are_remembered_only_while_they_cannot_change() {
+        let mut cache = TokenCache::new(&config(4, 4));
+        cache.remember_refusal(b"bad", JwtError::Invalid, 1);
+        cache.remember_refusal(b"later", JwtError::NotYetValid, 1);
+        cache.remember_refusal(b"kid", JwtError::UnknownKey(0), 1);
+        assert_eq!(cache.refused(b"bad", 1), Some(JwtError::Invalid));
+        assert_eq!(cache.refused(b"later", 1), None, "nbf can pass");
+        assert_eq!(cache.refused(b"kid", 1), None, "the key may arrive");
+        // New keys: every remembered refusal is forgotten.
+        assert_eq!(cache.refused(b"bad", 2), None);
+        assert_eq!(cache.refused(b"bad", 2), None);
+    }
+
+    #[test]
+    fn both_caches_evict_the_least_recently_used() {
+        let mut cache = TokenCache::new(&config(2, 2));
+        let far = now_secs() + 600;
+        cache.insert(b"a", identity(far));
+        cache.insert(b"b", identity(far));
+        assert!(cache.get(b"a").is_some());
+        cache.insert(b"c", identity(far));
+        assert!(cache.get(b"b").is_none(), "b was least recently used");
+        assert!(cache.get(b"a").is_some() && cache.get(b"c").is_some());
+        cache.insert(b"old", identity(now_secs() - 1));
+        assert!(
+            cache.get(b"old").is_none(),
+            "expired entries are not served"
+        );
+
+        for t in [&b"x"[..], b"y", b"z"] {
+            cache.remember_refusal(t, JwtError::Malformed, 7);
+        }
+        assert_eq!(cache.refused(b"x", 7), None, "x was evicted");
+        assert_eq!(cache.refused(b"z", 7), Some(JwtError::Malformed));
+    }
+}

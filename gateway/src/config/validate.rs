@@ -645,6 +645,16 @@ mod tests {
         assert!(e.contains("`routes[0].match.host`"), "{e}");
         let e = error("[[routes]]\nstrip_prefix = true\nrespond = { status = 200 }\n");
         assert!(e.contains("needs `match.path_prefix`"), "{e}");
+        let e = error("[server]\npre_auth_limits = [{ key = \"consumer\", rate = 5 }]\n");
+        assert!(
+            e.starts_with("gw.toml:2: `server.pre_auth_limits[0].key`")
+                && e.contains("not valid before authentication"),
+            "{e}"
+        );
+        let e = error("[[routes]]\npre_auth_limits = [{ key = \"header:X-Real-IP\", rate = 0 }]\nrespond = { status = 200 }\n");
+        assert!(e.contains("`routes[0].pre_auth_limits[0].rate`"), "{e}");
+        let e = error("[server]\nencoded_slash = \"decode\"\n");
+        assert!(e.contains("`reject`") && e.contains("`keep`"), "{e}");
     }
 
     #[test]
