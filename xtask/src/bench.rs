@@ -26,14 +26,14 @@ const RATE_CONNECTIONS: usize = 32;
 /// Fixed rates, as fractions of nginx's maximum.
 const LOADS: [f64; 3] = [0.25, 0.50, 0.75];
 
-struct Layout {
+pub(crate) struct Layout {
     /// Cores for the proxy and the backend.
-    server_cores: Vec<usize>,
+    pub(crate) server_cores: Vec<usize>,
     /// Cores for the load generator.
-    load_cores: Vec<usize>,
+    pub(crate) load_cores: Vec<usize>,
 }
 
-fn layout() -> Layout {
+pub(crate) fn layout() -> Layout {
     let n = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -50,7 +50,7 @@ fn layout() -> Layout {
     }
 }
 
-fn cpu_list(cores: &[usize]) -> String {
+pub(crate) fn cpu_list(cores: &[usize]) -> String {
     cores
         .iter()
         .map(|c| c.to_string())
@@ -59,7 +59,7 @@ fn cpu_list(cores: &[usize]) -> String {
 }
 
 /// A process the benchmark started, stopped when dropped.
-struct Proc(Child, &'static str);
+pub(crate) struct Proc(Child, &'static str);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -72,7 +72,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn_pinned(
+pub(crate) fn spawn_pinned(
     name: &'static str,
     cores: &[usize],
     program: &Path,
@@ -92,7 +92,7 @@ fn spawn_pinned(
     Ok(Proc(child, name))
 }
 
-fn wait_for_port(port: u16, what: &str) -> anyhow::Result<()> {
+pub(crate) fn wait_for_port(port: u16, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {

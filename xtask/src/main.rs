@@ -6,8 +6,10 @@
 //!   bundled demo upstream.
 //! - `test`: the whole suite, privileged tests included when run as root.
 //! - `bench`: Portcullis beside nginx, haproxy and the direct backend.
+//! - `bench-auth-flood`: a legitimate client's rate during a flood of forged tokens.
 
 mod bench;
+mod bench_auth;
 mod bench_xdp;
 mod ebpf;
 mod plot;
@@ -51,6 +53,13 @@ enum Task {
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
     },
+    /// A legitimate client's rate on a JWT route during a flood of distinct forged tokens,
+    /// with and without a pre-auth limit.
+    BenchAuthFlood {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 8.0)]
+        duration: f64,
+    },
     /// Run every test (as root: the privileged XDP tests too).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -67,6 +76,7 @@ fn main() -> ExitCode {
         Task::Test { cargo_args } => test::run(&cargo_args),
         Task::Bench { duration } => bench::run(duration),
         Task::BenchXdp { duration } => bench_xdp::run(duration),
+        Task::BenchAuthFlood { duration } => bench_auth::run(duration),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

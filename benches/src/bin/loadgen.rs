@@ -28,9 +28,17 @@ struct Args {
     /// Pin thread i to core (first + i).
     #[arg(long)]
     pin_from_core: Option<usize>,
-    /// Extra request header, `Name: value` (repeatable).
+    /// Extra request header, `Name: value` (repeatable). `{n}` in the first one that has it is
+    /// replaced by a counter, different for every request.
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// Local address to connect from, such as 127.0.0.2 (another client to the gateway);
+    /// repeatable: connections take the addresses in turn.
+    #[arg(long = "source")]
+    sources: Vec<std::net::IpAddr>,
+    /// Count every complete response, whatever its status, and keep the connection.
+    #[arg(long)]
+    any_status: bool,
     /// Where to write the percentile distribution.
     #[arg(long)]
     hgrm: Option<PathBuf>,
@@ -52,6 +60,8 @@ fn main() -> anyhow::Result<()> {
         duration: Duration::from_secs_f64(a.duration),
         rate: a.rate,
         pin_from_core: a.pin_from_core,
+        sources: a.sources,
+        any_status: a.any_status,
     };
     let summary = loadgen::run(&spec)?;
     println!("{}", summary.text());

@@ -14,7 +14,20 @@ use std::{
 use hdrhistogram::Histogram;
 use tokio_uring::{buf::BoundedBuf, net::TcpStream};
 
-use super::{LoadSpec, ThreadResult, MAX_LATENCY_US};
+use super::{LoadSpec, ThreadResult, COUNTER_PLACEHOLDER, MAX_LATENCY_US};
+
+/// Width of the per-request counter written over [`COUNTER_PLACEHOLDER`].
+const COUNTER_DIGITS: usize = 10;
+
+/// How a connection builds and judges its requests.
+#[derive(Clone, Copy)]
+struct Shape {
+    /// This connection's local address.
+    source: Option<std::net::IpAddr>,
+    any_status: bool,
+    /// Offset of the counter digits in the request, when it has a placeholder.
+    counter_at: Option<usize>,
+}
 
 const READ_BUFFER_BYTES: usize = 128 * 1024;
 /// Waits for a request's due time to the microsecond. tokio's timers have millisecond
@@ -66,6 +79,8 @@ struct Shared {
 pub async fn drive_thread(
     spec: LoadSpec,
     connections: usize,
+    // Index of this thread's first connection among all threads' connections.
+    first_connection: usize,
     start: Instant,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<ThreadResult> {
@@ -74,13 +89,18 @@ pub async fn drive_thread(
         completed: 0,
         errors: 0,
     }));
-    let request = Rc::new(
-        format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: portcullis-loadgen\r\n{}\r\n",
-            spec.path, spec.host, spec.extra_headers
-        )
-        .into_bytes(),
+    let text = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: portcullis-loadgen\r\n{}\r\n",
+        spec.path, spec.host, spec.extra_headers
     );
+    let counter_at = text.find(COUNTER_PLACEHOLDER);
+    let text = text.replacen(COUNTER_PLACEHOLDER, &"0".repeat(COUNTER_DIGITS), 1);
+    let request = Rc::new(text.into_bytes());
+    let shape = Shape {
+        source: None,
+        any_status: spec.any_status,
+        counter_at,
+    };
     // Interval between requests on one connection, in open loop.
     let interval = spec
         .rate
@@ -91,8 +111,16 @@ pub async fn drive_thread(
         let offset = interval
             .map(|iv| iv.mul_f64(i as f64 / connections.max(1) as f64))
             .unwrap_or_default();
+        let shape = Shape {
+            source: (!spec.sources.is_empty())
+                .then(|| spec.sources[(first_connection + i) % spec.sources.len()]),
+            ..shape
+        };
         tasks.push(tokio_uring::spawn(drive_connection(
             spec.target,
+            shape,
+            // Counters start far apart so no two connections ever send the same value.
+            (i as u64 + 1) * 10_000_000 + start.elapsed().as_nanos() as u64 % 1_000_000,
             request.clone(),
             shared.clone(),
             stop.clone(),
@@ -113,8 +141,11 @@ pub async fn drive_thread(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive_connection(
     target: SocketAddr,
+    shape: Shape,
+    mut counter: u64,
     request: Rc<Vec<u8>>,
     shared: Rc<RefCell<Shared>>,
     stop: Arc<AtomicBool>,
@@ -145,7 +176,7 @@ async fn drive_connection(
             Instant::now()
         };
         if stream.is_none() {
-            match TcpStream::connect(target).await {
+            match connect(target, shape.source).await {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
                     stream = Some(s);
@@ -161,7 +192,15 @@ async fn drive_connection(
             }
         }
         let s = stream.as_ref().expect("connected above");
-        let (ok, r) = exchange(s, request_buf, &mut buf).await;
+        if let Some(at) = shape.counter_at {
+            counter += 1;
+            let mut n = counter;
+            for digit in request_buf[at..at + COUNTER_DIGITS].iter_mut().rev() {
+                *digit = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+        }
+        let (ok, r) = exchange(s, request_buf, &mut buf, shape.any_status).await;
         request_buf = r;
         let latency = began.elapsed();
         {
@@ -184,16 +223,41 @@ async fn drive_connection(
     }
 }
 
-/// Sends one request and reads its response; false on any error or non-2xx status.
-async fn exchange(stream: &TcpStream, request: Vec<u8>, buf: &mut Vec<u8>) -> (bool, Vec<u8>) {
+/// Connects, from `source` when given (bound before connecting).
+async fn connect(
+    target: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(target).await;
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    // A loopback connect completes at once; blocking here is brief.
+    socket.connect(&target.into())?;
+    Ok(TcpStream::from_std(socket.into()))
+}
+
+/// Sends one request and reads its response; false on any error, or on a non-2xx status
+/// unless `any_status`.
+async fn exchange(
+    stream: &TcpStream,
+    request: Vec<u8>,
+    buf: &mut Vec<u8>,
+    any_status: bool,
+) -> (bool, Vec<u8>) {
     let (res, request) = stream.write_all(request).await;
     if res.is_err() {
         return (false, request);
     }
-    (read_response(stream, buf).await, request)
+    (read_response(stream, buf, any_status).await, request)
 }
 
-async fn read_response(stream: &TcpStream, buf: &mut Vec<u8>) -> bool {
+async fn read_response(stream: &TcpStream, buf: &mut Vec<u8>, any_status: bool) -> bool {
     let mut need: Option<usize> = None;
     let mut status_ok = false;
     loop {
@@ -207,7 +271,7 @@ async fn read_response(stream: &TcpStream, buf: &mut Vec<u8>) -> bool {
             let mut resp = httparse::Response::new(&mut headers);
             match resp.parse(buf) {
                 Ok(httparse::Status::Complete(head)) => {
-                    status_ok = resp.code.is_some_and(|c| (200..300).contains(&c));
+                    status_ok = any_status || resp.code.is_some_and(|c| (200..300).contains(&c));
                     let length = resp
                         .headers
                         .iter()

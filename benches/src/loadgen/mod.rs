@@ -38,7 +38,17 @@ pub struct LoadSpec {
     pub rate: Option<f64>,
     /// Core to pin the first thread to (others follow).
     pub pin_from_core: Option<usize>,
+    /// Local addresses to connect from, one per connection in turn (each loopback address is
+    /// another client to the gateway); empty: the kernel's choice.
+    pub sources: Vec<std::net::IpAddr>,
+    /// Count any complete response as done and keep the connection (for floods of requests
+    /// the gateway refuses); by default only 2xx count and anything else reconnects.
+    pub any_status: bool,
 }
+
+/// Written in a request where each request should differ: replaced, per request, by a
+/// ten-digit counter unique across connections (such as a distinct token).
+pub const COUNTER_PLACEHOLDER: &str = "{n}";
 
 /// One thread's results.
 pub struct ThreadResult {
@@ -53,10 +63,13 @@ pub fn run(spec: &LoadSpec) -> anyhow::Result<Summary> {
     let start = Instant::now() + Duration::from_millis(50);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut handles = Vec::new();
+    let mut first_connection = 0;
     for t in 0..spec.threads {
         // Spread connections evenly; the first threads take the remainder.
         let conns =
             spec.connections / spec.threads + usize::from(t < spec.connections % spec.threads);
+        let first = first_connection;
+        first_connection += conns;
         let spec = spec.clone();
         let stop = stop.clone();
         let core = spec
@@ -67,7 +80,7 @@ pub fn run(spec: &LoadSpec) -> anyhow::Result<Summary> {
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                tokio_uring::start(connection::drive_thread(spec, conns, start, stop))
+                tokio_uring::start(connection::drive_thread(spec, conns, first, start, stop))
             },
         ));
     }
