@@ -40,3 +40,36 @@ fn response_head_corpus() {
 fn path_corpus() {
     replay("path", harness::path);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 4000, failure_persistence: None, ..Default::default() })]
+
+    /// The path harness's properties over generated paths built from the pieces that matter
+    /// (slashes, dots, escapes in both cases, semicolons, backslashes, non-ASCII), beyond the
+    /// committed corpus.
+    #[test]
+    fn path_properties_hold_for_generated_paths(
+        flags in 0u8..4,
+        pieces in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::strategy::Just("/".to_owned()),
+                proptest::strategy::Just(".".to_owned()),
+                proptest::strategy::Just("..".to_owned()),
+                proptest::strategy::Just(";".to_owned()),
+                proptest::strategy::Just("\\".to_owned()),
+                "%[0-9A-Fa-f]{2}",
+                "%[0-9A-Fa-fg-z]{0,2}",
+                "[a-zA-Z0-9~_-]{1,3}",
+                "%[cCdDeE][0-9a-f]%[89aAbB][0-9a-f]",
+                proptest::strategy::Just("é".to_owned()),
+            ],
+            0..24,
+        ),
+    ) {
+        let mut input = vec![flags, b'/'];
+        for p in &pieces {
+            input.extend_from_slice(p.as_bytes());
+        }
+        harness::path(&input);
+    }
+}
