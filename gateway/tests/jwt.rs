@@ -70,16 +70,8 @@ struct RsaKey {
 }
 
 fn b64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n =
-            chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
-        for i in 0..=chunk.len() {
-            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 fn rsa_key(dir: &std::path::Path, name: &str) -> RsaKey {
@@ -201,6 +193,18 @@ fn fixture_with(issuer_extra: &str, jwt_route_extra: &str) -> Fixture {
     }
 }
 
+/// 401 with `error="invalid_token"`.
+fn assert_invalid_token(r: &Response, case: &str) {
+    assert_eq!(
+        (r.status, r.header("www-authenticate")),
+        (
+            401,
+            Some("Bearer realm=\"portcullis\", error=\"invalid_token\"")
+        ),
+        "{case}"
+    );
+}
+
 fn call(f: &Fixture, path: &str, token: &str) -> Response {
     request(f.gw.addr, &format!("GET {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nX-User-Email: spoofed@evil\r\n\r\n"))
 }
@@ -277,14 +281,7 @@ fn token_matrix() {
     ];
     for (name, token) in &refused {
         let r = call(&f, "/jwt/a", token);
-        assert_eq!(
-            (r.status, r.header("www-authenticate")),
-            (
-                401,
-                Some("Bearer realm=\"portcullis\", error=\"invalid_token\"")
-            ),
-            "{name}"
-        );
+        assert_invalid_token(&r, name);
     }
     assert_eq!(
         request(f.gw.addr, "GET /jwt/a HTTP/1.1\r\nHost: a\r\n\r\n").status,
@@ -392,14 +389,7 @@ fn identity_values_cannot_inject() {
     for (name, extra) in cases {
         let token = rs256(&f.key1, "kid-1", &claims(extra));
         let r = call(&f, "/jwt/i", &token);
-        assert_eq!(
-            (r.status, r.header("www-authenticate")),
-            (
-                401,
-                Some("Bearer realm=\"portcullis\", error=\"invalid_token\"")
-            ),
-            "{name}"
-        );
+        assert_invalid_token(&r, name);
     }
     assert_eq!(
         f.up.requests().len(),
