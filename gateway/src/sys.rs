@@ -72,3 +72,38 @@ pub fn monotonic_ns() -> u64 {
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)
 }
+
+/// What a pooled (idle) connection's socket holds when looked at without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleSocket {
+    /// Nothing to read: still open and quiet, fit for reuse.
+    Quiet,
+    /// The peer closed its side (or the socket failed).
+    Closed,
+    /// The peer sent bytes nobody asked for: its framing can no longer be trusted.
+    StrayBytes,
+}
+
+/// Peeks at an idle socket without blocking and without consuming anything.
+pub fn peek_idle(fd: RawFd) -> IdleSocket {
+    let mut byte = 0u8;
+    // SAFETY: recv(2) writes at most 1 byte into `byte`, a valid, writable local; MSG_PEEK
+    // leaves the data queued and MSG_DONTWAIT makes it return at once on a blocking socket.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => IdleSocket::Closed,
+        n if n > 0 => IdleSocket::StrayBytes,
+        _ => match std::io::Error::last_os_error().kind() {
+            std::io::ErrorKind::WouldBlock => IdleSocket::Quiet,
+            std::io::ErrorKind::Interrupted => IdleSocket::Quiet,
+            _ => IdleSocket::Closed,
+        },
+    }
+}

@@ -10,7 +10,7 @@ use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
         mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender},
-        Arc, OnceLock,
+        Arc,
     },
     time::{Duration, Instant},
 };
@@ -22,7 +22,7 @@ use jsonwebtoken::{
 };
 use tracing::{info, warn};
 
-use crate::config::IssuerConfig;
+use crate::{config::IssuerConfig, sys::monotonic_ns};
 
 /// Longest a JWKS fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,17 +65,11 @@ pub struct IssuerKeys {
     /// Bumped after every fetch attempt, changed keys or not; a worker waiting for a refetch
     /// watches it.
     pub fetches: AtomicU64,
-    /// When the next refetch asked for by an unknown `kid` may start, in [`monotonic_ns`].
+    /// When the next refetch asked for by an unknown `kid` may start, on `CLOCK_MONOTONIC`.
     next_kid_fetch_ns: AtomicU64,
     /// Holds one pending request at most: more would say nothing new, and a flood of
     /// unknown kids must not grow a queue.
     refetch: Option<SyncSender<()>>,
-}
-
-/// Nanoseconds on the monotonic clock since the first call in this process.
-pub fn monotonic_ns() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
 impl IssuerKeys {

@@ -2,11 +2,13 @@
 //! TLS through rustls's sans-IO core slots in as another implementation), and deadlines that
 //! are safe with io_uring.
 
+mod connect;
 mod deadline;
 mod tcp;
 
 use std::{io, net::Shutdown, ops::Range};
 
+pub use connect::{connect_before, ConnectFailure};
 pub use deadline::{read_before, write_before, write_pair_before, IoFailure};
 
 /// A byte stream the proxy reads and writes with owned buffers, as io_uring requires.

@@ -8,9 +8,12 @@ use std::{
 };
 
 use tokio::time::Instant;
-use tokio_uring::net::TcpStream;
 
-use crate::{config::UpstreamConfig, io::TcpTransport};
+use crate::{
+    config::UpstreamConfig,
+    io::{connect_before, ConnectFailure, TcpTransport},
+    sys::{peek_idle, IdleSocket},
+};
 
 /// Why no connection to an upstream server could be had.
 #[derive(Debug)]
@@ -98,12 +101,11 @@ impl UpstreamGroup {
     /// A new connection to `server`.
     pub async fn connect(&self, server: usize) -> Result<UpstreamConn, ConnectError> {
         let addr = self.servers[server];
-        // A connect that times out is dropped, not cancelled: the kernel finishes or abandons the
-        // handshake (bounded by tcp_syn_retries) and tokio-uring then closes the socket.
-        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Err(_) => Err(ConnectError::TimedOut),
-            Ok(Err(e)) => Err(ConnectError::Failed(e)),
-            Ok(Ok(stream)) => {
+        // A connect that times out is cancelled and its socket closed at once.
+        match connect_before(addr, self.connect_timeout).await {
+            Err(ConnectFailure::TimedOut(_)) => Err(ConnectError::TimedOut),
+            Err(ConnectFailure::Io(e)) => Err(ConnectError::Failed(e)),
+            Ok(stream) => {
                 let _ = stream.set_nodelay(true);
                 Ok(UpstreamConn {
                     transport: TcpTransport::new(stream),
@@ -119,8 +121,14 @@ impl UpstreamGroup {
         let now = Instant::now();
         // Most recently used first: it is the least likely to have been closed by the server.
         while let Some(conn) = idle.pop() {
-            if now.duration_since(conn.since) < self.idle_timeout {
-                return Some(conn.transport);
+            if now.duration_since(conn.since) >= self.idle_timeout {
+                continue;
+            }
+            // A connection the server closed while idle (or that received bytes nobody asked
+            // for) would fail or desynchronise the request: look before using it.
+            match peek_idle(conn.transport.raw_fd()) {
+                IdleSocket::Quiet => return Some(conn.transport),
+                IdleSocket::Closed | IdleSocket::StrayBytes => {}
             }
         }
         None

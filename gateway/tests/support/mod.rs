@@ -106,6 +106,13 @@ impl Gateway {
         self.log.lock().unwrap().clone()
     }
 
+    /// Open file descriptors of the gateway process.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
     /// Peak resident memory of the gateway, in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
@@ -190,6 +197,15 @@ pub const KEEP_BODY_BYTES: usize = 1 << 20;
 
 impl Upstream {
     pub fn start(handler: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Upstream {
+        Self::start_with_keep_alive(Duration::from_secs(30), handler)
+    }
+
+    /// An upstream that closes a connection once it has been idle for `keep_alive` (as Node's
+    /// default of 5 s does).
+    pub fn start_with_keep_alive(
+        keep_alive: Duration,
+        handler: impl Fn(&Received) -> Reply + Send + Sync + 'static,
+    ) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -202,7 +218,7 @@ impl Upstream {
                 let Ok(stream) = stream else { return };
                 let id = c.fetch_add(1, Ordering::SeqCst);
                 let (r, h, b) = (r.clone(), handler.clone(), b.clone());
-                thread::spawn(move || serve_upstream(stream, id, r, h, b));
+                thread::spawn(move || serve_upstream(stream, id, r, h, b, keep_alive));
             }
         });
         Upstream {
@@ -229,10 +245,9 @@ fn serve_upstream(
     received: Arc<Mutex<Vec<Received>>>,
     handler: Arc<Handler>,
     body_bytes: Arc<AtomicUsize>,
+    keep_alive: Duration,
 ) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    stream.set_read_timeout(Some(keep_alive)).unwrap();
     let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone().unwrap());
     let mut writer = stream;
     loop {
