@@ -52,8 +52,12 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the sync thread for `config`.
     pub fn start(config: &ClusterConfig) -> anyhow::Result<Arc<Cluster>> {
-        let client = redis::Client::open(config.redis.as_str())
-            .map_err(|e| anyhow::anyhow!("cluster.redis: {e}"))?;
+        let client = redis::Client::open(config.redis.as_str()).map_err(|e| {
+            anyhow::anyhow!(
+                "cluster.redis ({}): {e}",
+                crate::log_throttle::redacted_url(&config.redis)
+            )
+        })?;
         let (wake, rx) = sync_channel(1);
         let cluster = Arc::new(Cluster {
             counters: HashMap::new(),

@@ -7,6 +7,7 @@ pub mod config;
 pub mod http;
 pub mod io;
 pub mod limits;
+pub mod log_throttle;
 pub mod proxy;
 pub mod quotas;
 pub mod routing;

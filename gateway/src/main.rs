@@ -83,15 +83,64 @@ enum BanCommand {
     Remove { address: std::net::IpAddr },
 }
 
+/// Log lines held in memory while stderr is not being read; beyond it lines are dropped and
+/// counted, never waited for.
+const LOG_BUFFER_LINES: usize = 16_384;
+/// How often held-back and dropped log lines are reported.
+const LOG_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reports, every [`LOG_REPORT_INTERVAL`], lines the throttle held back and lines the writer
+/// dropped. A report that is itself dropped is repeated until one gets through, so the count
+/// appears once stderr is read again.
+fn report_held_back_lines(dropped: tracing_appender::non_blocking::ErrorCounter) {
+    let mut reported_dropped = 0;
+    loop {
+        std::thread::sleep(LOG_REPORT_INTERVAL);
+        for kind in portcullis::log_throttle::Noisy::ALL {
+            let n = portcullis::log_throttle::take_suppressed(kind);
+            if n > 0 {
+                tracing::warn!(
+                    kind = kind.name(),
+                    suppressed = n,
+                    "log lines of this kind held back (at most {} a second)",
+                    portcullis::log_throttle::LINES_PER_SECOND
+                );
+            }
+        }
+        let now = dropped.dropped_lines();
+        if now > reported_dropped {
+            tracing::warn!(
+                dropped = now,
+                "log lines dropped since start: stderr was not read fast enough"
+            );
+            // Counted as reported only once a later look finds no new drops.
+            if dropped.dropped_lines() == now {
+                reported_dropped = now;
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Workers must never block on a slow or stalled stderr (a full pipe nobody reads): lines go
+    // through a bounded queue to a writer thread and are dropped, and counted, when it is full.
+    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("portcullis-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let _ = std::thread::Builder::new()
+        .name("portcullis-logcount".into())
+        .spawn(move || report_held_back_lines(dropped));
     if let Some(Command::Keys {
         command: KeysCommand::New { consumer },
     }) = &cli.command

@@ -188,6 +188,7 @@ pub fn start(config: &IssuerConfig, first_alg: Algorithm) -> Result<Arc<IssuerKe
     if let (Some(url), Some((_, rx))) = (&config.jwks_url, refetch_rx) {
         let fetcher = Fetcher {
             url: url.clone(),
+            logged_url: crate::log_throttle::redacted_url(url),
             issuer: config.issuer.clone(),
             keys: keys.clone(),
             refresh: config.refresh_interval.get(),
@@ -203,6 +204,8 @@ pub fn start(config: &IssuerConfig, first_alg: Algorithm) -> Result<Arc<IssuerKe
 
 struct Fetcher {
     url: String,
+    /// `url` without credentials or query, for logs.
+    logged_url: String,
     issuer: String,
     keys: Arc<IssuerKeys>,
     refresh: Duration,
@@ -249,12 +252,12 @@ impl Fetcher {
                     let count = set.keys.len();
                     self.keys.current.store(Arc::new(set));
                     self.keys.version.fetch_add(1, Ordering::Release);
-                    info!(issuer = %self.issuer, url = %self.url, keys = count, "JWKS loaded");
+                    info!(issuer = %self.issuer, url = %self.logged_url, keys = count, "JWKS loaded");
                 }
             }
             // Keep the last good set.
             Err(e) => {
-                warn!(issuer = %self.issuer, url = %self.url, "JWKS fetch failed, keeping the previous keys: {e}")
+                warn!(issuer = %self.issuer, url = %self.logged_url, "JWKS fetch failed, keeping the previous keys: {e}")
             }
         }
         self.keys.fetches.fetch_add(1, Ordering::Release);

@@ -5,7 +5,7 @@
 use std::mem::take;
 
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
     body::{
@@ -23,7 +23,9 @@ use crate::{
         BodyFraming,
     },
     io::{read_before, write_before, IoFailure, Transport},
+    log_throttle::Noisy,
     runtime::snapshot::UPSTREAM_BUFFER_BYTES,
+    throttled_warn,
     upstream::{ConnectError, UpstreamConn, UpstreamGroup},
 };
 
@@ -97,7 +99,7 @@ impl<C: Transport> Connection<'_, C> {
                     retried = true;
                     continue;
                 }
-                warn!(upstream = %group.name, server = %group.server_addr(server), error = %e, "could not send request upstream");
+                throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = %e, "could not send request upstream");
                 return self
                     .answer(
                         facts,
@@ -146,7 +148,7 @@ impl<C: Transport> Connection<'_, C> {
                             .await;
                     }
                     Err(RequestBodyError::Upstream(e)) => {
-                        warn!(upstream = %group.name, server = %group.server_addr(server), error = %e, "upstream stopped reading the request body");
+                        throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = %e, "upstream stopped reading the request body");
                         return self
                             .error_and_close(502, "upstream connection failed")
                             .await;
@@ -171,13 +173,13 @@ impl<C: Transport> Connection<'_, C> {
                     };
                     match &failure {
                         HeadFailure::Invalid(e) => {
-                            warn!(upstream = %group.name, server = %group.server_addr(server), error = %e, "invalid upstream response")
+                            throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = %e, "invalid upstream response")
                         }
                         HeadFailure::Io(e) => {
-                            warn!(upstream = %group.name, server = %group.server_addr(server), error = %e, "upstream failed")
+                            throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = %e, "upstream failed")
                         }
                         _ => {
-                            warn!(upstream = %group.name, server = %group.server_addr(server), status, "{detail}")
+                            throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), status, "{detail}")
                         }
                     }
                     return self
@@ -243,7 +245,7 @@ impl<C: Transport> Connection<'_, C> {
                 }
             }
             Err(ResponseBodyError::UpstreamFramingBeforeHead) => {
-                warn!(upstream = %group.name, server = %group.server_addr(server), "invalid chunked response body");
+                throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), "invalid chunked response body");
                 let answer = Answer::Error {
                     status: 502,
                     detail: "invalid response from upstream",
@@ -378,7 +380,7 @@ impl<C: Transport> Connection<'_, C> {
             ConnectError::TimedOut => (504, "upstream connect timed out"),
             ConnectError::Failed(_) => (502, "upstream unavailable"),
         };
-        warn!(upstream = %group.name, server = %group.server_addr(server), error = ?e, status, "cannot connect upstream");
+        throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = ?e, status, "cannot connect upstream");
         self.answer(
             facts,
             Answer::Error {

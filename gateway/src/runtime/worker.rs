@@ -159,7 +159,12 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, drain: DrainFlag
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                warn!(worker = worker.id, error = %e, "accept failed");
+                crate::throttled_warn!(
+                    crate::log_throttle::Noisy::Accept,
+                    worker = worker.id,
+                    error = %e,
+                    "accept failed"
+                );
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                 continue;
             }
