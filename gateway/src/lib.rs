@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod quotas;
 pub mod routing;
 pub mod runtime;
+pub mod state;
 mod sys;
 pub mod upstream;
 pub mod xdp;

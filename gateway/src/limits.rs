@@ -8,6 +8,13 @@
 //!
 //! Several limits on one route are checked in order; a request refused by a later limit has
 //! already used its slot in the earlier ones (as in Kong and Envoy's local limiter).
+//!
+//! The map of one limit holds at most `[server] max_limit_keys` keys. When a new key finds it
+//! full, fully recovered entries are dropped first (they hold no information), then the least
+//! recently active eighth (those with the oldest theoretical arrival time). The trade-off: an
+//! evicted key starts afresh, so under a flood of distinct keys a returning caller may get a
+//! fresh burst; memory stays bounded whatever the flood. Header values are counted under their
+//! keyed hash ([`crate::state::subject`]), never raw.
 
 use std::{
     net::IpAddr,
@@ -20,7 +27,7 @@ use std::{
 
 use papaya::HashMap;
 
-use crate::config::LimitConfig;
+use crate::{config::LimitConfig, state::subject::SubjectHasher};
 
 /// Sweep entries that have fully recovered every this often.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -56,13 +63,17 @@ fn now_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 3_600_000_000_000
 }
 
+/// Entries sampled to find the age below which an eviction pass drops entries.
+const EVICTION_SAMPLE: usize = 512;
+
 /// One compiled limit.
 #[derive(Debug)]
 pub struct Limit {
-    /// The route's index, which names the shared counter in cluster mode.
-    route: usize,
-    index: usize,
+    /// Names the shared counter in cluster mode: a hash of the route id and the limit's name,
+    /// the same on every host and across restarts and reorderings.
+    scope: [u8; 8],
     pub name: String,
+    max_keys: usize,
     pub key: LimitKey,
     /// Requests per window, and the window, as configured (for RateLimit-Policy).
     pub quota: u64,
@@ -85,17 +96,78 @@ pub struct LimitSubject<'a> {
     pub consumer: Option<&'a str>,
     /// Looks up a request field by name.
     pub header: &'a dyn Fn(&str) -> Option<&'a [u8]>,
+    /// Keys header values.
+    pub hasher: &'a SubjectHasher,
+}
+
+/// Longest subject in key bytes: a SHA-256 (long consumer ids).
+pub const MAX_SUBJECT_BYTES: usize = 32;
+
+/// The bytes `key` counts `subject` under, written into `buf`: the client address (16 bytes,
+/// IPv4 mapped), the consumer id (its SHA-256 when longer than 32 bytes), a header value's
+/// keyed hash, or nothing for `route`. Without a consumer or the header, the client address.
+pub fn subject_bytes<'b>(
+    key: &LimitKey,
+    subject: &LimitSubject,
+    buf: &'b mut [u8; MAX_SUBJECT_BYTES],
+) -> &'b [u8] {
+    let consumer = subject.consumer.filter(|_| *key == LimitKey::Consumer);
+    let header = match key {
+        LimitKey::Header(name) => (subject.header)(name),
+        _ => None,
+    };
+    let len = match (key, consumer, header) {
+        (LimitKey::Route, ..) => 0,
+        (_, Some(id), _) if id.len() <= MAX_SUBJECT_BYTES => {
+            buf[..id.len()].copy_from_slice(id.as_bytes());
+            id.len()
+        }
+        (_, Some(id), _) => {
+            buf.copy_from_slice(&<sha2::Sha256 as sha2::Digest>::digest(id));
+            MAX_SUBJECT_BYTES
+        }
+        (_, _, Some(value)) => {
+            let hashed = subject.hasher.hash(value);
+            buf[..hashed.len()].copy_from_slice(&hashed);
+            hashed.len()
+        }
+        _ => {
+            let octets = match subject.client {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                IpAddr::V6(v6) => v6.octets(),
+            };
+            buf[..16].copy_from_slice(&octets);
+            16
+        }
+    };
+    &buf[..len]
+}
+
+/// The first 8 bytes of SHA-256 over `parts` joined by tabs: a stable name for state.
+pub fn scope_hash(parts: &[&str]) -> [u8; 8] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            h.update(b"\t");
+        }
+        h.update(p.as_bytes());
+    }
+    h.finalize()[..8].try_into().expect("8 of 32 bytes")
 }
 
 impl Limit {
-    pub fn new(route: usize, index: usize, c: &LimitConfig) -> Limit {
+    /// Compiles limit `c`, whose state is named by `scope` (such as the route id) and its own
+    /// name; at most `max_keys` keys.
+    pub fn new(scope: &[&str], c: &LimitConfig, max_keys: usize) -> Limit {
         let window = c.per.get();
         let interval_ns = (window.as_nanos() as u64 / c.rate).max(1);
         let burst = c.burst.unwrap_or(c.rate).max(1);
+        let name = c.stable_name();
         Limit {
-            route,
-            index,
-            name: c.name.clone().unwrap_or_else(|| format!("limit{index}")),
+            scope: scope_hash(&[scope, &[name.as_str()]].concat()),
+            name,
+            max_keys,
             key: LimitKey::parse(&c.key).expect("validate() checked the key"),
             quota: c.rate,
             window,
@@ -111,33 +183,20 @@ impl Limit {
         subject: &LimitSubject,
         cluster: Option<&crate::cluster::Cluster>,
     ) -> Result<(), Duration> {
-        // The client address as key bytes, written once up front (no allocation).
-        let mut buf = [0u8; 16];
-        let client_len = match subject.client {
-            IpAddr::V4(v4) => {
-                buf[..4].copy_from_slice(&v4.octets());
-                4
-            }
-            IpAddr::V6(v6) => {
-                buf = v6.octets();
-                16
-            }
-        };
-        let client = &buf[..client_len];
-        let key: &[u8] = match &self.key {
-            LimitKey::Route => &[],
-            LimitKey::Client => client,
-            LimitKey::Consumer => subject.consumer.map(str::as_bytes).unwrap_or(client),
-            LimitKey::Header(name) => (subject.header)(name).unwrap_or(client),
-        };
+        let mut buf = [0u8; MAX_SUBJECT_BYTES];
+        let key = subject_bytes(&self.key, subject, &mut buf);
         let guard = self.states.guard();
+        let now = now_ns();
         let tat = match self.states.get(key, &guard) {
             Some(t) => t,
-            None => self
-                .states
-                .get_or_insert(key.into(), AtomicU64::new(0), &guard),
+            None => {
+                if self.states.len() >= self.max_keys {
+                    self.evict(now);
+                }
+                self.states
+                    .get_or_insert(key.into(), AtomicU64::new(0), &guard)
+            }
         };
-        let now = now_ns();
         loop {
             let old = tat.load(Ordering::Acquire);
             let base = old.max(now);
@@ -163,27 +222,42 @@ impl Limit {
             .unwrap_or_default()
             .as_secs();
         let window = self.window.as_secs().max(1);
-        // pcl:l: | route | limit | window | key (keys over 128 bytes as their SHA-256): on the
-        // stack, the same bytes on every host.
-        let mut shared = [0u8; 6 + 4 + 1 + 8 + 128];
+        // pcl:l: | scope | window | subject: on the stack, the same bytes on every host.
+        let mut shared = [0u8; 6 + 8 + 8 + MAX_SUBJECT_BYTES];
         shared[..6].copy_from_slice(b"pcl:l:");
-        shared[6..10].copy_from_slice(&(self.route as u32).to_le_bytes());
-        shared[10] = self.index as u8;
-        shared[11..19].copy_from_slice(&(unix / window).to_le_bytes());
-        let digest;
-        let key = if key.len() > 128 {
-            digest = <sha2::Sha256 as sha2::Digest>::digest(key);
-            &digest[..]
-        } else {
-            key
-        };
-        shared[19..19 + key.len()].copy_from_slice(key);
-        let shared = &shared[..19 + key.len()];
+        shared[6..14].copy_from_slice(&self.scope);
+        shared[14..22].copy_from_slice(&(unix / window).to_le_bytes());
+        shared[22..22 + key.len()].copy_from_slice(key);
+        let shared = &shared[..22 + key.len()];
         if c.admit(shared, self.quota, window + 60) {
             Ok(())
         } else {
             Err(Duration::from_secs(window - unix % window))
         }
+    }
+
+    /// Makes room in a full map: recovered entries first, then, if that freed less than an
+    /// eighth, the entries least recently active (oldest theoretical arrival time), judged
+    /// from a sample.
+    fn evict(&self, now: u64) {
+        let map = self.states.pin();
+        map.retain(|_, tat| tat.load(Ordering::Acquire) > now);
+        if map.len() < self.max_keys - self.max_keys / 8 {
+            return;
+        }
+        let mut sample: Vec<u64> = map
+            .iter()
+            .take(EVICTION_SAMPLE)
+            .map(|(_, tat)| tat.load(Ordering::Acquire))
+            .collect();
+        sample.sort_unstable();
+        let threshold = sample[sample.len() / 8];
+        map.retain(|_, tat| tat.load(Ordering::Acquire) > threshold);
+    }
+
+    /// Keys tracked now.
+    pub fn tracked_keys(&self) -> usize {
+        self.states.len()
     }
 
     /// Removes entries that have fully recovered (they are the same as absent ones).

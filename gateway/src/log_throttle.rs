@@ -17,15 +17,18 @@ pub enum Noisy {
     Upstream,
     /// A listener could not accept (such as EMFILE).
     Accept,
+    /// A bounded state map refused a new key.
+    StateFull,
 }
 
 impl Noisy {
-    pub const ALL: [Noisy; 2] = [Noisy::Upstream, Noisy::Accept];
+    pub const ALL: [Noisy; 3] = [Noisy::Upstream, Noisy::Accept, Noisy::StateFull];
 
     pub fn name(self) -> &'static str {
         match self {
             Noisy::Upstream => "upstream failure",
             Noisy::Accept => "accept failure",
+            Noisy::StateFull => "state full",
         }
     }
 }

@@ -1,38 +1,45 @@
 //! Quotas over calendar periods (UTC day or month), exact across workers and persisted.
 //!
 //! Counters are atomics in a lock-free map: a request takes one with `fetch_add`, and gives it
-//! back when that overshot the limit, so admission is exact whatever the concurrency.
-//! A background thread writes the counters that changed every `flush_interval`: the whole
-//! state goes to a temporary file, which is fsynced, renamed over `quotas.state`, and the
-//! directory fsynced. A crash (`kill -9`, power loss) therefore loses at most the counting of
-//! the last `flush_interval`, and never leaves a torn file. A clean stop writes a final copy.
+//! back when that overshot the limit, so admission is exact whatever the concurrency; nothing on
+//! the request path takes a lock. Counts are keyed by stable names (the route id and the
+//! quota's name, see [`crate::config::RouteConfig::stable_id`]), never by positions, so
+//! reordering routes keeps them. A background thread appends the counters that changed to the
+//! journal every `flush_interval` and fsyncs ([`crate::state::journal`]): a crash (`kill -9`,
+//! power loss) loses at most the counting of the last `flush_interval`, and never leaves a torn
+//! state that loads wrongly. A clean stop flushes once more.
+//!
+//! The map holds at most `[quotas] max_keys` counters; when full, a new key is refused (429)
+//! rather than a live count dropped. Header values count under their keyed hash, never raw.
+//! What counts: a request is charged when admitted, and given back when a later stage refuses
+//! it or it fails before any byte reached the upstream (see [`QuotaStore::refund`]).
 
 use std::{
-    fmt::Write as _,
-    io::Write as _,
-    path::{Path, PathBuf},
+    collections::HashMap as StdHashMap,
+    path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use papaya::HashMap;
-use sha2::{Digest, Sha256};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
-    config::{QuotaConfig, QuotaPeriod, QuotasConfig},
-    limits::{LimitKey, LimitSubject},
+    config::{Config, QuotaConfig, QuotaPeriod},
+    limits::{scope_hash, subject_bytes, LimitKey, LimitSubject, MAX_SUBJECT_BYTES},
+    state::{
+        data_dir::{DataDirError, DataDirLock},
+        journal::{Journal, JournalError, Record},
+        subject::{SecretError, SubjectHasher},
+    },
 };
 
-const STATE_FILE: &str = "quotas.state";
-const STATE_HEADER: &str = "portcullis-quotas 1";
-/// Keys longer than this are stored as their SHA-256.
-const MAX_KEY_BYTES: usize = 128;
-/// Route index, quota index, period kind, period id.
-const KEY_PREFIX_BYTES: usize = 2 + 1 + 1 + 4;
+/// Scope hash, period kind, period id.
+const KEY_PREFIX_BYTES: usize = 8 + 1 + 4;
+const KEY_BYTES: usize = KEY_PREFIX_BYTES + MAX_SUBJECT_BYTES;
 
 /// Days since 1970-01-01 for a civil date (proleptic Gregorian).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
@@ -84,12 +91,16 @@ pub struct Quota {
     pub limit: u64,
     pub period: QuotaPeriod,
     key: LimitKey,
+    /// The hash of the route id and the quota's name that keys its counters.
+    scope: [u8; 8],
 }
 
 impl Quota {
-    pub fn new(index: usize, c: &QuotaConfig) -> Quota {
+    pub fn new(route_id: &str, c: &QuotaConfig) -> Quota {
+        let name = c.stable_name();
         Quota {
-            name: c.name.clone().unwrap_or_else(|| format!("quota{index}")),
+            scope: scope_hash(&[route_id, &name]),
+            name,
             limit: c.limit,
             period: c.period,
             key: LimitKey::parse(&c.key).expect("validate() checked the key"),
@@ -105,156 +116,420 @@ impl Quota {
     }
 }
 
-/// Every quota counter of this host.
+/// Why a quota refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaRefusal {
+    /// Spent for this period: retry after this many seconds.
+    Spent(u64),
+    /// The store is full and this key is new: refused rather than dropping a live count.
+    Full,
+}
+
+/// One unit taken from a quota for a request, to give back if the request is then refused
+/// before it reached the upstream. Kept on the stack: no allocation per request.
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaCharge {
+    key: [u8; KEY_BYTES],
+    len: u8,
+    shared: bool,
+}
+
+impl QuotaCharge {
+    fn key(&self) -> &[u8] {
+        &self.key[..usize::from(self.len)]
+    }
+}
+
+/// Most quotas one route may have (the charges of a request travel on the stack).
+pub const MAX_QUOTAS_PER_ROUTE: usize = 4;
+
+/// The charges taken for one request, to give back together.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuotaCharges {
+    charges: [Option<QuotaCharge>; MAX_QUOTAS_PER_ROUTE],
+}
+
+impl QuotaCharges {
+    pub fn push(&mut self, charge: QuotaCharge) {
+        if let Some(slot) = self.charges.iter_mut().find(|c| c.is_none()) {
+            *slot = Some(charge);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.charges.iter().all(Option::is_none)
+    }
+
+    /// Gives every charge back (see [`QuotaStore::refund`]) and forgets them.
+    pub fn refund(&mut self, store: &QuotaStore, cluster: Option<&crate::cluster::Cluster>) {
+        for charge in self.charges.iter_mut().filter_map(Option::take) {
+            store.refund(&charge, cluster);
+        }
+    }
+}
+
 #[derive(Debug)]
+struct Counter {
+    count: AtomicU64,
+    /// The count the journal holds.
+    flushed: AtomicU64,
+}
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaStoreError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("{dir}: cannot write the migrated state: {source}")]
+    Migrate {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Every quota counter of this host.
 pub struct QuotaStore {
-    counters: HashMap<Box<[u8]>, AtomicU64>,
+    counters: HashMap<Box<[u8]>, Counter>,
+    /// Scope hash -> (route id, quota name), for the journal. Only the flusher reads it.
+    names: Mutex<StdHashMap<[u8; 8], (String, String)>>,
+    journal: Mutex<Journal>,
+    max_keys: usize,
+    /// Keys header values, for quotas and limits alike.
+    pub hasher: SubjectHasher,
     dirty: AtomicBool,
-    dir: PathBuf,
+    _lock: DataDirLock,
+}
+
+impl std::fmt::Debug for QuotaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("QuotaStore")
+            .field("counters", &self.counters.len())
+            .finish()
+    }
+}
+
+fn period_kind(p: QuotaPeriod) -> u8 {
+    match p {
+        QuotaPeriod::Day => 0,
+        QuotaPeriod::Month => 1,
+    }
+}
+
+fn key_bytes(scope: [u8; 8], period: QuotaPeriod, period_id: u32, subject: &[u8]) -> QuotaCharge {
+    let mut key = [0u8; KEY_BYTES];
+    key[..8].copy_from_slice(&scope);
+    key[8] = period_kind(period);
+    key[9..13].copy_from_slice(&period_id.to_le_bytes());
+    let subject = &subject[..subject.len().min(MAX_SUBJECT_BYTES)];
+    key[13..13 + subject.len()].copy_from_slice(subject);
+    QuotaCharge {
+        key,
+        len: (KEY_PREFIX_BYTES + subject.len()) as u8,
+        shared: false,
+    }
 }
 
 impl QuotaStore {
-    /// Opens the store, loading the counters a previous run saved.
-    pub fn open(config: &QuotasConfig) -> anyhow::Result<Arc<QuotaStore>> {
-        let store = Arc::new(QuotaStore {
+    /// Opens the store in `[quotas] data_dir`: takes its lock, loads the counters a previous
+    /// run saved (migrating the format that keyed them by route position, once), and opens the
+    /// journal. Unreadable lines are skipped and logged; a file that is not ours is an error.
+    pub fn open(config: &Config) -> Result<Arc<QuotaStore>, QuotaStoreError> {
+        let q = &config.quotas;
+        let lock = DataDirLock::acquire(&q.data_dir)?;
+        let hasher = SubjectHasher::load(q.key_file.as_deref(), &q.data_dir)?;
+        let (journal, loaded) = Journal::open(&q.data_dir)?;
+        let mut names = StdHashMap::new();
+        // What the legacy format's positions meant, read from the current config.
+        let mut by_position = StdHashMap::new();
+        for (r, route) in config.routes.iter().enumerate() {
+            let id = route.stable_id();
+            for (i, quota) in route.quotas.iter().enumerate() {
+                let name = quota.stable_name();
+                let scope = scope_hash(&[&id, &name]);
+                names.insert(scope, (id.clone(), name));
+                by_position.insert((r, i), (scope, quota));
+            }
+        }
+        let store = QuotaStore {
             counters: HashMap::new(),
+            names: Mutex::new(StdHashMap::new()),
+            journal: Mutex::new(journal),
+            max_keys: q.max_keys,
+            hasher,
             dirty: AtomicBool::new(false),
-            dir: config.data_dir.clone(),
-        });
-        let path = config.data_dir.join(STATE_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => store
-                .load(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+            _lock: lock,
+        };
+        let pinned = store.counters.pin();
+        for r in &loaded.records {
+            let scope = scope_hash(&[&r.route, &r.quota]);
+            names
+                .entry(scope)
+                .or_insert_with(|| (r.route.clone(), r.quota.clone()));
+            let key = key_bytes(scope, r.period, r.period_id, &r.subject);
+            pinned.insert(
+                key.key().into(),
+                Counter {
+                    count: AtomicU64::new(r.count),
+                    flushed: AtomicU64::new(r.count),
+                },
+            );
         }
-        Ok(store)
+        let mut migrated = 0;
+        for (key, count) in &loaded.legacy {
+            // route (u16) | quota (u8) | period kind (u8) | period id (u32) | subject
+            if key.len() < 8 {
+                continue;
+            }
+            let position = (
+                usize::from(u16::from_le_bytes([key[0], key[1]])),
+                usize::from(key[2]),
+            );
+            let Some((scope, quota)) = by_position.get(&position) else {
+                continue;
+            };
+            let period = if key[3] == 0 {
+                QuotaPeriod::Day
+            } else {
+                QuotaPeriod::Month
+            };
+            let period_id = u32::from_le_bytes(key[4..8].try_into().expect("4 bytes"));
+            let raw = &key[8..];
+            // Format 1 kept header values raw and consumer ids up to 128 bytes.
+            let hashed;
+            let digest;
+            let subject: &[u8] = match LimitKey::parse(&quota.key) {
+                Some(LimitKey::Header(_)) if raw.len() != 16 => {
+                    hashed = store.hasher.hash(raw);
+                    &hashed
+                }
+                _ if raw.len() > MAX_SUBJECT_BYTES => {
+                    digest = <sha2::Sha256 as sha2::Digest>::digest(raw);
+                    &digest
+                }
+                _ => raw,
+            };
+            let key = key_bytes(*scope, period, period_id, subject);
+            pinned.insert(
+                key.key().into(),
+                Counter {
+                    count: AtomicU64::new(*count),
+                    flushed: AtomicU64::new(0),
+                },
+            );
+            migrated += 1;
+        }
+        drop(pinned);
+        *store.names.lock().expect("not poisoned") = names;
+        for (path, line, why) in &loaded.skipped {
+            warn!(file = %path.display(), line, "skipped an unreadable quota record: {why}");
+        }
+        if loaded.skipped_total > loaded.skipped.len() {
+            warn!(
+                skipped = loaded.skipped_total,
+                "skipped unreadable quota records (first ones above)"
+            );
+        }
+        if !loaded.legacy.is_empty() {
+            store.compact().map_err(|source| QuotaStoreError::Migrate {
+                dir: q.data_dir.clone(),
+                source,
+            })?;
+            info!(
+                migrated,
+                of = loaded.legacy.len(),
+                "migrated quota counters from format 1 (keyed by route position) to stable names"
+            );
+        }
+        Ok(Arc::new(store))
     }
 
-    fn load(&self, text: &str) -> Result<(), String> {
-        let mut lines = text.lines();
-        if lines.next() != Some(STATE_HEADER) {
-            return Err("not a quota state file".into());
-        }
-        let pinned = self.counters.pin();
-        for line in lines {
-            let (key, count) = line.split_once(' ').ok_or("malformed line")?;
-            let key: Vec<u8> = (0..key.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(key.get(i..i + 2).unwrap_or("zz"), 16))
-                .collect::<Result<_, _>>()
-                .map_err(|_| "malformed key")?;
-            let count: u64 = count.parse().map_err(|_| "malformed count")?;
-            pinned.insert(key.into(), AtomicU64::new(count));
-        }
-        Ok(())
-    }
-
-    /// Takes one request from the quota; `Err(seconds until the period ends)` when spent.
+    /// Takes one request from the quota; on success the charge to give back if the request is
+    /// refused later.
     pub fn take(
         &self,
-        route: usize,
-        index: usize,
         quota: &Quota,
         subject: &LimitSubject,
         cluster: Option<&crate::cluster::Cluster>,
-    ) -> Result<(), u64> {
+    ) -> Result<QuotaCharge, QuotaRefusal> {
         let now = unix_now();
         let (period_id, remaining) = period_now(quota.period, now);
-        let mut buf = [0u8; KEY_PREFIX_BYTES + MAX_KEY_BYTES];
-        buf[..2].copy_from_slice(&(route as u16).to_le_bytes());
-        buf[2] = index as u8;
-        buf[3] = quota.period as u8;
-        buf[4..8].copy_from_slice(&period_id.to_le_bytes());
-        let ip_octets;
-        let value: &[u8] = match &quota.key {
-            LimitKey::Route => &[],
-            LimitKey::Consumer if subject.consumer.is_some() => {
-                subject.consumer.unwrap_or_default().as_bytes()
-            }
-            LimitKey::Header(name) if (subject.header)(name).is_some() => {
-                (subject.header)(name).unwrap_or_default()
-            }
-            _ => {
-                ip_octets = match subject.client {
-                    std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-                    std::net::IpAddr::V6(v6) => v6.octets(),
-                };
-                &ip_octets
-            }
-        };
-        let len = if value.len() <= MAX_KEY_BYTES {
-            buf[KEY_PREFIX_BYTES..KEY_PREFIX_BYTES + value.len()].copy_from_slice(value);
-            KEY_PREFIX_BYTES + value.len()
-        } else {
-            buf[KEY_PREFIX_BYTES..KEY_PREFIX_BYTES + 32].copy_from_slice(&Sha256::digest(value));
-            KEY_PREFIX_BYTES + 32
-        };
-        let key = &buf[..len];
+        let mut buf = [0u8; MAX_SUBJECT_BYTES];
+        let subject = subject_bytes(&quota.key, subject, &mut buf);
+        let mut charge = key_bytes(quota.scope, quota.period, period_id, subject);
+        let key = charge.key();
         let guard = self.counters.guard();
         let counter = match self.counters.get(key, &guard) {
             Some(c) => c,
-            None => self
-                .counters
-                .get_or_insert(key.into(), AtomicU64::new(0), &guard),
+            None => {
+                if self.counters.len() >= self.max_keys {
+                    return Err(QuotaRefusal::Full);
+                }
+                self.counters.get_or_insert(
+                    key.into(),
+                    Counter {
+                        count: AtomicU64::new(0),
+                        flushed: AtomicU64::new(0),
+                    },
+                    &guard,
+                )
+            }
         };
-        if counter.fetch_add(1, Ordering::AcqRel) >= quota.limit {
-            counter.fetch_sub(1, Ordering::AcqRel);
-            return Err(remaining.max(1));
+        if counter.count.fetch_add(1, Ordering::AcqRel) >= quota.limit {
+            counter.count.fetch_sub(1, Ordering::AcqRel);
+            return Err(QuotaRefusal::Spent(remaining.max(1)));
         }
         if let Some(c) = cluster {
             // The same bytes on every host name the same Redis counter.
-            let mut shared = [0u8; 6 + KEY_PREFIX_BYTES + MAX_KEY_BYTES];
-            shared[..6].copy_from_slice(b"pcl:q:");
-            shared[6..6 + len].copy_from_slice(key);
-            if !c.admit(&shared[..6 + len], quota.limit, remaining + 60) {
-                counter.fetch_sub(1, Ordering::AcqRel);
-                return Err(remaining.max(1));
+            let shared = shared_key(key);
+            if !c.admit(&shared.0[..shared.1], quota.limit, remaining + 60) {
+                counter.count.fetch_sub(1, Ordering::AcqRel);
+                return Err(QuotaRefusal::Spent(remaining.max(1)));
             }
+            charge.shared = true;
         }
         self.dirty.store(true, Ordering::Release);
-        Ok(())
+        Ok(charge)
     }
 
-    /// Writes the counters of current periods if anything changed: temporary file, fsync,
-    /// rename, fsync of the directory.
+    /// Gives back a charge: the request it was taken for was refused by a later stage, or
+    /// failed before any byte of it reached the upstream. In cluster mode the shared admission
+    /// becomes a local credit.
+    pub fn refund(&self, charge: &QuotaCharge, cluster: Option<&crate::cluster::Cluster>) {
+        let guard = self.counters.guard();
+        if let Some(c) = self.counters.get(charge.key(), &guard) {
+            let _ = c
+                .count
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            self.dirty.store(true, Ordering::Release);
+        }
+        if let (true, Some(c)) = (charge.shared, cluster) {
+            let shared = shared_key(charge.key());
+            c.refund(&shared.0[..shared.1]);
+        }
+    }
+
+    fn current_periods() -> [u32; 2] {
+        let now = unix_now();
+        [
+            period_now(QuotaPeriod::Day, now).0,
+            period_now(QuotaPeriod::Month, now).0,
+        ]
+    }
+
+    /// The record for a counter of a current period, or `None` for past periods and unknown
+    /// scopes.
+    fn record(
+        names: &StdHashMap<[u8; 8], (String, String)>,
+        current: [u32; 2],
+        key: &[u8],
+        count: u64,
+    ) -> Option<Record> {
+        let scope: [u8; 8] = key.get(..8)?.try_into().ok()?;
+        let kind = *key.get(8)?;
+        let period_id = u32::from_le_bytes(key.get(9..13)?.try_into().ok()?);
+        if period_id < current[usize::from(kind).min(1)] {
+            return None;
+        }
+        let (route, quota) = names.get(&scope)?;
+        Some(Record {
+            route: route.clone(),
+            quota: quota.clone(),
+            period: if kind == 0 {
+                QuotaPeriod::Day
+            } else {
+                QuotaPeriod::Month
+            },
+            period_id,
+            subject: key[13..].to_vec(),
+            count,
+        })
+    }
+
+    /// Appends the counters that changed since the last flush, and compacts the journal when
+    /// it has grown past the snapshot.
     pub fn flush(&self) -> std::io::Result<()> {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        let now = unix_now();
-        let current = [
-            period_now(QuotaPeriod::Day, now).0,
-            period_now(QuotaPeriod::Month, now).0,
-        ];
-        let mut text = String::from(STATE_HEADER);
-        text.push('\n');
-        for (key, count) in self.counters.pin().iter() {
-            let period_kind = usize::from(key[3]).min(1);
-            let period_id = u32::from_le_bytes(key[4..8].try_into().expect("key prefix"));
-            if period_id < current[period_kind] {
+        let current = Self::current_periods();
+        let names = self.names.lock().expect("not poisoned");
+        let mut changed = Vec::new();
+        let mut marks = Vec::new();
+        for (key, c) in self.counters.pin().iter() {
+            let count = c.count.load(Ordering::Acquire);
+            if count == c.flushed.load(Ordering::Acquire) {
                 continue;
             }
-            for b in key.iter() {
-                let _ = write!(text, "{b:02x}");
+            if let Some(r) = Self::record(&names, current, key, count) {
+                changed.push(r);
+                marks.push((key.clone(), count));
             }
-            let _ = writeln!(text, " {}", count.load(Ordering::Acquire));
         }
-        write_atomically(&self.dir, STATE_FILE, text.as_bytes())
-            .inspect_err(|_| self.dirty.store(true, Ordering::Release))
+        drop(names);
+        let mut journal = self.journal.lock().expect("not poisoned");
+        if let Err(e) = journal.append(&changed) {
+            self.dirty.store(true, Ordering::Release);
+            return Err(e);
+        }
+        let pinned = self.counters.pin();
+        for (key, count) in marks {
+            if let Some(c) = pinned.get(&key) {
+                c.flushed.store(count, Ordering::Release);
+            }
+        }
+        let compact = journal.wants_compaction();
+        drop(journal);
+        if compact {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// Writes every current counter as a new snapshot and empties the journal.
+    fn compact(&self) -> std::io::Result<()> {
+        let current = Self::current_periods();
+        let names = self.names.lock().expect("not poisoned");
+        let mut all = Vec::new();
+        let mut marks = Vec::new();
+        for (key, c) in self.counters.pin().iter() {
+            let count = c.count.load(Ordering::Acquire);
+            if let Some(r) = Self::record(&names, current, key, count) {
+                all.push(r);
+                marks.push((key.clone(), count));
+            }
+        }
+        drop(names);
+        self.journal.lock().expect("not poisoned").compact(&all)?;
+        let pinned = self.counters.pin();
+        for (key, count) in marks {
+            if let Some(c) = pinned.get(&key) {
+                c.flushed.store(count, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+
+    /// Counters held now.
+    pub fn len(&self) -> usize {
+        self.counters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counters.is_empty()
     }
 
     /// Drops counters of past periods from memory.
     pub fn sweep(&self) {
-        let now = unix_now();
-        let current = [
-            period_now(QuotaPeriod::Day, now).0,
-            period_now(QuotaPeriod::Month, now).0,
-        ];
+        let current = Self::current_periods();
         self.counters.pin().retain(|key, _| {
-            u32::from_le_bytes(key[4..8].try_into().expect("key prefix"))
-                >= current[usize::from(key[3]).min(1)]
+            key.get(9..13)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_le_bytes)
+                .is_some_and(|id| id >= current[usize::from(key[8]).min(1)])
         });
     }
 
@@ -274,14 +549,12 @@ impl QuotaStore {
     }
 }
 
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
+/// `pcl:q:` and the local key: the Redis key of a quota counter.
+fn shared_key(key: &[u8]) -> ([u8; 6 + KEY_BYTES], usize) {
+    let mut shared = [0u8; 6 + KEY_BYTES];
+    shared[..6].copy_from_slice(b"pcl:q:");
+    shared[6..6 + key.len()].copy_from_slice(key);
+    (shared, 6 + key.len())
 }
 
 #[cfg(test)]

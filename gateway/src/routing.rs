@@ -52,6 +52,8 @@ pub enum PathRewrite {
 pub struct Route {
     /// Position in the config file, for logs.
     pub index: usize,
+    /// The stable id that names the route's state (see [`RouteConfig::stable_id`]).
+    pub id: String,
     path: PathMatch,
     case_insensitive: bool,
     methods: Option<Vec<Box<[u8]>>>,
@@ -85,18 +87,18 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn new(config: &Config) -> RouteTable {
         let upstream_names: Vec<String> = config.upstreams.keys().cloned().collect();
+        let max_keys = config.server.max_limit_keys;
         let server_pre_auth_limits: std::sync::Arc<[crate::limits::Limit]> = config
             .server
             .pre_auth_limits
             .iter()
-            .enumerate()
-            .map(|(i, l)| crate::limits::Limit::new(SERVER_LIMIT_SCOPE, PRE_AUTH_INDEX + i, l))
+            .map(|l| crate::limits::Limit::new(&["[server]", PRE_AUTH_SCOPE], l, max_keys))
             .collect();
         let routes: Vec<Route> = config
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| compile_route(i, r, &upstream_names, &server_pre_auth_limits))
+            .map(|(i, r)| compile_route(i, r, &upstream_names, &server_pre_auth_limits, max_keys))
             .collect();
         let mut table = RouteTable {
             upstream_names,
@@ -243,18 +245,17 @@ fn precedence_key(route: &Route) -> (u8, std::cmp::Reverse<usize>, u8, usize) {
     (path_class, std::cmp::Reverse(len), methods, route.index)
 }
 
-/// The limit scope that names `[server] pre_auth_limits` in cluster keys (routes use their
-/// index).
-const SERVER_LIMIT_SCOPE: usize = u32::MAX as usize;
-/// Pre-auth limits are numbered from here in cluster keys, apart from a route's own limits.
-const PRE_AUTH_INDEX: usize = 128;
+/// Names pre-auth limits' state apart from a route's other limits of the same name.
+const PRE_AUTH_SCOPE: &str = "pre-auth";
 
 fn compile_route(
     index: usize,
     r: &RouteConfig,
     upstream_names: &[String],
     server_pre_auth_limits: &std::sync::Arc<[crate::limits::Limit]>,
+    max_keys: usize,
 ) -> Route {
+    let id = r.stable_id();
     let m = &r.matcher;
     let path = match (&m.path, &m.path_prefix) {
         (Some(p), _) => PathMatch::Exact(p.as_bytes().into()),
@@ -297,16 +298,14 @@ fn compile_route(
         pre_auth_limits: match &r.pre_auth_limits {
             Some(own) => own
                 .iter()
-                .enumerate()
-                .map(|(i, l)| crate::limits::Limit::new(index, PRE_AUTH_INDEX + i, l))
+                .map(|l| crate::limits::Limit::new(&[&id, PRE_AUTH_SCOPE], l, max_keys))
                 .collect(),
             None => server_pre_auth_limits.clone(),
         },
         limits: r
             .limits
             .iter()
-            .enumerate()
-            .map(|(i, l)| crate::limits::Limit::new(index, i, l))
+            .map(|l| crate::limits::Limit::new(&[&id], l, max_keys))
             .collect(),
         rate_limit_headers: r.rate_limit_headers,
         concurrency: r
@@ -316,9 +315,9 @@ fn compile_route(
         quotas: r
             .quotas
             .iter()
-            .enumerate()
-            .map(|(i, q)| crate::quotas::Quota::new(i, q))
+            .map(|q| crate::quotas::Quota::new(&id, q))
             .collect(),
+        id,
     }
 }
 
@@ -367,9 +366,11 @@ upstream = "u"
 match = { host = "api.example.com", path_prefix = "/" }
 upstream = "u"
 [[routes]]
+id = "same match, later in the file"
 match = { host = "api.example.com", path_prefix = "/" }
 upstream = "u"
 [[routes]]
+id = "same as routes[1], later in the file"
 match = { path_prefix = "/v1/" }
 upstream = "u"
 "#,

@@ -3,7 +3,9 @@
 
 mod duration;
 mod error;
+mod names;
 mod validate;
+pub use names::valid_route_id;
 pub use validate::is_token_byte;
 
 use std::{
@@ -49,17 +51,18 @@ pub struct Config {
 pub struct ClusterConfig {
     /// `redis://host:port/db`.
     pub redis: String,
-    /// Requests a host may admit per shared counter between syncs: over-admission is at most
-    /// `(hosts - 1) * batch`.
-    #[serde(default = "default_cluster_batch")]
-    pub batch: u64,
+    /// Admissions a host leases from Redis at a time, per shared counter, ahead of need. The
+    /// combined count never exceeds a limit; unused leases (at most `hosts * lease`) are what a
+    /// cluster may admit below it. `batch` is accepted as its old name.
+    #[serde(default = "default_cluster_lease", alias = "batch")]
+    pub lease: u64,
     /// How often pending counts are pushed and totals read back (sooner at half a batch).
     #[serde(default = "default_cluster_sync")]
     pub sync_interval: ConfigDuration,
 }
 
-fn default_cluster_batch() -> u64 {
-    10
+fn default_cluster_lease() -> u64 {
+    20
 }
 fn default_cluster_sync() -> ConfigDuration {
     ConfigDuration::from_millis(100)
@@ -71,9 +74,16 @@ fn default_cluster_sync() -> ConfigDuration {
 pub struct QuotasConfig {
     /// Directory of the quota file (`quotas.state`), created if missing.
     pub data_dir: PathBuf,
-    /// Counters are written (write, fsync, rename) this often when they changed: a `kill -9`
-    /// loses at most this much counting.
+    /// Counters that changed are appended (and fsynced) this often: a `kill -9` loses at most
+    /// this much counting.
     pub flush_interval: ConfigDuration,
+    /// Most quota counters kept (one per quota, period and key); beyond it a new key is
+    /// refused (429), never a live count dropped.
+    pub max_keys: usize,
+    /// The secret that keys header-derived counts (HMAC-SHA256), so raw header values are never
+    /// stored or sent to Redis; default `data_dir/state.key`, created on first start. Hosts of
+    /// a cluster must share one.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for QuotasConfig {
@@ -81,6 +91,8 @@ impl Default for QuotasConfig {
         QuotasConfig {
             data_dir: PathBuf::from("portcullis-data"),
             flush_interval: ConfigDuration::from_secs(1),
+            max_keys: 1_000_000,
+            key_file: None,
         }
     }
 }
@@ -273,6 +285,9 @@ pub struct ServerConfig {
     /// Rate limits counted before credentials are checked, for every route that does not set
     /// its own `pre_auth_limits`; keyed by "client" or "header:NAME".
     pub pre_auth_limits: Vec<LimitConfig>,
+    /// Most keys one rate limit tracks; when full, recovered entries go first, then the least
+    /// recently active (an evicted key starts afresh).
+    pub max_limit_keys: usize,
 }
 
 impl Default for ServerConfig {
@@ -292,6 +307,7 @@ impl Default for ServerConfig {
             merge_slashes: true,
             encoded_slash: crate::http::target::EncodedSlash::Reject,
             pre_auth_limits: Vec::new(),
+            max_limit_keys: 100_000,
         }
     }
 }
@@ -391,6 +407,9 @@ fn default_max_idle() -> usize {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
+    /// The route's stable id, which names its persisted and shared counts; default: derived
+    /// from `match` (see [`RouteConfig::stable_id`]).
+    pub id: Option<String>,
     #[serde(rename = "match", default)]
     pub matcher: MatchConfig,
     pub upstream: Option<String>,

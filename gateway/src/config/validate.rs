@@ -103,6 +103,37 @@ impl Config {
         for (i, route) in self.routes.iter().enumerate() {
             self.validate_route(i, route)?;
         }
+        // Route ids name persisted and shared counts: they must be unique.
+        let mut ids = std::collections::HashMap::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            if let Some(id) = &route.id {
+                if !super::valid_route_id(id) {
+                    return Err(Invalid::new(
+                        key_path("routes").index(i).key("id"),
+                        "must be 1 to 200 printable ASCII characters",
+                    ));
+                }
+            }
+            if let Some(first) = ids.insert(route.stable_id(), i) {
+                let key = if route.id.is_some() { "id" } else { "match" };
+                return Err(Invalid::new(
+                    key_path("routes").index(i).key(key),
+                    format!("the route id `{}` is also that of routes[{first}] (ids name the routes' counts; without `id` it is derived from `match`): give one of them an explicit `id`, or a different match", route.stable_id()),
+                ));
+            }
+        }
+        in_range(
+            server().key("max_limit_keys"),
+            s.max_limit_keys,
+            16,
+            100_000_000,
+        )?;
+        in_range(
+            key_path("quotas").key("max_keys"),
+            self.quotas.max_keys,
+            1,
+            100_000_000,
+        )?;
         self.validate_auth()?;
         if let Some(c) = &self.cluster {
             if !c.redis.starts_with("redis://") {
@@ -111,10 +142,10 @@ impl Config {
                     "must be a redis:// URL, such as \"redis://127.0.0.1:6379\"",
                 ));
             }
-            if c.batch == 0 {
+            if c.lease == 0 || c.lease > 1_000_000 {
                 return Err(Invalid::new(
-                    key_path("cluster").key("batch"),
-                    "must be at least 1",
+                    key_path("cluster").key("lease"),
+                    "must be from 1 to 1000000 (admissions reserved at a time)",
                 ));
             }
             if c.sync_interval.get().is_zero() {
@@ -330,8 +361,46 @@ impl Config {
         for (j, limit) in route.pre_auth_limits.iter().flatten().enumerate() {
             validate_limit(at().key("pre_auth_limits").index(j), limit, false)?;
         }
+        if route.quotas.len() > crate::quotas::MAX_QUOTAS_PER_ROUTE {
+            return Err(Invalid::new(
+                at().key("quotas"),
+                format!(
+                    "lists {} quotas; a route has at most {}",
+                    route.quotas.len(),
+                    crate::quotas::MAX_QUOTAS_PER_ROUTE
+                ),
+            ));
+        }
+        for (list, key) in [
+            (&route.limits, "limits"),
+            (
+                route.pre_auth_limits.as_ref().unwrap_or(&Vec::new()),
+                "pre_auth_limits",
+            ),
+        ] {
+            let mut names = std::collections::HashSet::new();
+            for (j, l) in list.iter().enumerate() {
+                if !names.insert(l.stable_name()) {
+                    return Err(Invalid::new(at().key(key).index(j), format!("the name `{}` is used by an earlier limit of this route (names key their counts): set `name`", l.stable_name())));
+                }
+            }
+        }
+        let mut quota_names = std::collections::HashSet::new();
+        for (j, q) in route.quotas.iter().enumerate() {
+            if !quota_names.insert(q.stable_name()) {
+                return Err(Invalid::new(at().key("quotas").index(j), format!("the name `{}` is used by an earlier quota of this route (names key their counts): set `name`", q.stable_name())));
+            }
+        }
         for (j, q) in route.quotas.iter().enumerate() {
             let at_q = || at().key("quotas").index(j);
+            if let Some(name) = &q.name {
+                if name.is_empty() || !name.bytes().all(is_token_byte) {
+                    return Err(Invalid::new(
+                        at_q().key("name"),
+                        "must be a token, such as \"daily\"",
+                    ));
+                }
+            }
             if crate::limits::LimitKey::parse(&q.key).is_none() {
                 return Err(Invalid::new(at_q().key("key"), format!("`{}` is not a quota key: use \"consumer\", \"client\", \"route\" or \"header:NAME\"", q.key)));
             }

@@ -168,15 +168,20 @@ impl<C: Transport> Connection<'_, C> {
             Plan::Forward {
                 group,
                 server,
+                mut charges,
                 in_flight,
             } => {
                 let Some((route, counter)) = in_flight else {
-                    return self.forward(facts, group, server, request_deadline).await;
+                    return self
+                        .forward(facts, group, server, charges, request_deadline)
+                        .await;
                 };
                 let Some(limit) = &worker.snapshot.routes.route(route).concurrency else {
                     unreachable!("in_flight is planned only for routes with a concurrency limit");
                 };
                 let Some(_slot) = self.concurrency_slot(limit, &counter).await else {
+                    // Refused before reaching the upstream: not charged.
+                    charges.refund(&snapshot.quota_store, snapshot.cluster.as_deref());
                     let answer = Answer::Error {
                         status: 503,
                         detail: "too many requests in flight for this route",
@@ -184,7 +189,8 @@ impl<C: Transport> Connection<'_, C> {
                     };
                     return self.answer(facts, answer, request_deadline).await;
                 };
-                self.forward(facts, group, server, request_deadline).await
+                self.forward(facts, group, server, charges, request_deadline)
+                    .await
             }
             Plan::AwaitKeys(_) => unreachable!("planned again above"),
         }

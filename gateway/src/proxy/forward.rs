@@ -24,6 +24,7 @@ use crate::{
     },
     io::{read_before, write_before, IoFailure, Transport},
     log_throttle::Noisy,
+    quotas::QuotaCharges,
     runtime::snapshot::UPSTREAM_BUFFER_BYTES,
     throttled_warn,
     upstream::{ConnectError, UpstreamConn, UpstreamGroup},
@@ -55,9 +56,16 @@ impl<C: Transport> Connection<'_, C> {
         facts: RequestFacts,
         group_index: usize,
         server: usize,
+        mut charges: QuotaCharges,
         request_deadline: Instant,
     ) -> Next {
         let worker = self.worker;
+        let snapshot = &*worker.snapshot;
+        // Quotas count once the upstream has received the request; before that, a failure
+        // gives them back.
+        let refund = |charges: &mut QuotaCharges| {
+            charges.refund(&snapshot.quota_store, snapshot.cluster.as_deref())
+        };
         let group = &worker.upstreams[group_index];
         let has_body = !matches!(facts.body, BodyFraming::None | BodyFraming::Length(0));
         let mut consumed = facts.head_len;
@@ -68,6 +76,7 @@ impl<C: Transport> Connection<'_, C> {
             let buffered = &self.inbuf[facts.head_len..];
             if let Err(e) = ChunkedDecoder::new().decode(buffered, |_| {}) {
                 debug!(peer = %self.peer, error = %e, "invalid chunked request body");
+                refund(&mut charges);
                 return self.error_and_close(400, "invalid chunked body").await;
             }
         }
@@ -80,9 +89,10 @@ impl<C: Transport> Connection<'_, C> {
             let conn = match attempt {
                 Ok(c) => c,
                 Err(e) => {
+                    refund(&mut charges);
                     return self
                         .upstream_unavailable(facts, group, server, e, request_deadline)
-                        .await
+                        .await;
                 }
             };
             let len = self.out.len();
@@ -99,6 +109,8 @@ impl<C: Transport> Connection<'_, C> {
                     retried = true;
                     continue;
                 }
+                // The head could not be written: the upstream did not get the request.
+                refund(&mut charges);
                 throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = %e, "could not send request upstream");
                 return self
                     .answer(

@@ -18,8 +18,11 @@ use crate::{
         BodyFraming, Version,
     },
     limits::{self, LimitSubject},
+    log_throttle::Noisy,
+    quotas::{QuotaCharges, QuotaRefusal},
     routing::Action,
     runtime::worker::Worker,
+    throttled_warn,
 };
 
 /// What the connection does with a request.
@@ -32,6 +35,9 @@ pub enum Plan {
     Forward {
         group: usize,
         server: usize,
+        /// Quotas taken for the request: given back if it is refused before reaching the
+        /// upstream.
+        charges: QuotaCharges,
         /// The route, and the concurrency count this request is held against, when the route
         /// has a concurrency limit.
         in_flight: Option<(usize, std::sync::Arc<std::sync::atomic::AtomicUsize>)>,
@@ -151,6 +157,7 @@ pub fn plan(
             client: peer,
             consumer: None,
             header: &header,
+            hasher: &snapshot.quota_store.hasher,
         };
         if let Err(refusal) = limits::check(
             &route.pre_auth_limits,
@@ -220,28 +227,41 @@ pub fn plan(
     }
 
     // Stage 5: rate limits, then quotas (cache and transforms follow here).
+    let mut charges = QuotaCharges::default();
     if !route.limits.is_empty() || !route.quotas.is_empty() {
         let header = |name: &str| find_header(req, name);
         let subject = LimitSubject {
             client: peer,
             consumer: identity.consumer.map(|(id, _)| id),
             header: &header,
+            hasher: &snapshot.quota_store.hasher,
         };
         let cluster = snapshot.cluster.as_deref();
         if let Err(refusal) = limits::check(&route.limits, &subject, cluster) {
             return Plan::Answer(too_many(route, &route.limits, refusal, false));
         }
         for (i, quota) in route.quotas.iter().enumerate() {
-            if let Err(retry_after_secs) =
-                snapshot
-                    .quota_store
-                    .take(route.index, i, quota, &subject, cluster)
-            {
-                return Plan::Answer(Answer::TooMany {
-                    route: route.index,
-                    policy: TrafficPolicy::Quota(i),
-                    retry_after_secs,
-                });
+            match snapshot.quota_store.take(quota, &subject, cluster) {
+                Ok(charge) => charges.push(charge),
+                Err(refusal) => {
+                    // Refused here: the quotas taken so far are given back.
+                    charges.refund(&snapshot.quota_store, cluster);
+                    return Plan::Answer(match refusal {
+                        QuotaRefusal::Spent(retry_after_secs) => Answer::TooMany {
+                            route: route.index,
+                            policy: TrafficPolicy::Quota(i),
+                            retry_after_secs,
+                        },
+                        QuotaRefusal::Full => {
+                            throttled_warn!(Noisy::StateFull, route = %route.id, quota = %quota.name, "quota store full: a new key was refused");
+                            Answer::Error {
+                                status: 429,
+                                detail: "quota capacity reached: new callers are refused until the period ends",
+                                close: false,
+                            }
+                        }
+                    });
+                }
             }
         }
     }
@@ -264,7 +284,8 @@ pub fn plan(
                 group.host_value(server),
             ) {
                 // A bug upstream of the encoder, never the client's doing: say which field.
-                error!(route = route.index, field = e.field, "{e}");
+                error!(route = %route.id, field = e.field, "{e}");
+                charges.refund(&snapshot.quota_store, snapshot.cluster.as_deref());
                 return Plan::Answer(Answer::Error {
                     status: 500,
                     detail: "the gateway could not build the upstream request",
@@ -274,6 +295,7 @@ pub fn plan(
             Plan::Forward {
                 group: *group_index,
                 server,
+                charges,
                 in_flight: route
                     .concurrency
                     .as_ref()

@@ -39,7 +39,7 @@ impl ConfigSnapshot {
             routes: RouteTable::new(&config),
             consumers: crate::auth::Consumers::new(&config),
             issuers: crate::auth::Issuers::start(&config.auth).map_err(anyhow::Error::msg)?,
-            quota_store: crate::quotas::QuotaStore::open(&config.quotas)?,
+            quota_store: crate::quotas::QuotaStore::open(&config)?,
             cluster: config
                 .cluster
                 .as_ref()

@@ -38,7 +38,10 @@ impl Gateway {
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, config).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
-        cmd.arg("--config")
+        // Each gateway gets its own working directory, so the default (relative) data
+        // directory is its own and parallel tests never contend for its lock.
+        cmd.current_dir(dir.path())
+            .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

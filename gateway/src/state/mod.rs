@@ -1,0 +1,6 @@
+//! Durable state on the host: the lock that gives one process its data directory, the secret
+//! that keys header-derived counts, and the quota journal.
+
+pub mod data_dir;
+pub mod journal;
+pub mod subject;
