@@ -90,7 +90,7 @@ fn encode(r: &Record, out: &mut String) {
         hex::encode(&r.subject),
         r.count
     );
-    let crc = crc32fast::hash(out[start..].as_bytes());
+    let crc = crc32fast::hash(&out.as_bytes()[start..]);
     let _ = writeln!(out, "\t{crc:08x}");
 }
 
