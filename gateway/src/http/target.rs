@@ -171,37 +171,32 @@ pub fn normalize_path(path: &[u8], policy: PathPolicy, out: &mut Vec<u8>) -> Res
             Some(semicolon) => &written[..semicolon],
             None => written,
         };
-        match bare {
-            b"." | b".." => {
-                if bare.len() != written.len() {
-                    // `..;x/` is `..` to servers that strip parameters (Tomcat) and a plain
-                    // name to others: refuse rather than guess.
-                    return Err(PathError::DotSegmentParameters);
-                }
-                let climbs = bare == b"..";
-                out.truncate(start);
-                if climbs {
-                    if start == 1 {
-                        return Err(PathError::AboveRoot);
-                    }
-                    // Drop the previous segment: back to the `/` before it.
-                    let previous = out[..start - 1]
-                        .iter()
-                        .rposition(|b| *b == b'/')
-                        .unwrap_or(0);
-                    out.truncate(previous + 1);
-                }
+        if written.is_empty() {
+            // An empty segment (`//`); a segment that only starts with `;` is not empty.
+            if !last && !policy.merge_slashes {
+                out.push(b'/');
             }
-            b"" => {
-                if !last && !policy.merge_slashes {
-                    out.push(b'/');
-                }
+        } else if bare == b"." || bare == b".." {
+            if bare.len() != written.len() {
+                // `..;x/` is `..` to servers that strip parameters (Tomcat) and a plain
+                // name to others: refuse rather than guess.
+                return Err(PathError::DotSegmentParameters);
             }
-            _ => {
-                if !last {
-                    out.push(b'/');
+            let climbs = bare == b"..";
+            out.truncate(start);
+            if climbs {
+                if start == 1 {
+                    return Err(PathError::AboveRoot);
                 }
+                // Drop the previous segment: back to the `/` before it.
+                let previous = out[..start - 1]
+                    .iter()
+                    .rposition(|b| *b == b'/')
+                    .unwrap_or(0);
+                out.truncate(previous + 1);
             }
+        } else if !last {
+            out.push(b'/');
         }
     }
     Ok(())
@@ -327,6 +322,8 @@ mod tests {
             ("/caf%C3%A9", "/caf%C3%A9"),
             ("/%F0%9F%A6%80", "/%F0%9F%A6%80"),
             ("/a;b=c/d", "/a;b=c/d"),
+            ("/;a/;b", "/;a/;b"),
+            ("/;..q;/x", "/;..q;/x"),
             ("/..a/a..", "/..a/a.."),
             ("/...", "/..."),
             ("*", "*"),
