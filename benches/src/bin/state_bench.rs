@@ -45,64 +45,49 @@ fn main() -> anyhow::Result<()> {
     let store = QuotaStore::open(&config)?;
     let routes = RouteTable::new(&config);
     let route = &routes.routes()[0];
+    let client: IpAddr = "203.0.113.9".parse()?;
+    // Sends tenants `keys` once each through the route's limit (when `limit`) and quota;
+    // returns (admitted, refused) by the quota.
+    let send = |keys: std::ops::Range<usize>, limit: bool| {
+        let (mut admitted, mut refused) = (0u64, 0u64);
+        for i in keys {
+            let v = format!("tenant-{i}").into_bytes();
+            let value: &[u8] = &v;
+            let header = move |_: &str| Some(value);
+            let subject = LimitSubject {
+                client,
+                consumer: None,
+                header: &header,
+                hasher: &store.hasher,
+            };
+            if limit {
+                let _ = route.limits[0].admit(&subject, None);
+            }
+            match store.take(&route.quotas[0], &subject, None) {
+                Ok(_) => admitted += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        (admitted, refused)
+    };
+    let timed_flush = || -> anyhow::Result<std::time::Duration> {
+        let t = Instant::now();
+        store.flush()?;
+        Ok(t.elapsed())
+    };
     let before = rss_kib();
     let started = Instant::now();
-    let (mut admitted, mut full) = (0u64, 0u64);
-    let client: IpAddr = "203.0.113.9".parse()?;
-    for i in 0..a.keys {
-        let v = format!("tenant-{i}").into_bytes();
-        let value: &[u8] = &v;
-        let header = move |_: &str| Some(value);
-        let subject = LimitSubject {
-            client,
-            consumer: None,
-            header: &header,
-            hasher: &store.hasher,
-        };
-        let _ = route.limits[0].admit(&subject, None);
-        match store.take(&route.quotas[0], &subject, None) {
-            Ok(_) => admitted += 1,
-            Err(_) => full += 1,
-        }
-    }
+    let (admitted, full) = send(0..a.keys, true);
     let fill = started.elapsed();
     let after = rss_kib();
-    let t = Instant::now();
-    store.flush()?;
-    let first_flush = t.elapsed();
+    let first_flush = timed_flush()?;
     // A steady second: a thousand of the live keys come back.
-    for i in 0..1000 {
-        let v = format!("tenant-{i}").into_bytes();
-        let value: &[u8] = &v;
-        let header = move |_: &str| Some(value);
-        let subject = LimitSubject {
-            client,
-            consumer: None,
-            header: &header,
-            hasher: &store.hasher,
-        };
-        let _ = store.take(&route.quotas[0], &subject, None);
-    }
-    let t = Instant::now();
-    store.flush()?;
-    let steady_flush = t.elapsed();
+    send(0..1000, false);
+    let steady_flush = timed_flush()?;
     // The same again: the journal was just compacted (if it had outgrown the snapshot), so this
     // is the plain append of what changed.
-    for i in 1000..2000 {
-        let v = format!("tenant-{i}").into_bytes();
-        let value: &[u8] = &v;
-        let header = move |_: &str| Some(value);
-        let subject = LimitSubject {
-            client,
-            consumer: None,
-            header: &header,
-            hasher: &store.hasher,
-        };
-        let _ = store.take(&route.quotas[0], &subject, None);
-    }
-    let t = Instant::now();
-    store.flush()?;
-    let append_flush = t.elapsed();
+    send(1000..2000, false);
+    let append_flush = timed_flush()?;
     let journal = std::fs::metadata(dir.path().join("quotas.journal"))?.len()
         + std::fs::metadata(dir.path().join("quotas.state"))
             .map(|m| m.len())
