@@ -80,8 +80,13 @@ pub struct Limit {
     pub window: Duration,
     interval_ns: u64,
     tolerance_ns: u64,
-    states: HashMap<Box<[u8]>, AtomicU64>,
+    /// Shared with the limit of the same scope in the next config snapshot, so a reload keeps
+    /// every bucket (and applies a changed rate to it).
+    states: LimitState,
 }
+
+/// A limit's buckets, by key.
+pub type LimitState = std::sync::Arc<HashMap<Box<[u8]>, AtomicU64>>;
 
 /// A refusal: when to retry, and the fields describing the limit.
 #[derive(Debug, Clone, Copy)]
@@ -158,14 +163,22 @@ pub fn scope_hash(parts: &[&str]) -> [u8; 8] {
 
 impl Limit {
     /// Compiles limit `c`, whose state is named by `scope` (such as the route id) and its own
-    /// name; at most `max_keys` keys.
-    pub fn new(scope: &[&str], c: &LimitConfig, max_keys: usize) -> Limit {
+    /// name; at most `max_keys` keys. `carried` finds the buckets of a previous snapshot's limit
+    /// by that name, which are then kept.
+    pub fn new(
+        scope: &[&str],
+        c: &LimitConfig,
+        max_keys: usize,
+        carried: &dyn Fn(&[u8; 8]) -> Option<LimitState>,
+    ) -> Limit {
         let window = c.per.get();
         let interval_ns = (window.as_nanos() as u64 / c.rate).max(1);
         let burst = c.burst.unwrap_or(c.rate).max(1);
         let name = c.stable_name();
+        let scope = scope_hash(&[scope, &[name.as_str()]].concat());
         Limit {
-            scope: scope_hash(&[scope, &[name.as_str()]].concat()),
+            states: carried(&scope).unwrap_or_default(),
+            scope,
             name,
             max_keys,
             key: LimitKey::parse(&c.key).expect("validate() checked the key"),
@@ -173,7 +186,6 @@ impl Limit {
             window,
             interval_ns,
             tolerance_ns: interval_ns.saturating_mul(burst - 1),
-            states: HashMap::new(),
         }
     }
 
@@ -255,6 +267,11 @@ impl Limit {
         map.retain(|_, tat| tat.load(Ordering::Acquire) > threshold);
     }
 
+    /// The name of this limit's state, and the state, for the next snapshot to keep.
+    pub fn state(&self) -> ([u8; 8], LimitState) {
+        (self.scope, self.states.clone())
+    }
+
     /// Keys tracked now.
     pub fn tracked_keys(&self) -> usize {
         self.states.len()
@@ -291,7 +308,8 @@ pub struct ConcurrencyLimit {
     pub queue_timeout: Duration,
     per_consumer: bool,
     route: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    consumers: HashMap<Box<str>, std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+    /// Shared with the next snapshot's limit of the same route, like `route`.
+    consumers: std::sync::Arc<HashMap<Box<str>, std::sync::Arc<std::sync::atomic::AtomicUsize>>>,
 }
 
 /// A slot taken from a [`ConcurrencyLimit`]; returned when dropped, whatever the outcome.
@@ -300,13 +318,18 @@ pub struct ConcurrencySlot {
 }
 
 impl ConcurrencyLimit {
-    pub fn new(c: &crate::config::ConcurrencyConfig) -> ConcurrencyLimit {
+    /// Compiles `c`; the in-flight counts of `previous` (the same route in the snapshot before)
+    /// are kept, so a reload never loses track of requests in flight.
+    pub fn new(
+        c: &crate::config::ConcurrencyConfig,
+        previous: Option<&ConcurrencyLimit>,
+    ) -> ConcurrencyLimit {
         ConcurrencyLimit {
             max: c.max,
             queue_timeout: c.queue_timeout.get(),
             per_consumer: c.key == "consumer",
-            route: Default::default(),
-            consumers: HashMap::new(),
+            route: previous.map(|p| p.route.clone()).unwrap_or_default(),
+            consumers: previous.map(|p| p.consumers.clone()).unwrap_or_default(),
         }
     }
 

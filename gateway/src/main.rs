@@ -1,12 +1,13 @@
 //! The `portcullis` command: run the gateway, check a config, inspect the XDP fast path.
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use portcullis::{
     config::Config,
     runtime::{
         listener::bind_all,
+        live::Live,
         shutdown::{watch_signals, DrainFlag},
         snapshot::ConfigSnapshot,
         worker::spawn_workers,
@@ -35,6 +36,9 @@ enum Command {
     Run,
     /// Validate the config file and exit: 0 when valid, 1 with the error otherwise.
     Check,
+    /// Ask the running gateway to reload its config file; prints whether it was accepted, or
+    /// the error that refused it (the running config then keeps serving).
+    Reload,
     /// Create API keys.
     Keys {
         #[command(subcommand)]
@@ -163,6 +167,26 @@ fn main() -> ExitCode {
             println!("{}: ok", cli.config.display());
             ExitCode::SUCCESS
         }
+        Command::Reload => {
+            let socket = portcullis::runtime::control::socket_path(&config);
+            match portcullis::runtime::control::send(&socket, "reload") {
+                Ok(reply) if reply.starts_with("ok") => {
+                    println!("{reply}");
+                    ExitCode::SUCCESS
+                }
+                Ok(reply) => {
+                    eprintln!("{reply}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot reach the gateway's control socket {}: {e}",
+                        socket.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Xdp { command } => match xdp_command(&config, command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -170,7 +194,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run => match run(config) {
+        Command::Run => match run(config, cli.config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 error!("{e:#}");
@@ -180,7 +204,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let workers = config.server.workers.resolve();
     let (listeners, bound) = bind_all(&config.server.listen, workers)?;
     let _xdp = match &config.xdp {
@@ -218,19 +242,24 @@ fn run(config: Config) -> anyhow::Result<()> {
         _ => None,
     };
     let flush_interval = config.quotas.flush_interval.get();
-    let snapshot = Arc::new(ConfigSnapshot::new(config)?);
+    let control_socket = portcullis::runtime::control::socket_path(&config);
+    let snapshot = ConfigSnapshot::new(config)?;
     snapshot.quota_store.start_flusher(flush_interval)?;
+    let quota_store = snapshot.quota_store.clone();
+    let live = Live::new(path, snapshot);
     // Forget rate-limit state that has fully recovered, so memory follows active keys.
-    let sweeping = snapshot.clone();
+    let sweeping = live.clone();
     std::thread::Builder::new()
         .name("portcullis-limits".into())
         .spawn(move || loop {
             std::thread::sleep(portcullis::limits::SWEEP_INTERVAL);
-            for limit in sweeping.routes.all_limits() {
+            for limit in sweeping.snapshot().routes.all_limits() {
                 limit.sweep();
             }
         })?;
-    let handles = spawn_workers(snapshot.clone(), listeners, drain, bans)?;
+    portcullis::runtime::control::serve(&control_socket, live.clone())?;
+    portcullis::runtime::control::reload_on_hangup(live.clone())?;
+    let handles = spawn_workers(live, listeners, drain, bans)?;
     for addr in &bound {
         info!(workers, "listening on {addr}");
     }
@@ -238,8 +267,9 @@ fn run(config: Config) -> anyhow::Result<()> {
     for handle in handles {
         panicked |= handle.join().is_err();
     }
+    let _ = std::fs::remove_file(&control_socket);
     // A clean stop saves every quota counter.
-    if let Err(e) = snapshot.quota_store.flush() {
+    if let Err(e) = quota_store.flush() {
         error!("cannot save quota counters: {e}");
     }
     if panicked {

@@ -347,6 +347,21 @@ impl QuotaStore {
         Ok(Arc::new(store))
     }
 
+    /// Learns the route ids and quota names of `config` (a reloaded config may add some), so
+    /// their counters are written under their names.
+    pub fn register_names(&self, config: &Config) {
+        let mut names = self.names.lock().expect("not poisoned");
+        for route in &config.routes {
+            let id = route.stable_id();
+            for quota in &route.quotas {
+                let name = quota.stable_name();
+                names
+                    .entry(scope_hash(&[&id, &name]))
+                    .or_insert_with(|| (id.clone(), name));
+            }
+        }
+    }
+
     /// Takes one request from the quota; on success the charge to give back if the request is
     /// refused later.
     pub fn take(

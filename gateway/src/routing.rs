@@ -84,21 +84,64 @@ pub struct RouteTable {
     upstream_names: Vec<String>,
 }
 
+/// What a new table keeps of the one before: limit buckets by the name of their state, and
+/// concurrency counts by route id.
+struct Carried<'p> {
+    limits: HashMap<[u8; 8], crate::limits::LimitState>,
+    concurrency: HashMap<&'p str, &'p crate::limits::ConcurrencyLimit>,
+}
+
 impl RouteTable {
     pub fn new(config: &Config) -> RouteTable {
+        Self::succeeding(config, None)
+    }
+
+    /// Compiles `config`, keeping from `previous` the state of every limit and concurrency
+    /// limit whose name it still has.
+    pub fn succeeding(config: &Config, previous: Option<&RouteTable>) -> RouteTable {
+        let carried = Carried {
+            limits: previous
+                .into_iter()
+                .flat_map(|p| p.all_limits())
+                .map(|l| l.state())
+                .collect(),
+            concurrency: previous
+                .into_iter()
+                .flat_map(|p| p.routes.iter())
+                .filter_map(|r| Some((r.id.as_str(), r.concurrency.as_ref()?)))
+                .collect(),
+        };
+        let carried_limit = |scope: &[u8; 8]| carried.limits.get(scope).cloned();
         let upstream_names: Vec<String> = config.upstreams.keys().cloned().collect();
         let max_keys = config.server.max_limit_keys;
         let server_pre_auth_limits: std::sync::Arc<[crate::limits::Limit]> = config
             .server
             .pre_auth_limits
             .iter()
-            .map(|l| crate::limits::Limit::new(&["[server]", PRE_AUTH_SCOPE], l, max_keys))
+            .map(|l| {
+                crate::limits::Limit::new(
+                    &["[server]", PRE_AUTH_SCOPE],
+                    l,
+                    max_keys,
+                    &carried_limit,
+                )
+            })
             .collect();
         let routes: Vec<Route> = config
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| compile_route(i, r, &upstream_names, &server_pre_auth_limits, max_keys))
+            .map(|(i, r)| {
+                compile_route(
+                    i,
+                    r,
+                    &upstream_names,
+                    &server_pre_auth_limits,
+                    max_keys,
+                    &carried_limit,
+                    &carried.concurrency,
+                )
+            })
             .collect();
         let mut table = RouteTable {
             upstream_names,
@@ -254,6 +297,8 @@ fn compile_route(
     upstream_names: &[String],
     server_pre_auth_limits: &std::sync::Arc<[crate::limits::Limit]>,
     max_keys: usize,
+    carried_limit: &dyn Fn(&[u8; 8]) -> Option<crate::limits::LimitState>,
+    carried_concurrency: &HashMap<&str, &crate::limits::ConcurrencyLimit>,
 ) -> Route {
     let id = r.stable_id();
     let m = &r.matcher;
@@ -298,20 +343,21 @@ fn compile_route(
         pre_auth_limits: match &r.pre_auth_limits {
             Some(own) => own
                 .iter()
-                .map(|l| crate::limits::Limit::new(&[&id, PRE_AUTH_SCOPE], l, max_keys))
+                .map(|l| {
+                    crate::limits::Limit::new(&[&id, PRE_AUTH_SCOPE], l, max_keys, carried_limit)
+                })
                 .collect(),
             None => server_pre_auth_limits.clone(),
         },
         limits: r
             .limits
             .iter()
-            .map(|l| crate::limits::Limit::new(&[&id], l, max_keys))
+            .map(|l| crate::limits::Limit::new(&[&id], l, max_keys, carried_limit))
             .collect(),
         rate_limit_headers: r.rate_limit_headers,
-        concurrency: r
-            .concurrency
-            .as_ref()
-            .map(crate::limits::ConcurrencyLimit::new),
+        concurrency: r.concurrency.as_ref().map(|c| {
+            crate::limits::ConcurrencyLimit::new(c, carried_concurrency.get(id.as_str()).copied())
+        }),
         quotas: r
             .quotas
             .iter()

@@ -32,6 +32,7 @@ fn a_stalled_stderr_blocks_nothing_and_the_count_appears_later() {
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .current_dir(dir.path())
         .arg("--config")
         .arg(&config)
         // Debug lines (not throttled) fill the pipe quickly.

@@ -190,7 +190,7 @@ pub fn start(config: &IssuerConfig, first_alg: Algorithm) -> Result<Arc<IssuerKe
             url: url.clone(),
             logged_url: crate::log_throttle::redacted_url(url),
             issuer: config.issuer.clone(),
-            keys: keys.clone(),
+            keys: Arc::downgrade(&keys),
             refresh: config.refresh_interval.get(),
             min_gap: config.refetch_min_interval.get(),
         };
@@ -202,12 +202,14 @@ pub fn start(config: &IssuerConfig, first_alg: Algorithm) -> Result<Arc<IssuerKe
     Ok(keys)
 }
 
+/// Fetches one issuer's keys until the keys are dropped (a reload that removes or changes the
+/// issuer): it holds them weakly, and their refetch channel closing ends it.
 struct Fetcher {
     url: String,
     /// `url` without credentials or query, for logs.
     logged_url: String,
     issuer: String,
-    keys: Arc<IssuerKeys>,
+    keys: std::sync::Weak<IssuerKeys>,
     refresh: Duration,
     min_gap: Duration,
 }
@@ -219,23 +221,30 @@ impl Fetcher {
         let mut last_document: Option<u64> = None;
         let mut next_refresh = Instant::now();
         loop {
+            let Some(keys) = self.keys.upgrade() else {
+                return;
+            };
             if Instant::now() >= next_refresh {
                 // Scheduled (or start-up) fetch: does not delay a kid-triggered one.
-                self.fetch_once(&hasher, &mut last_document);
+                self.fetch_once(&keys, &hasher, &mut last_document);
                 next_refresh = Instant::now() + self.refresh;
             }
+            drop(keys);
             match requests.recv_timeout(next_refresh.saturating_duration_since(Instant::now())) {
                 Ok(()) => {
+                    let Some(keys) = self.keys.upgrade() else {
+                        return;
+                    };
                     // A token named an unknown kid: wait out the gap since the last such
                     // fetch (requests arriving meanwhile are deferred, never dropped), then
                     // collapse the burst into one fetch.
-                    std::thread::sleep(self.keys.refetch_delay());
+                    std::thread::sleep(keys.refetch_delay());
                     while requests.try_recv().is_ok() {}
-                    self.keys.next_kid_fetch_ns.store(
+                    keys.next_kid_fetch_ns.store(
                         monotonic_ns() + self.min_gap.as_nanos() as u64,
                         Ordering::Release,
                     );
-                    self.fetch_once(&hasher, &mut last_document);
+                    self.fetch_once(&keys, &hasher, &mut last_document);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -243,15 +252,15 @@ impl Fetcher {
         }
     }
 
-    fn fetch_once(&self, hasher: &RandomState, last_document: &mut Option<u64>) {
+    fn fetch_once(&self, keys: &IssuerKeys, hasher: &RandomState, last_document: &mut Option<u64>) {
         match fetch(&self.url) {
             Ok((set, body)) => {
                 let digest = hasher.hash_one(&body);
                 if *last_document != Some(digest) {
                     *last_document = Some(digest);
                     let count = set.keys.len();
-                    self.keys.current.store(Arc::new(set));
-                    self.keys.version.fetch_add(1, Ordering::Release);
+                    keys.current.store(Arc::new(set));
+                    keys.version.fetch_add(1, Ordering::Release);
                     info!(issuer = %self.issuer, url = %self.logged_url, keys = count, "JWKS loaded");
                 }
             }
@@ -260,6 +269,6 @@ impl Fetcher {
                 warn!(issuer = %self.issuer, url = %self.logged_url, "JWKS fetch failed, keeping the previous keys: {e}")
             }
         }
-        self.keys.fetches.fetch_add(1, Ordering::Release);
+        keys.fetches.fetch_add(1, Ordering::Release);
     }
 }

@@ -46,7 +46,7 @@ pub struct Config {
 }
 
 /// `[cluster]`: limits and quotas shared through Redis, synchronised in batches.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `redis://host:port/db`.
@@ -69,7 +69,7 @@ fn default_cluster_sync() -> ConfigDuration {
 }
 
 /// Where quota counters are kept, and how often they are written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuotasConfig {
     /// Directory of the quota file (`quotas.state`), created if missing.
@@ -156,7 +156,7 @@ impl Default for AuthConfig {
 }
 
 /// A JWT issuer: where its keys come from and how its tokens are validated.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     /// The `iss` claim tokens must carry.
@@ -288,6 +288,9 @@ pub struct ServerConfig {
     /// Most keys one rate limit tracks; when full, recovered entries go first, then the least
     /// recently active (an evicted key starts afresh).
     pub max_limit_keys: usize,
+    /// The control socket `portcullis reload` talks to; default `control.sock` in
+    /// `[quotas] data_dir`.
+    pub control_socket: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -308,6 +311,7 @@ impl Default for ServerConfig {
             encoded_slash: crate::http::target::EncodedSlash::Reject,
             pre_auth_limits: Vec::new(),
             max_limit_keys: 100_000,
+            control_socket: None,
         }
     }
 }
@@ -372,7 +376,7 @@ impl Workers {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub servers: Vec<SocketAddr>,
@@ -510,7 +514,7 @@ fn default_respond_status() -> u16 {
 }
 
 /// One interface name or a list of them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
@@ -536,7 +540,7 @@ pub enum XdpMode {
     Skb,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct XdpConfig {
     pub interface: OneOrMany,

@@ -2,7 +2,7 @@
 //! keep-alive allows. Requests on a connection are handled strictly one after another, so
 //! pipelined requests are answered in order.
 
-use std::{mem::take, net::SocketAddr, time::Duration};
+use std::{mem::take, net::SocketAddr, rc::Rc, time::Duration};
 
 use tokio::time::Instant;
 use tracing::debug;
@@ -20,7 +20,11 @@ use crate::{
     },
     io::{read_before, write_before, TcpTransport, Transport},
     routing::Action,
-    runtime::{snapshot::UPSTREAM_BUFFER_BYTES, tracker::ConnHandle, worker::Worker},
+    runtime::{
+        snapshot::UPSTREAM_BUFFER_BYTES,
+        tracker::ConnHandle,
+        worker::{Generation, Worker},
+    },
 };
 
 /// Largest request body the gateway reads and discards to keep a connection open after
@@ -60,6 +64,8 @@ pub(super) struct Connection<'w, C: Transport> {
     pub(super) upbuf: Vec<u8>,
     /// The current request's normalised path and host.
     normalized: Vec<u8>,
+    /// The config generation the current request is served with.
+    pub(super) generation: Rc<Generation>,
 }
 
 /// Serves a client connection until it closes.
@@ -69,7 +75,8 @@ pub async fn serve<C: Transport>(
     worker: &Worker,
     handle: &ConnHandle<'_>,
 ) {
-    let snapshot = &worker.snapshot;
+    let generation = worker.generation();
+    let snapshot = &generation.snapshot;
     let mut conn = Connection {
         client,
         peer,
@@ -79,6 +86,7 @@ pub async fn serve<C: Transport>(
         out: Vec::with_capacity(4096),
         upbuf: Vec::with_capacity(UPSTREAM_BUFFER_BYTES),
         normalized: Vec::new(),
+        generation: generation.clone(),
     };
     let mut first = true;
     loop {
@@ -96,7 +104,10 @@ pub async fn serve<C: Transport>(
 impl<C: Transport> Connection<'_, C> {
     async fn serve_one(&mut self, first: bool) -> Next {
         let worker = self.worker;
-        let snapshot = &*worker.snapshot;
+        // A request boundary: take the newest config; this request keeps it to the end.
+        self.generation = worker.generation();
+        let generation = self.generation.clone();
+        let snapshot = &*generation.snapshot;
         let server = snapshot.server();
         let idle_deadline = Instant::now()
             + if first {
@@ -123,6 +134,7 @@ impl<C: Transport> Connection<'_, C> {
                             &mut facts,
                             self.peer.ip(),
                             worker,
+                            &generation,
                             &mut self.out,
                             may_await_keys,
                         );
@@ -176,7 +188,7 @@ impl<C: Transport> Connection<'_, C> {
                         .forward(facts, group, server, charges, request_deadline)
                         .await;
                 };
-                let Some(limit) = &worker.snapshot.routes.route(route).concurrency else {
+                let Some(limit) = &snapshot.routes.route(route).concurrency else {
                     unreachable!("in_flight is planned only for routes with a concurrency limit");
                 };
                 let Some(_slot) = self.concurrency_slot(limit, &counter).await else {
@@ -219,7 +231,7 @@ impl<C: Transport> Connection<'_, C> {
     /// until that fetch has run, for at most the issuer's `unknown_kid_wait`. When the next
     /// allowed refetch is further away than that, returns at once (the token is then refused).
     async fn await_keys(&self, issuer: usize) {
-        let issuers = &self.worker.snapshot.issuers;
+        let issuers = &self.generation.snapshot.issuers;
         let keys = issuers.keys(issuer);
         let wait = issuers.config(issuer).unknown_kid_wait.get();
         let fetches = || keys.fetches.load(std::sync::atomic::Ordering::Acquire);
@@ -300,7 +312,7 @@ impl<C: Transport> Connection<'_, C> {
             } => {
                 debug!(peer = %self.peer, route, ?policy, retry_after_secs, "too many requests");
                 self.worker.answered(self.peer.ip(), 429);
-                let r = self.worker.snapshot.routes.route(route);
+                let r = self.generation.snapshot.routes.route(route);
                 let fields = r.rate_limit_headers.then(|| match policy {
                     TrafficPolicy::PreAuthLimit(i) => (
                         r.pre_auth_limits[i].name.as_str(),
@@ -332,13 +344,14 @@ impl<C: Transport> Connection<'_, C> {
                 encode::write_denied(
                     &mut self.out,
                     e,
-                    &self.worker.snapshot.config.auth.realm,
+                    &self.generation.snapshot.config.auth.realm,
                     keep_alive,
                     facts.is_head,
                 );
             }
             Answer::Static { route } => {
-                let Action::Respond(response) = &self.worker.snapshot.routes.route(route).action
+                let Action::Respond(response) =
+                    &self.generation.snapshot.routes.route(route).action
                 else {
                     unreachable!("Answer::Static is planned only for respond routes");
                 };
@@ -381,14 +394,14 @@ impl<C: Transport> Connection<'_, C> {
     }
 
     pub(super) fn client_write_deadline(&self) -> Instant {
-        Instant::now() + self.worker.snapshot.server().body_timeout.get()
+        Instant::now() + self.generation.snapshot.server().body_timeout.get()
     }
 
     pub(super) fn body_deadlines(&self, request_deadline: Instant) -> BodyDeadlines {
         BodyDeadlines {
-            idle: self.worker.snapshot.server().body_timeout.get(),
+            idle: self.generation.snapshot.server().body_timeout.get(),
             request: request_deadline,
-            upstream_write: self.worker.snapshot.server().body_timeout.get(),
+            upstream_write: self.generation.snapshot.server().body_timeout.get(),
         }
     }
 

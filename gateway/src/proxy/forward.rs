@@ -60,13 +60,14 @@ impl<C: Transport> Connection<'_, C> {
         request_deadline: Instant,
     ) -> Next {
         let worker = self.worker;
-        let snapshot = &*worker.snapshot;
+        let generation = self.generation.clone();
+        let snapshot = &*generation.snapshot;
         // Quotas count once the upstream has received the request; before that, a failure
         // gives them back.
         let refund = |charges: &mut QuotaCharges| {
             charges.refund(&snapshot.quota_store, snapshot.cluster.as_deref())
         };
-        let group = &worker.upstreams[group_index];
+        let group = &generation.upstreams[group_index];
         let has_body = !matches!(facts.body, BodyFraming::None | BodyFraming::Length(0));
         let mut consumed = facts.head_len;
         let mut retried = false;
@@ -228,7 +229,7 @@ impl<C: Transport> Connection<'_, C> {
             return Next::Abort;
         }
         let dechunk = response.body == BodyFraming::Chunked && !response.client.chunked;
-        let server_config = worker.snapshot.server();
+        let server_config = snapshot.server();
         let (res, buf, head) = relay_response_body(
             &conn.transport,
             &self.client,

@@ -21,7 +21,7 @@ use crate::{
     log_throttle::Noisy,
     quotas::{QuotaCharges, QuotaRefusal},
     routing::Action,
-    runtime::worker::Worker,
+    runtime::worker::{Generation, Worker},
     throttled_warn,
 };
 
@@ -121,10 +121,11 @@ pub fn plan(
     facts: &mut RequestFacts,
     peer: IpAddr,
     worker: &Worker,
+    generation: &Generation,
     out: &mut Vec<u8>,
     may_await_keys: bool,
 ) -> Plan {
-    let snapshot = &worker.snapshot;
+    let snapshot = &generation.snapshot;
     // Stage 1: route.
     let Some(route) = snapshot
         .routes
@@ -270,7 +271,7 @@ pub fn plan(
     match &route.action {
         Action::Respond(_) => Plan::Answer(Answer::Static { route: route.index }),
         Action::Upstream(group_index) => {
-            let group = &worker.upstreams[*group_index];
+            let group = &generation.upstreams[*group_index];
             let server = group.pick();
             out.clear();
             if let Err(e) = encode::write_upstream_request(

@@ -1,7 +1,9 @@
 //! The process around the proxy: listeners, worker threads, the read-only config snapshot they
-//! share, and shutdown.
+//! share and its replacement on reload, and shutdown.
 
+pub mod control;
 pub mod listener;
+pub mod live;
 pub mod shutdown;
 pub mod snapshot;
 pub mod tracker;

@@ -1,4 +1,7 @@
-//! The compiled, read-only configuration every worker shares behind an `Arc`.
+//! The compiled, read-only configuration every worker shares behind an `Arc`, and how a new
+//! one succeeds it on reload, keeping the live state of every name it still has.
+
+use std::sync::Arc;
 
 use crate::{
     config::{Config, ServerConfig},
@@ -16,18 +19,57 @@ pub const UPSTREAM_BUFFER_BYTES: usize = 32 * 1024;
 pub struct ConfigSnapshot {
     pub config: Config,
     pub consumers: crate::auth::Consumers,
-    pub issuers: crate::auth::Issuers,
-    pub quota_store: std::sync::Arc<crate::quotas::QuotaStore>,
+    /// Kept across reloads while `[auth] issuers` is unchanged (keys, fetchers, caches).
+    pub issuers: Arc<crate::auth::Issuers>,
+    pub quota_store: Arc<crate::quotas::QuotaStore>,
     /// Limits and quotas shared through Redis, when `[cluster]` is set.
-    pub cluster: Option<std::sync::Arc<crate::cluster::Cluster>>,
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     pub routes: RouteTable,
     pub limits: HeadRules,
     pub client_buffer_bytes: usize,
 }
 
 impl ConfigSnapshot {
-    /// Compiles `config`; loads JWT keys (starting JWKS fetchers), which can fail.
+    /// Compiles `config`; opens the quota store and loads JWT keys (starting JWKS fetchers),
+    /// which can fail.
     pub fn new(config: Config) -> anyhow::Result<Self> {
+        let quota_store = crate::quotas::QuotaStore::open(&config)?;
+        let issuers =
+            Arc::new(crate::auth::Issuers::start(&config.auth).map_err(anyhow::Error::msg)?);
+        let cluster = config
+            .cluster
+            .as_ref()
+            .map(crate::cluster::Cluster::start)
+            .transpose()?;
+        Ok(Self::assemble(config, None, issuers, quota_store, cluster))
+    }
+
+    /// Compiles `config` to succeed `previous`: the quota store and the cluster link are the
+    /// same (a reload cannot change them, see [`crate::runtime::live`]); issuers are kept when
+    /// their config is unchanged; limit buckets and concurrency counts are kept by name.
+    pub fn succeeding(config: Config, previous: &ConfigSnapshot) -> anyhow::Result<Self> {
+        let issuers = if config.auth.issuers == previous.config.auth.issuers {
+            previous.issuers.clone()
+        } else {
+            Arc::new(crate::auth::Issuers::start(&config.auth).map_err(anyhow::Error::msg)?)
+        };
+        previous.quota_store.register_names(&config);
+        Ok(Self::assemble(
+            config,
+            Some(previous),
+            issuers,
+            previous.quota_store.clone(),
+            previous.cluster.clone(),
+        ))
+    }
+
+    fn assemble(
+        config: Config,
+        previous: Option<&ConfigSnapshot>,
+        issuers: Arc<crate::auth::Issuers>,
+        quota_store: Arc<crate::quotas::QuotaStore>,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+    ) -> Self {
         let s = &config.server;
         let limits = HeadRules {
             max_header_bytes: s.max_header_bytes,
@@ -35,20 +77,16 @@ impl ConfigSnapshot {
             max_uri_bytes: s.max_uri_bytes,
             path: s.path_policy(),
         };
-        Ok(ConfigSnapshot {
-            routes: RouteTable::new(&config),
+        ConfigSnapshot {
+            routes: RouteTable::succeeding(&config, previous.map(|p| &p.routes)),
             consumers: crate::auth::Consumers::new(&config),
-            issuers: crate::auth::Issuers::start(&config.auth).map_err(anyhow::Error::msg)?,
-            quota_store: crate::quotas::QuotaStore::open(&config)?,
-            cluster: config
-                .cluster
-                .as_ref()
-                .map(crate::cluster::Cluster::start)
-                .transpose()?,
+            issuers,
+            quota_store,
+            cluster,
             limits,
             client_buffer_bytes: s.max_header_bytes.max(MIN_CLIENT_BUFFER_BYTES),
             config,
-        })
+        }
     }
 
     pub fn server(&self) -> &ServerConfig {

@@ -1,6 +1,7 @@
 //! Worker threads: one per core, pinned, each with its own tokio-uring runtime, its own
 //! SO_REUSEPORT listeners and its own upstream pools. Nothing on the request path is shared
-//! between workers except the read-only config snapshot.
+//! between workers except the read-only config snapshot, which each worker takes anew at a
+//! request boundary once a reload has published one.
 
 use std::{
     cell::Cell, net::TcpListener as StdListener, rc::Rc, sync::Arc, thread::JoinHandle,
@@ -11,7 +12,7 @@ use tokio::time::Instant;
 use tokio_uring::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::{shutdown::DrainFlag, snapshot::ConfigSnapshot, tracker::ConnTracker};
+use super::{live::Live, shutdown::DrainFlag, snapshot::ConfigSnapshot, tracker::ConnTracker};
 use crate::{
     http::encode,
     io::{TcpTransport, Transport},
@@ -29,12 +30,20 @@ const DRAIN_POLL: Duration = Duration::from_millis(10);
 /// After the drain timeout, how long connections get to finish once shut down.
 const FORCED_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// One worker's state, owned by its thread.
-pub struct Worker {
-    pub id: usize,
+/// What one request is served with: a config snapshot and this worker's upstream groups for
+/// it. A request holds its generation to the end, so a reload never changes a request midway.
+pub struct Generation {
+    number: u64,
     pub snapshot: Arc<ConfigSnapshot>,
     /// Indexed like [`crate::routing::RouteTable::upstream_names`].
     pub upstreams: Vec<UpstreamGroup>,
+}
+
+/// One worker's state, owned by its thread.
+pub struct Worker {
+    pub id: usize,
+    live: Arc<Live>,
+    current: std::cell::RefCell<Rc<Generation>>,
     pub tracker: ConnTracker,
     /// Set once this worker saw the drain begin: connections close after their current request.
     pub draining: Cell<bool>,
@@ -44,7 +53,49 @@ pub struct Worker {
     pub tokens: std::cell::RefCell<crate::auth::TokenCache>,
 }
 
+fn upstream_groups(snapshot: &ConfigSnapshot, previous: Option<&Generation>) -> Vec<UpstreamGroup> {
+    snapshot
+        .routes
+        .upstream_names()
+        .iter()
+        .map(|name| {
+            let config = &snapshot.config.upstreams[name];
+            let group = UpstreamGroup::new(name, config);
+            // An unchanged group keeps its pooled connections.
+            if let Some(old) = previous.and_then(|p| {
+                p.upstreams
+                    .iter()
+                    .find(|g| g.name == *name && g.config() == config)
+            }) {
+                group.take_idle_from(old);
+            }
+            group
+        })
+        .collect()
+}
+
 impl Worker {
+    /// The generation to serve the next request with: the newest snapshot, taken here, at a
+    /// request boundary (one atomic load when nothing changed).
+    pub fn generation(&self) -> Rc<Generation> {
+        let latest = self.live.generation();
+        if self.current.borrow().number != latest {
+            let snapshot = self.live.snapshot();
+            let old = self.current.borrow().clone();
+            if !Arc::ptr_eq(&old.snapshot.issuers, &snapshot.issuers) {
+                // Tokens verified by issuers that changed must be verified again.
+                *self.tokens.borrow_mut() = crate::auth::TokenCache::new(&snapshot.config.auth);
+            }
+            let upstreams = upstream_groups(&snapshot, Some(&old));
+            *self.current.borrow_mut() = Rc::new(Generation {
+                number: latest,
+                snapshot,
+                upstreams,
+            });
+        }
+        self.current.borrow().clone()
+    }
+
     /// Notes an answer the gateway gave itself (never an upstream's), for the ban hook.
     #[inline]
     pub fn answered(&self, peer: std::net::IpAddr, status: u16) {
@@ -56,7 +107,7 @@ impl Worker {
 
 /// Starts the worker threads; each gets the listeners at its index.
 pub fn spawn_workers(
-    snapshot: Arc<ConfigSnapshot>,
+    live: Arc<Live>,
     listeners: Vec<Vec<StdListener>>,
     drain: DrainFlag,
     bans: Option<BanReporter>,
@@ -65,7 +116,7 @@ pub fn spawn_workers(
     let (started_tx, started_rx) = std::sync::mpsc::channel::<usize>();
     let mut handles = Vec::new();
     for (id, listeners) in listeners.into_iter().enumerate() {
-        let snapshot = snapshot.clone();
+        let live = live.clone();
         let drain = drain.clone();
         let core = if cores.is_empty() {
             None
@@ -77,7 +128,7 @@ pub fn spawn_workers(
             .spawn({
                 let started = started_tx.clone();
                 let bans = bans.clone();
-                move || run_worker(id, core, snapshot, listeners, drain, started, bans)
+                move || run_worker(id, core, live, listeners, drain, started, bans)
             })?;
         handles.push(handle);
     }
@@ -94,7 +145,7 @@ pub fn spawn_workers(
 fn run_worker(
     id: usize,
     core: Option<core_affinity::CoreId>,
-    snapshot: Arc<ConfigSnapshot>,
+    live: Arc<Live>,
     listeners: Vec<StdListener>,
     drain: DrainFlag,
     started: std::sync::mpsc::Sender<usize>,
@@ -112,18 +163,19 @@ fn run_worker(
     tokio_uring::builder()
         .entries(RING_ENTRIES)
         .start(async move {
-            let upstreams = snapshot
-                .routes
-                .upstream_names()
-                .iter()
-                .map(|name| UpstreamGroup::new(name, &snapshot.config.upstreams[name]))
-                .collect();
+            let number = live.generation();
+            let snapshot = live.snapshot();
+            let upstreams = upstream_groups(&snapshot, None);
             let tokens =
                 std::cell::RefCell::new(crate::auth::TokenCache::new(&snapshot.config.auth));
             let worker = Rc::new(Worker {
                 id,
-                snapshot,
-                upstreams,
+                live,
+                current: std::cell::RefCell::new(Rc::new(Generation {
+                    number,
+                    snapshot,
+                    upstreams,
+                })),
                 tracker: ConnTracker::default(),
                 draining: Cell::new(false),
                 bans,
@@ -150,7 +202,12 @@ fn run_worker(
 }
 
 async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, drain: DrainFlag) {
-    let max_connections = worker.snapshot.server().max_connections_per_worker;
+    // Not reloadable (see runtime::live): read once.
+    let max_connections = worker
+        .generation()
+        .snapshot
+        .server()
+        .max_connections_per_worker;
     loop {
         let accepted = listener.accept().await;
         if drain.is_set() {
@@ -197,11 +254,12 @@ async fn refuse(stream: TcpStream) {
 /// Lets in-flight requests finish within the drain timeout, then closes what is left.
 async fn drain_worker(worker: &Worker) {
     worker.draining.set(true);
-    for group in &worker.upstreams {
+    let generation = worker.generation();
+    for group in &generation.upstreams {
         group.clear_idle();
     }
     worker.tracker.shutdown(true);
-    let deadline = Instant::now() + worker.snapshot.server().drain_timeout.get();
+    let deadline = Instant::now() + generation.snapshot.server().drain_timeout.get();
     while worker.tracker.active() > 0 && Instant::now() < deadline {
         tokio::time::sleep(DRAIN_POLL).await;
     }

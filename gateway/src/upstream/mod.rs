@@ -50,6 +50,7 @@ pub struct UpstreamGroup {
     idle_timeout: Duration,
     max_idle: usize,
     idle: Vec<RefCell<Vec<IdleConn>>>,
+    config: UpstreamConfig,
 }
 
 impl UpstreamGroup {
@@ -68,6 +69,20 @@ impl UpstreamGroup {
                 .iter()
                 .map(|_| RefCell::new(Vec::new()))
                 .collect(),
+            config: config.clone(),
+        }
+    }
+
+    /// The configuration the group was built from.
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    /// Takes over the idle connections of `old`, a group of the same config in the worker's
+    /// previous generation (a reload keeps warm pools).
+    pub fn take_idle_from(&self, old: &UpstreamGroup) {
+        for (mine, theirs) in self.idle.iter().zip(&old.idle) {
+            mine.borrow_mut().append(&mut theirs.borrow_mut());
         }
     }
 

@@ -86,6 +86,26 @@ impl Gateway {
         self.child.id() as i32
     }
 
+    /// The gateway's working directory, which holds its config file `gateway.toml` (and its
+    /// data directory, unless the config names another).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    /// Replaces the config file and runs `portcullis reload` against this gateway; returns
+    /// (success, what the command printed).
+    pub fn reload_with(&self, config: &str) -> (bool, String) {
+        std::fs::write(self.dir().join("gateway.toml"), config).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .current_dir(self.dir())
+            .args(["reload", "--config", "gateway.toml"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe {
