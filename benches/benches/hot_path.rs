@@ -7,7 +7,6 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use portcullis::{
     config::{AuthConfig, Config, MAX_HEADERS_CEILING},
     http::{
-        encode::{self, Identity},
         request::parse_request,
         target::{normalize_path, PathPolicy},
     },
@@ -33,7 +32,7 @@ fn table() -> RouteTable {
 fn bench(c: &mut Criterion) {
     let routes = table();
     let config = Config::parse(Path::new("b.toml"), "").unwrap();
-    let limits = portcullis::runtime::snapshot::ConfigSnapshot::new(config)
+    let limits = portcullis::proxy::snapshot::ConfigSnapshot::new(config)
         .expect("valid snapshot")
         .limits;
     let mut group = c.benchmark_group("hot_path");
@@ -81,11 +80,11 @@ fn bench(c: &mut Criterion) {
                 .find(req.route_host, req.path, req.method.as_bytes())
                 .unwrap();
             out.clear();
-            encode::write_upstream_request(
+            portcullis::proxy::upstream_head::write_upstream_request(
                 &mut out,
                 &req,
                 route,
-                &Identity::default(),
+                &portcullis::proxy::upstream_head::Identity::default(),
                 &AuthConfig::default(),
                 peer,
                 "http",

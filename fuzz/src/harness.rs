@@ -8,7 +8,7 @@ use portcullis::{
     config::{AuthConfig, Config},
     http::{
         chunked::{ChunkedDecoder, ChunkedError},
-        encode::{self, ClientFraming, Identity},
+        encode::{self, ClientFraming},
         request::{incomplete_head_error, parse_request, HeadRules},
         response::parse_response,
         target::{normalize_path, EncodedSlash, PathPolicy},
@@ -54,11 +54,11 @@ pub fn request_head(data: &[u8]) {
         .find(req.route_host, req.path, req.method.as_bytes())
         .expect("catch-all route");
     let mut out = Vec::new();
-    let written = encode::write_upstream_request(
+    let written = portcullis::proxy::upstream_head::write_upstream_request(
         &mut out,
         &req,
         route,
-        &Identity::default(),
+        &portcullis::proxy::upstream_head::Identity::default(),
         &AuthConfig::default(),
         IpAddr::from([203, 0, 113, 7]),
         "http",

@@ -5,11 +5,11 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use portcullis::{
     config::Config,
+    proxy::snapshot::ConfigSnapshot,
     runtime::{
         listener::bind_all,
         live::Live,
         shutdown::{watch_signals, DrainFlag},
-        snapshot::ConfigSnapshot,
         worker::spawn_workers,
     },
     xdp,
@@ -259,7 +259,7 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         })?;
     portcullis::runtime::control::serve(&control_socket, live.clone())?;
     portcullis::runtime::control::reload_on_hangup(live.clone())?;
-    let handles = spawn_workers(live, listeners, drain, bans)?;
+    let handles = spawn_workers(live.published(), listeners, drain, bans)?;
     for addr in &bound {
         info!(workers, "listening on {addr}");
     }

@@ -21,14 +21,7 @@ pub enum Action {
     Respond(StaticResponse),
 }
 
-/// A `respond` action: the head without framing fields, and the body.
-#[derive(Debug)]
-pub struct StaticResponse {
-    pub status: u16,
-    /// `HTTP/1.1 NNN Reason\r\n` plus the configured fields, each ending in CRLF.
-    pub head: Vec<u8>,
-    pub body: Vec<u8>,
-}
+pub use crate::http::encode::StaticResponse;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum PathMatch {
@@ -325,7 +318,17 @@ fn compile_route(
                 .position(|n| n == name)
                 .expect("validate() checked the upstream exists"),
         ),
-        (None, Some(respond)) => Action::Respond(crate::http::encode::static_response(respond)),
+        (None, Some(respond)) => Action::Respond(
+            crate::http::encode::static_response(
+                respond.status,
+                respond
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+                respond.body.as_bytes(),
+            )
+            .expect("validate() refused control characters in respond headers"),
+        ),
         (None, None) => unreachable!("validate() requires upstream or respond"),
     };
     Route {

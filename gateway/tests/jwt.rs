@@ -463,14 +463,14 @@ fn junk_token_flood_meets_the_pre_auth_limit() {
 #[test]
 fn rotation_right_after_a_scheduled_fetch() {
     let f = fixture_with(
-        "refetch_min_interval = \"1500ms\"\nunknown_kid_wait = \"3s\"\n",
+        "refetch_min_interval = \"1500ms\"\nunknown_kid_wait = \"8s\"\n",
         "",
     );
     thread::sleep(std::time::Duration::from_secs(1));
     *f.idp.state.lock().unwrap() = Jwks::Serve(jwks(&[("kid-1", &f.key1), ("kid-2", &f.key2)]));
     let rotated = rs256(&f.key2, "kid-2", &claims(json!({})));
     assert_eq!(call(&f, "/jwt/r", &rotated).status, 200, "first rotation");
-    // That was a kid-triggered fetch: the next may start 1.5 s later, within the 3 s bound,
+    // That was a kid-triggered fetch: the next may start 1.5 s later, within the 8 s bound,
     // so a token with yet another new kid waits for it instead of failing.
     let dir = tempfile::tempdir().unwrap();
     let key3 = rsa_key(dir.path(), "k3");
@@ -478,13 +478,13 @@ fn rotation_right_after_a_scheduled_fetch() {
     let third = rs256(&key3, "kid-3", &claims(json!({})));
     let started = std::time::Instant::now();
     assert_eq!(call(&f, "/jwt/r", &third).status, 200, "second rotation");
-    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
 }
 
 #[test]
 fn unknown_kid_beyond_the_wait_bound_is_refused_at_once() {
     let f = fixture_with(
-        "refetch_min_interval = \"30s\"\nunknown_kid_wait = \"1s\"\n",
+        "refetch_min_interval = \"30s\"\nunknown_kid_wait = \"5s\"\n",
         "",
     );
     *f.idp.state.lock().unwrap() = Jwks::Serve(jwks(&[("kid-2", &f.key2)]));
@@ -494,12 +494,13 @@ fn unknown_kid_beyond_the_wait_bound_is_refused_at_once() {
         200,
         "right after start-up"
     );
-    // The next kid-triggered refetch is 30 s away, beyond the 1 s bound: refused at once.
+    // The next kid-triggered refetch is 30 s away, beyond the 5 s bound: refused without
+    // waiting out the bound (a generous margin: this machine may be busy with other tests).
     let started = std::time::Instant::now();
     let unknown = rs256(&f.key1, "kid-7", &claims(json!({})));
     assert_eq!(call(&f, "/jwt/r", &unknown).status, 401);
     assert!(
-        started.elapsed() < std::time::Duration::from_millis(900),
+        started.elapsed() < std::time::Duration::from_millis(2500),
         "did not wait: {:?}",
         started.elapsed()
     );

@@ -651,10 +651,7 @@ fn in_range(key: KeyPath, value: usize, min: usize, max: usize) -> Result<(), In
     Ok(())
 }
 
-/// RFC 9110 `tchar`.
-pub fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
+pub use crate::http::is_token_byte;
 
 fn valid_host_pattern(host: &str) -> bool {
     let name = host.strip_prefix("*.").unwrap_or(host);

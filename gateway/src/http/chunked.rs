@@ -210,10 +210,10 @@ impl ChunkedDecoder {
             (TrailerStart, b'\n') => return Err(ChunkedError::InvalidLineEnd),
             (EndLf, b'\n') => Done,
             // obs-fold (a line starting with whitespace) and empty names are refused.
-            (TrailerStart, _) if crate::config::is_token_byte(b) => TrailerName,
+            (TrailerStart, _) if super::is_token_byte(b) => TrailerName,
             (TrailerStart, _) => return Err(ChunkedError::InvalidTrailer),
             (TrailerName, b':') => TrailerValue,
-            (TrailerName, _) if crate::config::is_token_byte(b) => TrailerName,
+            (TrailerName, _) if super::is_token_byte(b) => TrailerName,
             (TrailerName, _) => return Err(ChunkedError::InvalidTrailer),
             (TrailerValue, b'\r') => TrailerLf,
             (TrailerValue, _) if b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80 => {

@@ -1,31 +1,14 @@
-//! Encoding of the heads the gateway sends: requests rebuilt for the upstream, responses
-//! rebuilt for the client, and the gateway's own answers. Every head is written fresh with CRLF
-//! line ends; raw head bytes are never forwarded.
+//! Encoding of the heads the gateway sends: responses rebuilt for the client, the gateway's own
+//! answers, and the one checked field writer every head goes through (the upstream request head
+//! is assembled from it in `proxy::upstream_head`). Every head is written fresh with CRLF line
+//! ends; raw head bytes are never forwarded. Nothing here knows of routes or auth.
 
-use std::{io::Write, net::IpAddr};
+use std::io::Write;
 
-use super::{
-    fields::is_hop_by_hop, request::RequestHead, response::ResponseHead, BodyFraming, Version,
-};
-use crate::{
-    auth::{AuthError, CredentialSource},
-    config::{AuthConfig, RespondConfig},
-    routing::{Route, StaticResponse},
-};
+use super::{fields::is_hop_by_hop, response::ResponseHead, BodyFraming, Version};
 
 /// The Via entry the gateway adds (RFC 9110 §7.6.3).
 pub const VIA: &str = "1.1 portcullis";
-
-/// Fields the gateway sets itself on forwarded requests; client copies are merged or dropped.
-/// The identity fields are always dropped, so a client cannot claim to be a consumer.
-const REQUEST_REPLACED: [&str; 6] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "via",
-    "expect",
-    "x-consumer-id",
-    "x-consumer-groups",
-];
 
 /// A field value that would break the head it is written into (CR, LF or NUL): the head is
 /// not sent. Names the field, never the value, which may be a secret.
@@ -33,152 +16,6 @@ const REQUEST_REPLACED: [&str; 6] = [
 #[error("refused to write field `{field}`: its value holds CR, LF or NUL")]
 pub struct UnsafeFieldValue {
     pub field: String,
-}
-
-/// Who called, as the pipeline established it, and which credential to strip.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Identity<'a> {
-    /// The consumer id and its groups (comma-separated), when the caller authenticated.
-    pub consumer: Option<(&'a str, &'a str)>,
-    /// Claims passed upstream as headers.
-    pub claim_headers: &'a [(String, String)],
-    /// Further field names (lower case) whose client copies are dropped: the claim headers.
-    pub replaced: &'a [String],
-    pub strip: Option<CredentialSource>,
-}
-
-/// Writes the request to send upstream for `req`, matched by `route`.
-///
-/// `peer` is appended to X-Forwarded-For; `proto` becomes X-Forwarded-Proto; `default_host` is
-/// used when the client sent no Host (HTTP/1.0), since the upstream request is HTTP/1.1.
-/// Every value is checked for CR, LF and NUL whatever its source; on such a value the head
-/// in `out` is incomplete and must not be sent.
-#[allow(clippy::too_many_arguments)]
-pub fn write_upstream_request(
-    out: &mut Vec<u8>,
-    req: &RequestHead,
-    route: &Route,
-    identity: &Identity,
-    auth: &AuthConfig,
-    peer: IpAddr,
-    proto: &str,
-    default_host: &str,
-) -> Result<(), UnsafeFieldValue> {
-    out.extend_from_slice(req.method.as_bytes());
-    out.push(b' ');
-    route.write_path(req.path, out);
-    match (identity.strip, auth.api_key_query.as_deref()) {
-        (Some(CredentialSource::Query), Some(name)) => write_query_without(out, req.query, name),
-        _ => out.extend_from_slice(req.query),
-    }
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-
-    let mut forwarded_for_written = false;
-    let mut via_written = false;
-    let mut host_written = false;
-    for h in req.headers {
-        let name = h.name;
-        if name.eq_ignore_ascii_case("host") {
-            // An absolute-form target's authority wins (RFC 9112 §3.2.2); they were checked equal.
-            host_written = true;
-            write_field(out, "host", req.host.unwrap_or(h.value))?;
-            continue;
-        }
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
-            // Merge every client copy into one field, then append the peer, as nginx's
-            // $proxy_add_x_forwarded_for does.
-            if !forwarded_for_written {
-                forwarded_for_written = true;
-                out.extend_from_slice(b"x-forwarded-for: ");
-                let mut first = true;
-                for x in req
-                    .headers
-                    .iter()
-                    .filter(|x| x.name.eq_ignore_ascii_case("x-forwarded-for"))
-                {
-                    if !first {
-                        out.extend_from_slice(b", ");
-                    }
-                    first = false;
-                    out.extend_from_slice(checked("x-forwarded-for", x.value)?);
-                }
-                let _ = write!(out, ", {peer}\r\n");
-            }
-            continue;
-        }
-        if name.eq_ignore_ascii_case("via") {
-            if !via_written {
-                via_written = true;
-                out.extend_from_slice(b"via: ");
-                for x in req
-                    .headers
-                    .iter()
-                    .filter(|x| x.name.eq_ignore_ascii_case("via"))
-                {
-                    out.extend_from_slice(checked("via", x.value)?);
-                    out.extend_from_slice(b", ");
-                }
-                out.extend_from_slice(VIA.as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
-            continue;
-        }
-        if is_hop_by_hop(name)
-            || req.connection.nominates(name)
-            || REQUEST_REPLACED
-                .iter()
-                .any(|r| name.eq_ignore_ascii_case(r))
-        {
-            continue;
-        }
-        if identity
-            .replaced
-            .iter()
-            .any(|r| name.eq_ignore_ascii_case(r))
-        {
-            continue;
-        }
-        match identity.strip {
-            Some(CredentialSource::Header) if name.eq_ignore_ascii_case(&auth.api_key_header) => {
-                continue
-            }
-            Some(CredentialSource::Bearer) if name.eq_ignore_ascii_case("authorization") => {
-                continue
-            }
-            _ => {}
-        }
-        write_field(out, name, h.value)?;
-    }
-    if !host_written {
-        write_field(out, "host", req.host.unwrap_or(default_host.as_bytes()))?;
-    }
-    if !forwarded_for_written {
-        let _ = write!(out, "x-forwarded-for: {peer}\r\n");
-    }
-    if !via_written {
-        let _ = write!(out, "via: {VIA}\r\n");
-    }
-    let _ = write!(out, "x-forwarded-proto: {proto}\r\n");
-    if let Some((id, groups)) = identity.consumer {
-        write_field(out, "x-consumer-id", id.as_bytes())?;
-        write_field(out, "x-consumer-groups", groups.as_bytes())?;
-    }
-    for (name, value) in identity.claim_headers {
-        write_field(out, name, value.as_bytes())?;
-    }
-    match req.body {
-        BodyFraming::Length(n) => {
-            let _ = write!(out, "content-length: {n}\r\n");
-        }
-        BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        BodyFraming::None | BodyFraming::UntilClose => {}
-    }
-    if let Some(upgrade) = req.upgrade {
-        out.extend_from_slice(b"connection: upgrade\r\n");
-        write_field(out, "upgrade", upgrade)?;
-    }
-    out.extend_from_slice(b"\r\n");
-    Ok(())
 }
 
 /// How the response is framed toward the client.
@@ -273,7 +110,7 @@ fn write_connection(out: &mut Vec<u8>, keep_alive: bool, client_version: Version
 }
 
 /// `value`, unless it holds CR, LF or NUL (which would end the field or the head early).
-fn checked<'v>(field: &str, value: &'v [u8]) -> Result<&'v [u8], UnsafeFieldValue> {
+pub fn checked<'v>(field: &str, value: &'v [u8]) -> Result<&'v [u8], UnsafeFieldValue> {
     match memchr::memchr3(b'\r', b'\n', 0, value) {
         None => Ok(value),
         Some(_) => Err(UnsafeFieldValue {
@@ -284,7 +121,7 @@ fn checked<'v>(field: &str, value: &'v [u8]) -> Result<&'v [u8], UnsafeFieldValu
 
 /// Writes one field; the only way a value enters a head the gateway builds, so no source of
 /// values can split a head.
-fn write_field(out: &mut Vec<u8>, name: &str, value: &[u8]) -> Result<(), UnsafeFieldValue> {
+pub fn write_field(out: &mut Vec<u8>, name: &str, value: &[u8]) -> Result<(), UnsafeFieldValue> {
     let value = checked(name, value)?;
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
@@ -315,23 +152,6 @@ pub fn write_error(
     }
 }
 
-/// Writes `query` (`?a=1&b=2`, or empty) without parameter `name`.
-fn write_query_without(out: &mut Vec<u8>, query: &[u8], name: &str) {
-    let Some(pairs) = query.strip_prefix(b"?") else {
-        return;
-    };
-    let mut first = true;
-    for pair in pairs.split(|b| *b == b'&') {
-        let key = pair.split(|b| *b == b'=').next().unwrap_or(pair);
-        if key == name.as_bytes() {
-            continue;
-        }
-        out.push(if first { b'?' } else { b'&' });
-        first = false;
-        out.extend_from_slice(pair);
-    }
-}
-
 /// Writes a 429 with Retry-After and, for `limit`, the RateLimit-Policy and RateLimit fields
 /// of the IETF httpapi rate-limit headers draft.
 /// `policy` is (name, quota, window in seconds).
@@ -355,33 +175,24 @@ pub fn write_rate_limited(
     }
 }
 
-/// Writes a refusal by a route's access policy: 401 with `WWW-Authenticate`, or 403.
+/// Writes a refusal by an access policy: `status` (401 or 403), with `WWW-Authenticate` when
+/// given (its value), and `detail` as the body.
 pub fn write_denied(
     out: &mut Vec<u8>,
-    e: AuthError,
-    realm: &str,
+    status: u16,
+    www_authenticate: Option<&str>,
+    detail: &str,
     keep_alive: bool,
     head_only: bool,
 ) {
-    let detail = e.detail();
     let _ = write!(
         out,
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
-        e.status(),
-        reason(e.status()),
+        "HTTP/1.1 {status} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
+        reason(status),
         detail.len() + 1
     );
-    match e {
-        AuthError::Missing => {
-            let _ = write!(out, "www-authenticate: Bearer realm=\"{realm}\"\r\n");
-        }
-        AuthError::Invalid => {
-            let _ = write!(
-                out,
-                "www-authenticate: Bearer realm=\"{realm}\", error=\"invalid_token\"\r\n"
-            );
-        }
-        AuthError::Forbidden => {}
+    if let Some(challenge) = www_authenticate {
+        let _ = write!(out, "www-authenticate: {challenge}\r\n");
     }
     write_connection(out, keep_alive, Version::Http11);
     out.extend_from_slice(b"\r\n");
@@ -408,26 +219,39 @@ pub fn write_static(
     }
 }
 
-/// Compiles a `respond` action into its head and body.
-pub fn static_response(r: &RespondConfig) -> StaticResponse {
+/// A fixed response, encoded once: the head without framing fields, and the body.
+#[derive(Debug)]
+pub struct StaticResponse {
+    pub status: u16,
+    /// `HTTP/1.1 NNN Reason\r\n` plus the given fields, each ending in CRLF.
+    pub head: Vec<u8>,
+    pub body: Vec<u8>,
+}
+
+/// Encodes a fixed response from its status, fields and body; fields with CR, LF or NUL are
+/// refused (naming the first).
+pub fn static_response<'f>(
+    status: u16,
+    fields: impl IntoIterator<Item = (&'f str, &'f str)> + Clone,
+    body: &[u8],
+) -> Result<StaticResponse, UnsafeFieldValue> {
     let mut head = Vec::new();
-    let _ = write!(head, "HTTP/1.1 {} {}\r\n", r.status, reason(r.status));
-    if !r
-        .headers
-        .keys()
-        .any(|k| k.eq_ignore_ascii_case("content-type"))
+    let _ = write!(head, "HTTP/1.1 {status} {}\r\n", reason(status));
+    if !fields
+        .clone()
+        .into_iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
     {
         head.extend_from_slice(b"content-type: text/plain\r\n");
     }
-    for (name, value) in &r.headers {
-        // validate() refused control characters in respond headers.
-        let _ = write_field(&mut head, name, value.as_bytes());
+    for (name, value) in fields {
+        write_field(&mut head, name, value.as_bytes())?;
     }
-    StaticResponse {
-        status: r.status,
+    Ok(StaticResponse {
+        status,
         head,
-        body: r.body.as_bytes().to_vec(),
-    }
+        body: body.to_vec(),
+    })
 }
 
 /// `HTTP/1.1 100 Continue`, sent before reading a body the client is holding back.

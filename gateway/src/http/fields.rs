@@ -86,7 +86,7 @@ pub fn classify_transfer_encoding<'a>(values: impl Iterator<Item = &'a [u8]>) ->
             }
             // A coding is a token, optionally with parameters after ';'.
             let name = trim_ows(item.split(|b| *b == b';').next().unwrap_or(item));
-            if name.is_empty() || !name.iter().all(|b| crate::config::is_token_byte(*b)) {
+            if name.is_empty() || !name.iter().all(|b| super::is_token_byte(*b)) {
                 return TransferCoding::Invalid;
             }
             codings += 1;
@@ -133,7 +133,7 @@ impl<'b> ConnectionOptions<'b> {
             if token.is_empty() {
                 continue;
             }
-            if !token.iter().all(|b| crate::config::is_token_byte(*b)) {
+            if !token.iter().all(|b| super::is_token_byte(*b)) {
                 return Err(InvalidField);
             }
             if token.eq_ignore_ascii_case(b"close") {

@@ -14,6 +14,11 @@ pub mod request;
 pub mod response;
 pub mod target;
 
+/// RFC 9110 `tchar`: the bytes of a token (methods, field names, coding names).
+pub fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// The protocol version of a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {

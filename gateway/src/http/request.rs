@@ -328,7 +328,7 @@ fn looks_like_other_version(buf: &[u8]) -> bool {
         return false;
     };
     !method.is_empty()
-        && method.iter().all(|b| crate::config::is_token_byte(*b))
+        && method.iter().all(|b| super::is_token_byte(*b))
         && !target.is_empty()
         && matches!(version, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor] if major.is_ascii_digit() && minor.is_ascii_digit())
 }

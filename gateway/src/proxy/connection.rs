@@ -12,6 +12,7 @@ use super::{
     pipeline::{plan, Answer, Plan, RequestFacts, TrafficPolicy},
 };
 use crate::{
+    auth::AuthError,
     config::MAX_HEADERS_CEILING,
     http::{
         encode,
@@ -19,12 +20,12 @@ use crate::{
         BodyFraming, Version,
     },
     io::{read_before, write_before, TcpTransport, Transport},
-    routing::Action,
-    runtime::{
+    proxy::{
         snapshot::UPSTREAM_BUFFER_BYTES,
         tracker::ConnHandle,
         worker::{Generation, Worker},
     },
+    routing::Action,
 };
 
 /// Largest request body the gateway reads and discards to keep a connection open after
@@ -341,10 +342,19 @@ impl<C: Transport> Connection<'_, C> {
             Answer::Denied(e) => {
                 debug!(peer = %self.peer, status = e.status(), reason = e.detail(), "access denied");
                 self.worker.answered(self.peer.ip(), e.status());
+                let realm = &self.generation.snapshot.config.auth.realm;
+                let challenge = match e {
+                    AuthError::Missing => Some(format!("Bearer realm=\"{realm}\"")),
+                    AuthError::Invalid => {
+                        Some(format!("Bearer realm=\"{realm}\", error=\"invalid_token\""))
+                    }
+                    AuthError::Forbidden => None,
+                };
                 encode::write_denied(
                     &mut self.out,
-                    e,
-                    &self.generation.snapshot.config.auth.realm,
+                    e.status(),
+                    challenge.as_deref(),
+                    e.detail(),
                     keep_alive,
                     facts.is_head,
                 );

@@ -24,8 +24,8 @@ use crate::{
     },
     io::{read_before, write_before, IoFailure, Transport},
     log_throttle::Noisy,
+    proxy::snapshot::UPSTREAM_BUFFER_BYTES,
     quotas::QuotaCharges,
-    runtime::snapshot::UPSTREAM_BUFFER_BYTES,
     throttled_warn,
     upstream::{ConnectError, UpstreamConn, UpstreamGroup},
 };

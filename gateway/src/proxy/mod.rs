@@ -6,4 +6,8 @@ pub mod body;
 pub mod connection;
 pub mod forward;
 pub mod pipeline;
+pub mod snapshot;
+pub mod tracker;
 pub mod tunnel;
+pub mod upstream_head;
+pub mod worker;

@@ -12,16 +12,13 @@ use tracing::{debug, error};
 use crate::{
     auth::{find_credential, AuthError, CredentialSource, JwtError},
     config::AuthMethod,
-    http::{
-        encode::{self, Identity},
-        request::RequestHead,
-        BodyFraming, Version,
-    },
+    http::{request::RequestHead, BodyFraming, Version},
     limits::{self, LimitSubject},
     log_throttle::Noisy,
+    proxy::upstream_head::{write_upstream_request, Identity},
+    proxy::worker::{Generation, Worker},
     quotas::{QuotaCharges, QuotaRefusal},
     routing::Action,
-    runtime::worker::{Generation, Worker},
     throttled_warn,
 };
 
@@ -274,7 +271,7 @@ pub fn plan(
             let group = &generation.upstreams[*group_index];
             let server = group.pick();
             out.clear();
-            if let Err(e) = encode::write_upstream_request(
+            if let Err(e) = write_upstream_request(
                 out,
                 req,
                 route,

@@ -6,17 +6,15 @@
 
 use std::{
     path::PathBuf,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
 };
 
-use arc_swap::ArcSwap;
 use tracing::info;
 
-use super::snapshot::ConfigSnapshot;
-use crate::config::{Config, ConfigError};
+use crate::{
+    config::{Config, ConfigError},
+    proxy::snapshot::{ConfigSnapshot, Published},
+};
 
 /// Why a reload was refused; the running config keeps serving.
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +29,7 @@ pub enum ReloadError {
 
 /// The configuration in force, shared by every worker.
 pub struct Live {
-    current: ArcSwap<ConfigSnapshot>,
-    /// Bumped on every published snapshot; workers compare it at request boundaries.
-    generation: AtomicU64,
+    published: Arc<Published>,
     path: PathBuf,
     /// One reload at a time (a signal and the control socket may ask together).
     reloading: Mutex<()>,
@@ -42,21 +38,20 @@ pub struct Live {
 impl Live {
     pub fn new(path: PathBuf, snapshot: ConfigSnapshot) -> Arc<Live> {
         Arc::new(Live {
-            current: ArcSwap::from_pointee(snapshot),
-            generation: AtomicU64::new(1),
+            published: Published::new(snapshot),
             path,
             reloading: Mutex::new(()),
         })
     }
 
-    /// The snapshot in force.
-    pub fn snapshot(&self) -> Arc<ConfigSnapshot> {
-        self.current.load_full()
+    /// What the workers read.
+    pub fn published(&self) -> Arc<Published> {
+        self.published.clone()
     }
 
-    /// Changes whenever a new snapshot is published.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+    /// The snapshot in force.
+    pub fn snapshot(&self) -> Arc<ConfigSnapshot> {
+        self.published.snapshot()
     }
 
     /// Reads the config file again and, when it is valid and reloadable, puts it in force.
@@ -71,8 +66,7 @@ impl Live {
         }
         let summary = route_changes(&old.config, &config);
         let new = ConfigSnapshot::succeeding(config, &old).map_err(ReloadError::Build)?;
-        self.current.store(Arc::new(new));
-        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let generation = self.published.publish(new);
         info!(generation, "config reloaded: {summary}");
         Ok(summary)
     }

@@ -1,10 +1,8 @@
-//! The process around the proxy: listeners, worker threads, the read-only config snapshot they
-//! share and its replacement on reload, and shutdown.
+//! The process around the proxy: listeners, worker threads, reloading the config snapshot they
+//! share, the control socket, and shutdown. It builds on `proxy`, never the other way round.
 
 pub mod control;
 pub mod listener;
 pub mod live;
 pub mod shutdown;
-pub mod snapshot;
-pub mod tracker;
 pub mod worker;

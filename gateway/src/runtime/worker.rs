@@ -3,21 +3,17 @@
 //! between workers except the read-only config snapshot, which each worker takes anew at a
 //! request boundary once a reload has published one.
 
-use std::{
-    cell::Cell, net::TcpListener as StdListener, rc::Rc, sync::Arc, thread::JoinHandle,
-    time::Duration,
-};
+use std::{net::TcpListener as StdListener, rc::Rc, sync::Arc, thread::JoinHandle, time::Duration};
 
 use tokio::time::Instant;
 use tokio_uring::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::{live::Live, shutdown::DrainFlag, snapshot::ConfigSnapshot, tracker::ConnTracker};
+use super::shutdown::DrainFlag;
 use crate::{
     http::encode,
     io::{TcpTransport, Transport},
-    proxy::connection::serve,
-    upstream::UpstreamGroup,
+    proxy::{connection::serve, snapshot::Published, worker::Worker},
     xdp::BanReporter,
 };
 
@@ -30,84 +26,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(10);
 /// After the drain timeout, how long connections get to finish once shut down.
 const FORCED_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// What one request is served with: a config snapshot and this worker's upstream groups for
-/// it. A request holds its generation to the end, so a reload never changes a request midway.
-pub struct Generation {
-    number: u64,
-    pub snapshot: Arc<ConfigSnapshot>,
-    /// Indexed like [`crate::routing::RouteTable::upstream_names`].
-    pub upstreams: Vec<UpstreamGroup>,
-}
-
-/// One worker's state, owned by its thread.
-pub struct Worker {
-    pub id: usize,
-    live: Arc<Live>,
-    current: std::cell::RefCell<Rc<Generation>>,
-    pub tracker: ConnTracker,
-    /// Set once this worker saw the drain begin: connections close after their current request.
-    pub draining: Cell<bool>,
-    /// Where the gateway's own error answers are reported for XDP bans, when configured.
-    pub bans: Option<BanReporter>,
-    /// JWTs this worker verified, until they expire.
-    pub tokens: std::cell::RefCell<crate::auth::TokenCache>,
-}
-
-fn upstream_groups(snapshot: &ConfigSnapshot, previous: Option<&Generation>) -> Vec<UpstreamGroup> {
-    snapshot
-        .routes
-        .upstream_names()
-        .iter()
-        .map(|name| {
-            let config = &snapshot.config.upstreams[name];
-            let group = UpstreamGroup::new(name, config);
-            // An unchanged group keeps its pooled connections.
-            if let Some(old) = previous.and_then(|p| {
-                p.upstreams
-                    .iter()
-                    .find(|g| g.name == *name && g.config() == config)
-            }) {
-                group.take_idle_from(old);
-            }
-            group
-        })
-        .collect()
-}
-
-impl Worker {
-    /// The generation to serve the next request with: the newest snapshot, taken here, at a
-    /// request boundary (one atomic load when nothing changed).
-    pub fn generation(&self) -> Rc<Generation> {
-        let latest = self.live.generation();
-        if self.current.borrow().number != latest {
-            let snapshot = self.live.snapshot();
-            let old = self.current.borrow().clone();
-            if !Arc::ptr_eq(&old.snapshot.issuers, &snapshot.issuers) {
-                // Tokens verified by issuers that changed must be verified again.
-                *self.tokens.borrow_mut() = crate::auth::TokenCache::new(&snapshot.config.auth);
-            }
-            let upstreams = upstream_groups(&snapshot, Some(&old));
-            *self.current.borrow_mut() = Rc::new(Generation {
-                number: latest,
-                snapshot,
-                upstreams,
-            });
-        }
-        self.current.borrow().clone()
-    }
-
-    /// Notes an answer the gateway gave itself (never an upstream's), for the ban hook.
-    #[inline]
-    pub fn answered(&self, peer: std::net::IpAddr, status: u16) {
-        if let Some(b) = &self.bans {
-            b.report(peer, status);
-        }
-    }
-}
-
 /// Starts the worker threads; each gets the listeners at its index.
 pub fn spawn_workers(
-    live: Arc<Live>,
+    published: Arc<Published>,
     listeners: Vec<Vec<StdListener>>,
     drain: DrainFlag,
     bans: Option<BanReporter>,
@@ -116,7 +37,7 @@ pub fn spawn_workers(
     let (started_tx, started_rx) = std::sync::mpsc::channel::<usize>();
     let mut handles = Vec::new();
     for (id, listeners) in listeners.into_iter().enumerate() {
-        let live = live.clone();
+        let published = published.clone();
         let drain = drain.clone();
         let core = if cores.is_empty() {
             None
@@ -128,7 +49,7 @@ pub fn spawn_workers(
             .spawn({
                 let started = started_tx.clone();
                 let bans = bans.clone();
-                move || run_worker(id, core, live, listeners, drain, started, bans)
+                move || run_worker(id, core, published, listeners, drain, started, bans)
             })?;
         handles.push(handle);
     }
@@ -145,7 +66,7 @@ pub fn spawn_workers(
 fn run_worker(
     id: usize,
     core: Option<core_affinity::CoreId>,
-    live: Arc<Live>,
+    published: Arc<Published>,
     listeners: Vec<StdListener>,
     drain: DrainFlag,
     started: std::sync::mpsc::Sender<usize>,
@@ -163,24 +84,7 @@ fn run_worker(
     tokio_uring::builder()
         .entries(RING_ENTRIES)
         .start(async move {
-            let number = live.generation();
-            let snapshot = live.snapshot();
-            let upstreams = upstream_groups(&snapshot, None);
-            let tokens =
-                std::cell::RefCell::new(crate::auth::TokenCache::new(&snapshot.config.auth));
-            let worker = Rc::new(Worker {
-                id,
-                live,
-                current: std::cell::RefCell::new(Rc::new(Generation {
-                    number,
-                    snapshot,
-                    upstreams,
-                })),
-                tracker: ConnTracker::default(),
-                draining: Cell::new(false),
-                bans,
-                tokens,
-            });
+            let worker = Rc::new(Worker::new(id, published, bans));
             debug!(worker = id, core = ?core.map(|c| c.id), "worker started");
             let _ = started.send(id);
             let accept_loops: Vec<_> = listeners

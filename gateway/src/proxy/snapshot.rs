@@ -1,7 +1,12 @@
 //! The compiled, read-only configuration every worker shares behind an `Arc`, and how a new
 //! one succeeds it on reload, keeping the live state of every name it still has.
 
-use std::sync::Arc;
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
+use arc_swap::ArcSwap;
 
 use crate::{
     config::{Config, ServerConfig},
@@ -45,7 +50,7 @@ impl ConfigSnapshot {
     }
 
     /// Compiles `config` to succeed `previous`: the quota store and the cluster link are the
-    /// same (a reload cannot change them, see [`crate::runtime::live`]); issuers are kept when
+    /// same (a reload cannot change them: the reloader refuses such configs); issuers are kept when
     /// their config is unchanged; limit buckets and concurrency counts are kept by name.
     pub fn succeeding(config: Config, previous: &ConfigSnapshot) -> anyhow::Result<Self> {
         let issuers = if config.auth.issuers == previous.config.auth.issuers {
@@ -91,5 +96,36 @@ impl ConfigSnapshot {
 
     pub fn server(&self) -> &ServerConfig {
         &self.config.server
+    }
+}
+
+/// The snapshot in force, published to every worker: workers compare the generation at each
+/// request boundary (one atomic load) and take the new snapshot when it changed.
+pub struct Published {
+    current: ArcSwap<ConfigSnapshot>,
+    generation: AtomicU64,
+}
+
+impl Published {
+    pub fn new(snapshot: ConfigSnapshot) -> Arc<Published> {
+        Arc::new(Published {
+            current: ArcSwap::from_pointee(snapshot),
+            generation: AtomicU64::new(1),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<ConfigSnapshot> {
+        self.current.load_full()
+    }
+
+    /// Changes whenever a new snapshot is published.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Puts `snapshot` in force; returns its generation.
+    pub fn publish(&self, snapshot: ConfigSnapshot) -> u64 {
+        self.current.store(Arc::new(snapshot));
+        self.generation.fetch_add(1, Ordering::AcqRel) + 1
     }
 }

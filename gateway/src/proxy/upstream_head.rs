@@ -1,0 +1,191 @@
+//! The request head sent upstream: rebuilt from the client's, with the route's path rewrite,
+//! hop-by-hop and gateway-owned fields removed, identity fields and X-Forwarded-* set. Every
+//! value goes through the codec's checked field writer.
+
+use std::{io::Write, net::IpAddr};
+
+use crate::{
+    auth::CredentialSource,
+    config::AuthConfig,
+    http::{
+        encode::{checked, write_field, UnsafeFieldValue, VIA},
+        fields::is_hop_by_hop,
+        request::RequestHead,
+        BodyFraming,
+    },
+    routing::Route,
+};
+
+/// Fields the gateway sets itself on forwarded requests; client copies are merged or dropped.
+/// The identity fields are always dropped, so a client cannot claim to be a consumer.
+const REQUEST_REPLACED: [&str; 6] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "via",
+    "expect",
+    "x-consumer-id",
+    "x-consumer-groups",
+];
+
+/// Who called, as the pipeline established it, and which credential to strip.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Identity<'a> {
+    /// The consumer id and its groups (comma-separated), when the caller authenticated.
+    pub consumer: Option<(&'a str, &'a str)>,
+    /// Claims passed upstream as headers.
+    pub claim_headers: &'a [(String, String)],
+    /// Further field names (lower case) whose client copies are dropped: the claim headers.
+    pub replaced: &'a [String],
+    pub strip: Option<CredentialSource>,
+}
+
+/// Writes the request to send upstream for `req`, matched by `route`.
+///
+/// `peer` is appended to X-Forwarded-For; `proto` becomes X-Forwarded-Proto; `default_host` is
+/// used when the client sent no Host (HTTP/1.0), since the upstream request is HTTP/1.1.
+/// Every value is checked for CR, LF and NUL whatever its source; on such a value the head
+/// in `out` is incomplete and must not be sent.
+#[allow(clippy::too_many_arguments)]
+pub fn write_upstream_request(
+    out: &mut Vec<u8>,
+    req: &RequestHead,
+    route: &Route,
+    identity: &Identity,
+    auth: &AuthConfig,
+    peer: IpAddr,
+    proto: &str,
+    default_host: &str,
+) -> Result<(), UnsafeFieldValue> {
+    out.extend_from_slice(req.method.as_bytes());
+    out.push(b' ');
+    route.write_path(req.path, out);
+    match (identity.strip, auth.api_key_query.as_deref()) {
+        (Some(CredentialSource::Query), Some(name)) => write_query_without(out, req.query, name),
+        _ => out.extend_from_slice(req.query),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+
+    let mut forwarded_for_written = false;
+    let mut via_written = false;
+    let mut host_written = false;
+    for h in req.headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            // An absolute-form target's authority wins (RFC 9112 §3.2.2); they were checked equal.
+            host_written = true;
+            write_field(out, "host", req.host.unwrap_or(h.value))?;
+            continue;
+        }
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            // Merge every client copy into one field, then append the peer, as nginx's
+            // $proxy_add_x_forwarded_for does.
+            if !forwarded_for_written {
+                forwarded_for_written = true;
+                out.extend_from_slice(b"x-forwarded-for: ");
+                let mut first = true;
+                for x in req
+                    .headers
+                    .iter()
+                    .filter(|x| x.name.eq_ignore_ascii_case("x-forwarded-for"))
+                {
+                    if !first {
+                        out.extend_from_slice(b", ");
+                    }
+                    first = false;
+                    out.extend_from_slice(checked("x-forwarded-for", x.value)?);
+                }
+                let _ = write!(out, ", {peer}\r\n");
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case("via") {
+            if !via_written {
+                via_written = true;
+                out.extend_from_slice(b"via: ");
+                for x in req
+                    .headers
+                    .iter()
+                    .filter(|x| x.name.eq_ignore_ascii_case("via"))
+                {
+                    out.extend_from_slice(checked("via", x.value)?);
+                    out.extend_from_slice(b", ");
+                }
+                out.extend_from_slice(VIA.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            continue;
+        }
+        if is_hop_by_hop(name)
+            || req.connection.nominates(name)
+            || REQUEST_REPLACED
+                .iter()
+                .any(|r| name.eq_ignore_ascii_case(r))
+        {
+            continue;
+        }
+        if identity
+            .replaced
+            .iter()
+            .any(|r| name.eq_ignore_ascii_case(r))
+        {
+            continue;
+        }
+        match identity.strip {
+            Some(CredentialSource::Header) if name.eq_ignore_ascii_case(&auth.api_key_header) => {
+                continue
+            }
+            Some(CredentialSource::Bearer) if name.eq_ignore_ascii_case("authorization") => {
+                continue
+            }
+            _ => {}
+        }
+        write_field(out, name, h.value)?;
+    }
+    if !host_written {
+        write_field(out, "host", req.host.unwrap_or(default_host.as_bytes()))?;
+    }
+    if !forwarded_for_written {
+        let _ = write!(out, "x-forwarded-for: {peer}\r\n");
+    }
+    if !via_written {
+        let _ = write!(out, "via: {VIA}\r\n");
+    }
+    let _ = write!(out, "x-forwarded-proto: {proto}\r\n");
+    if let Some((id, groups)) = identity.consumer {
+        write_field(out, "x-consumer-id", id.as_bytes())?;
+        write_field(out, "x-consumer-groups", groups.as_bytes())?;
+    }
+    for (name, value) in identity.claim_headers {
+        write_field(out, name, value.as_bytes())?;
+    }
+    match req.body {
+        BodyFraming::Length(n) => {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        BodyFraming::None | BodyFraming::UntilClose => {}
+    }
+    if let Some(upgrade) = req.upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+        write_field(out, "upgrade", upgrade)?;
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(())
+}
+
+/// Writes `query` (`?a=1&b=2`, or empty) without parameter `name`.
+fn write_query_without(out: &mut Vec<u8>, query: &[u8], name: &str) {
+    let Some(pairs) = query.strip_prefix(b"?") else {
+        return;
+    };
+    let mut first = true;
+    for pair in pairs.split(|b| *b == b'&') {
+        let key = pair.split(|b| *b == b'=').next().unwrap_or(pair);
+        if key == name.as_bytes() {
+            continue;
+        }
+        out.push(if first { b'?' } else { b'&' });
+        first = false;
+        out.extend_from_slice(pair);
+    }
+}

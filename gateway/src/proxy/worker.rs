@@ -1,0 +1,111 @@
+//! One worker's per-thread context as the request path sees it: the config generation it
+//! serves requests with (taken anew at a request boundary once a reload has published one), its
+//! upstream pools, connection registry, token caches and ban reporter. Owned by its thread.
+
+use std::{
+    cell::{Cell, RefCell},
+    rc::Rc,
+    sync::Arc,
+};
+
+use super::{
+    snapshot::{ConfigSnapshot, Published},
+    tracker::ConnTracker,
+};
+use crate::{upstream::UpstreamGroup, xdp::BanReporter};
+
+/// What one request is served with: a config snapshot and this worker's upstream groups for
+/// it. A request holds its generation to the end, so a reload never changes a request midway.
+pub struct Generation {
+    number: u64,
+    pub snapshot: Arc<ConfigSnapshot>,
+    /// Indexed like [`crate::routing::RouteTable::upstream_names`].
+    pub upstreams: Vec<UpstreamGroup>,
+}
+
+/// One worker's state, owned by its thread.
+pub struct Worker {
+    pub id: usize,
+    published: Arc<Published>,
+    current: RefCell<Rc<Generation>>,
+    pub tracker: ConnTracker,
+    /// Set once this worker saw the drain begin: connections close after their current request.
+    pub draining: Cell<bool>,
+    /// Where the gateway's own error answers are reported for XDP bans, when configured.
+    pub bans: Option<BanReporter>,
+    /// JWTs this worker verified, until they expire.
+    pub tokens: RefCell<crate::auth::TokenCache>,
+}
+
+fn upstream_groups(snapshot: &ConfigSnapshot, previous: Option<&Generation>) -> Vec<UpstreamGroup> {
+    snapshot
+        .routes
+        .upstream_names()
+        .iter()
+        .map(|name| {
+            let config = &snapshot.config.upstreams[name];
+            let group = UpstreamGroup::new(name, config);
+            // An unchanged group keeps its pooled connections.
+            if let Some(old) = previous.and_then(|p| {
+                p.upstreams
+                    .iter()
+                    .find(|g| g.name == *name && g.config() == config)
+            }) {
+                group.take_idle_from(old);
+            }
+            group
+        })
+        .collect()
+}
+
+impl Worker {
+    /// The context of worker `id`, serving the snapshot `published` holds now.
+    pub fn new(id: usize, published: Arc<Published>, bans: Option<BanReporter>) -> Worker {
+        let number = published.generation();
+        let snapshot = published.snapshot();
+        let upstreams = upstream_groups(&snapshot, None);
+        let tokens = RefCell::new(crate::auth::TokenCache::new(&snapshot.config.auth));
+        Worker {
+            id,
+            published,
+            current: RefCell::new(Rc::new(Generation {
+                number,
+                snapshot,
+                upstreams,
+            })),
+            tracker: ConnTracker::default(),
+            draining: Cell::new(false),
+            bans,
+            tokens,
+        }
+    }
+
+    /// The generation to serve the next request with: the newest snapshot, taken here, at a
+    /// request boundary (one atomic load when nothing changed).
+    pub fn generation(&self) -> Rc<Generation> {
+        let latest = self.published.generation();
+        if self.current.borrow().number != latest {
+            let snapshot = self.published.snapshot();
+            let old = self.current.borrow().clone();
+            if !Arc::ptr_eq(&old.snapshot.issuers, &snapshot.issuers) {
+                // Tokens verified by issuers that changed must be verified again.
+                *self.tokens.borrow_mut() = crate::auth::TokenCache::new(&snapshot.config.auth);
+            }
+            let upstreams = upstream_groups(&snapshot, Some(&old));
+            *self.current.borrow_mut() = Rc::new(Generation {
+                number: latest,
+                snapshot,
+                upstreams,
+            });
+        }
+        self.current.borrow().clone()
+    }
+
+    /// Notes an answer the gateway gave itself (never an upstream's), for the ban hook.
+    #[inline]
+    pub fn answered(&self, peer: std::net::IpAddr, status: u16) {
+        if let Some(b) = &self.bans {
+            b.report(peer, status);
+        }
+    }
+}
