@@ -7,9 +7,11 @@
 //! - `test`: the whole suite, privileged tests included when run as root.
 //! - `bench`: Portcullis beside nginx, haproxy and the direct backend.
 //! - `bench-auth-flood`: a legitimate client's rate during a flood of forged tokens.
+//! - `bench-reload`: failed requests and p99 while reloading; throughput against a baseline.
 
 mod bench;
 mod bench_auth;
+mod bench_reload;
 mod bench_xdp;
 mod ebpf;
 mod plot;
@@ -60,6 +62,16 @@ enum Task {
         #[arg(long, default_value_t = 8.0)]
         duration: f64,
     },
+    /// Failed requests and p99 under a steady load while the config is reloaded every second;
+    /// with --baseline-bin, throughput against another build of the gateway.
+    BenchReload {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 20.0)]
+        duration: f64,
+        /// Another `portcullis` binary (such as the previous commit's release build).
+        #[arg(long)]
+        baseline_bin: Option<std::path::PathBuf>,
+    },
     /// Run every test (as root: the privileged XDP tests too).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -77,6 +89,10 @@ fn main() -> ExitCode {
         Task::Bench { duration } => bench::run(duration),
         Task::BenchXdp { duration } => bench_xdp::run(duration),
         Task::BenchAuthFlood { duration } => bench_auth::run(duration),
+        Task::BenchReload {
+            duration,
+            baseline_bin,
+        } => bench_reload::run(duration, baseline_bin),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,6 +15,11 @@ use crate::{
     sys::{peek_idle, IdleSocket},
 };
 
+/// Pooled connections idle at least this long are peeked at before reuse. Upstreams close idle
+/// connections after a second or more (Node 5 s, nginx 75 s); below this, a close can only be
+/// the rare close right after a response, which the retry rule covers for idempotent requests.
+const PEEK_AFTER_IDLE: Duration = Duration::from_millis(100);
+
 /// Why no connection to an upstream server could be had.
 #[derive(Debug)]
 pub enum ConnectError {
@@ -140,7 +145,12 @@ impl UpstreamGroup {
                 continue;
             }
             // A connection the server closed while idle (or that received bytes nobody asked
-            // for) would fail or desynchronise the request: look before using it.
+            // for) would fail or desynchronise the request: look before using it. Not after a
+            // pause shorter than any server's idle close: the look is a system call, and busy
+            // pools hand connections back and forth every millisecond.
+            if now.duration_since(conn.since) < PEEK_AFTER_IDLE {
+                return Some(conn.transport);
+            }
             match peek_idle(conn.transport.raw_fd()) {
                 IdleSocket::Quiet => return Some(conn.transport),
                 IdleSocket::Closed | IdleSocket::StrayBytes => {}
