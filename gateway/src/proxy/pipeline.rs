@@ -337,3 +337,129 @@ fn too_many(
 fn looks_like_jwt(token: &[u8]) -> bool {
     token.iter().filter(|b| **b == b'.').count() == 2
 }
+
+/// The stages without sockets: a decoded head in, a plan (and the upstream head) out.
+#[cfg(test)]
+mod tests {
+    use std::{mem::MaybeUninit, path::Path, sync::Arc};
+
+    use super::*;
+    use crate::{
+        config::Config,
+        http::request::parse_request,
+        proxy::snapshot::{ConfigSnapshot, Published},
+    };
+
+    struct Bench {
+        worker: Worker,
+        /// alice's API key.
+        key: String,
+        _data: tempfile::TempDir,
+    }
+
+    fn bench(routes: &str) -> Bench {
+        let data = tempfile::tempdir().unwrap();
+        let (key, hash) = crate::auth::new_key();
+        let src = format!(
+            "[quotas]\ndata_dir = \"{}\"\n[upstreams.u]\nservers = [\"127.0.0.1:9\"]\n[[consumers]]\nid = \"alice\"\napi_keys = [\"{hash}\"]\n{routes}",
+            data.path().display()
+        );
+        let config = Config::parse(Path::new("t.toml"), &src).unwrap();
+        let published: Arc<Published> = Published::new(ConfigSnapshot::new(config).unwrap());
+        Bench {
+            worker: Worker::new(0, published, None),
+            key,
+            _data: data,
+        }
+    }
+
+    /// Plans `raw` from 203.0.113.7; returns the plan and the upstream head written.
+    fn plan_for(b: &Bench, raw: &str) -> (Plan, String) {
+        let raw = raw.replace("KEY", &b.key);
+        let mut headers = [const { MaybeUninit::uninit() }; 64];
+        let mut normalized = Vec::new();
+        let generation = b.worker.generation();
+        let req = parse_request(
+            raw.as_bytes(),
+            &mut headers,
+            &generation.snapshot.limits,
+            &mut normalized,
+        )
+        .unwrap()
+        .unwrap();
+        let mut facts = RequestFacts::of(&req);
+        let mut out = Vec::new();
+        let plan = plan(
+            &req,
+            &mut facts,
+            "203.0.113.7".parse().unwrap(),
+            &b.worker,
+            &generation,
+            &mut out,
+            true,
+        );
+        (plan, String::from_utf8(out).unwrap())
+    }
+
+    fn status(plan: &Plan) -> u16 {
+        match plan {
+            Plan::Forward { .. } => 0,
+            Plan::Answer(Answer::Error { status, .. }) => *status,
+            Plan::Answer(Answer::Denied(e)) => e.status(),
+            Plan::Answer(Answer::TooMany { .. }) => 429,
+            Plan::Answer(Answer::Static { .. }) => 200,
+            Plan::AwaitKeys(_) => 1,
+        }
+    }
+
+    #[test]
+    fn forwards_the_normalised_path_with_identity_and_without_the_key() {
+        let b = bench("[[routes]]\nmatch = { path_prefix = \"/api/\" }\nupstream = \"u\"\nstrip_prefix = true\nauth = { methods = [\"api_key\"] }\n");
+        let (plan, head) = plan_for(
+            &b,
+            "GET /api/./v1//%75sers?x=1 HTTP/1.1\r\nHost: a\r\nX-API-Key: KEY\r\nX-Consumer-Id: forged\r\n\r\n",
+        );
+        assert!(matches!(plan, Plan::Forward { .. }), "{plan:?}");
+        assert!(head.starts_with("GET /v1/users?x=1 HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("x-consumer-id: alice\r\n"), "{head}");
+        assert!(
+            !head.contains("forged") && !head.to_ascii_lowercase().contains("x-api-key"),
+            "{head}"
+        );
+        assert!(head.contains("x-forwarded-for: 203.0.113.7\r\n"), "{head}");
+    }
+
+    #[test]
+    fn each_stage_answers_for_itself() {
+        let b = bench(
+            "[[routes]]\nmatch = { path_prefix = \"/open/\" }\nupstream = \"u\"\n\
+             [[routes]]\nmatch = { path_prefix = \"/keyed/\" }\nupstream = \"u\"\nauth = { methods = [\"api_key\"] }\n\
+             pre_auth_limits = [{ key = \"client\", rate = 2, per = \"1h\" }]\n\
+             [[routes]]\nmatch = { path = \"/small\" }\nupstream = \"u\"\nmax_body_bytes = 4\n\
+             [[routes]]\nmatch = { path = \"/hello\" }\nrespond = { status = 200, body = \"hi\" }\n",
+        );
+        let cases = [
+            ("GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n", 404),
+            ("GET /open/x HTTP/1.1\r\nHost: a\r\n\r\n", 0),
+            ("GET /hello HTTP/1.1\r\nHost: a\r\n\r\n", 200),
+            (
+                "POST /small HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+                413,
+            ),
+            // The pre-auth limit counts before the key is looked at: 2, then refused.
+            ("GET /keyed/x HTTP/1.1\r\nHost: a\r\n\r\n", 401),
+            (
+                "GET /keyed/x HTTP/1.1\r\nHost: a\r\nX-API-Key: wrong\r\n\r\n",
+                401,
+            ),
+            (
+                "GET /keyed/x HTTP/1.1\r\nHost: a\r\nX-API-Key: KEY\r\n\r\n",
+                429,
+            ),
+        ];
+        for (raw, want) in cases {
+            let (plan, _) = plan_for(&b, raw);
+            assert_eq!(status(&plan), want, "{raw:?}: {plan:?}");
+        }
+    }
+}
