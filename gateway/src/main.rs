@@ -2,14 +2,16 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use portcullis::{
     config::Config,
     proxy::snapshot::ConfigSnapshot,
     runtime::{
+        control::{Handover, TakeOver},
         listener::bind_all,
         live::Live,
-        shutdown::{watch_signals, DrainFlag},
+        shutdown::{watch_signals, DrainFlag, DrainMode},
         worker::spawn_workers,
     },
     xdp,
@@ -26,6 +28,10 @@ struct Cli {
     /// The config file.
     #[arg(long, global = true, default_value = "config/gateway.toml")]
     config: PathBuf,
+    /// Take over from the gateway running on the same config (its control socket): receive
+    /// its listening sockets and data directory, then let it drain and exit.
+    #[arg(long)]
+    upgrade: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -194,7 +200,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run => match run(config, cli.config) {
+        Command::Run => match run(config, cli.config, cli.upgrade) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 error!("{e:#}");
@@ -204,9 +210,42 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
     let workers = config.server.workers.resolve();
-    let (listeners, bound) = bind_all(&config.server.listen, workers)?;
+    let control_socket = portcullis::runtime::control::socket_path(&config);
+    let (takeover, listeners, bound) = if upgrade {
+        if config.xdp.is_some() {
+            anyhow::bail!("--upgrade with [xdp] is not supported yet: restart the gateway instead");
+        }
+        let mut takeover = TakeOver::request(&control_socket).with_context(|| {
+            format!(
+                "cannot take over from the gateway on {}",
+                control_socket.display()
+            )
+        })?;
+        let listeners = std::mem::take(&mut takeover.listeners);
+        // Dropping `takeover` on a mismatch tells the old process to keep serving.
+        if listeners.len() != workers || listeners[0].len() != config.server.listen.len() {
+            anyhow::bail!(
+                "the running gateway has {} workers with {} listeners each; this config asks for {workers} with {}: an upgrade keeps both",
+                listeners.len(),
+                listeners[0].len(),
+                config.server.listen.len()
+            );
+        }
+        let bound = listeners[0]
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<Result<Vec<_>, _>>()?;
+        info!(
+            "upgrade: took over {} listening sockets",
+            workers * bound.len()
+        );
+        (Some(takeover), listeners, bound)
+    } else {
+        let (listeners, bound) = bind_all(&config.server.listen, workers)?;
+        (None, listeners, bound)
+    };
     let _xdp = match &config.xdp {
         None => None,
         Some(xdp_config) => {
@@ -242,7 +281,15 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         _ => None,
     };
     let flush_interval = config.quotas.flush_interval.get();
-    let control_socket = portcullis::runtime::control::socket_path(&config);
+    let data_dir = config.quotas.data_dir.clone();
+    let handover = Handover {
+        listeners: listeners
+            .iter()
+            .map(|w| w.iter().map(|l| l.try_clone()).collect())
+            .collect::<Result<Vec<_>, _>>()?,
+        drain: drain.clone(),
+        data_dir,
+    };
     let snapshot = ConfigSnapshot::new(config)?;
     snapshot.quota_store.start_flusher(flush_interval)?;
     let quota_store = snapshot.quota_store.clone();
@@ -257,9 +304,18 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
                 limit.sweep();
             }
         })?;
-    portcullis::runtime::control::serve(&control_socket, live.clone())?;
     portcullis::runtime::control::reload_on_hangup(live.clone())?;
-    let handles = spawn_workers(live.published(), listeners, drain, bans)?;
+    let handles = spawn_workers(live.published(), listeners, drain.clone(), bans)?;
+    match takeover {
+        None => portcullis::runtime::control::serve(&control_socket, live.clone(), handover)?,
+        Some(takeover) => {
+            portcullis::runtime::control::serve_replacing(&control_socket, live.clone(), handover)?;
+            takeover
+                .listening()
+                .context("the old process did not confirm the upgrade")?;
+            info!("upgrade: the old process is draining");
+        }
+    }
     for addr in &bound {
         info!(workers, "listening on {addr}");
     }
@@ -267,7 +323,10 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     for handle in handles {
         panicked |= handle.join().is_err();
     }
-    let _ = std::fs::remove_file(&control_socket);
+    // After an upgrade the path belongs to the new process.
+    if drain.mode() != Some(DrainMode::Upgrade) {
+        let _ = std::fs::remove_file(&control_socket);
+    }
     // A clean stop saves every quota counter.
     if let Err(e) = quota_store.flush() {
         error!("cannot save quota counters: {e}");

@@ -121,6 +121,8 @@ impl Quota {
 pub enum QuotaRefusal {
     /// Spent for this period: retry after this many seconds.
     Spent(u64),
+    /// The counts were handed to a new process (binary upgrade): this one charges no more.
+    HandedOver,
     /// The store is full and this key is new: refused rather than dropping a live count.
     Full,
 }
@@ -201,7 +203,10 @@ pub struct QuotaStore {
     /// Keys header values, for quotas and limits alike.
     pub hasher: SubjectHasher,
     dirty: AtomicBool,
-    _lock: DataDirLock,
+    /// Held while this process owns the data directory; given up on a binary upgrade.
+    lock: Mutex<Option<DataDirLock>>,
+    /// The counts now belong to a new process: nothing more is charged or written here.
+    handed_over: AtomicBool,
 }
 
 impl std::fmt::Debug for QuotaStore {
@@ -261,7 +266,8 @@ impl QuotaStore {
             max_keys: q.max_keys,
             hasher,
             dirty: AtomicBool::new(false),
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
+            handed_over: AtomicBool::new(false),
         };
         let pinned = store.counters.pin();
         for r in &loaded.records {
@@ -370,6 +376,9 @@ impl QuotaStore {
         subject: &LimitSubject,
         cluster: Option<&crate::cluster::Cluster>,
     ) -> Result<QuotaCharge, QuotaRefusal> {
+        if self.handed_over.load(Ordering::Acquire) {
+            return Err(QuotaRefusal::HandedOver);
+        }
         let now = unix_now();
         let (period_id, remaining) = period_now(quota.period, now);
         let mut buf = [0u8; MAX_SUBJECT_BYTES];
@@ -467,6 +476,14 @@ impl QuotaStore {
     /// Appends the counters that changed since the last flush, and compacts the journal when
     /// it has grown past the snapshot.
     pub fn flush(&self) -> std::io::Result<()> {
+        // After a hand-over the counts belong to the new process: writing would overwrite its.
+        if self.handed_over.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.write_changes()
+    }
+
+    fn write_changes(&self) -> std::io::Result<()> {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
@@ -525,6 +542,26 @@ impl QuotaStore {
                 c.flushed.store(count, Ordering::Release);
             }
         }
+        Ok(())
+    }
+
+    /// Gives the data directory to a new process (binary upgrade): charges stop, a final flush
+    /// writes every count, and the lock is released for the new process to take.
+    pub fn hand_over(&self) -> std::io::Result<()> {
+        self.handed_over.store(true, Ordering::Release);
+        // Charges already under way have bumped their counters; the final write sees them.
+        self.dirty.store(true, Ordering::Release);
+        self.write_changes()?;
+        self.lock.lock().expect("not poisoned").take();
+        Ok(())
+    }
+
+    /// Takes the data directory back after an upgrade that failed (the new process never
+    /// started serving).
+    pub fn take_back(&self, dir: &std::path::Path) -> Result<(), DataDirError> {
+        let lock = DataDirLock::acquire(dir)?;
+        *self.lock.lock().expect("not poisoned") = Some(lock);
+        self.handed_over.store(false, Ordering::Release);
         Ok(())
     }
 

@@ -107,3 +107,65 @@ pub fn peek_idle(fd: RawFd) -> IdleSocket {
         },
     }
 }
+
+/// Takes ownership of a descriptor that an accept operation returned.
+pub fn stream_from_accepted(fd: RawFd) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is the result of a successful accept completion: a new, open socket that no
+    // other object owns, so the stream becomes its only owner and closes it once.
+    unsafe { std::net::TcpStream::from_raw_fd(fd) }
+}
+
+/// Most descriptors one upgrade passes (the kernel's SCM_MAX_FD is 253).
+const MAX_PASSED_FDS: usize = 253;
+
+/// Sends `bytes` with the descriptors `fds` attached (SCM_RIGHTS) over a Unix stream socket.
+pub fn send_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    if fds.len() > MAX_PASSED_FDS {
+        return Err(std::io::Error::other("too many listening sockets to pass"));
+    }
+    let iov = [std::io::IoSlice::new(bytes)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    sendmsg::<()>(socket, &iov, &cmsg, MsgFlags::empty(), None)?;
+    Ok(())
+}
+
+/// Receives one message with descriptors attached (SCM_RIGHTS): its bytes (up to the first
+/// newline) and the listening sockets, which the caller then owns.
+pub fn receive_fds(socket: RawFd) -> std::io::Result<(Vec<u8>, Vec<std::net::TcpListener>)> {
+    use std::os::fd::FromRawFd;
+
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    // The header is sent alone, before anything else is written on the connection, and read
+    // one byte at a time up to its newline, so no later line is consumed here.
+    let mut header = Vec::new();
+    let mut listeners = Vec::new();
+    let mut space = nix::cmsg_space!([RawFd; MAX_PASSED_FDS]);
+    loop {
+        let mut byte = [0u8; 1];
+        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+        let msg = recvmsg::<()>(
+            socket,
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        if msg.bytes == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        for cmsg in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                for fd in fds {
+                    // SAFETY: the kernel installed `fd` in this process for this message; nothing
+                    // else owns it, so the listener becomes its only owner.
+                    listeners.push(unsafe { std::net::TcpListener::from_raw_fd(fd) });
+                }
+            }
+        }
+        if byte[0] == b'\n' {
+            return Ok((header, listeners));
+        }
+        header.push(byte[0]);
+    }
+}

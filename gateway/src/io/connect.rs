@@ -1,4 +1,6 @@
-//! Connecting on the worker's ring with a deadline that really ends the attempt. tokio-uring's
+//! Connecting and accepting on the worker's ring with operations that can really be ended.
+//!
+//! Connect: a deadline that really ends the attempt. tokio-uring's
 //! own connect cannot be cancelled: dropped at a timeout, the operation stays in the kernel
 //! (holding its socket) until the handshake is abandoned, about two minutes with the default
 //! `tcp_syn_retries`, so a blackholed upstream would leak a descriptor per request. Here the
@@ -65,7 +67,7 @@ fn result_of(cqe: &cqueue::Entry) -> io::Result<u32> {
 
 /// Cancels every operation in flight on `fd` on this thread's ring, and waits until the
 /// cancellation itself completed (the cancelled operations then complete with ECANCELED).
-async fn cancel_all_on(fd: RawFd) {
+pub async fn cancel_all_on(fd: RawFd) {
     let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build();
     // ENOENT (nothing left to cancel) is as good as done.
     let _ = UnsubmittedOneshot::new((), CancelDone, sqe).submit().await;
@@ -102,4 +104,64 @@ pub async fn connect_before(
     };
     result?;
     Ok(TcpStream::from_std(socket.into()))
+}
+
+struct AcceptDone;
+
+impl OneshotOutputTransform for AcceptDone {
+    type Output = io::Result<RawFd>;
+    type StoredData = ();
+
+    fn transform_oneshot_output(self, _: (), cqe: cqueue::Entry) -> Self::Output {
+        result_of(&cqe).map(|fd| fd as RawFd)
+    }
+}
+
+/// What [`accept_until`] ended with.
+pub enum Accepted {
+    /// A new connection, and its peer.
+    Connection(TcpStream, std::net::SocketAddr),
+    /// `stop` resolved; the accept was cancelled (nothing it took is lost: a connection it had
+    /// already accepted comes back as `Connection` first).
+    Stopped,
+    Failed(io::Error),
+}
+
+/// Accepts one connection on `listener`, or ends when `stop` resolves. Unlike dropping
+/// tokio-uring's accept, stopping cancels the operation and waits for it, so a connection
+/// accepted in that instant is still returned, never lost, and the listening socket is left
+/// untouched (another process may be accepting on it after a binary upgrade).
+pub async fn accept_until(
+    listener: RawFd,
+    stop: impl std::future::Future<Output = ()>,
+) -> Accepted {
+    let sqe = opcode::Accept::new(
+        types::Fd(listener),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    )
+    .flags(libc::SOCK_CLOEXEC)
+    .build();
+    let mut accepting = UnsubmittedOneshot::new((), AcceptDone, sqe).submit();
+    let result = tokio::select! {
+        done = &mut accepting => done,
+        () = stop => {
+            cancel_all_on(listener).await;
+            match accepting.await {
+                Ok(fd) => Ok(fd),
+                Err(_) => return Accepted::Stopped,
+            }
+        }
+    };
+    match result {
+        Ok(fd) => {
+            let stream = crate::sys::stream_from_accepted(fd);
+            match stream.peer_addr() {
+                Ok(peer) => Accepted::Connection(TcpStream::from_std(stream), peer),
+                // Reset before we looked: nothing to serve.
+                Err(e) => Accepted::Failed(e),
+            }
+        }
+        Err(e) => Accepted::Failed(e),
+    }
 }

@@ -8,7 +8,7 @@ mod tcp;
 
 use std::{io, net::Shutdown, ops::Range};
 
-pub use connect::{connect_before, ConnectFailure};
+pub use connect::{accept_until, connect_before, Accepted, ConnectFailure};
 pub use deadline::{read_before, write_before, write_pair_before, IoFailure};
 
 /// A byte stream the proxy reads and writes with owned buffers, as io_uring requires.

@@ -156,7 +156,7 @@ impl<C: Transport> Connection<'_, C> {
                 }
             }
             let idle = self.inbuf.is_empty();
-            if idle && worker.draining.get() {
+            if idle && worker.draining.get() && worker.closes_idle.get() {
                 return Next::Close;
             }
             self.handle.set_idle(idle);

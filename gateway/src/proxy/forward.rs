@@ -59,7 +59,6 @@ impl<C: Transport> Connection<'_, C> {
         mut charges: QuotaCharges,
         request_deadline: Instant,
     ) -> Next {
-        let worker = self.worker;
         let generation = self.generation.clone();
         let snapshot = &*generation.snapshot;
         // Quotas count once the upstream has received the request; before that, a failure
@@ -251,7 +250,10 @@ impl<C: Transport> Connection<'_, C> {
                 if clean && response.upstream_keep_alive {
                     group.release(conn);
                 }
-                if response.client.keep_alive && !worker.draining.get() {
+                // The client was told keep-alive: a drain that began meanwhile closes the
+                // connection at the next request boundary (at once when stopping, after one more
+                // answer saying `Connection: close` after an upgrade), never here unannounced.
+                if response.client.keep_alive {
                     Next::KeepAlive
                 } else {
                     Next::Close
@@ -357,7 +359,10 @@ impl<C: Transport> Connection<'_, C> {
                     continue;
                 }
                 let client_chunked = resp.body == BodyFraming::Chunked && is_http11(facts.version);
+                // While draining every answer says `Connection: close`, so closing afterwards
+                // never cuts a request the client sent next.
                 let keep_alive = facts.keep_alive
+                    && !self.worker.draining.get()
                     && resp.status != 101
                     && resp.body != BodyFraming::UntilClose
                     && (resp.body != BodyFraming::Chunked || client_chunked);

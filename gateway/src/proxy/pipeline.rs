@@ -250,6 +250,11 @@ pub fn plan(
                             policy: TrafficPolicy::Quota(i),
                             retry_after_secs,
                         },
+                        QuotaRefusal::HandedOver => Answer::Error {
+                            status: 503,
+                            detail: "the gateway is being upgraded: try again",
+                            close: true,
+                        },
                         QuotaRefusal::Full => {
                             throttled_warn!(Noisy::StateFull, route = %route.id, quota = %quota.name, "quota store full: a new key was refused");
                             Answer::Error {

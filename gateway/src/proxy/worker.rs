@@ -31,6 +31,9 @@ pub struct Worker {
     pub tracker: ConnTracker,
     /// Set once this worker saw the drain begin: connections close after their current request.
     pub draining: Cell<bool>,
+    /// While draining: whether idle keep-alive connections close at once (stopping) or wait for
+    /// one more request to answer with `Connection: close` (after an upgrade).
+    pub closes_idle: Cell<bool>,
     /// Where the gateway's own error answers are reported for XDP bans, when configured.
     pub bans: Option<BanReporter>,
     /// JWTs this worker verified, until they expire.
@@ -75,6 +78,7 @@ impl Worker {
             })),
             tracker: ConnTracker::default(),
             draining: Cell::new(false),
+            closes_idle: Cell::new(true),
             bans,
             tokens,
         }

@@ -2,6 +2,20 @@
 //! `[server] control_socket`, default `control.sock` in the data directory) that
 //! `portcullis reload` talks to, and SIGHUP. One command per connection, one line each way:
 //! `reload` is answered `ok: <what changed>` or `error: <why, with file:line>`.
+//!
+//! `upgrade` hands the process over to a new one (`portcullis --upgrade`), in this order:
+//! 1. the old process sends every listening socket (each worker's, in order) with SCM_RIGHTS,
+//!    after a line `listeners WORKERS PER_WORKER`;
+//! 2. it hands over the quota store (final flush, lock released; it charges no more quotas)
+//!    and says `handed-over`;
+//! 3. the new process opens the store, starts its workers on the same sockets and says
+//!    `listening`; both accept on the same sockets meanwhile, so no connection waits;
+//! 4. the old process stops accepting (its pending accepts are cancelled, the sockets stay
+//!    open for the new one), says `ok`, drains and exits. Its answers carry
+//!    `Connection: close` and idle connections stay until their next answer or the drain's end.
+//!
+//! If the new process never says `listening`, the old one takes the data directory back and
+//! keeps serving.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -14,8 +28,22 @@ use std::{
 use signal_hook::{consts::SIGHUP, iterator::Signals};
 use tracing::{debug, warn};
 
-use super::live::Live;
+use super::{
+    live::Live,
+    shutdown::{DrainFlag, DrainMode},
+};
 use crate::config::Config;
+
+/// How long the old process waits for the new one to start listening.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the control socket needs to hand the process over.
+pub struct Handover {
+    /// Clones of every worker's listening sockets, worker by worker.
+    pub listeners: Vec<Vec<std::net::TcpListener>>,
+    pub drain: DrainFlag,
+    pub data_dir: PathBuf,
+}
 
 /// Longest command line read from a control connection.
 const MAX_COMMAND_BYTES: u64 = 256;
@@ -36,6 +64,7 @@ pub fn socket_path(config: &Config) -> PathBuf {
 
 fn answer(live: &Live, command: &str) -> String {
     match command {
+        "upgrade" => "error: upgrade needs the control socket, not a signal".into(),
         "reload" => match live.reload() {
             Ok(summary) => format!("ok: {summary}"),
             Err(e) => {
@@ -49,8 +78,23 @@ fn answer(live: &Live, command: &str) -> String {
 
 /// Starts listening on the control socket. A stale socket file (no process behind it) is
 /// replaced; a live one means another gateway uses the path, which is an error.
-pub fn serve(path: &Path, live: Arc<Live>) -> std::io::Result<()> {
-    if UnixStream::connect(path).is_ok() {
+pub fn serve(path: &Path, live: Arc<Live>, handover: Handover) -> std::io::Result<()> {
+    serve_at(path, live, handover, false)
+}
+
+/// Like [`serve`], for the new process of an upgrade: the old one still answers on the path
+/// (it is finishing the hand-over on its open connection), so the path is taken over.
+pub fn serve_replacing(path: &Path, live: Arc<Live>, handover: Handover) -> std::io::Result<()> {
+    serve_at(path, live, handover, true)
+}
+
+fn serve_at(
+    path: &Path,
+    live: Arc<Live>,
+    handover: Handover,
+    replace: bool,
+) -> std::io::Result<()> {
+    if !replace && UnixStream::connect(path).is_ok() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
             format!(
@@ -76,6 +120,16 @@ pub fn serve(path: &Path, live: Arc<Live>) -> std::io::Result<()> {
                 if read.is_err() {
                     debug!("control connection sent no command");
                     continue;
+                }
+                if line.trim() == "upgrade" {
+                    match hand_over(&stream, &live, &handover) {
+                        Ok(()) => return,
+                        Err(e) => {
+                            warn!("upgrade failed, this process keeps serving: {e}");
+                            let _ = (&stream).write_all(format!("error: {e}\n").as_bytes());
+                            continue;
+                        }
+                    }
                 }
                 let reply = answer(&live, line.trim());
                 let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
@@ -106,4 +160,104 @@ pub fn send(path: &Path, command: &str) -> std::io::Result<String> {
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply)?;
     Ok(reply.trim_end().to_owned())
+}
+
+/// The old side of an upgrade, on the new process's control connection.
+fn hand_over(stream: &UnixStream, live: &Live, handover: &Handover) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let workers = handover.listeners.len();
+    let per_worker = handover.listeners.first().map_or(0, Vec::len);
+    let fds: Vec<std::os::fd::RawFd> = handover
+        .listeners
+        .iter()
+        .flatten()
+        .map(|l| l.as_raw_fd())
+        .collect();
+    crate::sys::send_fds(
+        stream.as_raw_fd(),
+        format!("listeners {workers} {per_worker}\n").as_bytes(),
+        &fds,
+    )?;
+    let store = live.snapshot().quota_store.clone();
+    store.hand_over()?;
+    (&*stream).write_all(b"handed-over\n")?;
+    stream.set_read_timeout(Some(UPGRADE_TIMEOUT))?;
+    let mut line = String::new();
+    let started = BufReader::new(stream.take(MAX_COMMAND_BYTES)).read_line(&mut line);
+    if !(started.is_ok() && line.trim() == "listening") {
+        store
+            .take_back(&handover.data_dir)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        return Err(std::io::Error::other(
+            "the new process did not start listening; the data directory was taken back",
+        ));
+    }
+    tracing::info!("upgrade: the new process is listening; draining");
+    handover.drain.set(DrainMode::Upgrade);
+    (&*stream).write_all(b"ok\n")?;
+    Ok(())
+}
+
+/// The new side of an upgrade: the sockets and the connection to finish the hand-over on.
+pub struct TakeOver {
+    /// Each worker's listening sockets, in the old process's order.
+    pub listeners: Vec<Vec<std::net::TcpListener>>,
+    stream: BufReader<UnixStream>,
+}
+
+impl TakeOver {
+    /// Asks the gateway behind `path` for its sockets, and waits until it has handed over its
+    /// data directory.
+    pub fn request(path: &Path) -> std::io::Result<TakeOver> {
+        use std::os::fd::AsRawFd;
+        let mut stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        stream.write_all(b"upgrade\n")?;
+        let (header, fds) = crate::sys::receive_fds(stream.as_raw_fd())?;
+        let header = String::from_utf8_lossy(&header).into_owned();
+        let mut words = header.split_whitespace();
+        let (Some("listeners"), Some(workers), Some(per_worker)) =
+            (words.next(), words.next(), words.next())
+        else {
+            return Err(std::io::Error::other(format!(
+                "unexpected answer from the running gateway: {header:?}"
+            )));
+        };
+        let workers: usize = workers.parse().map_err(std::io::Error::other)?;
+        let per_worker: usize = per_worker.parse().map_err(std::io::Error::other)?;
+        if fds.len() != workers * per_worker || workers == 0 {
+            return Err(std::io::Error::other(format!(
+                "received {} sockets for {workers} workers of {per_worker}",
+                fds.len()
+            )));
+        }
+        let mut all = fds.into_iter();
+        let listeners = (0..workers)
+            .map(|_| all.by_ref().take(per_worker).collect())
+            .collect();
+        let mut stream = BufReader::new(stream);
+        let mut line = String::new();
+        stream.read_line(&mut line)?;
+        if line.trim() != "handed-over" {
+            return Err(std::io::Error::other(format!(
+                "the running gateway did not hand over: {}",
+                line.trim()
+            )));
+        }
+        Ok(TakeOver { listeners, stream })
+    }
+
+    /// Tells the old process this one is listening; returns once it has begun to drain.
+    pub fn listening(mut self) -> std::io::Result<()> {
+        self.stream.get_mut().write_all(b"listening\n")?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line)?;
+        if line.trim() != "ok" {
+            return Err(std::io::Error::other(format!(
+                "the old process answered {:?}",
+                line.trim()
+            )));
+        }
+        Ok(())
+    }
 }

@@ -1,5 +1,6 @@
-//! SIGTERM/SIGINT handling: the first signal starts a drain (listeners stop accepting, in-flight
-//! requests finish within `drain_timeout`); a second one exits at once.
+//! Stopping: SIGTERM/SIGINT start a drain (listeners stop accepting, in-flight requests finish
+//! within `drain_timeout`), a second signal exits at once; a binary upgrade starts a drain that
+//! leaves the listening sockets to the new process.
 
 use std::{
     net::{Shutdown, TcpListener},
@@ -15,16 +16,52 @@ use signal_hook::{
     iterator::Signals,
 };
 
-/// Set once a drain has begun; read by every worker.
-#[derive(Clone, Default)]
-pub struct DrainFlag(Arc<AtomicBool>);
+/// Why the process is draining.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainMode {
+    /// Stopping: idle connections close at once.
+    Stop,
+    /// A new process took the listening sockets: connections close only after an answer
+    /// carrying `Connection: close`, or at the end of the drain, so no request is cut.
+    Upgrade,
+}
+
+/// Set once a drain has begun; read by every worker, and awaited by their accept loops.
+#[derive(Clone)]
+pub struct DrainFlag {
+    set: Arc<AtomicBool>,
+    mode: Arc<tokio::sync::watch::Sender<Option<DrainMode>>>,
+}
+
+impl Default for DrainFlag {
+    fn default() -> Self {
+        DrainFlag {
+            set: Arc::default(),
+            mode: Arc::new(tokio::sync::watch::Sender::new(None)),
+        }
+    }
+}
 
 impl DrainFlag {
     pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.set.load(Ordering::Acquire)
     }
-    pub fn set(&self) {
-        self.0.store(true, Ordering::Release);
+
+    pub fn mode(&self) -> Option<DrainMode> {
+        *self.mode.borrow()
+    }
+
+    /// Starts the drain (the first call decides the mode).
+    pub fn set(&self, mode: DrainMode) {
+        if !self.set.swap(true, Ordering::AcqRel) {
+            self.mode.send_replace(Some(mode));
+        }
+    }
+
+    /// Resolves once a drain has begun.
+    pub async fn started(&self) {
+        let mut rx = self.mode.subscribe();
+        let _ = rx.wait_for(Option::is_some).await;
     }
 }
 
@@ -41,7 +78,7 @@ pub fn watch_signals(flag: DrainFlag, listeners: Vec<TcpListener>) -> std::io::R
                     std::process::exit(1);
                 }
                 tracing::info!(signal, "shutdown signal: draining");
-                flag.set();
+                flag.set(DrainMode::Stop);
                 for l in &listeners {
                     crate::sys::shutdown_fd(l.as_raw_fd(), Shutdown::Read);
                 }

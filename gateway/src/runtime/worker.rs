@@ -3,16 +3,19 @@
 //! between workers except the read-only config snapshot, which each worker takes anew at a
 //! request boundary once a reload has published one.
 
-use std::{net::TcpListener as StdListener, rc::Rc, sync::Arc, thread::JoinHandle, time::Duration};
+use std::{
+    net::TcpListener as StdListener, os::fd::AsRawFd, rc::Rc, sync::Arc, thread::JoinHandle,
+    time::Duration,
+};
 
 use tokio::time::Instant;
-use tokio_uring::net::{TcpListener, TcpStream};
+use tokio_uring::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::shutdown::DrainFlag;
+use super::shutdown::{DrainFlag, DrainMode};
 use crate::{
     http::encode,
-    io::{TcpTransport, Transport},
+    io::{accept_until, Accepted, TcpTransport, Transport},
     proxy::{connection::serve, snapshot::Published, worker::Worker},
     xdp::BanReporter,
 };
@@ -89,37 +92,33 @@ fn run_worker(
             let _ = started.send(id);
             let accept_loops: Vec<_> = listeners
                 .into_iter()
-                .map(|l| {
-                    tokio_uring::spawn(accept_loop(
-                        worker.clone(),
-                        TcpListener::from_std(l),
-                        drain.clone(),
-                    ))
-                })
+                .map(|l| tokio_uring::spawn(accept_loop(worker.clone(), l, drain.clone())))
                 .collect();
             for task in accept_loops {
                 let _ = task.await;
             }
-            drain_worker(&worker).await;
+            drain_worker(&worker, drain.mode() == Some(DrainMode::Upgrade)).await;
             debug!(worker = id, "worker stopped");
         });
 }
 
-async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, drain: DrainFlag) {
+async fn accept_loop(worker: Rc<Worker>, listener: StdListener, drain: DrainFlag) {
     // Not reloadable (see runtime::live): read once.
     let max_connections = worker
         .generation()
         .snapshot
         .server()
         .max_connections_per_worker;
+    let fd = listener.as_raw_fd();
     loop {
-        let accepted = listener.accept().await;
-        if drain.is_set() {
-            return;
-        }
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
+        // A drain cancels the pending accept (keeping a connection it took in that instant),
+        // and leaves the listening socket itself alone: after an upgrade the new process
+        // accepts on it.
+        let (stream, peer) = match accept_until(fd, drain.started()).await {
+            Accepted::Connection(stream, peer) => (stream, peer),
+            Accepted::Stopped => return,
+            Accepted::Failed(_) if drain.is_set() => return,
+            Accepted::Failed(e) => {
                 crate::throttled_warn!(
                     crate::log_throttle::Noisy::Accept,
                     worker = worker.id,
@@ -155,14 +154,19 @@ async fn refuse(stream: TcpStream) {
     let _ = transport.shutdown(std::net::Shutdown::Both);
 }
 
-/// Lets in-flight requests finish within the drain timeout, then closes what is left.
-async fn drain_worker(worker: &Worker) {
+/// Lets in-flight requests finish within the drain timeout, then closes what is left. Stopping
+/// closes idle connections at once; after an upgrade they are left to make one more request,
+/// answered with `Connection: close`, until the drain ends.
+async fn drain_worker(worker: &Worker, upgrade: bool) {
     worker.draining.set(true);
+    worker.closes_idle.set(!upgrade);
     let generation = worker.generation();
     for group in &generation.upstreams {
         group.clear_idle();
     }
-    worker.tracker.shutdown(true);
+    if !upgrade {
+        worker.tracker.shutdown(true);
+    }
     let deadline = Instant::now() + generation.snapshot.server().drain_timeout.get();
     while worker.tracker.active() > 0 && Instant::now() < deadline {
         tokio::time::sleep(DRAIN_POLL).await;

@@ -1,0 +1,158 @@
+//! Zero-downtime binary upgrade: `portcullis --upgrade` takes the listening sockets and the data
+//! directory from the running gateway over its control socket; the old one drains and exits.
+//! Under load from keep-alive and new-connection clients no request fails, and quota counts
+//! carry over.
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+/// A process started with `--upgrade` in `dir`, with its log.
+struct Upgraded {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Drop for Upgraded {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `portcullis --upgrade` on the config in `dir` and waits until the old process has
+/// begun to drain.
+fn upgrade(dir: &std::path::Path) -> Upgraded {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .current_dir(dir)
+        .args(["--upgrade", "--config", "gateway.toml"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let writer = log.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("upgrade: the old process is draining") {
+                let _ = tx.send(());
+            }
+            let mut l = writer.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    let up = Upgraded { child, log };
+    assert!(
+        rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+        "the upgrade did not complete:\n{}",
+        up.log.lock().unwrap()
+    );
+    up
+}
+
+/// Waits for `child` to exit; its status.
+fn exited(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the old process did not exit");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn metered(addr: std::net::SocketAddr) -> u16 {
+    request(addr, "GET /metered/x HTTP/1.1\r\nHost: a\r\n\r\n").status
+}
+
+#[test]
+fn two_upgrades_under_load_fail_no_request_and_keep_quota_counts() {
+    let up = Upstream::echo_target();
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\ndrain_timeout = \"2s\"\n\n[upstreams.up]\nservers = [\"{}\"]\n\n[[routes]]\nmatch = {{ path_prefix = \"/metered/\" }}\nupstream = \"up\"\nquotas = [{{ key = \"route\", limit = 5, period = \"day\" }}]\n\n{ROUTE_ALL}",
+        up.addr
+    );
+    let mut first = Gateway::start(&config);
+    let addr = first.addr;
+    // The port is fixed now: the upgraded processes take the same sockets.
+    let fixed = config.replace("127.0.0.1:0", &addr.to_string());
+    std::fs::write(first.dir().join("gateway.toml"), &fixed).unwrap();
+    for _ in 0..3 {
+        assert_eq!(metered(addr), 200);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+            thread::spawn(move || {
+                let keep_alive = i % 2 == 0;
+                let mut c = Client::connect(addr);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if !keep_alive {
+                        c = Client::connect(addr);
+                    }
+                    c.send(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    match c.read_response(false) {
+                        Some(r) if r.status == 200 => {
+                            // A draining gateway says so; the client then reconnects.
+                            if r.header("connection") == Some("close") {
+                                c = Client::connect(addr);
+                            }
+                        }
+                        other => {
+                            eprintln!("client {i}: {:?}", other.map(|r| r.status));
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            c = Client::connect(addr);
+                        }
+                    }
+                    thread::sleep(Duration::from_millis(2));
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let second = upgrade(first.dir());
+    assert!(exited(&mut first.child, Duration::from_secs(10)).success());
+    thread::sleep(Duration::from_millis(500));
+    let mut second = second;
+    let third = upgrade(first.dir());
+    assert!(exited(&mut second.child, Duration::from_secs(10)).success());
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("upgrade under load: {sent} requests, {failed} failed, 2 upgrades");
+    assert!(sent > 500, "only {sent} requests");
+    assert_eq!(failed, 0, "requests failed during the upgrades");
+    // The quota count went along: 3 of 5 were spent before.
+    assert_eq!(metered(addr), 200, "4th of 5");
+    assert_eq!(metered(addr), 200, "5th of 5");
+    assert_eq!(metered(addr), 429, "spent");
+    assert!(third
+        .log
+        .lock()
+        .unwrap()
+        .contains("took over 2 listening sockets"));
+}
