@@ -1,6 +1,7 @@
 //! `cargo xtask bench-reload`: a steady open-loop load while the config is reloaded every
-//! second (alternating two files), against the same load without reloads: failed requests
-//! (any connection error or non-2xx) and p99 during against p99 without. With
+//! second (alternating two files), and while the binary is upgraded 5 times
+//! (`portcullis --upgrade`), against the same load with neither: failed requests (any
+//! connection error or non-2xx) and p99 during against p99 without. With
 //! `--baseline-bin`, also the maximum throughput of another build of the gateway (such as the
 //! previous commit's) against this one, alternating in the same run.
 //!
@@ -160,8 +161,44 @@ pub fn run(duration: f64, baseline_bin: Option<PathBuf>) -> anyhow::Result<()> {
         if refused > 0 {
             bail!("{refused} reloads were refused");
         }
+        // Five upgrades, one every duration/6 seconds; each new process takes over from the
+        // one before, which drains and exits.
+        std::fs::write(&config_path, config(&dir, 0))?;
+        let during = loadgen(&bin, load, duration, Some(RATE))?;
+        let mut current: Option<Child> = None;
+        for i in 0..5 {
+            std::thread::sleep(Duration::from_secs_f64(duration / 6.0));
+            let log = dir.join(format!("upgrade-{i}.log"));
+            let child = Command::new("taskset")
+                .arg("-c")
+                .arg(crate::bench::cpu_list(server))
+                .arg(bin.join("portcullis"))
+                .args(["--upgrade", "--config"])
+                .arg(&config_path)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log)?)
+                .spawn()?;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !std::fs::read_to_string(&log)?.contains("upgrade: the old process is draining") {
+                if Instant::now() > deadline {
+                    bail!(
+                        "upgrade {i} did not complete: {}",
+                        std::fs::read_to_string(&log)?
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Some(mut old) = current.replace(child) {
+                let _ = old.wait();
+            }
+        }
+        let (_, upgrade_errors, upgrade_p99) = summary(during)?;
+        if let Some(mut last) = current {
+            let _ = Command::new("kill").arg(last.id().to_string()).status();
+            let _ = last.wait();
+        }
         report.push_str(&format!(
-            "Open loop, {RATE} req/s over {CONNECTIONS} keep-alive connections, {duration} s each, one worker.\n\n| run | failed requests | p99 |\n|---|---:|---:|\n| no reload | {base_errors} | {base_p99} µs |\n| {reloads} reloads, one a second | {errors} | {p99} µs |\n\n"
+            "Open loop, {RATE} req/s over {CONNECTIONS} keep-alive connections, {duration} s each, one worker.\n\n| run | failed requests | p99 |\n|---|---:|---:|\n| no reload | {base_errors} | {base_p99} µs |\n| {reloads} reloads, one a second | {errors} | {p99} µs |\n| 5 binary upgrades | {upgrade_errors} | {upgrade_p99} µs |\n\n"
         ));
     }
     if let Some(baseline) = baseline_bin {

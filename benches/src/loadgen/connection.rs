@@ -200,7 +200,8 @@ async fn drive_connection(
                 n /= 10;
             }
         }
-        let (ok, r) = exchange(s, request_buf, &mut buf, shape.any_status).await;
+        let (outcome, r) = exchange(s, request_buf, &mut buf, shape.any_status).await;
+        let ok = outcome != Outcome::Failed;
         request_buf = r;
         let latency = began.elapsed();
         {
@@ -213,7 +214,9 @@ async fn drive_connection(
                 sh.errors += 1;
             }
         }
-        if !ok {
+        // A server that announced the close (draining, say) gets a new connection next time;
+        // that is not an error.
+        if outcome != Outcome::KeepAlive {
             stream = None;
             buf.clear();
         }
@@ -242,29 +245,43 @@ async fn connect(
     Ok(TcpStream::from_std(socket.into()))
 }
 
-/// Sends one request and reads its response; false on any error, or on a non-2xx status
-/// unless `any_status`.
+/// How an exchange ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    KeepAlive,
+    /// Answered, with `Connection: close`.
+    Closed,
+    /// Any error, or a non-2xx status unless `any_status`.
+    Failed,
+}
+
+/// Sends one request and reads its response.
 async fn exchange(
     stream: &TcpStream,
     request: Vec<u8>,
     buf: &mut Vec<u8>,
     any_status: bool,
-) -> (bool, Vec<u8>) {
+) -> (Outcome, Vec<u8>) {
     let (res, request) = stream.write_all(request).await;
     if res.is_err() {
-        return (false, request);
+        return (Outcome::Failed, request);
     }
     (read_response(stream, buf, any_status).await, request)
 }
 
-async fn read_response(stream: &TcpStream, buf: &mut Vec<u8>, any_status: bool) -> bool {
+async fn read_response(stream: &TcpStream, buf: &mut Vec<u8>, any_status: bool) -> Outcome {
     let mut need: Option<usize> = None;
     let mut status_ok = false;
+    let mut close = false;
     loop {
         if let Some(total) = need {
             if buf.len() >= total {
                 buf.drain(..total);
-                return status_ok;
+                return match (status_ok, close) {
+                    (false, _) => Outcome::Failed,
+                    (true, true) => Outcome::Closed,
+                    (true, false) => Outcome::KeepAlive,
+                };
             }
         } else {
             let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -272,6 +289,10 @@ async fn read_response(stream: &TcpStream, buf: &mut Vec<u8>, any_status: bool) 
             match resp.parse(buf) {
                 Ok(httparse::Status::Complete(head)) => {
                     status_ok = any_status || resp.code.is_some_and(|c| (200..300).contains(&c));
+                    close = resp.headers.iter().any(|h| {
+                        h.name.eq_ignore_ascii_case("connection")
+                            && h.value.eq_ignore_ascii_case(b"close")
+                    });
                     let length = resp
                         .headers
                         .iter()
@@ -283,18 +304,20 @@ async fn read_response(stream: &TcpStream, buf: &mut Vec<u8>, any_status: bool) 
                                 .parse::<usize>()
                                 .ok()
                         });
-                    let Some(length) = length else { return false };
+                    let Some(length) = length else {
+                        return Outcome::Failed;
+                    };
                     need = Some(head + length);
                     continue;
                 }
                 Ok(httparse::Status::Partial) => {}
-                Err(_) => return false,
+                Err(_) => return Outcome::Failed,
             }
         }
         // Bodies larger than the buffer are consumed as they arrive.
         if buf.len() == buf.capacity() {
             let Some(total) = need.as_mut() else {
-                return false;
+                return Outcome::Failed;
             };
             *total -= buf.len();
             buf.clear();
@@ -303,7 +326,7 @@ async fn read_response(stream: &TcpStream, buf: &mut Vec<u8>, any_status: bool) 
         let (res, slice) = stream.read(std::mem::take(buf).slice(start..)).await;
         *buf = slice.into_inner();
         match res {
-            Ok(0) | Err(_) => return false,
+            Ok(0) | Err(_) => return Outcome::Failed,
             Ok(_) => {}
         }
     }
