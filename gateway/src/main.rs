@@ -214,9 +214,6 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
     let workers = config.server.workers.resolve();
     let control_socket = portcullis::runtime::control::socket_path(&config);
     let (takeover, listeners, bound) = if upgrade {
-        if config.xdp.is_some() {
-            anyhow::bail!("--upgrade with [xdp] is not supported yet: restart the gateway instead");
-        }
         let mut takeover = TakeOver::request(&control_socket).with_context(|| {
             format!(
                 "cannot take over from the gateway on {}",
@@ -246,8 +243,14 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
         let (listeners, bound) = bind_all(&config.server.listen, workers)?;
         (None, listeners, bound)
     };
-    let _xdp = match &config.xdp {
+    let mut xdp_guard = match &config.xdp {
         None => None,
+        // The program stays attached across an upgrade: take over its pinned links and maps.
+        Some(xdp_config) if takeover.is_some() => {
+            let guard = xdp::adopt(xdp_config).context("cannot take over the XDP program")?;
+            info!("upgrade: took over the attached XDP program and its maps");
+            Some(guard)
+        }
         Some(xdp_config) => {
             let mut ports: Vec<u16> = bound.iter().map(|a| a.port()).collect();
             ports.sort_unstable();
@@ -276,7 +279,7 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     watch_signals(drain.clone(), clones)?;
     // The ban hook only makes sense with the program attached.
-    let bans = match (&_xdp, &config.xdp) {
+    let bans = match (&xdp_guard, &config.xdp) {
         (Some(_), Some(x)) => xdp::start_ban_hook(x),
         _ => None,
     };
@@ -323,10 +326,15 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
     for handle in handles {
         panicked |= handle.join().is_err();
     }
-    // After an upgrade the path belongs to the new process.
-    if drain.mode() != Some(DrainMode::Upgrade) {
+    // After an upgrade the path, the XDP program and its pins belong to the new process.
+    if drain.mode() == Some(DrainMode::Upgrade) {
+        if let Some(guard) = xdp_guard.as_mut() {
+            guard.keep_attached();
+        }
+    } else {
         let _ = std::fs::remove_file(&control_socket);
     }
+    drop(xdp_guard);
     // A clean stop saves every quota counter.
     if let Err(e) = quota_store.flush() {
         error!("cannot save quota counters: {e}");

@@ -125,3 +125,94 @@ fn xdp_failure_is_fatal_unless_optional() {
         200
     );
 }
+
+/// A binary upgrade leaves the program attached: the new process adopts its pinned links and
+/// maps, so a ban set before the upgrade still holds after it; the new process detaches on its
+/// own stop.
+#[test]
+fn xdp_and_bans_survive_a_binary_upgrade() {
+    let _serial = PRIVILEGED.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged_or_skip("xdp_and_bans_survive_a_binary_upgrade") {
+        return;
+    }
+    let net = VethNamespace::create("u");
+    let pins = BpffsDir::new();
+    let pin_path = pins.dir.path().join("portcullis");
+    let config = format!(
+        "[server]\nlisten = [\"{}:0\"]\nworkers = 2\ndrain_timeout = \"2s\"\n\n[xdp]\ninterface = \"{}\"\nmode = \"driver\"\npin_path = \"{}\"\nban_after = 100\n\n[[routes]]\nrespond = {{ status = 200, body = \"through xdp\" }}\n",
+        net.host_ip,
+        net.host_if,
+        pin_path.display()
+    );
+    let mut old = Gateway::start(&config);
+    let fixed = config.replace(&format!("{}:0", net.host_ip), &old.addr.to_string());
+    let config_path = old.dir().join("gateway.toml");
+    std::fs::write(&config_path, &fixed).unwrap();
+    let banned = "198.51.100.77";
+    sh_ok(&[
+        env!("CARGO_BIN_EXE_portcullis"),
+        "xdp",
+        "ban",
+        "add",
+        banned,
+        "--duration",
+        "10m",
+        "--config",
+        config_path.to_str().unwrap(),
+    ]);
+    let url = format!("http://{}/", old.addr);
+    assert_eq!(
+        net.exec_ok(&["curl", "-sS", "--max-time", "5", &url]),
+        "through xdp"
+    );
+
+    let mut new = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .current_dir(old.dir())
+        .args(["--upgrade", "--config", "gateway.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .expect("the old process exits");
+    assert!(status.success(), "{}", old.log());
+    assert!(old.log().contains("left attached"), "{}", old.log());
+    let link = sh_ok(&["ip", "link", "show", &net.host_if]);
+    assert!(
+        link.contains("xdp"),
+        "still attached after the upgrade: {link}"
+    );
+    let bans = sh_ok(&[
+        env!("CARGO_BIN_EXE_portcullis"),
+        "xdp",
+        "ban",
+        "list",
+        "--config",
+        config_path.to_str().unwrap(),
+    ]);
+    assert!(bans.contains(banned), "the ban survived: {bans}");
+    assert_eq!(
+        net.exec_ok(&["curl", "-sS", "--max-time", "5", &url]),
+        "through xdp",
+        "served by the new process through the same program"
+    );
+    // The new process owns the program now: it detaches on its own stop.
+    unsafe {
+        libc::kill(new.id() as i32, libc::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = new.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new process did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    let link = sh_ok(&["ip", "link", "show", &net.host_if]);
+    assert!(!link.contains("xdp"), "detached by the new process: {link}");
+}

@@ -1,5 +1,7 @@
 //! Loads the XDP program, attaches it to the configured interfaces, syncs the port map and
-//! pins the maps under `pin_path`. Detaches and unpins on drop.
+//! pins the maps and the links under `pin_path`. Detaches and unpins on drop, except after a
+//! binary upgrade: then the program stays attached through its pinned links, and the new
+//! process adopts the links and maps (so bans and per-source state survive).
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +20,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         Array, HashMap,
     },
-    programs::{Xdp, XdpMode as AyaXdpMode},
+    programs::{links::FdLink, links::PinnedLink, Xdp, XdpMode as AyaXdpMode},
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
@@ -57,13 +59,23 @@ pub fn object_bytes(config: &XdpConfig) -> anyhow::Result<Vec<u8>> {
     Ok(EMBEDDED_OBJECT.to_vec())
 }
 
-/// A loaded and attached program. Dropping it detaches the program and removes the pins.
+/// A loaded and attached program. Dropping it detaches the program and removes the pins,
+/// unless [`XdpGuard::keep_attached`] was called.
 pub struct XdpGuard {
-    ebpf: Ebpf,
+    /// The loaded object; `None` for a program adopted from the process before an upgrade.
+    ebpf: Option<Ebpf>,
     pin_path: PathBuf,
     interfaces: Vec<(String, AyaXdpMode)>,
+    /// One pinned link per interface: the program stays attached while a pin exists.
+    links: Vec<PinnedLink>,
+    keep_on_drop: bool,
     log_stop: Arc<AtomicBool>,
     log_thread: Option<JoinHandle<()>>,
+}
+
+/// Where the link attaching the program to `iface` is pinned.
+fn link_pin(pin_path: &Path, iface: &str) -> PathBuf {
+    pin_path.join(format!("link-{iface}"))
 }
 
 impl XdpGuard {
@@ -103,8 +115,16 @@ impl XdpGuard {
 
     fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
         self.ebpf
+            .as_mut()
+            .ok_or_else(|| anyhow!("the XDP policy of an adopted program changes with a restart"))?
             .map_mut(name)
             .ok_or_else(|| anyhow!("the object has no map {name}"))
+    }
+
+    /// Leaves the program attached and every pin in place when dropped: a binary upgrade
+    /// handed them to the new process.
+    pub fn keep_attached(&mut self) {
+        self.keep_on_drop = true;
     }
 
     fn sync_v4(&mut self, name: &str, nets: &[IpNet]) -> anyhow::Result<()> {
@@ -143,12 +163,51 @@ impl Drop for XdpGuard {
         if let Some(t) = self.log_thread.take() {
             let _ = t.join();
         }
+        if self.keep_on_drop {
+            info!(pin_path = %self.pin_path.display(), "XDP program left attached for the upgraded process");
+            return;
+        }
+        for link in self.links.drain(..) {
+            match link.unpin() {
+                Ok(fd_link) => {
+                    let _ = aya::programs::links::Link::detach(fd_link);
+                }
+                Err(e) => warn!("cannot unpin an XDP link: {e}"),
+            }
+        }
         for name in PINNED_MAPS {
             let _ = std::fs::remove_file(self.pin_path.join(name));
         }
-        // Dropping `ebpf` detaches the links it owns.
         info!(pin_path = %self.pin_path.display(), "XDP program detached");
     }
+}
+
+/// Takes over the program the process before a binary upgrade left attached: its pinned links
+/// (checked for every configured interface) and pinned maps stay as they are, so bans and
+/// per-source state carry over. The policy stays the one that process wrote.
+pub fn adopt(config: &XdpConfig) -> anyhow::Result<XdpGuard> {
+    let mut links = Vec::new();
+    let mut interfaces = Vec::new();
+    for iface in config.interface.to_vec() {
+        let pin = link_pin(&config.pin_path, &iface);
+        let link = PinnedLink::from_pin(&pin).with_context(|| {
+            format!(
+                "no XDP link pinned at {} to take over (is the running gateway attached to `{iface}`?)",
+                pin.display()
+            )
+        })?;
+        links.push(link);
+        interfaces.push((iface, AyaXdpMode::Default));
+    }
+    Ok(XdpGuard {
+        ebpf: None,
+        pin_path: config.pin_path.clone(),
+        interfaces,
+        links,
+        keep_on_drop: false,
+        log_stop: Arc::new(AtomicBool::new(false)),
+        log_thread: None,
+    })
 }
 
 fn mode_name(m: AyaXdpMode) -> &'static str {
@@ -175,6 +234,7 @@ pub fn attach(config: &XdpConfig, ports: &[u16]) -> anyhow::Result<XdpGuard> {
         .load()
         .context("the kernel refused the XDP program")?;
     let mut interfaces = Vec::new();
+    let mut fd_links: Vec<(String, FdLink)> = Vec::new();
     for iface in config.interface.to_vec() {
         let modes: &[AyaXdpMode] = match config.mode {
             XdpMode::Driver => &[AyaXdpMode::Driver],
@@ -184,7 +244,13 @@ pub fn attach(config: &XdpConfig, ports: &[u16]) -> anyhow::Result<XdpGuard> {
         let mut last_error = None;
         for mode in modes {
             match program.attach(&iface, *mode) {
-                Ok(_) => {
+                Ok(link_id) => {
+                    // Owned by us (and pinned below), so it can outlive this process.
+                    let link = program.take_link(link_id)?;
+                    let fd_link = FdLink::try_from(link).map_err(|e| {
+                        anyhow!("the XDP link on `{iface}` is not a bpf_link, so it cannot be pinned: {e}")
+                    })?;
+                    fd_links.push((iface.clone(), fd_link));
                     interfaces.push((iface.clone(), *mode));
                     last_error = None;
                     break;
@@ -198,17 +264,30 @@ pub fn attach(config: &XdpConfig, ports: &[u16]) -> anyhow::Result<XdpGuard> {
     }
     let log_stop = Arc::new(AtomicBool::new(false));
     let log_thread = start_log_forwarding(&mut ebpf, log_stop.clone());
+    pin_maps(&ebpf, &config.pin_path)?;
+    let mut links = Vec::new();
+    for (iface, fd_link) in fd_links {
+        let pin = link_pin(&config.pin_path, &iface);
+        // A pin left by a gateway that was killed would make pinning fail.
+        let _ = std::fs::remove_file(&pin);
+        links.push(
+            fd_link
+                .pin(&pin)
+                .with_context(|| format!("cannot pin the XDP link at {}", pin.display()))?,
+        );
+    }
     let mut guard = XdpGuard {
-        ebpf,
+        ebpf: Some(ebpf),
         pin_path: config.pin_path.clone(),
         interfaces,
+        links,
+        keep_on_drop: false,
         log_stop,
         log_thread,
     };
     let mut budget: Array<_, LogBudget> = Array::try_from(guard.map_mut(MAP_LOG_BUDGET)?)?;
     budget.set(0, LogBudget::default(), 0)?;
     guard.apply(config, ports)?;
-    pin_maps(&guard.ebpf, &guard.pin_path)?;
     Ok(guard)
 }
 

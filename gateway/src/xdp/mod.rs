@@ -10,6 +10,6 @@ mod stats;
 
 pub use bans::BanTable;
 pub use hook::{start as start_ban_hook, BanReporter};
-pub use loader::{attach, object_bytes, XdpGuard};
+pub use loader::{adopt, attach, object_bytes, XdpGuard};
 pub use policy::{parse_cidr, settings, source_key};
 pub use stats::{read_pinned_stats, source_addr, SourceStats, XdpStats};
