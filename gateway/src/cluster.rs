@@ -221,8 +221,14 @@ impl Syncer {
         let mut wanted: Vec<(Box<[u8]>, Arc<SharedCounter>)> = Vec::new();
         let mut idle: Vec<Box<[u8]>> = Vec::new();
         for (key, counter) in self.cluster.counters.pin().iter() {
-            if now.saturating_sub(counter.last_used.load(Ordering::Relaxed)) > IDLE_FORGET.as_secs()
-            {
+            // A full counter is kept until Redis forgets it too: forgetting it sooner would make
+            // the next request a first contact, admitting another lease past the limit.
+            let keep_for = if counter.exhausted.load(Ordering::Acquire) {
+                IDLE_FORGET.as_secs().max(counter.ttl_secs)
+            } else {
+                IDLE_FORGET.as_secs()
+            };
+            if now.saturating_sub(counter.last_used.load(Ordering::Relaxed)) > keep_for {
                 idle.push(key.clone());
                 continue;
             }

@@ -312,10 +312,11 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
     match takeover {
         None => portcullis::runtime::control::serve(&control_socket, live.clone(), handover)?,
         Some(takeover) => {
-            portcullis::runtime::control::serve_replacing(&control_socket, live.clone(), handover)?;
             takeover
                 .listening()
                 .context("the old process did not confirm the upgrade")?;
+            // Only now: had the upgrade failed, the old process would still need its socket.
+            portcullis::runtime::control::serve_replacing(&control_socket, live.clone(), handover)?;
             info!("upgrade: the old process is draining");
         }
     }

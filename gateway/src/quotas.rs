@@ -551,7 +551,11 @@ impl QuotaStore {
         self.handed_over.store(true, Ordering::Release);
         // Charges already under way have bumped their counters; the final write sees them.
         self.dirty.store(true, Ordering::Release);
-        self.write_changes()?;
+        if let Err(e) = self.write_changes() {
+            // Nothing was handed over: keep charging and writing here.
+            self.handed_over.store(false, Ordering::Release);
+            return Err(e);
+        }
         self.lock.lock().expect("not poisoned").take();
         Ok(())
     }

@@ -231,9 +231,11 @@ impl Route {
             (PathMatch::Any, _) => true,
             (PathMatch::Exact(p), false) => path == &p[..],
             (PathMatch::Exact(p), true) => path.eq_ignore_ascii_case(p),
-            (PathMatch::Prefix(p), false) => path.starts_with(p),
+            (PathMatch::Prefix(p), false) => path.starts_with(p) && self.at_boundary(path, p),
             (PathMatch::Prefix(p), true) => {
-                path.len() >= p.len() && path[..p.len()].eq_ignore_ascii_case(p)
+                path.len() >= p.len()
+                    && path[..p.len()].eq_ignore_ascii_case(p)
+                    && self.at_boundary(path, p)
             }
         };
         path_ok
@@ -241,6 +243,15 @@ impl Route {
                 .methods
                 .as_ref()
                 .is_none_or(|ms| ms.iter().any(|m| &m[..] == method))
+    }
+
+    /// A route that rewrites its prefix matches only whole segments when the prefix does not
+    /// end in `/`: `/v1` matches `/v1` and `/v1/x`, never `/v1../x`, whose rest (`../x`) would
+    /// become a dot-segment once joined to the replacement.
+    fn at_boundary(&self, path: &[u8], prefix: &[u8]) -> bool {
+        self.rewrite == PathRewrite::Keep
+            || prefix.ends_with(b"/")
+            || matches!(path.get(prefix.len()), None | Some(b'/'))
     }
 
     /// Appends the path to forward for `path` (which this route matched) to `out`.
@@ -485,5 +496,8 @@ strip_prefix = true
         assert_eq!(rewrite("/v2/users"), "/api/users");
         assert_eq!(rewrite("/v3/users"), "/users");
         assert_eq!(rewrite("/v3"), "/");
+        // A rewriting prefix matches whole segments: the rest never becomes a dot-segment.
+        assert!(t.find(None, b"/v3../admin", b"GET").is_none());
+        assert!(t.find(None, b"/v3x", b"GET").is_none());
     }
 }

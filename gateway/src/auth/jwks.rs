@@ -62,9 +62,10 @@ pub struct IssuerKeys {
     pub current: ArcSwap<KeySet>,
     /// Bumped whenever the key set changes; caches of refused tokens are cleared then.
     pub version: AtomicU64,
-    /// Bumped after every fetch attempt, changed keys or not; a worker waiting for a refetch
-    /// watches it.
-    pub fetches: AtomicU64,
+    /// When (on `CLOCK_MONOTONIC`) the last completed fetch attempt started, changed keys or
+    /// not. A request waiting for a refetch waits for one that started after it asked: a fetch
+    /// already under way may have read the old document.
+    pub last_fetch_started_ns: AtomicU64,
     /// When the next refetch asked for by an unknown `kid` may start, on `CLOCK_MONOTONIC`.
     next_kid_fetch_ns: AtomicU64,
     /// Holds one pending request at most: more would say nothing new, and a flood of
@@ -181,7 +182,7 @@ pub fn start(config: &IssuerConfig, first_alg: Algorithm) -> Result<Arc<IssuerKe
     let keys = Arc::new(IssuerKeys {
         current: ArcSwap::from_pointee(initial),
         version: AtomicU64::new(1),
-        fetches: AtomicU64::new(0),
+        last_fetch_started_ns: AtomicU64::new(0),
         next_kid_fetch_ns: AtomicU64::new(0),
         refetch: refetch_rx.as_ref().map(|(tx, _)| tx.clone()),
     });
@@ -253,6 +254,7 @@ impl Fetcher {
     }
 
     fn fetch_once(&self, keys: &IssuerKeys, hasher: &RandomState, last_document: &mut Option<u64>) {
+        let started = monotonic_ns();
         match fetch(&self.url) {
             Ok((set, body)) => {
                 let digest = hasher.hash_one(&body);
@@ -269,6 +271,7 @@ impl Fetcher {
                 warn!(issuer = %self.issuer, url = %self.logged_url, "JWKS fetch failed, keeping the previous keys: {e}")
             }
         }
-        keys.fetches.fetch_add(1, Ordering::Release);
+        keys.last_fetch_started_ns
+            .fetch_max(started, Ordering::AcqRel);
     }
 }

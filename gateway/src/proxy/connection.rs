@@ -235,14 +235,18 @@ impl<C: Transport> Connection<'_, C> {
         let issuers = &self.generation.snapshot.issuers;
         let keys = issuers.keys(issuer);
         let wait = issuers.config(issuer).unknown_kid_wait.get();
-        let fetches = || keys.fetches.load(std::sync::atomic::Ordering::Acquire);
-        let before = fetches();
+        let asked = crate::sys::monotonic_ns();
         keys.request_refetch();
         if keys.refetch_delay() > wait {
             return;
         }
+        let done = || {
+            keys.last_fetch_started_ns
+                .load(std::sync::atomic::Ordering::Acquire)
+                >= asked
+        };
         let deadline = Instant::now() + wait;
-        while fetches() == before && Instant::now() < deadline {
+        while !done() && Instant::now() < deadline {
             tokio::time::sleep(KEY_REFETCH_POLL).await;
         }
     }

@@ -180,14 +180,28 @@ fn hand_over(stream: &UnixStream, live: &Live, handover: &Handover) -> std::io::
     )?;
     let store = live.snapshot().quota_store.clone();
     store.hand_over()?;
-    (&*stream).write_all(b"handed-over\n")?;
-    stream.set_read_timeout(Some(UPGRADE_TIMEOUT))?;
-    let mut line = String::new();
-    let started = BufReader::new(stream.take(MAX_COMMAND_BYTES)).read_line(&mut line);
-    if !(started.is_ok() && line.trim() == "listening") {
-        store
-            .take_back(&handover.data_dir)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // From here on, any failure takes the data directory back before giving up.
+    let listening = (|| -> std::io::Result<bool> {
+        (&*stream).write_all(b"handed-over\n")?;
+        stream.set_read_timeout(Some(UPGRADE_TIMEOUT))?;
+        let mut line = String::new();
+        BufReader::new(stream.take(MAX_COMMAND_BYTES)).read_line(&mut line)?;
+        Ok(line.trim() == "listening")
+    })();
+    if !matches!(listening, Ok(true)) {
+        // The new process may still be letting go of the lock: wait for it, bounded.
+        let deadline = std::time::Instant::now() + UPGRADE_TIMEOUT;
+        loop {
+            match store.take_back(&handover.data_dir) {
+                Ok(()) => break,
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    return Err(std::io::Error::other(format!(
+                        "the new process did not start listening, and the data directory could not be taken back: {e}"
+                    )))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
         return Err(std::io::Error::other(
             "the new process did not start listening; the data directory was taken back",
         ));

@@ -3,8 +3,7 @@
 //! leaves the listening sockets to the new process.
 
 use std::{
-    net::{Shutdown, TcpListener},
-    os::fd::AsRawFd,
+    net::TcpListener,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -65,9 +64,10 @@ impl DrainFlag {
     }
 }
 
-/// Starts the signal thread. `listeners` are clones of every worker's listening sockets: shutting
-/// one down makes the worker's pending accept fail, which is how a worker learns to drain.
-pub fn watch_signals(flag: DrainFlag, listeners: Vec<TcpListener>) -> std::io::Result<()> {
+/// Starts the signal thread. The workers' accept loops see the drain flag and cancel their own
+/// pending accepts; the listening sockets (`_listeners`, kept for the process's life) are never
+/// shut down, since after an upgrade another process accepts on them.
+pub fn watch_signals(flag: DrainFlag, _listeners: Vec<TcpListener>) -> std::io::Result<()> {
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     std::thread::Builder::new()
         .name("portcullis-signals".into())
@@ -78,10 +78,9 @@ pub fn watch_signals(flag: DrainFlag, listeners: Vec<TcpListener>) -> std::io::R
                     std::process::exit(1);
                 }
                 tracing::info!(signal, "shutdown signal: draining");
+                // The accept loops cancel their own pending accepts. The listening sockets are
+                // never shut down: during an upgrade they are shared with the new process.
                 flag.set(DrainMode::Stop);
-                for l in &listeners {
-                    crate::sys::shutdown_fd(l.as_raw_fd(), Shutdown::Read);
-                }
             }
         })?;
     Ok(())

@@ -141,6 +141,10 @@ async fn accept_loop(worker: Rc<Worker>, listener: StdListener, drain: DrainFlag
             let handle = worker.tracker.register(transport.raw_fd());
             serve(transport, peer, &worker, &handle).await;
         });
+        // A connection accepted as the drain began is served; no further accept is made.
+        if drain.is_set() {
+            return;
+        }
     }
 }
 
