@@ -92,6 +92,51 @@ pub(crate) fn spawn_pinned(
     Ok(Proc(child, name))
 }
 
+/// What a finished loadgen printed on its `summary` line.
+pub(crate) struct LoadSummary {
+    pub rps: f64,
+    pub errors: u64,
+    pub p99_us: u64,
+}
+
+/// Waits for a loadgen started with piped stdout and reads its summary line.
+pub(crate) fn load_summary(child: Child) -> anyhow::Result<LoadSummary> {
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("summary "))
+        .context("loadgen printed no summary")?;
+    let field = |name: &str| -> String {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=').map(str::to_owned))
+            .unwrap_or_default()
+    };
+    Ok(LoadSummary {
+        rps: field("rps").parse().context("rps")?,
+        errors: field("errors").parse().unwrap_or(0),
+        p99_us: field("p99_us").parse().unwrap_or(0),
+    })
+}
+
+/// Starts the benchmark backend with one worker on `cores`, listening on `port`.
+pub(crate) fn start_backend(
+    bin: &Path,
+    cores: &[usize],
+    port: u16,
+    dir: &Path,
+) -> anyhow::Result<Proc> {
+    let backend = spawn_pinned(
+        "backend",
+        cores,
+        &bin.join("backend"),
+        &["--listen", &format!("127.0.0.1:{port}"), "--workers", "1"],
+        &dir.join("backend.log"),
+    )?;
+    wait_for_port(port, "the backend")?;
+    Ok(backend)
+}
+
 pub(crate) fn wait_for_port(port: u16, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {

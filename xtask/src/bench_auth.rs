@@ -15,7 +15,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 
 use crate::{
-    bench::{layout, spawn_pinned, wait_for_port},
+    bench::{layout, load_summary, spawn_pinned, start_backend, wait_for_port},
     workspace_root,
 };
 
@@ -81,27 +81,6 @@ fn loadgen(
         .context("cannot run loadgen")
 }
 
-/// (requests per second, errors) from a finished loadgen.
-fn summary(child: std::process::Child) -> anyhow::Result<(f64, u64)> {
-    let out = child.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("summary "))
-        .context("loadgen printed no summary")?;
-    let field = |name: &str| {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(name))
-            .and_then(|v| v.strip_prefix('='))
-            .map(str::to_owned)
-            .unwrap_or_default()
-    };
-    Ok((
-        field("rps").parse().context("rps")?,
-        field("errors").parse().unwrap_or(0),
-    ))
-}
-
 pub fn run(duration: f64) -> anyhow::Result<()> {
     let bin = crate::build_release()?;
     let layout = layout();
@@ -150,19 +129,7 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
     );
     let config_path = dir.join("portcullis.toml");
     std::fs::write(&config_path, config)?;
-    let _backend = spawn_pinned(
-        "backend",
-        server,
-        &bin.join("backend"),
-        &[
-            "--listen",
-            &format!("127.0.0.1:{BACKEND_PORT}"),
-            "--workers",
-            "1",
-        ],
-        &dir.join("backend.log"),
-    )?;
-    wait_for_port(BACKEND_PORT, "the backend")?;
+    let _backend = start_backend(&bin, server, BACKEND_PORT, &dir)?;
     let _gateway = spawn_pinned(
         "portcullis",
         server,
@@ -212,13 +179,14 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
     };
     let mut rows = Vec::new();
     for route in ["open", "limited"] {
-        let (alone, errors) = summary(client(route)?)?;
+        let alone = load_summary(client(route)?)?;
+        let (alone, errors) = (alone.rps, alone.errors);
         if errors > 0 {
             bail!("the legitimate clients got {errors} errors without a flood on /{route}/");
         }
         let flooder = flood(route)?;
-        let (flooded, _) = summary(client(route)?)?;
-        let (flood_rps, _) = summary(flooder)?;
+        let flooded = load_summary(client(route)?)?.rps;
+        let flood_rps = load_summary(flooder)?.rps;
         rows.push((route, alone, flooded, flood_rps));
     }
     let mut table = format!(

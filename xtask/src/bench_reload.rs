@@ -17,7 +17,7 @@ use std::{
 use anyhow::{bail, Context};
 
 use crate::{
-    bench::{layout, spawn_pinned, wait_for_port},
+    bench::{layout, load_summary, spawn_pinned, start_backend, wait_for_port},
     workspace_root,
 };
 
@@ -40,26 +40,6 @@ fn config(dir: &Path, variant: usize) -> String {
         "[server]\nlisten = [\"127.0.0.1:{GATEWAY_PORT}\"]\nworkers = 1\n\n[quotas]\ndata_dir = \"{}\"\n\n[upstreams.backend]\nservers = [\"127.0.0.1:{BACKEND_PORT}\"]\nmax_idle_per_server = 256\n\n[[routes]]\nmatch = {{ path = \"/static\" }}\nrespond = {{ status = 200, body = \"{body}\" }}\n\n{extra}[[routes]]\nmatch = {{ path_prefix = \"/\" }}\nupstream = \"backend\"\n",
         dir.join("data").display()
     )
-}
-
-/// (requests per second, errors, p99 in µs) from a loadgen run.
-fn summary(child: Child) -> anyhow::Result<(f64, u64, u64)> {
-    let out = child.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("summary "))
-        .context("loadgen printed no summary")?;
-    let field = |name: &str| -> String {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=').map(str::to_owned))
-            .unwrap_or_default()
-    };
-    Ok((
-        field("rps").parse().unwrap_or(0.0),
-        field("errors").parse().unwrap_or(0),
-        field("p99_us").parse().unwrap_or(0),
-    ))
 }
 
 fn loadgen(bin: &Path, core: usize, duration: f64, rate: Option<u32>) -> anyhow::Result<Child> {
@@ -113,19 +93,7 @@ pub fn run(duration: f64, baseline_bin: Option<PathBuf>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let config_path = dir.join("portcullis.toml");
     std::fs::write(&config_path, config(&dir, 0))?;
-    let _backend = spawn_pinned(
-        "backend",
-        server,
-        &bin.join("backend"),
-        &[
-            "--listen",
-            &format!("127.0.0.1:{BACKEND_PORT}"),
-            "--workers",
-            "1",
-        ],
-        &dir.join("backend.log"),
-    )?;
-    wait_for_port(BACKEND_PORT, "the backend")?;
+    let _backend = start_backend(&bin, server, BACKEND_PORT, &dir)?;
     let mut report = String::new();
     {
         let _gateway = start_gateway(
@@ -134,7 +102,8 @@ pub fn run(duration: f64, baseline_bin: Option<PathBuf>) -> anyhow::Result<()> {
             &config_path,
             &dir.join("portcullis.log"),
         )?;
-        let (_, base_errors, base_p99) = summary(loadgen(&bin, load, duration, Some(RATE))?)?;
+        let base = load_summary(loadgen(&bin, load, duration, Some(RATE))?)?;
+        let (base_errors, base_p99) = (base.errors, base.p99_us);
         let during = loadgen(&bin, load, duration, Some(RATE))?;
         let started = Instant::now();
         let (mut reloads, mut refused) = (0, 0);
@@ -157,7 +126,8 @@ pub fn run(duration: f64, baseline_bin: Option<PathBuf>) -> anyhow::Result<()> {
                 );
             }
         }
-        let (_, errors, p99) = summary(during)?;
+        let reloading = load_summary(during)?;
+        let (errors, p99) = (reloading.errors, reloading.p99_us);
         if refused > 0 {
             bail!("{refused} reloads were refused");
         }
@@ -192,7 +162,8 @@ pub fn run(duration: f64, baseline_bin: Option<PathBuf>) -> anyhow::Result<()> {
                 let _ = old.wait();
             }
         }
-        let (_, upgrade_errors, upgrade_p99) = summary(during)?;
+        let upgrading = load_summary(during)?;
+        let (upgrade_errors, upgrade_p99) = (upgrading.errors, upgrading.p99_us);
         if let Some(mut last) = current {
             let _ = Command::new("kill").arg(last.id().to_string()).status();
             let _ = last.wait();
@@ -217,7 +188,7 @@ pub fn run(duration: f64, baseline_bin: Option<PathBuf>) -> anyhow::Result<()> {
                     &config_path,
                     &dir.join(format!("max-{name}-{round}.log").replace(' ', "-")),
                 )?;
-                let (rps, ..) = summary(loadgen(&bin, load, duration / 2.0, None)?)?;
+                let rps = load_summary(loadgen(&bin, load, duration / 2.0, None)?)?.rps;
                 rows.push((name, rps));
             }
         }

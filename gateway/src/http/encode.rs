@@ -48,17 +48,7 @@ pub fn write_client_response(
         if name.eq_ignore_ascii_case("via") {
             if !via_written {
                 via_written = true;
-                out.extend_from_slice(b"via: ");
-                for x in resp
-                    .headers
-                    .iter()
-                    .filter(|x| x.name.eq_ignore_ascii_case("via"))
-                {
-                    out.extend_from_slice(checked("via", x.value)?);
-                    out.extend_from_slice(b", ");
-                }
-                out.extend_from_slice(VIA.as_bytes());
-                out.extend_from_slice(b"\r\n");
+                write_via(out, resp.headers)?;
             }
             continue;
         }
@@ -107,6 +97,22 @@ fn write_connection(out: &mut Vec<u8>, keep_alive: bool, client_version: Version
         (true, Version::Http10) => out.extend_from_slice(b"connection: keep-alive\r\n"),
         (true, Version::Http11) => {}
     }
+}
+
+/// Writes one `Via` field: every copy in `headers`, in order, then the gateway's own entry
+/// (RFC 9110 §7.6.3).
+pub fn write_via(out: &mut Vec<u8>, headers: &[httparse::Header]) -> Result<(), UnsafeFieldValue> {
+    out.extend_from_slice(b"via: ");
+    for x in headers
+        .iter()
+        .filter(|x| x.name.eq_ignore_ascii_case("via"))
+    {
+        out.extend_from_slice(checked("via", x.value)?);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(VIA.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    Ok(())
 }
 
 /// `value`, unless it holds CR, LF or NUL (which would end the field or the head early).

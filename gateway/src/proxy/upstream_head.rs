@@ -8,7 +8,7 @@ use crate::{
     auth::CredentialSource,
     config::AuthConfig,
     http::{
-        encode::{checked, write_field, UnsafeFieldValue, VIA},
+        encode::{checked, write_field, write_via, UnsafeFieldValue, VIA},
         fields::is_hop_by_hop,
         request::RequestHead,
         BodyFraming,
@@ -101,17 +101,7 @@ pub fn write_upstream_request(
         if name.eq_ignore_ascii_case("via") {
             if !via_written {
                 via_written = true;
-                out.extend_from_slice(b"via: ");
-                for x in req
-                    .headers
-                    .iter()
-                    .filter(|x| x.name.eq_ignore_ascii_case("via"))
-                {
-                    out.extend_from_slice(checked("via", x.value)?);
-                    out.extend_from_slice(b", ");
-                }
-                out.extend_from_slice(VIA.as_bytes());
-                out.extend_from_slice(b"\r\n");
+                write_via(out, req.headers)?;
             }
             continue;
         }
