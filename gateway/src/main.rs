@@ -9,7 +9,7 @@ use portcullis::{
     proxy::snapshot::ConfigSnapshot,
     runtime::{
         control::{Handover, TakeOver},
-        listener::bind_all,
+        listener::{bind_all, ListenerSet},
         live::Live,
         shutdown::{watch_signals, DrainFlag, DrainMode},
         worker::spawn_workers,
@@ -243,7 +243,7 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
         let (listeners, bound) = bind_all(&config.server.listen, workers)?;
         (None, listeners, bound)
     };
-    let mut xdp_guard = match &config.xdp {
+    let xdp_guard = match &config.xdp {
         None => None,
         // The program stays attached across an upgrade: take over its pinned links and maps.
         Some(xdp_config) if takeover.is_some() => {
@@ -252,10 +252,7 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
             Some(guard)
         }
         Some(xdp_config) => {
-            let mut ports: Vec<u16> = bound.iter().map(|a| a.port()).collect();
-            ports.sort_unstable();
-            ports.dedup();
-            let ports = xdp_config.ports.clone().unwrap_or(ports);
+            let ports = xdp::policed_ports(xdp_config, &bound);
             match xdp::attach(xdp_config, &ports) {
                 Ok(guard) => {
                     for (iface, mode) in guard.interfaces() {
@@ -272,12 +269,7 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
         }
     };
     let drain = DrainFlag::default();
-    let clones = listeners
-        .iter()
-        .flatten()
-        .map(|l| l.try_clone())
-        .collect::<Result<Vec<_>, _>>()?;
-    watch_signals(drain.clone(), clones)?;
+    watch_signals(drain.clone())?;
     // The ban hook only makes sense with the program attached.
     let bans = match (&xdp_guard, &config.xdp) {
         (Some(_), Some(x)) => xdp::start_ban_hook(x),
@@ -285,18 +277,16 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
     };
     let flush_interval = config.quotas.flush_interval.get();
     let data_dir = config.quotas.data_dir.clone();
+    let (listener_set, worker_listeners) = ListenerSet::new(&config.server.listen, listeners)?;
     let handover = Handover {
-        listeners: listeners
-            .iter()
-            .map(|w| w.iter().map(|l| l.try_clone()).collect())
-            .collect::<Result<Vec<_>, _>>()?,
+        listeners: listener_set.clone(),
         drain: drain.clone(),
         data_dir,
     };
     let snapshot = ConfigSnapshot::new(config)?;
     snapshot.quota_store.start_flusher(flush_interval)?;
     let quota_store = snapshot.quota_store.clone();
-    let live = Live::new(path, snapshot);
+    let live = Live::new(path, snapshot, listener_set, xdp_guard);
     // Forget rate-limit state that has fully recovered, so memory follows active keys.
     let sweeping = live.clone();
     std::thread::Builder::new()
@@ -308,7 +298,7 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
             }
         })?;
     portcullis::runtime::control::reload_on_hangup(live.clone())?;
-    let handles = spawn_workers(live.published(), listeners, drain.clone(), bans)?;
+    let handles = spawn_workers(live.published(), worker_listeners, drain.clone(), bans)?;
     match takeover {
         None => portcullis::runtime::control::serve(&control_socket, live.clone(), handover)?,
         Some(takeover) => {
@@ -328,6 +318,7 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
         panicked |= handle.join().is_err();
     }
     // After an upgrade the path, the XDP program and its pins belong to the new process.
+    let mut xdp_guard = live.take_xdp();
     if drain.mode() == Some(DrainMode::Upgrade) {
         if let Some(guard) = xdp_guard.as_mut() {
             guard.keep_attached();

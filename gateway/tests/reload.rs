@@ -202,3 +202,83 @@ fn a_reload_under_load_fails_no_request() {
     assert!(sent > 1000, "only {sent} requests");
     assert_eq!(failed, 0, "requests failed during reloads");
 }
+
+/// A loopback port nothing listens on now (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn reload_starts_added_listeners_and_winds_down_removed_ones() {
+    let gw = Gateway::start(&format!("{HEAD}{}", respond("/", "one")));
+    let first = gw.addr;
+    // A keep-alive connection on the first address, kept across the reloads.
+    let mut kept = Client::connect(first);
+    kept.send(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(kept.read_response(false).unwrap().text(), "one");
+
+    let port = free_port();
+    let second: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let both = HEAD.replace(
+        "listen = [\"127.0.0.1:0\"]",
+        &format!("listen = [\"127.0.0.1:0\", \"{second}\"]"),
+    );
+    let (ok, out) = gw.reload_with(&format!("{both}{}", respond("/", "two")));
+    assert!(ok && out.contains("listeners: 1 added"), "{out}");
+    // Every worker accepts on the new address (several fresh connections), the old one too.
+    for _ in 0..6 {
+        assert_eq!(
+            request(second, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n").text(),
+            "two"
+        );
+        eventually(&gw, "/x", 200, "two");
+    }
+
+    // Now only the second: the first stops accepting, and its open connection is told to
+    // close with its next answer, never cut.
+    let only_second = HEAD.replace(
+        "listen = [\"127.0.0.1:0\"]",
+        &format!("listen = [\"{second}\"]"),
+    );
+    let (ok, out) = gw.reload_with(&format!("{only_second}{}", respond("/", "three")));
+    assert!(ok && out.contains("1 removed"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(first).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{first} still accepts after its removal"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    kept.send(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+    let last = kept
+        .read_response(false)
+        .expect("an answer on the removed listener's connection");
+    assert_eq!(last.text(), "three");
+    assert_eq!(last.header("connection"), Some("close"));
+    assert!(kept.is_closed());
+    assert_eq!(
+        request(second, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n").text(),
+        "three"
+    );
+
+    // An address that cannot be bound refuses the whole reload; the running config stays.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = HEAD.replace(
+        "listen = [\"127.0.0.1:0\"]",
+        &format!(
+            "listen = [\"{second}\", \"{}\"]",
+            taken.local_addr().unwrap()
+        ),
+    );
+    let (ok, out) = gw.reload_with(&format!("{busy}{}", respond("/", "four")));
+    assert!(!ok && out.contains("could not be bound"), "{out}");
+    assert_eq!(
+        request(second, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n").text(),
+        "three"
+    );
+}

@@ -216,3 +216,58 @@ fn xdp_and_bans_survive_a_binary_upgrade() {
     let link = sh_ok(&["ip", "link", "show", &net.host_if]);
     assert!(!link.contains("xdp"), "detached by the new process: {link}");
 }
+
+/// The id of the XDP program attached to `iface`, from `ip link`.
+fn attached_program(iface: &str) -> Option<String> {
+    let link = sh_ok(&["ip", "-details", "link", "show", iface]);
+    let at = link.find("prog/xdp id ")?;
+    link[at + "prog/xdp id ".len()..]
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+}
+
+#[test]
+fn xdp_policy_is_reloaded_in_place() {
+    let _serial = PRIVILEGED.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged_or_skip("xdp_policy_is_reloaded_in_place") {
+        return;
+    }
+    let net = VethNamespace::create("r");
+    let pins = BpffsDir::new();
+    let pin_path = pins.dir.path().join("portcullis");
+    let config = |deny: &str, iface: &str| {
+        format!(
+            "[server]\nlisten = [\"{}:0\"]\nworkers = 2\n\n[xdp]\ninterface = \"{iface}\"\nmode = \"driver\"\npin_path = \"{}\"\ndeny = [{deny}]\n\n[[routes]]\nrespond = {{ status = 200, body = \"through xdp\" }}\n",
+            net.host_ip,
+            pin_path.display()
+        )
+    };
+    let gw = Gateway::start(&config("", &net.host_if));
+    let program = attached_program(&net.host_if).expect("an XDP program is attached");
+    let url = format!("http://{}/", gw.addr);
+    let fetch = || net.exec(&["curl", "-sS", "--max-time", "2", &url]);
+    assert!(fetch().status.success());
+
+    // Deny the client's address: its packets are dropped, by the same program.
+    let (ok, out) = gw.reload_with(&config(&format!("\"{}/32\"", net.peer_ip), &net.host_if));
+    assert!(ok && out.contains("XDP policy updated in place"), "{out}");
+    assert!(!fetch().status.success(), "a denied source gets through");
+    assert_eq!(
+        attached_program(&net.host_if).as_deref(),
+        Some(program.as_str())
+    );
+
+    // Lift it: traffic passes again, still the same program.
+    let (ok, out) = gw.reload_with(&config("", &net.host_if));
+    assert!(ok, "{out}");
+    assert!(fetch().status.success(), "{}", gw.log());
+    assert_eq!(
+        attached_program(&net.host_if).as_deref(),
+        Some(program.as_str())
+    );
+
+    // Moving the program to another interface needs a restart, and says so.
+    let (ok, out) = gw.reload_with(&config("", "portcullis-none0"));
+    assert!(!ok && out.contains("xdp.interface"), "{out}");
+}

@@ -4,6 +4,8 @@
 
 mod connect;
 mod deadline;
+#[cfg(test)]
+pub mod memory;
 mod tcp;
 
 use std::{io, net::Shutdown, ops::Range};

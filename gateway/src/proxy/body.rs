@@ -136,7 +136,8 @@ pub struct ResponseRelay {
 /// Sends the response `head`, then moves the response body that starts at `buf[start..]` from
 /// `upstream` to `client`; the head leaves together with the first part of the body. Returns
 /// true when the upstream sent nothing beyond the body, so its connection may be reused, and
-/// hands back both buffers as `(result, buf, head)`.
+/// hands back both buffers as `(result, buf, head)`. Adds the bytes written to the client to
+/// `sent`.
 pub async fn relay_response_body<U: Transport, C: Transport>(
     upstream: &U,
     client: &C,
@@ -144,6 +145,7 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
     start: usize,
     mut head: Vec<u8>,
     relay: ResponseRelay,
+    sent: &mut u64,
 ) -> (Result<bool, ResponseBodyError>, Vec<u8>, Vec<u8>) {
     let ResponseRelay {
         framing,
@@ -158,6 +160,9 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
         BodyFraming::None => {
             let len = head.len();
             let (res, h) = write_before(client, head, 0..len, Instant::now() + write_timeout).await;
+            if res.is_ok() {
+                *sent += len as u64;
+            }
             return (
                 res.map(|_| buf.len() == start)
                     .map_err(ResponseBodyError::Client),
@@ -208,10 +213,11 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
         let (res, h, b) =
             write_pair_before(client, head, 0..head_len, buf, pos..send_end, deadline).await;
         (head, buf) = (h, b);
-        head_len = 0;
         if let Err(e) = res {
             return (Err(ResponseBodyError::Client(e)), buf, head);
         }
+        *sent += (head_len + send_end - pos) as u64;
+        head_len = 0;
         if done {
             return (Ok(pos + take == buf.len()), buf, head);
         }

@@ -8,15 +8,17 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::{
+    answer::{Answer, TrafficPolicy},
     body::{relay_request_body, BodyDeadlines},
-    pipeline::{plan, Answer, Plan, RequestFacts, TrafficPolicy},
+    context::{Outcome, RequestContext, RequestFacts},
+    phase::{self, Exit, Forward},
 };
 use crate::{
     auth::AuthError,
     config::MAX_HEADERS_CEILING,
     http::{
         encode,
-        request::{incomplete_head_error, parse_request, RequestError},
+        request::{incomplete_head_error, parse_request},
         BodyFraming, Version,
     },
     io::{read_before, write_before, TcpTransport, Transport},
@@ -25,6 +27,7 @@ use crate::{
         tracker::ConnHandle,
         worker::{Generation, Worker},
     },
+    quotas::QuotaCharges,
     routing::Action,
 };
 
@@ -67,6 +70,8 @@ pub(super) struct Connection<'w, C: Transport> {
     normalized: Vec<u8>,
     /// The config generation the current request is served with.
     pub(super) generation: Rc<Generation>,
+    /// The current request's context, reset for each request.
+    pub(super) ctx: RequestContext,
 }
 
 /// Serves a client connection until it closes.
@@ -76,6 +81,7 @@ pub async fn serve<C: Transport>(
     worker: &Worker,
     handle: &ConnHandle<'_>,
 ) {
+    let accepted = Instant::now();
     let generation = worker.generation();
     let snapshot = &generation.snapshot;
     let mut conn = Connection {
@@ -88,6 +94,7 @@ pub async fn serve<C: Transport>(
         upbuf: Vec::with_capacity(UPSTREAM_BUFFER_BYTES),
         normalized: Vec::new(),
         generation: generation.clone(),
+        ctx: RequestContext::new(accepted),
     };
     let mut first = true;
     loop {
@@ -103,24 +110,43 @@ pub async fn serve<C: Transport>(
 }
 
 impl<C: Transport> Connection<'_, C> {
+    /// One request, from waiting for its head to the log phase.
     async fn serve_one(&mut self, first: bool) -> Next {
+        self.ctx.reset();
+        let next = self.exchange(first).await;
+        if self.ctx.started() {
+            let generation = self.generation.clone();
+            phase::log::finish(&mut self.ctx, &generation.snapshot, self.worker, self.peer);
+        }
+        next
+    }
+
+    /// Reads a request head, runs the request phases, then answers or forwards.
+    async fn exchange(&mut self, first: bool) -> Next {
         let worker = self.worker;
-        // A request boundary: take the newest config; this request keeps it to the end.
         self.generation = worker.generation();
-        let generation = self.generation.clone();
-        let snapshot = &*generation.snapshot;
-        let server = snapshot.server();
-        let idle_deadline = Instant::now()
-            + if first {
-                server.header_timeout.get()
-            } else {
-                server.keepalive_timeout.get()
-            };
-        let mut head_started: Option<Instant> = None;
+        let idle_deadline = {
+            let server = self.generation.snapshot.server();
+            Instant::now()
+                + if first {
+                    server.header_timeout.get()
+                } else {
+                    server.keepalive_timeout.get()
+                }
+        };
         let mut may_await_keys = true;
-        let (facts, plan, request_deadline) = loop {
+        let (flow, request_deadline) = loop {
             if !self.inbuf.is_empty() {
-                let started = *head_started.get_or_insert_with(Instant::now);
+                if self.ctx.timings.head_started.is_none() {
+                    // A request begins: take the newest config (a connection may have idled
+                    // across reloads); this request keeps it to the end.
+                    self.generation = worker.generation();
+                    self.ctx.timings.head_started = Some(Instant::now());
+                }
+                let started = self.ctx.timings.head_started.unwrap_or_else(Instant::now);
+                let generation = self.generation.clone();
+                let snapshot = &*generation.snapshot;
+                let server = snapshot.server();
                 let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS_CEILING];
                 match parse_request(
                     &self.inbuf,
@@ -129,30 +155,39 @@ impl<C: Transport> Connection<'_, C> {
                     &mut self.normalized,
                 ) {
                     Ok(Some(req)) => {
-                        let mut facts = RequestFacts::of(&req);
-                        let plan = plan(
+                        if self.ctx.timings.head_parsed.is_none() {
+                            self.ctx.timings.head_parsed = Some(Instant::now());
+                            self.ctx.id = worker.request_ids.next();
+                        }
+                        self.ctx.facts = RequestFacts::of(&req);
+                        let flow = phase::run(
                             &req,
-                            &mut facts,
                             self.peer.ip(),
                             worker,
                             &generation,
+                            &mut self.ctx,
                             &mut self.out,
                             may_await_keys,
                         );
-                        if let Plan::AwaitKeys(issuer) = plan {
-                            // The head stays in the buffer: wait for the keys, then plan again.
+                        if let Err(Exit::AwaitKeys(issuer)) = flow {
+                            // The head stays in the buffer: wait for the keys, then run the
+                            // phases again.
                             may_await_keys = false;
                             self.await_keys(issuer).await;
                             continue;
                         }
-                        break (facts, plan, started + server.request_timeout.get());
+                        break (flow, started + server.request_timeout.get());
                     }
                     Ok(None) => {
                         if let Some(e) = incomplete_head_error(&self.inbuf, &snapshot.limits) {
-                            return self.reject(e).await;
+                            let answer = Answer::error_and_close(e.status(), e.detail());
+                            return self.answer(answer, Instant::now()).await;
                         }
                     }
-                    Err(e) => return self.reject(e).await,
+                    Err(e) => {
+                        let answer = Answer::error_and_close(e.status(), e.detail());
+                        return self.answer(answer, Instant::now()).await;
+                    }
                 }
             }
             let idle = self.inbuf.is_empty();
@@ -160,8 +195,8 @@ impl<C: Transport> Connection<'_, C> {
                 return Next::Close;
             }
             self.handle.set_idle(idle);
-            let deadline = match head_started {
-                Some(t) => t + server.header_timeout.get(),
+            let deadline = match self.ctx.timings.head_started {
+                Some(t) => t + self.generation.snapshot.server().header_timeout.get(),
                 None => idle_deadline,
             };
             let (res, buf) = read_before(&self.client, take(&mut self.inbuf), deadline).await;
@@ -176,37 +211,29 @@ impl<C: Transport> Connection<'_, C> {
                 }
             }
         };
-        match plan {
-            Plan::Answer(answer) => self.answer(facts, answer, request_deadline).await,
-            Plan::Forward {
-                group,
-                server,
-                mut charges,
-                in_flight,
-            } => {
-                let Some((route, counter)) = in_flight else {
-                    return self
-                        .forward(facts, group, server, charges, request_deadline)
-                        .await;
-                };
-                let Some(limit) = &snapshot.routes.route(route).concurrency else {
-                    unreachable!("in_flight is planned only for routes with a concurrency limit");
-                };
-                let Some(_slot) = self.concurrency_slot(limit, &counter).await else {
-                    // Refused before reaching the upstream: not charged.
-                    charges.refund(&snapshot.quota_store, snapshot.cluster.as_deref());
-                    let answer = Answer::Error {
-                        status: 503,
-                        detail: "too many requests in flight for this route",
-                        close: false,
-                    };
-                    return self.answer(facts, answer, request_deadline).await;
-                };
-                self.forward(facts, group, server, charges, request_deadline)
-                    .await
-            }
-            Plan::AwaitKeys(_) => unreachable!("planned again above"),
-        }
+        let Forward {
+            group,
+            server,
+            in_flight,
+        } = match flow {
+            Ok(forward) => forward,
+            Err(Exit::Answer(answer)) => return self.answer(answer, request_deadline).await,
+            Err(Exit::AwaitKeys(_)) => unreachable!("the phases ran again above"),
+        };
+        let Some(counter) = in_flight else {
+            return self.forward(group, server, request_deadline).await;
+        };
+        let generation = self.generation.clone();
+        let snapshot = &*generation.snapshot;
+        let route = self.ctx.route.expect("the route phase ran");
+        let Some(limit) = &snapshot.routes.route(route).concurrency else {
+            unreachable!("in_flight is set only for routes with a concurrency limit");
+        };
+        let Some(_slot) = self.concurrency_slot(limit, &counter).await else {
+            let answer = Answer::error(503, "too many requests in flight for this route");
+            return self.answer(answer, request_deadline).await;
+        };
+        self.forward(group, server, request_deadline).await
     }
 
     /// A slot of `limit`, waiting up to its queue timeout (without blocking the worker).
@@ -251,26 +278,13 @@ impl<C: Transport> Connection<'_, C> {
         }
     }
 
-    /// Answers a request whose head was refused; the connection always closes.
-    async fn reject(&mut self, e: RequestError) -> Next {
-        debug!(peer = %self.peer, status = e.status(), reason = e.detail(), "refused request");
-        self.worker.answered(self.peer.ip(), e.status());
-        self.out.clear();
-        encode::write_error(&mut self.out, e.status(), e.detail(), false, false);
-        self.send_out().await;
-        Next::Close
-    }
-
-    /// Answers a request on the gateway's behalf (an error or a `respond` route), skipping the
-    /// request body when it is small enough, else closing after the answer.
-    pub(super) async fn answer(
-        &mut self,
-        facts: RequestFacts,
-        answer: Answer,
-        request_deadline: Instant,
-    ) -> Next {
+    /// The one exit for the gateway's own answers (a refusal by any phase, an error, a
+    /// `respond` route): skips the request body when it is small enough, else closes after the
+    /// answer, and records the answer in the context for the log phase.
+    pub(super) async fn answer(&mut self, answer: Answer, request_deadline: Instant) -> Next {
+        let facts = self.ctx.facts;
         let must_close = matches!(answer, Answer::Error { close: true, .. });
-        let mut keep_alive = facts.keep_alive && !must_close && !self.worker.draining.get();
+        let mut keep_alive = facts.keep_alive && !must_close && !self.winding_down();
         let mut consumed = facts.head_len;
         let has_body = !matches!(facts.body, BodyFraming::None | BodyFraming::Length(0));
         if has_body {
@@ -304,20 +318,18 @@ impl<C: Transport> Connection<'_, C> {
             }
         }
         self.out.clear();
-        match answer {
+        let snapshot = &self.generation.snapshot;
+        let status = match answer {
             Answer::Error { status, detail, .. } => {
-                debug!(peer = %self.peer, status, reason = detail, "gateway answered");
-                self.worker.answered(self.peer.ip(), status);
                 encode::write_error(&mut self.out, status, detail, keep_alive, facts.is_head);
+                status
             }
             Answer::TooMany {
                 route,
                 policy,
                 retry_after_secs,
             } => {
-                debug!(peer = %self.peer, route, ?policy, retry_after_secs, "too many requests");
-                self.worker.answered(self.peer.ip(), 429);
-                let r = self.generation.snapshot.routes.route(route);
+                let r = snapshot.routes.route(route);
                 let fields = r.rate_limit_headers.then(|| match policy {
                     TrafficPolicy::PreAuthLimit(i) => (
                         r.pre_auth_limits[i].name.as_str(),
@@ -342,11 +354,10 @@ impl<C: Transport> Connection<'_, C> {
                     keep_alive,
                     facts.is_head,
                 );
+                429
             }
             Answer::Denied(e) => {
-                debug!(peer = %self.peer, status = e.status(), reason = e.detail(), "access denied");
-                self.worker.answered(self.peer.ip(), e.status());
-                let realm = &self.generation.snapshot.config.auth.realm;
+                let realm = &snapshot.config.auth.realm;
                 let challenge = match e {
                     AuthError::Missing => Some(format!("Bearer realm=\"{realm}\"")),
                     AuthError::Invalid => {
@@ -362,14 +373,12 @@ impl<C: Transport> Connection<'_, C> {
                     keep_alive,
                     facts.is_head,
                 );
+                e.status()
             }
             Answer::Static { route } => {
-                let Action::Respond(response) =
-                    &self.generation.snapshot.routes.route(route).action
-                else {
+                let Action::Respond(response) = &snapshot.routes.route(route).action else {
                     unreachable!("Answer::Static is planned only for respond routes");
                 };
-                self.worker.answered(self.peer.ip(), response.status);
                 encode::write_static(
                     &mut self.out,
                     response,
@@ -377,8 +386,14 @@ impl<C: Transport> Connection<'_, C> {
                     facts.version,
                     facts.is_head,
                 );
+                // The route's answer is the service: its quotas count.
+                self.ctx.charges = QuotaCharges::default();
+                response.status
             }
-        }
+        };
+        self.ctx.status = status;
+        self.ctx.outcome = Outcome::Answered(answer);
+        self.ctx.bytes_in = self.ctx.bytes_in.max(consumed as u64);
         if !self.send_out().await {
             return Next::Abort;
         }
@@ -388,6 +403,12 @@ impl<C: Transport> Connection<'_, C> {
         } else {
             Next::Close
         }
+    }
+
+    /// True while every answer must say `Connection: close`: the worker is draining, or a
+    /// reload removed the address this connection was accepted on.
+    pub(super) fn winding_down(&self) -> bool {
+        self.worker.draining.get() || self.handle.listener_removed()
     }
 
     /// Writes `self.out` to the client; false when the client is gone.
@@ -401,8 +422,9 @@ impl<C: Transport> Connection<'_, C> {
         )
         .await;
         self.out = out;
-        if let Err(e) = &res {
-            debug!(peer = %self.peer, error = %e, "could not write to client");
+        match &res {
+            Ok(()) => self.ctx.bytes_out += len as u64,
+            Err(e) => debug!(peer = %self.peer, error = %e, "could not write to client"),
         }
         res.is_ok()
     }

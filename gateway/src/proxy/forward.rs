@@ -8,11 +8,12 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::{
+    answer::Answer,
     body::{
         relay_request_body, relay_response_body, RequestBodyError, ResponseBodyError, ResponseRelay,
     },
     connection::{is_http11, Connection, Next},
-    pipeline::{Answer, RequestFacts},
+    context::{Outcome, RequestFacts, Side},
     tunnel::tunnel,
 };
 use crate::{
@@ -51,21 +52,20 @@ struct FinalResponse {
 }
 
 impl<C: Transport> Connection<'_, C> {
+    /// Phases 13 to 16 for a request the request phases let through: send it to `server` of
+    /// upstream group `group_index`, then relay the response.
     pub(super) async fn forward(
         &mut self,
-        facts: RequestFacts,
         group_index: usize,
         server: usize,
-        mut charges: QuotaCharges,
         request_deadline: Instant,
     ) -> Next {
         let generation = self.generation.clone();
         let snapshot = &*generation.snapshot;
-        // Quotas count once the upstream has received the request; before that, a failure
-        // gives them back.
-        let refund = |charges: &mut QuotaCharges| {
-            charges.refund(&snapshot.quota_store, snapshot.cluster.as_deref())
-        };
+        let facts = self.ctx.facts;
+        // Quotas count once the upstream has received the request; until then they stay in the
+        // context, and the log phase gives them back.
+        let charges = self.ctx.charges;
         let group = &generation.upstreams[group_index];
         let has_body = !matches!(facts.body, BodyFraming::None | BodyFraming::Length(0));
         let mut consumed = facts.head_len;
@@ -76,8 +76,9 @@ impl<C: Transport> Connection<'_, C> {
             let buffered = &self.inbuf[facts.head_len..];
             if let Err(e) = ChunkedDecoder::new().decode(buffered, |_| {}) {
                 debug!(peer = %self.peer, error = %e, "invalid chunked request body");
-                refund(&mut charges);
-                return self.error_and_close(400, "invalid chunked body").await;
+                return self
+                    .close_with(400, "invalid chunked body", request_deadline)
+                    .await;
             }
         }
         let (conn, response) = loop {
@@ -89,12 +90,12 @@ impl<C: Transport> Connection<'_, C> {
             let conn = match attempt {
                 Ok(c) => c,
                 Err(e) => {
-                    refund(&mut charges);
                     return self
-                        .upstream_unavailable(facts, group, server, e, request_deadline)
+                        .upstream_unavailable(group, server, e, request_deadline)
                         .await;
                 }
             };
+            self.ctx.timings.upstream_connected = Some(Instant::now());
             let len = self.out.len();
             let (res, out) = write_before(
                 &conn.transport,
@@ -110,16 +111,11 @@ impl<C: Transport> Connection<'_, C> {
                     continue;
                 }
                 // The head could not be written: the upstream did not get the request.
-                refund(&mut charges);
                 throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = %e, "could not send request upstream");
-                return self
-                    .answer(
-                        facts,
-                        bad_gateway("upstream connection failed"),
-                        request_deadline,
-                    )
-                    .await;
+                let answer = Answer::error(502, "upstream connection failed");
+                return self.answer(answer, request_deadline).await;
             }
+            self.ctx.charges = QuotaCharges::default();
             if has_body {
                 if facts.expect_continue
                     && self.inbuf.len() == facts.head_len
@@ -128,6 +124,7 @@ impl<C: Transport> Connection<'_, C> {
                     self.out.clear();
                     self.out.extend_from_slice(encode::CONTINUE);
                     if !self.send_out().await {
+                        self.ctx.outcome = Outcome::Cut(Side::Client);
                         return Next::Abort;
                     }
                 }
@@ -147,23 +144,24 @@ impl<C: Transport> Connection<'_, C> {
                     Ok(end) => consumed = end,
                     Err(RequestBodyError::Client(e)) => {
                         debug!(peer = %self.peer, error = %e, "client stopped sending the request body");
+                        self.ctx.outcome = Outcome::Cut(Side::Client);
                         return Next::Abort;
                     }
                     Err(RequestBodyError::Framing(e)) => {
                         debug!(peer = %self.peer, error = %e, "invalid chunked request body");
-                        return self.error_and_close(400, "invalid chunked body").await;
+                        return self
+                            .close_with(400, "invalid chunked body", request_deadline)
+                            .await;
                     }
                     Err(RequestBodyError::TooLarge) => {
                         debug!(peer = %self.peer, "request body over the route's limit");
-                        return self
-                            .error_and_close(413, "request body exceeds the route's limit")
-                            .await;
+                        let detail = "request body exceeds the route's limit";
+                        return self.close_with(413, detail, request_deadline).await;
                     }
                     Err(RequestBodyError::Upstream(e)) => {
                         throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = %e, "upstream stopped reading the request body");
-                        return self
-                            .error_and_close(502, "upstream connection failed")
-                            .await;
+                        let detail = "upstream connection failed";
+                        return self.close_with(502, detail, request_deadline).await;
                     }
                 }
             }
@@ -172,11 +170,16 @@ impl<C: Transport> Connection<'_, C> {
                 Err(HeadFailure::ClosedEarly)
                     if conn.reused && !retried && !has_body && facts.idempotent =>
                 {
-                    // The pooled connection had been closed by the server while idle.
+                    // The pooled connection had been closed by the server while idle: the
+                    // request never reached it.
+                    self.ctx.charges = charges;
                     retried = true;
                     continue;
                 }
-                Err(HeadFailure::ClientGone) => return Next::Abort,
+                Err(HeadFailure::ClientGone) => {
+                    self.ctx.outcome = Outcome::Cut(Side::Client);
+                    return Next::Abort;
+                }
                 Err(failure) => {
                     let (status, detail) = match &failure {
                         HeadFailure::TimedOut => (504, "upstream timed out"),
@@ -194,27 +197,22 @@ impl<C: Transport> Connection<'_, C> {
                             throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), status, "{detail}")
                         }
                     }
-                    return self
-                        .answer(
-                            facts,
-                            Answer::Error {
-                                status,
-                                detail,
-                                close: true,
-                            },
-                            request_deadline,
-                        )
-                        .await;
+                    let answer = Answer::error_and_close(status, detail);
+                    return self.answer(answer, request_deadline).await;
                 }
             }
         };
 
         // The response head is in `self.out`; it leaves with the start of the body.
         self.inbuf.drain(..consumed);
+        self.ctx.bytes_in = consumed as u64;
+        self.ctx.status = response.status;
         if response.status == 101 {
             if !self.send_out().await {
+                self.ctx.outcome = Outcome::Cut(Side::Client);
                 return Next::Abort;
             }
+            self.ctx.outcome = Outcome::Tunnelled;
             self.upbuf.drain(..response.head_len);
             let client_pending = take(&mut self.inbuf);
             let upstream_pending = take(&mut self.upbuf);
@@ -229,6 +227,7 @@ impl<C: Transport> Connection<'_, C> {
         }
         let dechunk = response.body == BodyFraming::Chunked && !response.client.chunked;
         let server_config = snapshot.server();
+        let mut sent = 0;
         let (res, buf, head) = relay_response_body(
             &conn.transport,
             &self.client,
@@ -241,12 +240,15 @@ impl<C: Transport> Connection<'_, C> {
                 read_timeout: group.read_timeout,
                 write_timeout: server_config.body_timeout.get(),
             },
+            &mut sent,
         )
         .await;
         self.upbuf = buf;
         self.out = head;
+        self.ctx.bytes_out += sent;
         match res {
             Ok(clean) => {
+                self.ctx.outcome = Outcome::Relayed;
                 if clean && response.upstream_keep_alive {
                     group.release(conn);
                 }
@@ -261,15 +263,15 @@ impl<C: Transport> Connection<'_, C> {
             }
             Err(ResponseBodyError::UpstreamFramingBeforeHead) => {
                 throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), "invalid chunked response body");
-                let answer = Answer::Error {
-                    status: 502,
-                    detail: "invalid response from upstream",
-                    close: true,
-                };
-                self.answer(facts, answer, request_deadline).await
+                let answer = Answer::error_and_close(502, "invalid response from upstream");
+                self.answer(answer, request_deadline).await
             }
             Err(e) => {
                 debug!(peer = %self.peer, upstream = %group.name, error = ?e, "response body relay ended early");
+                self.ctx.outcome = Outcome::Cut(match e {
+                    ResponseBodyError::Client(_) => Side::Client,
+                    _ => Side::Upstream,
+                });
                 Next::Abort
             }
         }
@@ -311,7 +313,12 @@ impl<C: Transport> Connection<'_, C> {
                     return Err(HeadFailure::ClosedEarly)
                 }
                 Ok(0) => return Err(HeadFailure::Io(IoFailure::Closed)),
-                Ok(_) => received_any = true,
+                Ok(_) => {
+                    if !received_any {
+                        self.ctx.timings.first_response_byte = Some(Instant::now());
+                    }
+                    received_any = true;
+                }
                 Err(IoFailure::TimedOut) => return Err(HeadFailure::TimedOut),
                 Err(e) => return Err(HeadFailure::Io(e)),
             }
@@ -362,7 +369,7 @@ impl<C: Transport> Connection<'_, C> {
                 // While draining every answer says `Connection: close`, so closing afterwards
                 // never cuts a request the client sent next.
                 let keep_alive = facts.keep_alive
-                    && !self.worker.draining.get()
+                    && !self.winding_down()
                     && resp.status != 101
                     && resp.body != BodyFraming::UntilClose
                     && (resp.body != BodyFraming::Chunked || client_chunked);
@@ -388,7 +395,6 @@ impl<C: Transport> Connection<'_, C> {
 
     async fn upstream_unavailable(
         &mut self,
-        facts: RequestFacts,
         group: &UpstreamGroup,
         server: usize,
         e: ConnectError,
@@ -399,32 +405,13 @@ impl<C: Transport> Connection<'_, C> {
             ConnectError::Failed(_) => (502, "upstream unavailable"),
         };
         throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = ?e, status, "cannot connect upstream");
-        self.answer(
-            facts,
-            Answer::Error {
-                status,
-                detail,
-                close: false,
-            },
-            request_deadline,
-        )
-        .await
+        self.answer(Answer::error(status, detail), request_deadline)
+            .await
     }
 
     /// Answers after part of the request body was consumed: the rest cannot be skipped.
-    async fn error_and_close(&mut self, status: u16, detail: &str) -> Next {
-        self.worker.answered(self.peer.ip(), status);
-        self.out.clear();
-        encode::write_error(&mut self.out, status, detail, false, false);
-        self.send_out().await;
-        Next::Close
-    }
-}
-
-fn bad_gateway(detail: &'static str) -> Answer {
-    Answer::Error {
-        status: 502,
-        detail,
-        close: false,
+    async fn close_with(&mut self, status: u16, detail: &'static str, deadline: Instant) -> Next {
+        self.answer(Answer::error_and_close(status, detail), deadline)
+            .await
     }
 }

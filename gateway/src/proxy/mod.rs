@@ -1,12 +1,19 @@
-//! The request path: a client connection's loop ([`connection`]), the stages a request passes
-//! through before it is forwarded ([`pipeline`]), the exchange with the upstream ([`forward`]),
-//! body relays ([`body`]) and the upgrade tunnel ([`tunnel`]).
+//! The request path: a client connection's loop ([`connection`]), the phases a request passes
+//! in order ([`phase`], where the order is documented) with one [`context`] per request, the
+//! exchange with the upstream ([`forward`]), body relays ([`body`]) and the upgrade tunnel
+//! ([`tunnel`]).
 
+pub mod answer;
 pub mod body;
 pub mod connection;
+#[cfg(test)]
+mod connection_tests;
+pub mod context;
 pub mod forward;
-pub mod pipeline;
+pub mod phase;
 pub mod snapshot;
+#[cfg(test)]
+mod test_bench;
 pub mod tracker;
 pub mod tunnel;
 pub mod upstream_head;

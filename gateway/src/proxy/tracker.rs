@@ -1,7 +1,12 @@
 //! Per-worker registry of open client connections, so a drain can close the idle ones at once
 //! and, past the drain timeout, shut down the rest. Touched only by its own worker thread.
 
-use std::{cell::RefCell, net::Shutdown, os::fd::RawFd};
+use std::{
+    cell::{Cell, RefCell},
+    net::Shutdown,
+    os::fd::RawFd,
+    rc::Rc,
+};
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -19,10 +24,14 @@ pub struct ConnTracker {
 pub struct ConnHandle<'t> {
     tracker: &'t ConnTracker,
     slot: usize,
+    /// Set when a reload removed the address the connection was accepted on.
+    listener_removed: Rc<Cell<bool>>,
 }
 
 impl ConnTracker {
-    pub fn register(&self, fd: RawFd) -> ConnHandle<'_> {
+    /// Registers the connection on `fd`, accepted on a listener that is removed once
+    /// `listener_removed` is set.
+    pub fn register(&self, fd: RawFd, listener_removed: Rc<Cell<bool>>) -> ConnHandle<'_> {
         let entry = Some(Entry { fd, idle: false });
         let mut slots = self.slots.borrow_mut();
         let slot = match self.free.borrow_mut().pop() {
@@ -38,6 +47,7 @@ impl ConnTracker {
         ConnHandle {
             tracker: self,
             slot,
+            listener_removed,
         }
     }
 
@@ -61,6 +71,12 @@ impl ConnTracker {
 }
 
 impl ConnHandle<'_> {
+    /// True once the connection's listening address was removed by a reload: it winds down
+    /// like a drain after an upgrade.
+    pub fn listener_removed(&self) -> bool {
+        self.listener_removed.get()
+    }
+
     /// Marks the connection idle (waiting for a next request) or busy.
     pub fn set_idle(&self, idle: bool) {
         if let Some(e) = self.tracker.slots.borrow_mut()[self.slot].as_mut() {

@@ -27,7 +27,7 @@ const REQUEST_REPLACED: [&str; 6] = [
     "x-consumer-groups",
 ];
 
-/// Who called, as the pipeline established it, and which credential to strip.
+/// Who called, as the authenticate phase established it, and which credential to strip.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Identity<'a> {
     /// The consumer id and its groups (comma-separated), when the caller authenticated.

@@ -38,6 +38,8 @@ pub struct Worker {
     pub bans: Option<BanReporter>,
     /// JWTs this worker verified, until they expire.
     pub tokens: RefCell<crate::auth::TokenCache>,
+    /// Ids for this worker's requests.
+    pub request_ids: super::context::RequestIds,
 }
 
 fn upstream_groups(snapshot: &ConfigSnapshot, previous: Option<&Generation>) -> Vec<UpstreamGroup> {
@@ -81,6 +83,7 @@ impl Worker {
             closes_idle: Cell::new(true),
             bans,
             tokens,
+            request_ids: super::context::RequestIds::new(id),
         }
     }
 

@@ -39,8 +39,8 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the control socket needs to hand the process over.
 pub struct Handover {
-    /// Clones of every worker's listening sockets, worker by worker.
-    pub listeners: Vec<Vec<std::net::TcpListener>>,
+    /// Every worker's listening sockets, as reloads left them.
+    pub listeners: Arc<super::listener::ListenerSet>,
     pub drain: DrainFlag,
     pub data_dir: PathBuf,
 }
@@ -165,14 +165,10 @@ pub fn send(path: &Path, command: &str) -> std::io::Result<String> {
 /// The old side of an upgrade, on the new process's control connection.
 fn hand_over(stream: &UnixStream, live: &Live, handover: &Handover) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let workers = handover.listeners.len();
-    let per_worker = handover.listeners.first().map_or(0, Vec::len);
-    let fds: Vec<std::os::fd::RawFd> = handover
-        .listeners
-        .iter()
-        .flatten()
-        .map(|l| l.as_raw_fd())
-        .collect();
+    let listeners = handover.listeners.per_worker()?;
+    let workers = listeners.len();
+    let per_worker = listeners.first().map_or(0, Vec::len);
+    let fds: Vec<std::os::fd::RawFd> = listeners.iter().flatten().map(|l| l.as_raw_fd()).collect();
     crate::sys::send_fds(
         stream.as_raw_fd(),
         format!("listeners {workers} {per_worker}\n").as_bytes(),

@@ -41,3 +41,180 @@ pub fn bind_all(
     }
     Ok((per_worker, bound))
 }
+
+/// A change to one worker's listening sockets, made by a reload.
+#[derive(Debug)]
+pub enum ListenerChange {
+    /// Start accepting on this socket.
+    Add(TcpListener),
+    /// Stop accepting on the socket bound to this address; its connections wind down (each
+    /// closes after an answer saying `Connection: close`, or at its keep-alive timeout).
+    Remove(SocketAddr),
+}
+
+/// What a worker starts with: its sockets, and where it hears of changes to them.
+pub struct WorkerListeners {
+    pub sockets: Vec<TcpListener>,
+    pub changes: tokio::sync::mpsc::UnboundedReceiver<ListenerChange>,
+}
+
+/// One configured address and its sockets, one per worker.
+struct Entry {
+    configured: SocketAddr,
+    bound: SocketAddr,
+    /// Clones of the workers' sockets, kept to hand over on an upgrade.
+    sockets: Vec<TcpListener>,
+}
+
+struct Inner {
+    entries: Vec<Entry>,
+    links: Vec<tokio::sync::mpsc::UnboundedSender<ListenerChange>>,
+}
+
+/// The gateway's listening sockets, worker by worker, and what a reload changes in them. Not on
+/// the request path: touched by reloads and hand-overs only.
+pub struct ListenerSet {
+    inner: std::sync::Mutex<Inner>,
+}
+
+/// What a reload changed in the listening addresses.
+#[derive(Debug, Default)]
+pub struct ListenerDiff {
+    pub added: Vec<SocketAddr>,
+    pub removed: Vec<SocketAddr>,
+}
+
+impl ListenerDiff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl ListenerSet {
+    /// The set of `per_worker` sockets (as [`bind_all`] returns them) for the `configured`
+    /// addresses, in order; returns what each worker starts with.
+    pub fn new(
+        configured: &[SocketAddr],
+        per_worker: Vec<Vec<TcpListener>>,
+    ) -> std::io::Result<(std::sync::Arc<ListenerSet>, Vec<WorkerListeners>)> {
+        let mut entries: Vec<Entry> = Vec::with_capacity(configured.len());
+        for (i, addr) in configured.iter().enumerate() {
+            let sockets = per_worker
+                .iter()
+                .map(|w| w[i].try_clone())
+                .collect::<Result<Vec<_>, _>>()?;
+            entries.push(Entry {
+                configured: *addr,
+                bound: sockets[0].local_addr()?,
+                sockets,
+            });
+        }
+        let mut links = Vec::with_capacity(per_worker.len());
+        let mut workers = Vec::with_capacity(per_worker.len());
+        for sockets in per_worker {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            links.push(tx);
+            workers.push(WorkerListeners {
+                sockets,
+                changes: rx,
+            });
+        }
+        let set = ListenerSet {
+            inner: std::sync::Mutex::new(Inner { entries, links }),
+        };
+        Ok((std::sync::Arc::new(set), workers))
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The addresses listened on now, in config order.
+    pub fn bound(&self) -> Vec<SocketAddr> {
+        self.inner().entries.iter().map(|e| e.bound).collect()
+    }
+
+    /// Clones of every worker's sockets, worker by worker, in config order: what an upgrade
+    /// hands to the new process.
+    pub fn per_worker(&self) -> std::io::Result<Vec<Vec<TcpListener>>> {
+        let inner = self.inner();
+        (0..inner.links.len())
+            .map(|w| {
+                inner
+                    .entries
+                    .iter()
+                    .map(|e| e.sockets[w].try_clone())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Listens on exactly `configured`: addresses kept keep their sockets, new ones are bound
+    /// (all of them before anything changes, so a failure changes nothing), removed ones stop
+    /// accepting. Workers start and stop accepting at once.
+    pub fn change_to(&self, configured: &[SocketAddr]) -> std::io::Result<ListenerDiff> {
+        let mut inner = self.inner();
+        let workers = inner.links.len();
+        let mut kept = vec![false; inner.entries.len()];
+        let mut new_entries: Vec<Option<usize>> = Vec::with_capacity(configured.len());
+        let mut to_bind = Vec::new();
+        for addr in configured {
+            match (0..inner.entries.len())
+                .find(|&i| !kept[i] && inner.entries[i].configured == *addr)
+            {
+                Some(i) => {
+                    kept[i] = true;
+                    new_entries.push(Some(i));
+                }
+                None => {
+                    to_bind.push(*addr);
+                    new_entries.push(None);
+                }
+            }
+        }
+        let (bound_sockets, bound_addrs) = bind_all(&to_bind, workers)?;
+        // The workers' copies are made before anything changes; nothing fails after this.
+        let mut per_worker: Vec<_> = bound_sockets.into_iter().map(Vec::into_iter).collect();
+        let mut fresh = Vec::with_capacity(bound_addrs.len());
+        for addr in &bound_addrs {
+            let sockets: Vec<TcpListener> = per_worker
+                .iter_mut()
+                .map(|w| w.next().expect("one socket per worker per address"))
+                .collect();
+            let copies = sockets
+                .iter()
+                .map(TcpListener::try_clone)
+                .collect::<Result<Vec<_>, _>>()?;
+            fresh.push((*addr, sockets, copies));
+        }
+        let mut fresh = fresh.into_iter();
+        let mut diff = ListenerDiff::default();
+        let mut old: Vec<Option<Entry>> = inner.entries.drain(..).map(Some).collect();
+        let mut entries = Vec::with_capacity(configured.len());
+        for (slot, addr) in new_entries.into_iter().zip(configured) {
+            match slot {
+                Some(i) => entries.push(old[i].take().expect("matched once")),
+                None => {
+                    let (bound, sockets, copies) = fresh.next().expect("bound above");
+                    for (link, copy) in inner.links.iter().zip(copies) {
+                        let _ = link.send(ListenerChange::Add(copy));
+                    }
+                    diff.added.push(bound);
+                    entries.push(Entry {
+                        configured: *addr,
+                        bound,
+                        sockets,
+                    });
+                }
+            }
+        }
+        for entry in old.into_iter().flatten() {
+            for link in &inner.links {
+                let _ = link.send(ListenerChange::Remove(entry.bound));
+            }
+            diff.removed.push(entry.bound);
+        }
+        inner.entries = entries;
+        Ok(diff)
+    }
+}

@@ -1,19 +1,23 @@
 //! The configuration in force, and how it is replaced while the gateway runs. A reload parses
 //! and validates the file first (an invalid one is refused and the running config keeps
 //! serving), refuses changes to settings that need a restart (naming them), then builds a new
-//! snapshot that keeps the live state of every name it still has and publishes it. Workers take
-//! it at their next request boundary; requests in flight finish on the old one.
+//! snapshot that keeps the live state of every name it still has, starts listening on added
+//! addresses and stops accepting on removed ones, applies the XDP policy in place, and
+//! publishes the snapshot. Workers take it at their next request boundary; requests in flight
+//! finish on the old one.
 
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
 };
 
-use tracing::info;
+use tracing::{error, info};
 
+use super::listener::ListenerSet;
 use crate::{
     config::{Config, ConfigError},
     proxy::snapshot::{ConfigSnapshot, Published},
+    xdp::XdpGuard,
 };
 
 /// Why a reload was refused; the running config keeps serving.
@@ -25,23 +29,48 @@ pub enum ReloadError {
     NeedsRestart(Vec<&'static str>),
     #[error("the new config could not be applied: {0:#}")]
     Build(anyhow::Error),
+    #[error("the new listen addresses could not be bound, so nothing changed: {0}")]
+    Listen(std::io::Error),
+    #[error("the new config is in force, but the XDP policy could not be updated (the previous one stays in the kernel): {0:#}")]
+    Xdp(anyhow::Error),
 }
 
 /// The configuration in force, shared by every worker.
 pub struct Live {
     published: Arc<Published>,
     path: PathBuf,
+    listeners: Arc<ListenerSet>,
+    /// The attached XDP program, when there is one; its maps are updated on reload. Locked
+    /// only by reloads and at exit.
+    xdp: Mutex<Option<XdpGuard>>,
     /// One reload at a time (a signal and the control socket may ask together).
     reloading: Mutex<()>,
 }
 
 impl Live {
-    pub fn new(path: PathBuf, snapshot: ConfigSnapshot) -> Arc<Live> {
+    pub fn new(
+        path: PathBuf,
+        snapshot: ConfigSnapshot,
+        listeners: Arc<ListenerSet>,
+        xdp: Option<XdpGuard>,
+    ) -> Arc<Live> {
         Arc::new(Live {
             published: Published::new(snapshot),
             path,
+            listeners,
+            xdp: Mutex::new(xdp),
             reloading: Mutex::new(()),
         })
+    }
+
+    /// The listening sockets (what an upgrade hands over).
+    pub fn listeners(&self) -> &Arc<ListenerSet> {
+        &self.listeners
+    }
+
+    /// Takes the XDP program's guard back, at exit.
+    pub fn take_xdp(&self) -> Option<XdpGuard> {
+        self.xdp.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// What the workers read.
@@ -64,10 +93,44 @@ impl Live {
         if !fixed.is_empty() {
             return Err(ReloadError::NeedsRestart(fixed));
         }
-        let summary = route_changes(&old.config, &config);
+        let mut summary = route_changes(&old.config, &config);
         let new = ConfigSnapshot::succeeding(config, &old).map_err(ReloadError::Build)?;
+        let listen = &new.config.server.listen;
+        if *listen != old.config.server.listen {
+            let diff = self
+                .listeners
+                .change_to(listen)
+                .map_err(ReloadError::Listen)?;
+            let list = |a: &[std::net::SocketAddr]| {
+                a.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            summary.push_str(&format!(
+                "; listeners: {} added ({}), {} removed ({})",
+                diff.added.len(),
+                list(&diff.added),
+                diff.removed.len(),
+                list(&diff.removed)
+            ));
+        }
+        let xdp_policy = new.config.xdp.clone();
+        let xdp_changed = new.config.xdp != old.config.xdp || *listen != old.config.server.listen;
         let generation = self.published.publish(new);
         info!(generation, "config reloaded: {summary}");
+        if let (true, Some(policy)) = (xdp_changed, xdp_policy) {
+            let mut xdp = self.xdp.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(guard) = xdp.as_mut() {
+                let ports = crate::xdp::policed_ports(&policy, &self.listeners.bound());
+                if let Err(e) = guard.apply(&policy, &ports) {
+                    error!("cannot update the XDP policy: {e:#}");
+                    return Err(ReloadError::Xdp(e));
+                }
+                info!(?ports, "XDP policy updated in place");
+                summary.push_str("; XDP policy updated in place");
+            }
+        }
         Ok(summary)
     }
 }
@@ -77,9 +140,6 @@ impl Live {
 fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut fixed = Vec::new();
     let (o, n) = (&old.server, &new.server);
-    if o.listen != n.listen {
-        fixed.push("server.listen");
-    }
     if o.workers != n.workers {
         fixed.push("server.workers");
     }
@@ -95,8 +155,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.cluster != new.cluster {
         fixed.push("cluster");
     }
-    if old.xdp != new.xdp {
-        fixed.push("xdp");
+    match (&old.xdp, &new.xdp) {
+        (Some(o), Some(n)) => fixed.extend(crate::xdp::fixed_changes(o, n)),
+        (None, None) => {}
+        _ => fixed.push("xdp"),
     }
     fixed
 }

@@ -2,12 +2,9 @@
 //! within `drain_timeout`), a second signal exits at once; a binary upgrade starts a drain that
 //! leaves the listening sockets to the new process.
 
-use std::{
-    net::TcpListener,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
 };
 
 use signal_hook::{
@@ -65,9 +62,9 @@ impl DrainFlag {
 }
 
 /// Starts the signal thread. The workers' accept loops see the drain flag and cancel their own
-/// pending accepts; the listening sockets (`_listeners`, kept for the process's life) are never
-/// shut down, since after an upgrade another process accepts on them.
-pub fn watch_signals(flag: DrainFlag, _listeners: Vec<TcpListener>) -> std::io::Result<()> {
+/// pending accepts; the listening sockets are never shut down, since after an upgrade another
+/// process accepts on them.
+pub fn watch_signals(flag: DrainFlag) -> std::io::Result<()> {
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     std::thread::Builder::new()
         .name("portcullis-signals".into())

@@ -4,7 +4,12 @@
 //! request boundary once a reload has published one.
 
 use std::{
-    net::TcpListener as StdListener, os::fd::AsRawFd, rc::Rc, sync::Arc, thread::JoinHandle,
+    cell::Cell,
+    net::{SocketAddr, TcpListener as StdListener},
+    os::fd::AsRawFd,
+    rc::Rc,
+    sync::Arc,
+    thread::JoinHandle,
     time::Duration,
 };
 
@@ -12,7 +17,10 @@ use tokio::time::Instant;
 use tokio_uring::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::shutdown::{DrainFlag, DrainMode};
+use super::{
+    listener::{ListenerChange, WorkerListeners},
+    shutdown::{DrainFlag, DrainMode},
+};
 use crate::{
     http::encode,
     io::{accept_until, Accepted, TcpTransport, Transport},
@@ -32,7 +40,7 @@ const FORCED_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Starts the worker threads; each gets the listeners at its index.
 pub fn spawn_workers(
     published: Arc<Published>,
-    listeners: Vec<Vec<StdListener>>,
+    listeners: Vec<WorkerListeners>,
     drain: DrainFlag,
     bans: Option<BanReporter>,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
@@ -70,7 +78,7 @@ fn run_worker(
     id: usize,
     core: Option<core_affinity::CoreId>,
     published: Arc<Published>,
-    listeners: Vec<StdListener>,
+    listeners: WorkerListeners,
     drain: DrainFlag,
     started: std::sync::mpsc::Sender<usize>,
     bans: Option<BanReporter>,
@@ -90,11 +98,50 @@ fn run_worker(
             let worker = Rc::new(Worker::new(id, published, bans));
             debug!(worker = id, core = ?core.map(|c| c.id), "worker started");
             let _ = started.send(id);
-            let accept_loops: Vec<_> = listeners
-                .into_iter()
-                .map(|l| tokio_uring::spawn(accept_loop(worker.clone(), l, drain.clone())))
-                .collect();
-            for task in accept_loops {
+            let WorkerListeners {
+                sockets,
+                mut changes,
+            } = listeners;
+            let mut accepting: Vec<(SocketAddr, Rc<ListenerLife>)> = Vec::new();
+            let mut tasks = Vec::new();
+            let start = |socket: StdListener, accepting: &mut Vec<_>| {
+                let addr = socket.local_addr().ok()?;
+                let life = Rc::new(ListenerLife::default());
+                accepting.push((addr, life.clone()));
+                Some(tokio_uring::spawn(accept_loop(
+                    worker.clone(),
+                    socket,
+                    drain.clone(),
+                    life,
+                )))
+            };
+            tasks.extend(sockets.into_iter().filter_map(|s| start(s, &mut accepting)));
+            // Listening addresses change on reload until the drain begins.
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = drain.started() => break,
+                    change = changes.recv() => match change {
+                        Some(ListenerChange::Add(socket)) => {
+                            let addr = socket.local_addr();
+                            tasks.extend(start(socket, &mut accepting));
+                            debug!(worker = id, ?addr, "listener added");
+                        }
+                        Some(ListenerChange::Remove(addr)) => {
+                            if let Some(i) = accepting.iter().position(|(a, _)| *a == addr) {
+                                accepting.swap_remove(i).1.remove();
+                                debug!(worker = id, %addr, "listener removed");
+                            }
+                        }
+                        // The set is gone only when the process ends: wait for the drain.
+                        None => {
+                            drain.started().await;
+                            break;
+                        }
+                    },
+                }
+            }
+            for task in tasks {
                 let _ = task.await;
             }
             drain_worker(&worker, drain.mode() == Some(DrainMode::Upgrade)).await;
@@ -102,7 +149,40 @@ fn run_worker(
         });
 }
 
-async fn accept_loop(worker: Rc<Worker>, listener: StdListener, drain: DrainFlag) {
+/// One listening socket's life in a worker: removed by a reload, it stops accepting, and the
+/// connections it accepted wind down.
+#[derive(Default)]
+struct ListenerLife {
+    /// Shared with the connections accepted on it.
+    removed: Rc<Cell<bool>>,
+    stop: tokio::sync::Notify,
+}
+
+impl ListenerLife {
+    fn remove(&self) {
+        self.removed.set(true);
+        // A permit is kept when no accept is pending, so the next one stops at once.
+        self.stop.notify_one();
+    }
+
+    /// Resolves once the listener is removed or the drain has begun.
+    async fn stopped(&self, drain: &DrainFlag) {
+        if self.removed.get() {
+            return;
+        }
+        tokio::select! {
+            _ = self.stop.notified() => {}
+            _ = drain.started() => {}
+        }
+    }
+}
+
+async fn accept_loop(
+    worker: Rc<Worker>,
+    listener: StdListener,
+    drain: DrainFlag,
+    life: Rc<ListenerLife>,
+) {
     // Not reloadable (see runtime::live): read once.
     let max_connections = worker
         .generation()
@@ -114,10 +194,10 @@ async fn accept_loop(worker: Rc<Worker>, listener: StdListener, drain: DrainFlag
         // A drain cancels the pending accept (keeping a connection it took in that instant),
         // and leaves the listening socket itself alone: after an upgrade the new process
         // accepts on it.
-        let (stream, peer) = match accept_until(fd, drain.started()).await {
+        let (stream, peer) = match accept_until(fd, life.stopped(&drain)).await {
             Accepted::Connection(stream, peer) => (stream, peer),
             Accepted::Stopped => return,
-            Accepted::Failed(_) if drain.is_set() => return,
+            Accepted::Failed(_) if drain.is_set() || life.removed.get() => return,
             Accepted::Failed(e) => {
                 crate::throttled_warn!(
                     crate::log_throttle::Noisy::Accept,
@@ -136,13 +216,15 @@ async fn accept_loop(worker: Rc<Worker>, listener: StdListener, drain: DrainFlag
             continue;
         }
         let worker = worker.clone();
+        let removed = life.removed.clone();
         tokio_uring::spawn(async move {
             let transport = TcpTransport::new(stream);
-            let handle = worker.tracker.register(transport.raw_fd());
+            let handle = worker.tracker.register(transport.raw_fd(), removed);
             serve(transport, peer, &worker, &handle).await;
         });
-        // A connection accepted as the drain began is served; no further accept is made.
-        if drain.is_set() {
+        // A connection accepted as the drain began (or the listener was removed) is served; no
+        // further accept is made.
+        if drain.is_set() || life.removed.get() {
             return;
         }
     }

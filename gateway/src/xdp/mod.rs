@@ -11,5 +11,5 @@ mod stats;
 pub use bans::BanTable;
 pub use hook::{start as start_ban_hook, BanReporter};
 pub use loader::{adopt, attach, object_bytes, XdpGuard};
-pub use policy::{parse_cidr, settings, source_key};
+pub use policy::{fixed_changes, parse_cidr, policed_ports, settings, source_key};
 pub use stats::{read_pinned_stats, source_addr, SourceStats, XdpStats};

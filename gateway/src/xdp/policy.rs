@@ -32,6 +32,39 @@ fn gcra(rate: Option<u64>, burst: Option<u64>) -> (u64, u64) {
     }
 }
 
+/// The destination ports the program polices: the configured `ports`, or else the ports of the
+/// addresses the gateway listens on.
+pub fn policed_ports(config: &XdpConfig, listening: &[std::net::SocketAddr]) -> Vec<u16> {
+    if let Some(ports) = &config.ports {
+        return ports.clone();
+    }
+    let mut ports: Vec<u16> = listening.iter().map(|a| a.port()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// The `[xdp]` settings that cannot change in place (the program's attachment, its maps' sizes
+/// and pins, the ban hook's rules), by name, when they differ between `old` and `new`.
+pub fn fixed_changes(old: &XdpConfig, new: &XdpConfig) -> Vec<&'static str> {
+    let mut fixed = Vec::new();
+    let mut check = |same: bool, name| {
+        if !same {
+            fixed.push(name);
+        }
+    };
+    check(old.interface == new.interface, "xdp.interface");
+    check(old.mode == new.mode, "xdp.mode");
+    check(old.optional == new.optional, "xdp.optional");
+    check(old.max_sources == new.max_sources, "xdp.max_sources");
+    check(old.pin_path == new.pin_path, "xdp.pin_path");
+    check(old.ban_after == new.ban_after, "xdp.ban_after");
+    check(old.ban_window == new.ban_window, "xdp.ban_window");
+    check(old.ban_statuses == new.ban_statuses, "xdp.ban_statuses");
+    check(old.ban_duration == new.ban_duration, "xdp.ban_duration");
+    fixed
+}
+
 pub fn settings(config: &XdpConfig) -> Settings {
     let (packet_interval_ns, packet_tolerance_ns) = gcra(config.rate, config.burst);
     let (syn_interval_ns, syn_tolerance_ns) = gcra(config.syn_rate, config.syn_burst);

@@ -1,0 +1,219 @@
+//! One request's context: everything the phases learn about a request across its life (route,
+//! caller, upstream server, timings, status, bytes, outcome), read by the later phases and by
+//! the log phase. One context lives per connection and is reset for each request, so keeping it
+//! allocates nothing per request.
+
+use std::{fmt, rc::Rc};
+
+use tokio::time::Instant;
+
+use super::answer::Answer;
+use crate::{
+    auth::TokenIdentity,
+    http::{request::RequestHead, BodyFraming, Version},
+    proxy::snapshot::ConfigSnapshot,
+    quotas::QuotaCharges,
+};
+
+/// A request's id: unique per process run (a random per-worker base plus a counter), shown as
+/// 32 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestId(pub u128);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// Hands out a worker's request ids: a random 64-bit base per worker, then a counter, so ids
+/// from different workers and different runs do not collide and making one costs an add.
+pub struct RequestIds {
+    base: u64,
+    next: std::cell::Cell<u64>,
+}
+
+impl RequestIds {
+    pub fn new(worker: usize) -> RequestIds {
+        let mut seed = [0u8; 8];
+        // Without the OS's randomness ids are still unique within the run: the worker number
+        // keeps workers apart.
+        let _ = getrandom::fill(&mut seed);
+        RequestIds {
+            base: u64::from_le_bytes(seed) ^ (worker as u64).rotate_right(8),
+            next: std::cell::Cell::new(0),
+        }
+    }
+
+    pub fn next(&self) -> RequestId {
+        let n = self.next.get();
+        self.next.set(n.wrapping_add(1));
+        RequestId((u128::from(self.base) << 64) | u128::from(n))
+    }
+}
+
+/// Who the authenticate phase established the caller to be.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// A consumer of the config's list (an API key), by its index in the snapshot's table.
+    Listed(usize),
+    /// A verified JWT's subject, shared with the worker's token cache.
+    Token(Rc<TokenIdentity>),
+}
+
+impl Caller {
+    /// The consumer id and its groups joined with `,`.
+    pub fn identity<'a>(&'a self, snapshot: &'a ConfigSnapshot) -> (&'a str, &'a str) {
+        match self {
+            Caller::Listed(i) => {
+                let c = snapshot.consumers.get(*i);
+                (&c.id, &c.groups_header)
+            }
+            Caller::Token(t) => (&t.consumer, &t.groups_header),
+        }
+    }
+}
+
+/// What a request's framing tells the connection loop, kept once its head is no longer
+/// borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts {
+    pub head_len: usize,
+    pub body: BodyFraming,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+    pub is_head: bool,
+    pub version: Version,
+    /// Safe to send again on a fresh connection if a pooled one turns out to be dead.
+    pub idempotent: bool,
+    pub upgrade: bool,
+    pub max_body_bytes: Option<u64>,
+}
+
+impl RequestFacts {
+    pub fn of(req: &RequestHead) -> Self {
+        RequestFacts {
+            head_len: req.head_len,
+            body: req.body,
+            keep_alive: req.keep_alive,
+            expect_continue: req.expect_continue,
+            is_head: req.is_head(),
+            version: req.version,
+            idempotent: matches!(
+                req.method,
+                "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+            ),
+            upgrade: req.upgrade.is_some(),
+            max_body_bytes: None,
+        }
+    }
+
+    /// For a head that could not be parsed: nothing is known, nothing is kept.
+    pub fn unparsed() -> Self {
+        RequestFacts {
+            head_len: 0,
+            body: BodyFraming::None,
+            keep_alive: false,
+            expect_continue: false,
+            is_head: false,
+            version: Version::Http11,
+            idempotent: false,
+            upgrade: false,
+            max_body_bytes: None,
+        }
+    }
+}
+
+/// Which side ended an exchange early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+/// How a request ended, for the phases after the exchange and for the log.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    /// Still in the phases.
+    Pending,
+    /// The gateway answered itself (a refusal, an error, a `respond` route).
+    Answered(Answer),
+    /// The upstream's response was relayed completely.
+    Relayed,
+    /// The response was cut short: `Side` stopped before its end.
+    Cut(Side),
+    /// The connection became a tunnel (101 Switching Protocols).
+    Tunnelled,
+}
+
+/// When each step of a request happened. `accepted` is the connection's accept.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub accepted: Instant,
+    /// The first byte of this request's head was in the buffer.
+    pub head_started: Option<Instant>,
+    pub head_parsed: Option<Instant>,
+    pub upstream_connected: Option<Instant>,
+    pub first_response_byte: Option<Instant>,
+    pub done: Option<Instant>,
+}
+
+/// One request's context.
+#[derive(Debug)]
+pub struct RequestContext {
+    pub id: RequestId,
+    pub timings: Timings,
+    pub facts: RequestFacts,
+    /// The matched route's index in the request's snapshot.
+    pub route: Option<usize>,
+    pub caller: Option<Caller>,
+    /// The upstream group (index in the snapshot's upstream names) and server.
+    pub upstream: Option<(usize, usize)>,
+    /// Quotas taken for the request; the log phase gives them back unless the upstream
+    /// received the request or a `respond` route answered it.
+    pub charges: QuotaCharges,
+    /// The status sent to the client (0 until one was).
+    pub status: u16,
+    /// Request bytes consumed from the client (head and body as framed).
+    pub bytes_in: u64,
+    /// Response bytes written to the client (heads and body).
+    pub bytes_out: u64,
+    pub outcome: Outcome,
+}
+
+impl RequestContext {
+    pub fn new(accepted: Instant) -> RequestContext {
+        RequestContext {
+            id: RequestId::default(),
+            timings: Timings {
+                accepted,
+                head_started: None,
+                head_parsed: None,
+                upstream_connected: None,
+                first_response_byte: None,
+                done: None,
+            },
+            facts: RequestFacts::unparsed(),
+            route: None,
+            caller: None,
+            upstream: None,
+            charges: QuotaCharges::default(),
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            outcome: Outcome::Pending,
+        }
+    }
+
+    /// Clears what the previous request on the connection left, keeping the connection's
+    /// accept time. Charges left over were settled by the log phase.
+    pub fn reset(&mut self) {
+        debug_assert!(self.charges.is_empty(), "charges settled by the log phase");
+        *self = RequestContext::new(self.timings.accepted);
+    }
+
+    /// True once a request began arriving (an idle connection closing is no request).
+    pub fn started(&self) -> bool {
+        self.timings.head_started.is_some()
+    }
+}

@@ -1,0 +1,84 @@
+//! Authenticate phase: who is calling, by the route's access policy (an API key of a listed
+//! consumer, or a JWT verified against the configured issuers), and which credential to strip
+//! before forwarding. Verified tokens are cached per worker until they expire.
+
+use std::cell::RefCell;
+
+use tracing::debug;
+
+use super::Exit;
+use crate::{
+    auth::{find_credential, AuthError, CredentialSource, JwtError, TokenCache},
+    config::AuthMethod,
+    http::request::RequestHead,
+    proxy::{
+        answer::Answer,
+        context::{Caller, RequestContext},
+        snapshot::ConfigSnapshot,
+    },
+    routing::Route,
+};
+
+/// Establishes `ctx.caller` when the route has an access policy; returns the credential's
+/// place when it is to be stripped. `may_await_keys`: whether a JWT naming a key its issuer
+/// does not have yet may make the request wait for a refetch (once per request).
+pub fn run(
+    snapshot: &ConfigSnapshot,
+    tokens: &RefCell<TokenCache>,
+    route: &Route,
+    req: &RequestHead,
+    ctx: &mut RequestContext,
+    may_await_keys: bool,
+) -> Result<Option<CredentialSource>, Exit> {
+    let Some(policy) = &route.auth else {
+        return Ok(None);
+    };
+    let denied = |e| Exit::Answer(Answer::Denied(e));
+    let credential =
+        find_credential(req, &snapshot.config.auth).ok_or(denied(AuthError::Missing))?;
+    let accepts = |m| policy.methods.contains(&m);
+    let strip = (!policy.keep_credentials).then_some(credential.source);
+    if accepts(AuthMethod::Jwt)
+        && credential.source == CredentialSource::Bearer
+        && looks_like_jwt(credential.value)
+    {
+        let mut tokens = tokens.borrow_mut();
+        let keys_epoch = snapshot.issuers.keys_epoch();
+        let token = match tokens.get(credential.value) {
+            Some(t) => t,
+            None if tokens.refused(credential.value, keys_epoch).is_some() => {
+                return Err(denied(AuthError::Invalid))
+            }
+            None => match snapshot.issuers.verify(credential.value) {
+                Ok(t) => tokens.insert(credential.value, t),
+                Err(JwtError::UnknownKey(issuer)) if may_await_keys => {
+                    return Err(Exit::AwaitKeys(issuer))
+                }
+                Err(e) => {
+                    tokens.remember_refusal(credential.value, e, keys_epoch);
+                    debug!(error = ?e, "token refused");
+                    return Err(denied(AuthError::Invalid));
+                }
+            },
+        };
+        if !token.allowed_by(policy) {
+            return Err(denied(AuthError::Forbidden));
+        }
+        ctx.caller = Some(Caller::Token(token));
+        return Ok(strip);
+    }
+    if accepts(AuthMethod::ApiKey) {
+        let consumer = snapshot
+            .consumers
+            .admit(policy, Some(&credential))
+            .map_err(denied)?;
+        ctx.caller = Some(Caller::Listed(consumer));
+        return Ok(strip);
+    }
+    Err(denied(AuthError::Invalid))
+}
+
+/// A JWT is three base64url parts; API keys never contain a dot.
+fn looks_like_jwt(token: &[u8]) -> bool {
+    token.iter().filter(|b| **b == b'.').count() == 2
+}

@@ -1,0 +1,61 @@
+//! Request head phase: the head sent upstream, rebuilt from the client's with the route's path
+//! rewrite, the caller's identity fields and X-Forwarded-* (see [`crate::proxy::upstream_head`]
+//! for the rules), written once into the connection's head buffer for the chosen server.
+
+use std::net::IpAddr;
+
+use tracing::error;
+
+use crate::{
+    auth::CredentialSource,
+    http::request::RequestHead,
+    proxy::{
+        answer::Answer,
+        context::{Caller, RequestContext},
+        snapshot::ConfigSnapshot,
+        upstream_head::{write_upstream_request, Identity},
+    },
+    routing::Route,
+};
+
+/// Writes the upstream head for `req` to `out`; `host` is the chosen server's Host value, used
+/// when the client sent none.
+#[allow(clippy::too_many_arguments)]
+pub fn write(
+    snapshot: &ConfigSnapshot,
+    route: &Route,
+    req: &RequestHead,
+    peer: IpAddr,
+    ctx: &RequestContext,
+    strip: Option<CredentialSource>,
+    host: &str,
+    out: &mut Vec<u8>,
+) -> Result<(), Answer> {
+    let mut identity = Identity {
+        replaced: &snapshot.issuers.claim_header_names,
+        strip,
+        ..Identity::default()
+    };
+    if let Some(caller) = &ctx.caller {
+        identity.consumer = Some(caller.identity(snapshot));
+        if let Caller::Token(token) = caller {
+            identity.claim_headers = &token.claim_headers;
+        }
+    }
+    out.clear();
+    write_upstream_request(
+        out,
+        req,
+        route,
+        &identity,
+        &snapshot.config.auth,
+        peer,
+        "http",
+        host,
+    )
+    .map_err(|e| {
+        // A bug upstream of the encoder, never the client's doing: say which field.
+        error!(route = %route.id, field = e.field, "{e}");
+        Answer::error(500, "the gateway could not build the upstream request")
+    })
+}
