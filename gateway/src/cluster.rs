@@ -62,9 +62,19 @@ pub struct Cluster {
     healthy: AtomicBool,
     wake: SyncSender<()>,
     started: Instant,
+    /// Milliseconds after `started` of the last successful sync (0: none yet).
+    last_sync_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Cluster {
+    /// Whether Redis is reachable, and seconds since the last successful sync (none yet: None).
+    pub fn sync_state(&self) -> (bool, Option<f64>) {
+        let at = self.last_sync_ms.load(Ordering::Acquire);
+        let age = (at > 0)
+            .then(|| (self.started.elapsed().as_millis() as u64).saturating_sub(at) as f64 / 1e3);
+        (self.healthy.load(Ordering::Acquire), age)
+    }
+
     /// Starts the sync thread for `config`.
     pub fn start(config: &ClusterConfig) -> anyhow::Result<Arc<Cluster>> {
         let client = redis::Client::open(config.redis.as_str())
@@ -76,6 +86,7 @@ impl Cluster {
             healthy: AtomicBool::new(true),
             wake,
             started: Instant::now(),
+            last_sync_ms: std::sync::atomic::AtomicU64::new(0),
         });
         let sync = Syncer {
             cluster: cluster.clone(),
@@ -195,6 +206,8 @@ impl Syncer {
             }
             match self.sync() {
                 Ok(()) => {
+                    let at = self.cluster.started.elapsed().as_millis().max(1) as u64;
+                    self.cluster.last_sync_ms.store(at, Ordering::Release);
                     if !self.cluster.healthy.swap(true, Ordering::AcqRel) {
                         info!("Redis reachable again: shared limits and quotas resumed");
                     }

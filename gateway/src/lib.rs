@@ -8,6 +8,7 @@ pub mod http;
 pub mod io;
 pub mod limits;
 pub mod log_throttle;
+pub mod metrics;
 pub mod proxy;
 pub mod quotas;
 pub mod routing;

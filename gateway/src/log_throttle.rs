@@ -19,16 +19,24 @@ pub enum Noisy {
     Accept,
     /// A bounded state map refused a new key.
     StateFull,
+    /// The access log could not be written.
+    AccessLog,
 }
 
 impl Noisy {
-    pub const ALL: [Noisy; 3] = [Noisy::Upstream, Noisy::Accept, Noisy::StateFull];
+    pub const ALL: [Noisy; 4] = [
+        Noisy::Upstream,
+        Noisy::Accept,
+        Noisy::StateFull,
+        Noisy::AccessLog,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Noisy::Upstream => "upstream failure",
             Noisy::Accept => "accept failure",
             Noisy::StateFull => "state full",
+            Noisy::AccessLog => "access log write failure",
         }
     }
 }

@@ -1,13 +1,15 @@
 //! The `portcullis` command: run the gateway, check a config, inspect the XDP fast path.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use portcullis::{
     config::Config,
+    metrics::Metrics,
     proxy::snapshot::ConfigSnapshot,
     runtime::{
+        admin::{AdminState, AdminToken},
         control::{Handover, TakeOver},
         listener::{bind_all, ListenerSet},
         live::Live,
@@ -222,32 +224,41 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
         })?;
         let listeners = std::mem::take(&mut takeover.listeners);
         // Dropping `takeover` on a mismatch tells the old process to keep serving.
-        if listeners.len() != workers || listeners[0].len() != config.server.listen.len() {
+        if listeners.len() != workers {
             anyhow::bail!(
-                "the running gateway has {} workers with {} listeners each; this config asks for {workers} with {}: an upgrade keeps both",
+                "the running gateway has {} workers; this config asks for {workers}: an upgrade keeps the worker count",
                 listeners.len(),
-                listeners[0].len(),
-                config.server.listen.len()
             );
         }
-        let bound = listeners[0]
+        let handed = listeners[0]
             .iter()
             .map(|l| l.local_addr())
             .collect::<Result<Vec<_>, _>>()?;
         info!(
             "upgrade: took over {} listening sockets",
-            workers * bound.len()
+            workers * handed.len()
         );
-        (Some(takeover), listeners, bound)
+        (Some(takeover), listeners, handed)
     } else {
         let (listeners, bound) = bind_all(&config.server.listen, workers)?;
         (None, listeners, bound)
     };
+    // The sockets are known by the addresses they are bound to; the config's list then decides
+    // (after an upgrade it may add or drop addresses, matched by address, port 0 by IP).
+    let (listener_set, worker_listeners) = ListenerSet::new(&bound, listeners)?;
+    let changed = listener_set.change_to(&config.server.listen)?;
+    if !changed.is_empty() {
+        info!(added = ?changed.added, removed = ?changed.removed, "listen addresses changed by the upgrade");
+    }
+    let bound = listener_set.bound();
     let xdp_guard = match &config.xdp {
         None => None,
         // The program stays attached across an upgrade: take over its pinned links and maps.
         Some(xdp_config) if takeover.is_some() => {
-            let guard = xdp::adopt(xdp_config).context("cannot take over the XDP program")?;
+            let mut guard = xdp::adopt(xdp_config).context("cannot take over the XDP program")?;
+            guard
+                .apply(xdp_config, &xdp::policed_ports(xdp_config, &bound))
+                .context("cannot write this config's XDP policy")?;
             info!("upgrade: took over the attached XDP program and its maps");
             Some(guard)
         }
@@ -277,16 +288,26 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
     };
     let flush_interval = config.quotas.flush_interval.get();
     let data_dir = config.quotas.data_dir.clone();
-    let (listener_set, worker_listeners) = ListenerSet::new(&config.server.listen, listeners)?;
     let handover = Handover {
         listeners: listener_set.clone(),
         drain: drain.clone(),
         data_dir,
     };
+    let config_admin = config.admin.clone();
+    // Read now, so a missing or short token stops the start with a clear message.
+    let admin_token = config_admin
+        .as_ref()
+        .map(AdminToken::load)
+        .transpose()?
+        .flatten();
     let snapshot = ConfigSnapshot::new(config)?;
     snapshot.quota_store.start_flusher(flush_interval)?;
     let quota_store = snapshot.quota_store.clone();
-    let live = Live::new(path, snapshot, listener_set, xdp_guard);
+    let metrics = match &config_admin {
+        Some(admin) => Some(Metrics::start(admin.percentile_window.get())?),
+        None => None,
+    };
+    let live = Live::new(path, snapshot, listener_set, xdp_guard, metrics.clone());
     // Forget rate-limit state that has fully recovered, so memory follows active keys.
     let sweeping = live.clone();
     std::thread::Builder::new()
@@ -298,7 +319,23 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
             }
         })?;
     portcullis::runtime::control::reload_on_hangup(live.clone())?;
-    let handles = spawn_workers(live.published(), worker_listeners, drain.clone(), bans)?;
+    let handles = spawn_workers(
+        live.published(),
+        worker_listeners,
+        drain.clone(),
+        bans,
+        metrics.clone(),
+    )?;
+    if let (Some(admin), Some(metrics)) = (&config_admin, metrics) {
+        let state = AdminState {
+            token: admin_token,
+            metrics,
+            live: live.clone(),
+            drain: drain.clone(),
+            workers,
+        };
+        portcullis::runtime::admin::start(&admin.listen, Arc::new(state))?;
+    }
     match takeover {
         None => portcullis::runtime::control::serve(&control_socket, live.clone(), handover)?,
         Some(takeover) => {

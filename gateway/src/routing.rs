@@ -187,6 +187,15 @@ impl RouteTable {
         &self.routes[index]
     }
 
+    /// How many routes there are.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
     /// Upstream group names, indexed as in [`Action::Upstream`].
     pub fn upstream_names(&self) -> &[String] {
         &self.upstream_names

@@ -9,7 +9,7 @@ use anyhow::bail;
 use crate::{ebpf::which, is_root, run_checked};
 
 /// Commands the tests run, and the Debian package that provides each.
-const COMMANDS: [(&str, &str, &str); 6] = [
+const COMMANDS: [(&str, &str, &str); 8] = [
     ("curl", "curl", "the real HTTP client in end-to-end tests"),
     ("ip", "iproute2", "network namespaces and veth pairs"),
     ("mount", "mount", "mounting bpffs for pinned maps"),
@@ -20,7 +20,21 @@ const COMMANDS: [(&str, &str, &str); 6] = [
         "the cluster tests' shared store",
     ),
     ("python3", "python3", "the h11 conformance upstream"),
+    (
+        "promtool",
+        "prometheus",
+        "checking the metrics exposition (promtool check metrics)",
+    ),
+    (
+        "prometheus",
+        "prometheus",
+        "a real Prometheus server scraping the admin endpoint",
+    ),
 ];
+
+/// Packaged services the tests start themselves on free ports: stopped if the package started
+/// them, so they hold no port and write nothing.
+const SERVICES: [&str; 2] = ["redis-server", "prometheus"];
 
 /// Python modules the tests import: (module, PyPI package, Debian package, why).
 const PYTHON_MODULES: [(&str, &str, &str, &str); 1] = [(
@@ -48,7 +62,7 @@ fn apt_install(packages: &[&str], updated: &mut bool) -> anyhow::Result<()> {
     }
     run_checked(
         Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
@@ -66,6 +80,7 @@ pub fn ensure() -> anyhow::Result<()> {
             missing.push(package);
         }
     }
+    missing.dedup();
     if !missing.is_empty() {
         let command = format!("apt-get update && apt-get install -y {}", missing.join(" "));
         if !root {
@@ -74,18 +89,19 @@ pub fn ensure() -> anyhow::Result<()> {
         step(&format!("installing {}: {command}", missing.join(", ")));
         apt_install(&missing, &mut apt_updated)?;
     }
-    // The packaged service is not what the tests use (they start their own on a free port):
-    // keep it from holding port 6379 or writing dumps.
-    if which("systemctl").is_some()
-        && Command::new("systemctl")
-            .args(["is-active", "--quiet", "redis-server"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    {
-        step("stopping the packaged redis-server service: systemctl stop redis-server");
-        let _ = Command::new("systemctl")
-            .args(["stop", "redis-server"])
-            .output();
+    // The packaged services are not what the tests use (they start their own on free ports).
+    for service in SERVICES {
+        if which("systemctl").is_some()
+            && Command::new("systemctl")
+                .args(["is-active", "--quiet", service])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        {
+            step(&format!(
+                "stopping the packaged {service} service: systemctl stop {service}"
+            ));
+            let _ = Command::new("systemctl").args(["stop", service]).output();
+        }
     }
     for (module, pypi, debian, why) in PYTHON_MODULES {
         if python_has(module) {

@@ -4,8 +4,10 @@
 mod duration;
 mod error;
 mod names;
+mod observability;
 mod validate;
 pub use names::valid_route_id;
+pub use observability::{AccessLogConfig, AccessLogTarget, AdminConfig, AdminListen};
 pub use validate::is_token_byte;
 
 use std::{
@@ -43,6 +45,13 @@ pub struct Config {
     pub quotas: QuotasConfig,
     /// Share limits and quotas with other hosts through Redis.
     pub cluster: Option<ClusterConfig>,
+    /// Metrics, the admin API and the status page; off unless set.
+    pub admin: Option<AdminConfig>,
+    /// One JSON line per request; off unless set.
+    pub access_log: Option<AccessLogConfig>,
+    /// SHA-256 of the file's text, in hex (set by [`Config::parse`]; compares hosts' configs).
+    #[serde(skip)]
+    pub source_sha256: String,
 }
 
 /// `[cluster]`: limits and quotas shared through Redis, synchronised in batches.
@@ -622,7 +631,7 @@ impl Config {
 
     /// Parses and validates config text; `path` names the file in errors.
     pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(source).map_err(|e| ConfigError {
+        let mut config: Config = toml::from_str(source).map_err(|e| ConfigError {
             file: path.to_owned(),
             line: e.span().map(|s| line_of(source, s.start)),
             key: None,
@@ -634,6 +643,8 @@ impl Config {
             key: Some(invalid.key.to_string()),
             message: invalid.message,
         })?;
+        use sha2::Digest;
+        config.source_sha256 = hex::encode(sha2::Sha256::digest(source.as_bytes()));
         Ok(config)
     }
 }

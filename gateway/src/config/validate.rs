@@ -19,6 +19,12 @@ const RESPOND_RESERVED_HEADERS: [&str; 4] = [
 impl Config {
     /// Checks the rules that serde cannot; the error names the first key at fault.
     pub fn validate(&self) -> Result<(), Invalid> {
+        if let Some(admin) = &self.admin {
+            admin.validate()?;
+        }
+        if let Some(log) = &self.access_log {
+            log.validate()?;
+        }
         let s = &self.server;
         let server = || key_path("server");
         if s.listen.is_empty() {

@@ -116,7 +116,7 @@ impl<C: Transport> Connection<'_, C> {
         let next = self.exchange(first).await;
         if self.ctx.started() {
             let generation = self.generation.clone();
-            phase::log::finish(&mut self.ctx, &generation.snapshot, self.worker, self.peer);
+            phase::log::finish(&mut self.ctx, &generation, self.worker, self.peer);
         }
         next
     }
@@ -142,6 +142,7 @@ impl<C: Transport> Connection<'_, C> {
                     // across reloads); this request keeps it to the end.
                     self.generation = worker.generation();
                     self.ctx.timings.head_started = Some(Instant::now());
+                    self.ctx.id = worker.request_ids.next();
                 }
                 let started = self.ctx.timings.head_started.unwrap_or_else(Instant::now);
                 let generation = self.generation.clone();
@@ -157,9 +158,9 @@ impl<C: Transport> Connection<'_, C> {
                     Ok(Some(req)) => {
                         if self.ctx.timings.head_parsed.is_none() {
                             self.ctx.timings.head_parsed = Some(Instant::now());
-                            self.ctx.id = worker.request_ids.next();
                         }
                         self.ctx.facts = RequestFacts::of(&req);
+                        self.ctx.method = crate::metrics::labels::method_index(req.method);
                         let flow = phase::run(
                             &req,
                             self.peer.ip(),
@@ -245,12 +246,20 @@ impl<C: Transport> Connection<'_, C> {
         if let Some(slot) = limit.try_acquire(counter) {
             return Some(slot);
         }
+        let metrics = self.generation.metrics.as_ref().zip(self.ctx.route);
+        let route_counters = metrics.map(|(m, r)| m.routes[r].counters.clone());
+        if let Some(c) = &route_counters {
+            c.concurrency_waits.inc();
+        }
         let deadline = Instant::now() + limit.queue_timeout;
         while Instant::now() < deadline {
             tokio::time::sleep(CONCURRENCY_POLL).await;
             if let Some(slot) = limit.try_acquire(counter) {
                 return Some(slot);
             }
+        }
+        if let Some(c) = &route_counters {
+            c.concurrency_refusals.inc();
         }
         None
     }

@@ -164,6 +164,8 @@ pub struct RequestContext {
     pub id: RequestId,
     pub timings: Timings,
     pub facts: RequestFacts,
+    /// The method, as an index into [`crate::metrics::labels::METHODS`].
+    pub method: usize,
     /// The matched route's index in the request's snapshot.
     pub route: Option<usize>,
     pub caller: Option<Caller>,
@@ -194,6 +196,7 @@ impl RequestContext {
                 done: None,
             },
             facts: RequestFacts::unparsed(),
+            method: crate::metrics::labels::METHODS.len() - 1,
             route: None,
             caller: None,
             upstream: None,

@@ -67,6 +67,10 @@ impl<C: Transport> Connection<'_, C> {
         // context, and the log phase gives them back.
         let charges = self.ctx.charges;
         let group = &generation.upstreams[group_index];
+        let server_counters = generation
+            .metrics
+            .as_ref()
+            .map(|m| &m.upstreams[group_index].servers[server]);
         let has_body = !matches!(facts.body, BodyFraming::None | BodyFraming::Length(0));
         let mut consumed = facts.head_len;
         let mut retried = false;
@@ -90,12 +94,21 @@ impl<C: Transport> Connection<'_, C> {
             let conn = match attempt {
                 Ok(c) => c,
                 Err(e) => {
+                    if let Some(c) = server_counters {
+                        c.connect_failures.inc();
+                        if matches!(e, ConnectError::TimedOut) {
+                            c.timeouts.inc();
+                        }
+                    }
                     return self
                         .upstream_unavailable(group, server, e, request_deadline)
                         .await;
                 }
             };
             self.ctx.timings.upstream_connected = Some(Instant::now());
+            if let Some(c) = server_counters {
+                c.requests.inc();
+            }
             let len = self.out.len();
             let (res, out) = write_before(
                 &conn.transport,
@@ -181,6 +194,9 @@ impl<C: Transport> Connection<'_, C> {
                     return Next::Abort;
                 }
                 Err(failure) => {
+                    if let (HeadFailure::TimedOut, Some(c)) = (&failure, server_counters) {
+                        c.timeouts.inc();
+                    }
                     let (status, detail) = match &failure {
                         HeadFailure::TimedOut => (504, "upstream timed out"),
                         HeadFailure::Invalid(_) => (502, "invalid response from upstream"),

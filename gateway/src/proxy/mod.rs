@@ -11,6 +11,7 @@ mod connection_tests;
 pub mod context;
 pub mod forward;
 pub mod phase;
+pub mod route_metrics;
 pub mod snapshot;
 #[cfg(test)]
 mod test_bench;

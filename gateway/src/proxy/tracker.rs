@@ -18,6 +18,8 @@ struct Entry {
 pub struct ConnTracker {
     slots: RefCell<Vec<Option<Entry>>>,
     free: RefCell<Vec<usize>>,
+    /// Where the open and idle counts are published for the metrics, when they are on.
+    gauges: Option<std::sync::Arc<crate::metrics::worker::WorkerCounters>>,
 }
 
 /// A registered connection; deregisters itself when dropped.
@@ -29,6 +31,13 @@ pub struct ConnHandle<'t> {
 }
 
 impl ConnTracker {
+    pub fn new(gauges: Option<std::sync::Arc<crate::metrics::worker::WorkerCounters>>) -> Self {
+        ConnTracker {
+            gauges,
+            ..ConnTracker::default()
+        }
+    }
+
     /// Registers the connection on `fd`, accepted on a listener that is removed once
     /// `listener_removed` is set.
     pub fn register(&self, fd: RawFd, listener_removed: Rc<Cell<bool>>) -> ConnHandle<'_> {
@@ -44,6 +53,9 @@ impl ConnTracker {
                 slots.len() - 1
             }
         };
+        if let Some(g) = &self.gauges {
+            g.connections_open.inc();
+        }
         ConnHandle {
             tracker: self,
             slot,
@@ -80,6 +92,15 @@ impl ConnHandle<'_> {
     /// Marks the connection idle (waiting for a next request) or busy.
     pub fn set_idle(&self, idle: bool) {
         if let Some(e) = self.tracker.slots.borrow_mut()[self.slot].as_mut() {
+            if e.idle != idle {
+                if let Some(g) = &self.tracker.gauges {
+                    if idle {
+                        g.connections_idle.inc();
+                    } else {
+                        g.connections_idle.sub(1);
+                    }
+                }
+            }
             e.idle = idle;
         }
     }
@@ -87,7 +108,13 @@ impl ConnHandle<'_> {
 
 impl Drop for ConnHandle<'_> {
     fn drop(&mut self) {
-        self.tracker.slots.borrow_mut()[self.slot] = None;
+        let entry = self.tracker.slots.borrow_mut()[self.slot].take();
+        if let Some(g) = &self.tracker.gauges {
+            g.connections_open.sub(1);
+            if entry.is_some_and(|e| e.idle) {
+                g.connections_idle.sub(1);
+            }
+        }
         self.tracker.free.borrow_mut().push(self.slot);
     }
 }

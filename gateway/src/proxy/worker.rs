@@ -9,6 +9,7 @@ use std::{
 };
 
 use super::{
+    route_metrics::GenerationMetrics,
     snapshot::{ConfigSnapshot, Published},
     tracker::ConnTracker,
 };
@@ -21,6 +22,8 @@ pub struct Generation {
     pub snapshot: Arc<ConfigSnapshot>,
     /// Indexed like [`crate::routing::RouteTable::upstream_names`].
     pub upstreams: Vec<UpstreamGroup>,
+    /// What requests record into, when metrics are on.
+    pub metrics: Option<super::route_metrics::GenerationMetrics>,
 }
 
 /// One worker's state, owned by its thread.
@@ -40,6 +43,8 @@ pub struct Worker {
     pub tokens: RefCell<crate::auth::TokenCache>,
     /// Ids for this worker's requests.
     pub request_ids: super::context::RequestIds,
+    /// This worker's counters and latency series, when metrics are on.
+    pub metrics: Option<crate::metrics::worker::WorkerMetrics>,
 }
 
 fn upstream_groups(snapshot: &ConfigSnapshot, previous: Option<&Generation>) -> Vec<UpstreamGroup> {
@@ -65,11 +70,19 @@ fn upstream_groups(snapshot: &ConfigSnapshot, previous: Option<&Generation>) -> 
 
 impl Worker {
     /// The context of worker `id`, serving the snapshot `published` holds now.
-    pub fn new(id: usize, published: Arc<Published>, bans: Option<BanReporter>) -> Worker {
+    pub fn new(
+        id: usize,
+        published: Arc<Published>,
+        bans: Option<BanReporter>,
+        metrics: Option<crate::metrics::worker::WorkerMetrics>,
+    ) -> Worker {
         let number = published.generation();
         let snapshot = published.snapshot();
         let upstreams = upstream_groups(&snapshot, None);
         let tokens = RefCell::new(crate::auth::TokenCache::new(&snapshot.config.auth));
+        let generation_metrics = metrics
+            .as_ref()
+            .map(|m| GenerationMetrics::new(&snapshot.routes, &upstreams, m));
         Worker {
             id,
             published,
@@ -77,13 +90,15 @@ impl Worker {
                 number,
                 snapshot,
                 upstreams,
+                metrics: generation_metrics,
             })),
-            tracker: ConnTracker::default(),
+            tracker: ConnTracker::new(metrics.as_ref().map(|m| m.counters.clone())),
             draining: Cell::new(false),
             closes_idle: Cell::new(true),
             bans,
             tokens,
             request_ids: super::context::RequestIds::new(id),
+            metrics,
         }
     }
 
@@ -99,10 +114,15 @@ impl Worker {
                 *self.tokens.borrow_mut() = crate::auth::TokenCache::new(&snapshot.config.auth);
             }
             let upstreams = upstream_groups(&snapshot, Some(&old));
+            let metrics = self
+                .metrics
+                .as_ref()
+                .map(|m| GenerationMetrics::new(&snapshot.routes, &upstreams, m));
             *self.current.borrow_mut() = Rc::new(Generation {
                 number: latest,
                 snapshot,
                 upstreams,
+                metrics,
             });
         }
         self.current.borrow().clone()

@@ -165,6 +165,8 @@ pub fn send(path: &Path, command: &str) -> std::io::Result<String> {
 /// The old side of an upgrade, on the new process's control connection.
 fn hand_over(stream: &UnixStream, live: &Live, handover: &Handover) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
+    // No reload may change the sockets or the state while they are handed over.
+    let _no_reload = live.hold_reloads();
     let listeners = handover.listeners.per_worker()?;
     let workers = listeners.len();
     let per_worker = listeners.first().map_or(0, Vec::len);
@@ -204,6 +206,9 @@ fn hand_over(stream: &UnixStream, live: &Live, handover: &Handover) -> std::io::
     }
     tracing::info!("upgrade: the new process is listening; draining");
     handover.drain.set(DrainMode::Upgrade);
+    // The new process owns the config from here: this one refuses reloads and lets go of its
+    // copies of the sockets.
+    live.retire();
     (&*stream).write_all(b"ok\n")?;
     Ok(())
 }

@@ -134,6 +134,13 @@ impl ListenerSet {
         self.inner().entries.iter().map(|e| e.bound).collect()
     }
 
+    /// Forgets every socket (once an upgrade handed them over): this process no longer holds
+    /// them open, so an address the new process removes closes for good. Workers keep theirs
+    /// until their accept loops end.
+    pub fn release(&self) {
+        self.inner().entries.clear();
+    }
+
     /// Clones of every worker's sockets, worker by worker, in config order: what an upgrade
     /// hands to the new process.
     pub fn per_worker(&self) -> std::io::Result<Vec<Vec<TcpListener>>> {
@@ -158,10 +165,17 @@ impl ListenerSet {
         let mut kept = vec![false; inner.entries.len()];
         let mut new_entries: Vec<Option<usize>> = Vec::with_capacity(configured.len());
         let mut to_bind = Vec::new();
+        // An address matches an entry configured the same, or, for port 0 (any port), one bound
+        // on the same IP: after an upgrade the entries are known by their bound addresses.
+        let matches = |e: &Entry, addr: &SocketAddr| {
+            e.configured == *addr || (addr.port() == 0 && e.bound.ip() == addr.ip())
+        };
         for addr in configured {
-            match (0..inner.entries.len())
-                .find(|&i| !kept[i] && inner.entries[i].configured == *addr)
-            {
+            let exact = (0..inner.entries.len())
+                .find(|&i| !kept[i] && inner.entries[i].configured == *addr);
+            match exact.or_else(|| {
+                (0..inner.entries.len()).find(|&i| !kept[i] && matches(&inner.entries[i], addr))
+            }) {
                 Some(i) => {
                     kept[i] = true;
                     new_entries.push(Some(i));
@@ -193,7 +207,11 @@ impl ListenerSet {
         let mut entries = Vec::with_capacity(configured.len());
         for (slot, addr) in new_entries.into_iter().zip(configured) {
             match slot {
-                Some(i) => entries.push(old[i].take().expect("matched once")),
+                Some(i) => {
+                    let mut entry = old[i].take().expect("matched once");
+                    entry.configured = *addr;
+                    entries.push(entry);
+                }
                 None => {
                     let (bound, sockets, copies) = fresh.next().expect("bound above");
                     for (link, copy) in inner.links.iter().zip(copies) {

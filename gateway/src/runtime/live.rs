@@ -29,6 +29,8 @@ pub enum ReloadError {
     NeedsRestart(Vec<&'static str>),
     #[error("the new config could not be applied: {0:#}")]
     Build(anyhow::Error),
+    #[error("this process handed over to an upgraded one and is draining: reload that one")]
+    Retired,
     #[error("the new listen addresses could not be bound, so nothing changed: {0}")]
     Listen(std::io::Error),
     #[error("the new config is in force, but the XDP policy could not be updated (the previous one stays in the kernel): {0:#}")]
@@ -45,6 +47,13 @@ pub struct Live {
     xdp: Mutex<Option<XdpGuard>>,
     /// One reload at a time (a signal and the control socket may ask together).
     reloading: Mutex<()>,
+    /// Set once an upgrade handed everything to a new process.
+    retired: std::sync::atomic::AtomicBool,
+    /// Set when the last reload's XDP policy could not be written: the next reload writes it
+    /// whether or not it changed.
+    xdp_stale: std::sync::atomic::AtomicBool,
+    /// Where reloads are counted, when metrics are on.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Live {
@@ -53,6 +62,7 @@ impl Live {
         snapshot: ConfigSnapshot,
         listeners: Arc<ListenerSet>,
         xdp: Option<XdpGuard>,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Arc<Live> {
         Arc::new(Live {
             published: Published::new(snapshot),
@@ -60,12 +70,28 @@ impl Live {
             listeners,
             xdp: Mutex::new(xdp),
             reloading: Mutex::new(()),
+            retired: Default::default(),
+            xdp_stale: Default::default(),
+            metrics,
         })
     }
 
     /// The listening sockets (what an upgrade hands over).
     pub fn listeners(&self) -> &Arc<ListenerSet> {
         &self.listeners
+    }
+
+    /// Keeps reloads out while held (during an upgrade's hand-over).
+    pub fn hold_reloads(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.reloading.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After a hand-over: reloads are refused (the new process serves the config), and the
+    /// listening sockets are no longer held here.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.listeners.release();
     }
 
     /// Takes the XDP program's guard back, at exit.
@@ -86,7 +112,18 @@ impl Live {
     /// Reads the config file again and, when it is valid and reloadable, puts it in force.
     /// Returns a one-line summary of what changed.
     pub fn reload(&self) -> Result<String, ReloadError> {
+        let result = self.reload_once();
+        if let Some(m) = &self.metrics {
+            m.reloaded(result.is_ok());
+        }
+        result
+    }
+
+    fn reload_once(&self) -> Result<String, ReloadError> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        if self.retired.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ReloadError::Retired);
+        }
         let config = Config::load(&self.path)?;
         let old = self.snapshot();
         let fixed = needs_restart(&old.config, &config);
@@ -116,7 +153,9 @@ impl Live {
             ));
         }
         let xdp_policy = new.config.xdp.clone();
-        let xdp_changed = new.config.xdp != old.config.xdp || *listen != old.config.server.listen;
+        let xdp_changed = new.config.xdp != old.config.xdp
+            || *listen != old.config.server.listen
+            || self.xdp_stale.load(std::sync::atomic::Ordering::Acquire);
         let generation = self.published.publish(new);
         info!(generation, "config reloaded: {summary}");
         if let (true, Some(policy)) = (xdp_changed, xdp_policy) {
@@ -125,8 +164,12 @@ impl Live {
                 let ports = crate::xdp::policed_ports(&policy, &self.listeners.bound());
                 if let Err(e) = guard.apply(&policy, &ports) {
                     error!("cannot update the XDP policy: {e:#}");
+                    self.xdp_stale
+                        .store(true, std::sync::atomic::Ordering::Release);
                     return Err(ReloadError::Xdp(e));
                 }
+                self.xdp_stale
+                    .store(false, std::sync::atomic::Ordering::Release);
                 info!(?ports, "XDP policy updated in place");
                 summary.push_str("; XDP policy updated in place");
             }
@@ -154,6 +197,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.cluster != new.cluster {
         fixed.push("cluster");
+    }
+    if old.admin != new.admin {
+        fixed.push("admin");
     }
     match (&old.xdp, &new.xdp) {
         (Some(o), Some(n)) => fixed.extend(crate::xdp::fixed_changes(o, n)),

@@ -1,6 +1,7 @@
 //! The process around the proxy: listeners, worker threads, reloading the config snapshot they
 //! share, the control socket, and shutdown. It builds on `proxy`, never the other way round.
 
+pub mod admin;
 pub mod control;
 pub mod listener;
 pub mod live;

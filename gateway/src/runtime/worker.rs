@@ -24,10 +24,13 @@ use super::{
 use crate::{
     http::encode,
     io::{accept_until, Accepted, TcpTransport, Transport},
+    metrics::Metrics,
     proxy::{connection::serve, snapshot::Published, worker::Worker},
     xdp::BanReporter,
 };
 
+/// How often a worker hands its latency histograms to the collector.
+const LATENCY_HAND_OVER: Duration = Duration::from_secs(1);
 /// Submission queue entries per worker ring.
 const RING_ENTRIES: u32 = 4096;
 /// Pause after a failed accept (such as EMFILE) so the loop does not spin.
@@ -43,6 +46,7 @@ pub fn spawn_workers(
     listeners: Vec<WorkerListeners>,
     drain: DrainFlag,
     bans: Option<BanReporter>,
+    metrics: Option<Arc<Metrics>>,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (started_tx, started_rx) = std::sync::mpsc::channel::<usize>();
@@ -60,7 +64,12 @@ pub fn spawn_workers(
             .spawn({
                 let started = started_tx.clone();
                 let bans = bans.clone();
-                move || run_worker(id, core, published, listeners, drain, started, bans)
+                let metrics = metrics.clone();
+                move || {
+                    run_worker(
+                        id, core, published, listeners, drain, started, bans, metrics,
+                    )
+                }
             })?;
         handles.push(handle);
     }
@@ -74,6 +83,7 @@ pub fn spawn_workers(
     Ok(handles)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_worker(
     id: usize,
     core: Option<core_affinity::CoreId>,
@@ -82,6 +92,7 @@ fn run_worker(
     drain: DrainFlag,
     started: std::sync::mpsc::Sender<usize>,
     bans: Option<BanReporter>,
+    metrics: Option<Arc<Metrics>>,
 ) {
     if let Some(core) = core {
         if !core_affinity::set_for_current(core) {
@@ -95,7 +106,11 @@ fn run_worker(
     tokio_uring::builder()
         .entries(RING_ENTRIES)
         .start(async move {
-            let worker = Rc::new(Worker::new(id, published, bans));
+            let metrics = metrics.map(|m| m.worker(id));
+            let worker = Rc::new(Worker::new(id, published, bans, metrics));
+            if worker.metrics.is_some() {
+                tokio_uring::spawn(hand_over_latency(worker.clone(), drain.clone()));
+            }
             debug!(worker = id, core = ?core.map(|c| c.id), "worker started");
             let _ = started.send(id);
             let WorkerListeners {
@@ -145,8 +160,25 @@ fn run_worker(
                 let _ = task.await;
             }
             drain_worker(&worker, drain.mode() == Some(DrainMode::Upgrade)).await;
+            if let Some(m) = &worker.metrics {
+                m.hand_over();
+            }
             debug!(worker = id, "worker stopped");
         });
+}
+
+/// Hands the worker's latency histograms to the collector once a second, until the drain.
+async fn hand_over_latency(worker: Rc<Worker>, drain: DrainFlag) {
+    let Some(metrics) = &worker.metrics else {
+        return;
+    };
+    let mut tick = tokio::time::interval(LATENCY_HAND_OVER);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => metrics.hand_over(),
+            _ = drain.started() => return,
+        }
+    }
 }
 
 /// One listening socket's life in a worker: removed by a reload, it stops accepting, and the
@@ -196,6 +228,10 @@ async fn accept_loop(
         // accepts on it.
         let (stream, peer) = match accept_until(fd, life.stopped(&drain)).await {
             Accepted::Connection(stream, peer) => (stream, peer),
+            Accepted::Stopped if life.removed.get() && !drain.is_set() => {
+                serve_queued(&worker, &listener, &life);
+                return;
+            }
             Accepted::Stopped => return,
             Accepted::Failed(_) if drain.is_set() || life.removed.get() => return,
             Accepted::Failed(e) => {
@@ -215,19 +251,51 @@ async fn accept_loop(
             tokio_uring::spawn(refuse(stream));
             continue;
         }
-        let worker = worker.clone();
-        let removed = life.removed.clone();
-        tokio_uring::spawn(async move {
-            let transport = TcpTransport::new(stream);
-            let handle = worker.tracker.register(transport.raw_fd(), removed);
-            serve(transport, peer, &worker, &handle).await;
-        });
+        spawn_connection(&worker, stream, peer, &life);
         // A connection accepted as the drain began (or the listener was removed) is served; no
-        // further accept is made.
-        if drain.is_set() || life.removed.get() {
+        // further accept is made, except what a removed listener has queued.
+        if drain.is_set() {
+            return;
+        }
+        if life.removed.get() {
+            serve_queued(&worker, &listener, &life);
             return;
         }
     }
+}
+
+/// Most connections taken from a removed listener's queue.
+const MAX_QUEUED_ON_REMOVAL: usize = 4096;
+
+/// A reload removed `listener`: serves the connections already in its accept queue, which
+/// closing it would reset (bounded; what arrives in the instant before it closes is still
+/// reset: the kernel offers no atomic close of a listening socket).
+fn serve_queued(worker: &Rc<Worker>, listener: &StdListener, life: &ListenerLife) {
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    for _ in 0..MAX_QUEUED_ON_REMOVAL {
+        let Ok((stream, peer)) = listener.accept() else {
+            // WouldBlock: the queue is empty (or accept failed: nothing more to take).
+            return;
+        };
+        if stream.set_nonblocking(false).is_err() {
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        spawn_connection(worker, TcpStream::from_std(stream), peer, life);
+    }
+}
+
+/// Serves a connection accepted on the listener of `life`.
+fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, life: &ListenerLife) {
+    let worker = worker.clone();
+    let removed = life.removed.clone();
+    tokio_uring::spawn(async move {
+        let transport = TcpTransport::new(stream);
+        let handle = worker.tracker.register(transport.raw_fd(), removed);
+        serve(transport, peer, &worker, &handle).await;
+    });
 }
 
 /// Answers 503 to a connection over `max_connections_per_worker`, then closes it.

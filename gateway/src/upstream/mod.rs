@@ -98,6 +98,15 @@ impl UpstreamGroup {
         i
     }
 
+    /// How many servers the group has.
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
     pub fn server_addr(&self, server: usize) -> SocketAddr {
         self.servers[server]
     }

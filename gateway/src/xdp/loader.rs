@@ -64,6 +64,8 @@ pub fn object_bytes(config: &XdpConfig) -> anyhow::Result<Vec<u8>> {
 pub struct XdpGuard {
     /// The loaded object; `None` for a program adopted from the process before an upgrade.
     ebpf: Option<Ebpf>,
+    /// For an adopted program: its policy maps, opened from their pins.
+    adopted_maps: std::collections::HashMap<&'static str, aya::maps::Map>,
     pin_path: PathBuf,
     interfaces: Vec<(String, AyaXdpMode)>,
     /// One pinned link per interface: the program stays attached while a pin exists.
@@ -72,6 +74,16 @@ pub struct XdpGuard {
     log_stop: Arc<AtomicBool>,
     log_thread: Option<JoinHandle<()>>,
 }
+
+/// The maps [`XdpGuard::apply`] writes.
+const POLICY_MAPS: [&str; 6] = [
+    MAP_SETTINGS,
+    MAP_PORTS,
+    MAP_DENY_V4,
+    MAP_DENY_V6,
+    MAP_ALLOW_V4,
+    MAP_ALLOW_V6,
+];
 
 /// Where the link attaching the program to `iface` is pinned.
 fn link_pin(pin_path: &Path, iface: &str) -> PathBuf {
@@ -114,11 +126,11 @@ impl XdpGuard {
     }
 
     fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
-        self.ebpf
-            .as_mut()
-            .ok_or_else(|| anyhow!("the XDP policy of an adopted program changes with a restart"))?
-            .map_mut(name)
-            .ok_or_else(|| anyhow!("the object has no map {name}"))
+        match self.ebpf.as_mut() {
+            Some(ebpf) => ebpf.map_mut(name),
+            None => self.adopted_maps.get_mut(name),
+        }
+        .ok_or_else(|| anyhow!("the program has no map {name}"))
     }
 
     /// Leaves the program attached and every pin in place when dropped: a binary upgrade
@@ -184,8 +196,13 @@ impl Drop for XdpGuard {
 
 /// Takes over the program the process before a binary upgrade left attached: its pinned links
 /// (checked for every configured interface) and pinned maps stay as they are, so bans and
-/// per-source state carry over. The policy stays the one that process wrote.
+/// per-source state carry over. Its policy maps are opened from their pins, so
+/// [`XdpGuard::apply`] writes the new process's policy into them.
 pub fn adopt(config: &XdpConfig) -> anyhow::Result<XdpGuard> {
+    let mut adopted_maps = std::collections::HashMap::new();
+    for name in POLICY_MAPS {
+        adopted_maps.insert(name, super::stats::open_pinned(&config.pin_path, name)?);
+    }
     let mut links = Vec::new();
     let mut interfaces = Vec::new();
     for iface in config.interface.to_vec() {
@@ -201,6 +218,7 @@ pub fn adopt(config: &XdpConfig) -> anyhow::Result<XdpGuard> {
     }
     Ok(XdpGuard {
         ebpf: None,
+        adopted_maps,
         pin_path: config.pin_path.clone(),
         interfaces,
         links,
@@ -277,6 +295,7 @@ pub fn attach(config: &XdpConfig, ports: &[u16]) -> anyhow::Result<XdpGuard> {
         );
     }
     let mut guard = XdpGuard {
+        adopted_maps: std::collections::HashMap::new(),
         ebpf: Some(ebpf),
         pin_path: config.pin_path.clone(),
         interfaces,

@@ -44,8 +44,8 @@ pub fn policed_ports(config: &XdpConfig, listening: &[std::net::SocketAddr]) -> 
     ports
 }
 
-/// The `[xdp]` settings that cannot change in place (the program's attachment, its maps' sizes
-/// and pins, the ban hook's rules), by name, when they differ between `old` and `new`.
+/// The `[xdp]` settings that cannot change in place (the program and its attachment, its maps'
+/// sizes and pins, the ban hook's rules), by name, when they differ between `old` and `new`.
 pub fn fixed_changes(old: &XdpConfig, new: &XdpConfig) -> Vec<&'static str> {
     let mut fixed = Vec::new();
     let mut check = |same: bool, name| {
@@ -58,6 +58,7 @@ pub fn fixed_changes(old: &XdpConfig, new: &XdpConfig) -> Vec<&'static str> {
     check(old.optional == new.optional, "xdp.optional");
     check(old.max_sources == new.max_sources, "xdp.max_sources");
     check(old.pin_path == new.pin_path, "xdp.pin_path");
+    check(old.object == new.object, "xdp.object");
     check(old.ban_after == new.ban_after, "xdp.ban_after");
     check(old.ban_window == new.ban_window, "xdp.ban_window");
     check(old.ban_statuses == new.ban_statuses, "xdp.ban_statuses");

@@ -23,6 +23,8 @@ pub struct Gateway {
     pub child: Child,
     pub addr: SocketAddr,
     pub log: Arc<Mutex<String>>,
+    /// The admin listener's TCP address, when the config has one.
+    admin: Arc<Mutex<Option<SocketAddr>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -54,9 +56,14 @@ impl Gateway {
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
         let log_writer = log.clone();
+        let admin = Arc::new(Mutex::new(None));
+        let admin_writer = admin.clone();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
+                if let Some(rest) = line.split("admin API listening on ").nth(1) {
+                    *admin_writer.lock().unwrap() =
+                        rest.split_whitespace().next().and_then(|a| a.parse().ok());
+                } else if let Some(rest) = line.split("listening on ").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
                     let _ = tx.send(addr);
                 }
@@ -78,8 +85,17 @@ impl Gateway {
             child,
             addr,
             log,
+            admin,
             _dir: dir,
         }
+    }
+
+    /// The admin listener's address (it is bound before the proxy's listeners are logged).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .lock()
+            .unwrap()
+            .unwrap_or_else(|| panic!("no admin listener in the log:\n{}", self.log()))
     }
 
     pub fn pid(&self) -> i32 {

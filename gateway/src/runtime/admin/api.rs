@@ -1,0 +1,359 @@
+//! The admin API: what each endpoint answers, as JSON (metrics in the Prometheus text format).
+//! Every endpoint needs the bearer token when one is configured, `/metrics` included; only the
+//! static status page at `/` does not (it carries no data and sends the token with its calls).
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use serde_json::{json, Value};
+
+use super::token::AdminToken;
+use crate::{
+    metrics::{exposition, Metrics},
+    runtime::{live::Live, shutdown::DrainFlag},
+};
+
+/// A request as the server read it.
+pub struct AdminRequest {
+    pub method: String,
+    pub target: String,
+    pub authorization: Option<Vec<u8>>,
+    pub body: Vec<u8>,
+}
+
+pub struct AdminResponse {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl AdminResponse {
+    fn json(status: u16, value: &Value) -> AdminResponse {
+        let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+        body.push(b'\n');
+        AdminResponse {
+            status,
+            content_type: "application/json",
+            body,
+        }
+    }
+
+    /// `{"error": {"status": .., "message": ..}}`.
+    pub fn error(status: u16, message: &str) -> AdminResponse {
+        Self::json(
+            status,
+            &json!({ "error": { "status": status, "message": message } }),
+        )
+    }
+}
+
+/// What the endpoints read.
+pub struct AdminState {
+    pub token: Option<AdminToken>,
+    pub metrics: Arc<Metrics>,
+    pub live: Arc<Live>,
+    pub drain: DrainFlag,
+    pub workers: usize,
+}
+
+/// Sources listed in the XDP metrics.
+const TOP_SOURCES: usize = 10;
+
+pub fn handle(state: &AdminState, req: &AdminRequest) -> AdminResponse {
+    let path = req.target.split('?').next().unwrap_or_default();
+    if path == "/" || path == "/index.html" {
+        return match req.method.as_str() {
+            "GET" | "HEAD" => AdminResponse {
+                status: 200,
+                content_type: "text/html; charset=utf-8",
+                body: super::page::STATUS_PAGE.as_bytes().to_vec(),
+            },
+            _ => AdminResponse::error(405, "the status page is read with GET"),
+        };
+    }
+    if let Some(token) = &state.token {
+        let presented = req
+            .authorization
+            .as_deref()
+            .and_then(|v| v.strip_prefix(b"Bearer "));
+        match presented {
+            None => {
+                return AdminResponse::error(
+                    401,
+                    "send the admin token as `Authorization: Bearer TOKEN`",
+                )
+            }
+            Some(t) if !token.matches(t) => return AdminResponse::error(401, "wrong admin token"),
+            Some(_) => {}
+        }
+    }
+    let method = req.method.as_str();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        ("GET", ["metrics"]) => metrics(state),
+        ("GET", ["healthz"]) => AdminResponse::json(200, &json!({ "status": "alive" })),
+        ("GET", ["readyz"]) => {
+            if state.drain.is_set() {
+                AdminResponse::json(503, &json!({ "status": "draining" }))
+            } else {
+                AdminResponse::json(200, &json!({ "status": "ready" }))
+            }
+        }
+        ("GET", ["status"]) => status(state),
+        ("GET", ["stats"]) => stats(state),
+        ("GET", ["routes"]) => routes(state),
+        ("GET", ["upstreams"]) => upstreams(state),
+        ("POST", ["reload"]) => match state.live.reload() {
+            Ok(summary) => {
+                AdminResponse::json(200, &json!({ "reloaded": true, "changes": summary }))
+            }
+            Err(e) => AdminResponse::json(
+                409,
+                &json!({ "error": { "status": 409, "message": e.to_string() } }),
+            ),
+        },
+        ("GET", ["xdp", "bans"]) => bans_list(state),
+        ("POST", ["xdp", "bans"]) => bans_add(state, &req.body),
+        ("DELETE", ["xdp", "bans", addr]) => bans_remove(state, addr),
+        (
+            _,
+            ["metrics" | "healthz" | "readyz" | "status" | "stats" | "routes" | "upstreams"
+            | "reload"],
+        )
+        | (_, ["xdp", "bans", ..]) => AdminResponse::error(405, "method not allowed here"),
+        _ => AdminResponse::error(404, "no such admin endpoint"),
+    }
+}
+
+fn metrics(state: &AdminState) -> AdminResponse {
+    let snapshot = state.live.snapshot();
+    let mut extra = exposition::Extra::default();
+    if let Some(x) = &snapshot.config.xdp {
+        if let Ok(stats) = crate::xdp::read_pinned_stats(&x.pin_path) {
+            let top = stats
+                .sources
+                .iter()
+                .take(TOP_SOURCES)
+                .map(|s| (s.addr.to_string(), s.packets, s.drops))
+                .collect();
+            extra.xdp = Some(exposition::XdpSample {
+                counters: stats.counters,
+                top_sources: top,
+            });
+        }
+    }
+    if let Some(cluster) = &snapshot.cluster {
+        extra.cluster = Some(cluster.sync_state());
+    }
+    AdminResponse {
+        status: 200,
+        content_type: "text/plain; version=0.0.4; charset=utf-8",
+        body: exposition::render(&state.metrics, &extra).into_bytes(),
+    }
+}
+
+fn status(state: &AdminState) -> AdminResponse {
+    let snapshot = state.live.snapshot();
+    let (accepted, refused, last_ms) = state.metrics.reloads();
+    AdminResponse::json(
+        200,
+        &json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": state.metrics.uptime().as_secs(),
+            "workers": state.workers,
+            "draining": state.drain.is_set(),
+            "config_sha256": snapshot.config.source_sha256,
+            "reloads": { "accepted": accepted, "refused": refused, "last_unix_ms": last_ms },
+            "routes": snapshot.routes.len(),
+            "listening": state.live.listeners().bound().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        }),
+    )
+}
+
+/// What the status page shows: per route, totals and the window's percentiles; XDP's top
+/// dropped sources.
+fn stats(state: &AdminState) -> AdminResponse {
+    use crate::metrics::latency::{Part, Subject};
+    let totals = crate::metrics::totals::routes(&state.metrics);
+    let percentiles = state.metrics.windows.percentiles();
+    let quantile = |id: &str, q: usize| {
+        percentiles
+            .iter()
+            .find(|(s, p, _, _)| *p == Part::Gateway && matches!(s, Subject::Route(r) if r == id))
+            .map(|(_, _, qs, _)| qs[q])
+    };
+    let routes: Vec<Value> = totals
+        .iter()
+        .map(|(id, t)| {
+            json!({
+                "id": id,
+                "requests": t.all(),
+                "client_errors": t.of_class(4),
+                "server_errors": t.of_class(5),
+                "refused": policy_refusals(state, id),
+                "auth_failures": t.auth_failures.iter().sum::<u64>(),
+                "bytes_in": t.bytes_in,
+                "bytes_out": t.bytes_out,
+                "p50": quantile(id, 0),
+                "p90": quantile(id, 1),
+                "p99": quantile(id, 2),
+                "p999": quantile(id, 3),
+            })
+        })
+        .collect();
+    let snapshot = state.live.snapshot();
+    let xdp = snapshot.config.xdp.as_ref().and_then(|x| {
+        let stats = crate::xdp::read_pinned_stats(&x.pin_path).ok()?;
+        Some(json!({
+            "counters": stats.counters.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "top_sources": stats.sources.iter().filter(|s| s.drops > 0).take(TOP_SOURCES).map(|s| json!({
+                "address": s.addr.to_string(), "packets": s.packets, "drops": s.drops,
+            })).collect::<Vec<_>>(),
+        }))
+    });
+    AdminResponse::json(
+        200,
+        &json!({
+            "window_seconds": state.metrics.windows.window().as_secs(),
+            "routes": routes,
+            "xdp": xdp,
+        }),
+    )
+}
+
+/// 429s by the route's limits and quotas, over every worker.
+fn policy_refusals(state: &AdminState, route: &str) -> u64 {
+    state
+        .metrics
+        .workers()
+        .iter()
+        .flat_map(|(_, w)| w.policies())
+        .filter(|((r, _, _), _)| r == route)
+        .map(|(_, n)| n.get())
+        .sum()
+}
+
+fn routes(state: &AdminState) -> AdminResponse {
+    let snapshot = state.live.snapshot();
+    let list: Vec<Value> = snapshot
+        .config
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.stable_id(),
+                "upstream": r.upstream,
+                "respond": r.respond.as_ref().map(|x| x.status),
+                "auth": r.auth.as_ref().map(|a| a.methods.iter().map(|m| format!("{m:?}").to_lowercase()).collect::<Vec<_>>()),
+                "limits": r.limits.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),
+                "quotas": r.quotas.iter().map(|q| q.name.clone()).collect::<Vec<_>>(),
+                "max_body_bytes": r.max_body_bytes,
+            })
+        })
+        .collect();
+    AdminResponse::json(200, &json!({ "routes": list }))
+}
+
+fn upstreams(state: &AdminState) -> AdminResponse {
+    let snapshot = state.live.snapshot();
+    let counts = crate::metrics::totals::servers(&state.metrics);
+    let list: Vec<Value> = snapshot
+        .config
+        .upstreams
+        .iter()
+        .map(|(name, u)| {
+            let servers: Vec<Value> = u
+                .servers
+                .iter()
+                .map(|s| {
+                    let (requests, connect_failures, timeouts) = counts
+                        .get(&(name.clone(), s.to_string()))
+                        .copied()
+                        .unwrap_or_default();
+                    json!({
+                        "address": s.to_string(),
+                        "requests": requests,
+                        "connect_failures": connect_failures,
+                        "timeouts": timeouts,
+                    })
+                })
+                .collect();
+            json!({ "name": name, "servers": servers })
+        })
+        .collect();
+    AdminResponse::json(200, &json!({ "upstreams": list }))
+}
+
+fn ban_table(state: &AdminState) -> Result<(crate::xdp::BanTable, Duration), AdminResponse> {
+    let snapshot = state.live.snapshot();
+    let Some(x) = &snapshot.config.xdp else {
+        return Err(AdminResponse::error(
+            404,
+            "XDP is not configured: there are no bans",
+        ));
+    };
+    crate::xdp::BanTable::open(&x.pin_path)
+        .map(|t| (t, x.ban_duration.get()))
+        .map_err(|e| AdminResponse::error(503, &format!("the ban map is not available: {e:#}")))
+}
+
+fn bans_list(state: &AdminState) -> AdminResponse {
+    let (table, _) = match ban_table(state) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match table.list() {
+        Ok(bans) => AdminResponse::json(
+            200,
+            &json!({ "bans": bans.iter().map(|(a, left)| json!({ "address": a.to_string(), "seconds_left": left.as_secs() })).collect::<Vec<_>>() }),
+        ),
+        Err(e) => AdminResponse::error(500, &format!("cannot read the bans: {e:#}")),
+    }
+}
+
+fn bans_add(state: &AdminState, body: &[u8]) -> AdminResponse {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ban {
+        address: IpAddr,
+        seconds: Option<u64>,
+    }
+    let ban: Ban = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => {
+            return AdminResponse::error(
+                400,
+                &format!("expected {{\"address\": \"203.0.113.9\", \"seconds\": 600}} (seconds optional): {e}"),
+            )
+        }
+    };
+    let (mut table, default) = match ban_table(state) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let duration = ban.seconds.map_or(default, Duration::from_secs);
+    if duration.is_zero() {
+        return AdminResponse::error(400, "`seconds` must be at least 1");
+    }
+    match table.add(ban.address, duration) {
+        Ok(()) => AdminResponse::json(
+            201,
+            &json!({ "banned": ban.address.to_string(), "seconds": duration.as_secs() }),
+        ),
+        Err(e) => AdminResponse::error(500, &format!("cannot add the ban: {e:#}")),
+    }
+}
+
+fn bans_remove(state: &AdminState, addr: &str) -> AdminResponse {
+    let Ok(addr) = addr.parse::<IpAddr>() else {
+        return AdminResponse::error(400, "the last path segment must be an IP address");
+    };
+    let (mut table, _) = match ban_table(state) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match table.remove(addr) {
+        Ok(true) => AdminResponse::json(200, &json!({ "unbanned": addr.to_string() })),
+        Ok(false) => AdminResponse::error(404, "that address is not banned"),
+        Err(e) => AdminResponse::error(500, &format!("cannot remove the ban: {e:#}")),
+    }
+}

@@ -1,0 +1,11 @@
+//! The admin listener: Prometheus metrics, a JSON API (health, status, routes, upstreams,
+//! reload, XDP bans) and a live status page, on their own socket and threads, never a worker's.
+
+pub mod api;
+pub mod page;
+pub mod server;
+pub mod token;
+
+pub use api::AdminState;
+pub use server::start;
+pub use token::{AdminToken, TokenError};

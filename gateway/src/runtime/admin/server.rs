@@ -1,0 +1,216 @@
+//! The admin listener: a TCP or Unix socket served by its own threads (never a worker's), one
+//! request per connection, heads and bodies bounded, slow clients cut off.
+
+use std::{
+    io::{Read, Write},
+    net::TcpListener,
+    os::unix::net::UnixListener,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tracing::{debug, info, warn};
+
+use super::api::{handle, AdminRequest, AdminResponse, AdminState};
+use crate::config::AdminListen;
+
+/// Admin connections served at once; more are answered 503.
+const MAX_CONNECTIONS: usize = 16;
+/// Largest request head.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Largest request body (ban and reload requests are small).
+const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Longest a client may take to send its request, and to read the answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A stream the admin server reads and writes (TCP or Unix).
+trait AdminStream: Read + Write + Send + 'static {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()>;
+    fn peer(&self) -> String;
+}
+
+impl AdminStream for std::net::TcpStream {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+    fn peer(&self) -> String {
+        self.peer_addr().map(|a| a.to_string()).unwrap_or_default()
+    }
+}
+
+impl AdminStream for std::os::unix::net::UnixStream {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+    fn peer(&self) -> String {
+        "unix".to_owned()
+    }
+}
+
+/// Binds the admin listener and serves it on a thread; returns the TCP address bound (for a
+/// port of 0), if TCP.
+pub fn start(
+    listen: &AdminListen,
+    state: Arc<AdminState>,
+) -> std::io::Result<Option<std::net::SocketAddr>> {
+    let active = Arc::new(AtomicUsize::new(0));
+    match listen {
+        AdminListen::Tcp(addr) => {
+            let listener = TcpListener::bind(addr).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr} for the admin API: {e}"),
+                )
+            })?;
+            let bound = listener.local_addr()?;
+            info!("admin API listening on {bound}");
+            std::thread::Builder::new()
+                .name("portcullis-admin".into())
+                .spawn(move || {
+                    for stream in listener.incoming().flatten() {
+                        accept(stream, &state, &active);
+                    }
+                })?;
+            Ok(Some(bound))
+        }
+        AdminListen::Unix(path) => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!(
+                        "{}: another process answers on this admin socket",
+                        path.display()
+                    ),
+                ));
+            }
+            let _ = std::fs::remove_file(path);
+            let listener = UnixListener::bind(path)?;
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            info!("admin API listening on unix:{}", path.display());
+            std::thread::Builder::new()
+                .name("portcullis-admin".into())
+                .spawn(move || {
+                    for stream in listener.incoming().flatten() {
+                        accept(stream, &state, &active);
+                    }
+                })?;
+            Ok(None)
+        }
+    }
+}
+
+fn accept<S: AdminStream>(mut stream: S, state: &Arc<AdminState>, active: &Arc<AtomicUsize>) {
+    let _ = stream.set_timeouts(IO_TIMEOUT);
+    if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+        active.fetch_sub(1, Ordering::AcqRel);
+        let _ = write_response(
+            &mut stream,
+            &AdminResponse::error(503, "too many admin connections"),
+        );
+        return;
+    }
+    let state = state.clone();
+    let done = active.clone();
+    let spawned = std::thread::Builder::new()
+        .name("portcullis-admin-conn".into())
+        .spawn(move || {
+            serve_one(stream, &state);
+            done.fetch_sub(1, Ordering::AcqRel);
+        });
+    if let Err(e) = spawned {
+        warn!("cannot start an admin connection thread: {e}");
+        active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn serve_one<S: AdminStream>(mut stream: S, state: &AdminState) {
+    let response = match read_request(&mut stream) {
+        Ok(req) => handle(state, &req),
+        Err(response) => response,
+    };
+    if let Err(e) = write_response(&mut stream, &response) {
+        debug!(peer = stream.peer(), error = %e, "admin client went away");
+    }
+}
+
+/// Reads one request: its head (bounded) and a Content-Length body (bounded).
+fn read_request<S: AdminStream>(stream: &mut S) -> Result<AdminRequest, AdminResponse> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let head_len = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        if buf.len() > MAX_HEAD_BYTES {
+            return Err(AdminResponse::error(431, "request head too large"));
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return Err(AdminResponse::error(400, "incomplete request")),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(&buf[..head_len]) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(AdminResponse::error(400, "malformed request head")),
+    }
+    let method = parsed.method.unwrap_or_default().to_owned();
+    let target = parsed.path.unwrap_or_default().to_owned();
+    let mut authorization = None;
+    let mut content_length = 0usize;
+    for h in parsed.headers.iter() {
+        if h.name.eq_ignore_ascii_case("authorization") {
+            authorization = Some(h.value.to_vec());
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            content_length = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| AdminResponse::error(400, "invalid Content-Length"))?;
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(AdminResponse::error(
+                411,
+                "send the body with a Content-Length",
+            ));
+        }
+    }
+    if content_length > MAX_BODY_BYTES {
+        return Err(AdminResponse::error(413, "request body too large"));
+    }
+    let mut body = buf[head_len..].to_vec();
+    while body.len() < content_length {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return Err(AdminResponse::error(400, "incomplete request body")),
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    body.truncate(content_length);
+    Ok(AdminRequest {
+        method,
+        target,
+        authorization,
+        body,
+    })
+}
+
+fn write_response<S: Write>(stream: &mut S, r: &AdminResponse) -> std::io::Result<()> {
+    let reason = crate::http::encode::reason(r.status);
+    let mut head = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n",
+        r.status,
+        r.content_type,
+        r.body.len()
+    );
+    if r.status == 401 {
+        head.push_str("www-authenticate: Bearer realm=\"portcullis-admin\"\r\n");
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(&r.body)?;
+    stream.flush()
+}

@@ -1,0 +1,373 @@
+//! Metrics and the admin API for real: the gateway's counters and histograms against the
+//! traffic a test sent, `promtool check metrics` on the exposition, a real Prometheus server
+//! scraping the admin endpoint with the token, and the admin API's authentication and errors.
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+const TOKEN: &str = "admin-token-for-tests-0123456789";
+
+fn config(upstream: SocketAddr) -> String {
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"PORTCULLIS_TEST_ADMIN_TOKEN\"\npercentile_window = \"30s\"\n\n\
+         [upstreams.slow]\nservers = [\"{upstream}\"]\n\n\
+         [[routes]]\nid = \"hello\"\nmatch = {{ path = \"/hello\" }}\nrespond = {{ status = 200, body = \"hi\" }}\n\n\
+         [[routes]]\nid = \"slow\"\nmatch = {{ path_prefix = \"/slow/\" }}\nupstream = \"slow\"\n\n\
+         [[routes]]\nid = \"keyed\"\nmatch = {{ path = \"/keyed\" }}\nrespond = {{ status = 200, body = \"in\" }}\nauth = {{ methods = [\"api_key\"] }}\n\n\
+         [[routes]]\nid = \"limited\"\nmatch = {{ path = \"/limited\" }}\nrespond = {{ status = 200, body = \"ok\" }}\nlimits = [{{ name = \"twice\", key = \"route\", rate = 2, per = \"1h\" }}]\n"
+    )
+}
+
+fn start(upstream: SocketAddr) -> Gateway {
+    Gateway::start_with(&config(upstream), &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)])
+}
+
+/// One request to the admin listener; returns (status, body).
+fn admin(gw: &Gateway, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(gw.admin_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+fn scrape(gw: &Gateway) -> String {
+    let (status, body) = admin(gw, "GET", "/metrics", Some(TOKEN), "");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The value of the sample whose name and labels are exactly `series` (`name{a="b",...}`).
+fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn get(gw: &Gateway, path: &str, extra: &str) -> u16 {
+    request(
+        gw.addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: a\r\n{extra}\r\n"),
+    )
+    .status
+}
+
+/// An upstream that answers after 30 ms.
+fn slow_upstream() -> Upstream {
+    Upstream::start(|_| Reply::Delayed(Duration::from_millis(30), ok_response("slow")))
+}
+
+#[test]
+fn counters_and_histograms_match_the_traffic_sent() {
+    let up = slow_upstream();
+    let gw = start(up.addr);
+    for _ in 0..7 {
+        assert_eq!(get(&gw, "/hello", ""), 200);
+    }
+    for _ in 0..4 {
+        assert_eq!(get(&gw, "/slow/x", ""), 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(get(&gw, "/keyed", ""), 401);
+    }
+    assert_eq!(get(&gw, "/keyed", "X-API-Key: wrong\r\n"), 401);
+    let limited: Vec<u16> = (0..5).map(|_| get(&gw, "/limited", "")).collect();
+    assert_eq!(limited, [200, 200, 429, 429, 429]);
+    for _ in 0..2 {
+        assert_eq!(get(&gw, "/nowhere", ""), 404);
+    }
+    let mut c = Client::connect(gw.addr);
+    c.send(b"BREW /hello HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+
+    let m = scrape(&gw);
+    let count = |s: &str| sample(&m, s).unwrap_or_else(|| panic!("no {s} in\n{m}"));
+    assert_eq!(
+        count(r#"portcullis_requests_total{route="hello",method="GET",class="2xx"}"#),
+        7.0
+    );
+    assert_eq!(
+        count(r#"portcullis_requests_total{route="hello",method="OTHER",class="2xx"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"portcullis_requests_total{route="slow",method="GET",class="2xx"}"#),
+        4.0
+    );
+    assert_eq!(
+        count(r#"portcullis_requests_total{route="keyed",method="GET",class="4xx"}"#),
+        4.0
+    );
+    assert_eq!(
+        count(r#"portcullis_requests_total{route="(none)",method="GET",class="4xx"}"#),
+        2.0
+    );
+    assert_eq!(
+        count(r#"portcullis_auth_failures_total{route="keyed",reason="missing"}"#),
+        3.0
+    );
+    assert_eq!(
+        count(r#"portcullis_auth_failures_total{route="keyed",reason="invalid"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"portcullis_refusals_total{route="limited",kind="limit",name="twice"}"#),
+        3.0
+    );
+    assert_eq!(
+        count(&format!(
+            r#"portcullis_upstream_requests_total{{upstream="slow",server="{}"}}"#,
+            up.addr
+        )),
+        4.0
+    );
+    // Bytes: every answer of the hello route carried a head and the 2-byte body.
+    assert!(count(r#"portcullis_sent_bytes_total{route="hello"}"#) > 8.0 * 40.0);
+    // The upstream waited 30 ms each time: all four in le=0.05, none in le=0.025.
+    let bucket = |le: &str| {
+        count(&format!(
+            r#"portcullis_request_duration_seconds_bucket{{route="slow",part="upstream",le="{le}"}}"#
+        ))
+    };
+    assert_eq!(bucket("0.025"), 0.0, "{m}");
+    assert_eq!(bucket("0.05"), 4.0, "{m}");
+    assert_eq!(bucket("+Inf"), 4.0);
+    assert_eq!(
+        count(r#"portcullis_request_duration_seconds_count{route="slow",part="upstream"}"#),
+        4.0
+    );
+    // The gateway's own share of those requests is far below the upstream's 30 ms.
+    assert_eq!(
+        count(
+            r#"portcullis_request_duration_seconds_bucket{route="slow",part="gateway",le="0.025"}"#
+        ),
+        4.0,
+        "{m}"
+    );
+    // Percentiles over the window, once the workers have handed their histograms over.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let p99 = loop {
+        let m = scrape(&gw);
+        if let Some(v) = sample(
+            &m,
+            r#"portcullis_latency_quantile_seconds{route="slow",part="upstream",quantile="0.99"}"#,
+        ) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no percentile gauge:\n{m}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!((0.029..0.05).contains(&p99), "p99 {p99}");
+    assert_eq!(count("portcullis_build_info{version=\"0.1.0\"}"), 1.0);
+}
+
+#[test]
+fn promtool_accepts_the_exposition() {
+    let up = slow_upstream();
+    let gw = start(up.addr);
+    get(&gw, "/hello", "");
+    get(&gw, "/slow/x", "");
+    get(&gw, "/keyed", "");
+    get(&gw, "/nowhere", "");
+    let m = scrape(&gw);
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; `cargo xtask test` installs it)");
+    child.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{m}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A raw GET to `addr`; the body.
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    Some(text.split_once("\r\n\r\n")?.1.to_owned())
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_gateway_with_the_token() {
+    let up = slow_upstream();
+    let gw = start(up.addr);
+    for _ in 0..5 {
+        get(&gw, "/hello", "");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: portcullis\n    authorization:\n      credentials: {TOKEN}\n    static_configs:\n      - targets: [\"{}\"]\n",
+            gw.admin_addr()
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address={listen}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prometheus (Debian's prometheus package; `cargo xtask test` installs it)");
+    let _kill = KillOnDrop(&mut prometheus);
+    let addr: SocketAddr = listen.parse().unwrap();
+    let query = "/api/v1/query?query=sum(portcullis_requests_total%7Broute%3D%22hello%22%7D)";
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let answer = loop {
+        if let Some(body) = http_get(addr, query) {
+            if body.contains("\"result\":[{") {
+                break body;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never had the gateway's counter; targets: {:?}",
+            http_get(addr, "/api/v1/targets")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(v["data"]["result"][0]["value"][1], "5", "{answer}");
+}
+
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_admin_api_needs_the_token_and_answers_errors_in_json() {
+    let up = slow_upstream();
+    let gw = start(up.addr);
+    let (status, body) = admin(&gw, "GET", "/metrics", None, "");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    let (status, _) = admin(
+        &gw,
+        "GET",
+        "/metrics",
+        Some("not-the-admin-token-at-all"),
+        "",
+    );
+    assert_eq!(status, 401);
+    let (status, _) = admin(&gw, "GET", "/status", None, "");
+    assert_eq!(status, 401);
+    // The page itself is static and carries no data: served without the token.
+    let (status, page) = admin(&gw, "GET", "/", None, "");
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>Portcullis status</title>"));
+
+    let (status, body) = admin(&gw, "GET", "/status", Some(TOKEN), "");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["workers"], 2);
+    assert_eq!(v["routes"], 4);
+    assert_eq!(v["config_sha256"].as_str().unwrap().len(), 64);
+    let (status, _) = admin(&gw, "GET", "/readyz", Some(TOKEN), "");
+    assert_eq!(status, 200);
+    let (status, body) = admin(&gw, "GET", "/nope", Some(TOKEN), "");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no such admin endpoint"));
+    let (status, _) = admin(&gw, "DELETE", "/metrics", Some(TOKEN), "");
+    assert_eq!(status, 405);
+    let (status, body) = admin(
+        &gw,
+        "POST",
+        "/xdp/bans",
+        Some(TOKEN),
+        "{\"address\": \"nonsense\"}",
+    );
+    assert!(status == 400 || status == 404, "{status} {body}");
+    // Reload through the API, counted in the metrics.
+    let (status, body) = admin(&gw, "POST", "/reload", Some(TOKEN), "");
+    assert_eq!(status, 200, "{body}");
+    let m = scrape(&gw);
+    assert_eq!(
+        sample(&m, r#"portcullis_config_reloads_total{result="accepted"}"#),
+        Some(1.0)
+    );
+    // Upstream servers with their counts.
+    get(&gw, "/slow/x", "");
+    let (_, body) = admin(&gw, "GET", "/upstreams", Some(TOKEN), "");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["upstreams"][0]["servers"][0]["requests"], 1, "{body}");
+}
+
+#[test]
+fn a_tcp_admin_listener_without_a_token_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        "[admin]\nlisten = \"127.0.0.1:9901\"\n\n[[routes]]\nrespond = { status = 200 }\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("gateway.toml:2") && text.contains("admin.listen") && text.contains("token"),
+        "{text}"
+    );
+}
