@@ -89,6 +89,7 @@ fn bench(c: &mut Criterion) {
                 peer,
                 "http",
                 "127.0.0.1:9001",
+                b"x-request-id: 0123456789abcdef0123456789abcdef\r\n",
             )
             .unwrap();
             black_box(out.len())

@@ -63,6 +63,7 @@ pub fn request_head(data: &[u8]) {
         IpAddr::from([203, 0, 113, 7]),
         "http",
         "127.0.0.1:9",
+        b"x-request-id: 0123456789abcdef0123456789abcdef\r\n",
     );
     // Every value came through the decoder, which refuses CR, LF and NUL.
     assert!(written.is_ok(), "{written:?}");
@@ -145,7 +146,8 @@ pub fn response_head(data: &[u8]) {
         client_version: Version::Http11,
     };
     let mut out = Vec::new();
-    encode::write_client_response(&mut out, &resp, framing).expect("decoded values are safe");
+    encode::write_client_response(&mut out, &resp, framing, b"x-request-id: fuzz\r\n")
+        .expect("decoded values are safe");
     let mut again_headers = [const { MaybeUninit::uninit() }; 256];
     let again = parse_response(&out, &mut again_headers, is_head)
         .unwrap_or_else(|e| {

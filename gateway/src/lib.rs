@@ -1,6 +1,7 @@
 //! Portcullis: a Linux API gateway. Thread-per-core io_uring workers parse, route and forward
 //! HTTP/1.1; an XDP program drops abusive traffic before it reaches them.
 
+pub mod access_log;
 pub mod auth;
 pub mod cluster;
 pub mod config;

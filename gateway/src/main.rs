@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use portcullis::{
+    access_log::AccessLog,
     config::Config,
     metrics::Metrics,
     proxy::snapshot::ConfigSnapshot,
@@ -14,7 +15,7 @@ use portcullis::{
         listener::{bind_all, ListenerSet},
         live::Live,
         shutdown::{watch_signals, DrainFlag, DrainMode},
-        worker::spawn_workers,
+        worker::{spawn_workers, Observers},
     },
     xdp,
 };
@@ -294,6 +295,14 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
         data_dir,
     };
     let config_admin = config.admin.clone();
+    let access_log = match &config.access_log {
+        Some(c) => {
+            let log = AccessLog::start(c)?;
+            reopen_on_usr1(log.clone())?;
+            Some(log)
+        }
+        None => None,
+    };
     // Read now, so a missing or short token stops the start with a clear message.
     let admin_token = config_admin
         .as_ref()
@@ -324,7 +333,10 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
         worker_listeners,
         drain.clone(),
         bans,
-        metrics.clone(),
+        Observers {
+            metrics: metrics.clone(),
+            access_log,
+        },
     )?;
     if let (Some(admin), Some(metrics)) = (&config_admin, metrics) {
         let state = AdminState {
@@ -372,6 +384,20 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
         anyhow::bail!("a worker thread panicked");
     }
     info!("stopped");
+    Ok(())
+}
+
+/// Reopens the access log on SIGUSR1 (after logrotate moved it).
+fn reopen_on_usr1(log: Arc<AccessLog>) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])?;
+    std::thread::Builder::new()
+        .name("portcullis-sigusr1".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                info!("SIGUSR1: reopening the access log");
+                log.reopen();
+            }
+        })?;
     Ok(())
 }
 

@@ -300,6 +300,9 @@ pub struct ServerConfig {
     /// The control socket `portcullis reload` talks to; default `control.sock` in
     /// `[quotas] data_dir`.
     pub control_socket: Option<PathBuf>,
+    /// Keep a client's `X-Request-Id` (when short and plain) instead of assigning one; only
+    /// behind a proxy that sets it.
+    pub trust_request_id: bool,
 }
 
 impl Default for ServerConfig {
@@ -321,6 +324,7 @@ impl Default for ServerConfig {
             pre_auth_limits: Vec::new(),
             max_limit_keys: 100_000,
             control_socket: None,
+            trust_request_id: false,
         }
     }
 }

@@ -9,11 +9,12 @@ use crate::{
 };
 
 /// Field names a `respond` action may not set: the gateway frames its own responses.
-const RESPOND_RESERVED_HEADERS: [&str; 4] = [
+const RESPOND_RESERVED_HEADERS: [&str; 5] = [
     "content-length",
     "transfer-encoding",
     "connection",
     "keep-alive",
+    "x-request-id",
 ];
 
 impl Config {

@@ -29,12 +29,17 @@ pub struct ClientFraming {
     pub client_version: Version,
 }
 
-/// Writes the response head for the client from an upstream response head; refuses (leaving
-/// `out` incomplete) a value with CR, LF or NUL.
+/// Fields the gateway sets on every response itself; an upstream's copy is dropped.
+const RESPONSE_OWNED: [&str; 1] = ["x-request-id"];
+
+/// Writes the response head for the client from an upstream response head, with `extra` (the
+/// gateway's own field lines, each ending in CRLF, already checked) before its end; refuses
+/// (leaving `out` incomplete) a value with CR, LF or NUL.
 pub fn write_client_response(
     out: &mut Vec<u8>,
     resp: &ResponseHead,
     framing: ClientFraming,
+    extra: &[u8],
 ) -> Result<(), UnsafeFieldValue> {
     let _ = write!(out, "HTTP/1.1 {} {}\r\n", resp.status, resp.reason);
     let upgrade = resp.status == 101;
@@ -52,7 +57,10 @@ pub fn write_client_response(
             }
             continue;
         }
-        if is_hop_by_hop(name) || resp.connection.nominates(name) {
+        if is_hop_by_hop(name)
+            || resp.connection.nominates(name)
+            || RESPONSE_OWNED.iter().any(|o| name.eq_ignore_ascii_case(o))
+        {
             continue;
         }
         write_field(out, name, h.value)?;
@@ -87,8 +95,16 @@ pub fn write_client_response(
     if !upgrade && !resp.is_interim() {
         write_connection(out, framing.keep_alive, framing.client_version);
     }
+    out.extend_from_slice(extra);
     out.extend_from_slice(b"\r\n");
     Ok(())
+}
+
+/// Ends a head of the gateway's own: the connection option, `extra` field lines, the blank line.
+fn end_head(out: &mut Vec<u8>, keep_alive: bool, client_version: Version, extra: &[u8]) {
+    write_connection(out, keep_alive, client_version);
+    out.extend_from_slice(extra);
+    out.extend_from_slice(b"\r\n");
 }
 
 fn write_connection(out: &mut Vec<u8>, keep_alive: bool, client_version: Version) {
@@ -143,6 +159,7 @@ pub fn write_error(
     detail: &str,
     keep_alive: bool,
     head_only: bool,
+    extra: &[u8],
 ) {
     let _ = write!(
         out,
@@ -150,8 +167,7 @@ pub fn write_error(
         reason(status),
         detail.len() + 1
     );
-    write_connection(out, keep_alive, Version::Http11);
-    out.extend_from_slice(b"\r\n");
+    end_head(out, keep_alive, Version::Http11, extra);
     if !head_only {
         out.extend_from_slice(detail.as_bytes());
         out.push(b'\n');
@@ -167,14 +183,14 @@ pub fn write_rate_limited(
     policy: Option<(&str, u64, u64)>,
     keep_alive: bool,
     head_only: bool,
+    extra: &[u8],
 ) {
     let detail = "rate limit exceeded";
     let _ = write!(out, "HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nretry-after: {retry_after_secs}\r\n", detail.len() + 1);
     if let Some((name, quota, window)) = policy {
         let _ = write!(out, "ratelimit-policy: \"{name}\";q={quota};w={window}\r\nratelimit: \"{name}\";r=0;t={retry_after_secs}\r\n");
     }
-    write_connection(out, keep_alive, Version::Http11);
-    out.extend_from_slice(b"\r\n");
+    end_head(out, keep_alive, Version::Http11, extra);
     if !head_only {
         out.extend_from_slice(detail.as_bytes());
         out.push(b'\n');
@@ -190,6 +206,7 @@ pub fn write_denied(
     detail: &str,
     keep_alive: bool,
     head_only: bool,
+    extra: &[u8],
 ) {
     let _ = write!(
         out,
@@ -200,8 +217,7 @@ pub fn write_denied(
     if let Some(challenge) = www_authenticate {
         let _ = write!(out, "www-authenticate: {challenge}\r\n");
     }
-    write_connection(out, keep_alive, Version::Http11);
-    out.extend_from_slice(b"\r\n");
+    end_head(out, keep_alive, Version::Http11, extra);
     if !head_only {
         out.extend_from_slice(detail.as_bytes());
         out.push(b'\n');
@@ -215,11 +231,11 @@ pub fn write_static(
     keep_alive: bool,
     client_version: Version,
     head_only: bool,
+    extra: &[u8],
 ) {
     out.extend_from_slice(&r.head);
     let _ = write!(out, "content-length: {}\r\n", r.body.len());
-    write_connection(out, keep_alive, client_version);
-    out.extend_from_slice(b"\r\n");
+    end_head(out, keep_alive, client_version, extra);
     if !head_only {
         out.extend_from_slice(&r.body);
     }

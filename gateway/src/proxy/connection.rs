@@ -143,6 +143,7 @@ impl<C: Transport> Connection<'_, C> {
                     self.generation = worker.generation();
                     self.ctx.timings.head_started = Some(Instant::now());
                     self.ctx.id = worker.request_ids.next();
+                    self.ctx.correlation.assign(self.ctx.id);
                 }
                 let started = self.ctx.timings.head_started.unwrap_or_else(Instant::now);
                 let generation = self.generation.clone();
@@ -158,6 +159,20 @@ impl<C: Transport> Connection<'_, C> {
                     Ok(Some(req)) => {
                         if self.ctx.timings.head_parsed.is_none() {
                             self.ctx.timings.head_parsed = Some(Instant::now());
+                            self.ctx.correlation.begin(
+                                &req,
+                                server.trust_request_id,
+                                self.ctx.id,
+                                &mut worker.rng.borrow_mut(),
+                            );
+                            if let Some(log) = &worker.access_log {
+                                phase::log::note_request(
+                                    &mut self.ctx,
+                                    &req,
+                                    log.include_query,
+                                    snapshot.config.auth.api_key_query.as_deref(),
+                                );
+                            }
                         }
                         self.ctx.facts = RequestFacts::of(&req);
                         self.ctx.method = crate::metrics::labels::method_index(req.method);
@@ -330,7 +345,14 @@ impl<C: Transport> Connection<'_, C> {
         let snapshot = &self.generation.snapshot;
         let status = match answer {
             Answer::Error { status, detail, .. } => {
-                encode::write_error(&mut self.out, status, detail, keep_alive, facts.is_head);
+                encode::write_error(
+                    &mut self.out,
+                    status,
+                    detail,
+                    keep_alive,
+                    facts.is_head,
+                    &self.ctx.correlation.response_fields,
+                );
                 status
             }
             Answer::TooMany {
@@ -362,6 +384,7 @@ impl<C: Transport> Connection<'_, C> {
                     fields,
                     keep_alive,
                     facts.is_head,
+                    &self.ctx.correlation.response_fields,
                 );
                 429
             }
@@ -381,6 +404,7 @@ impl<C: Transport> Connection<'_, C> {
                     e.detail(),
                     keep_alive,
                     facts.is_head,
+                    &self.ctx.correlation.response_fields,
                 );
                 e.status()
             }
@@ -394,6 +418,7 @@ impl<C: Transport> Connection<'_, C> {
                     keep_alive,
                     facts.version,
                     facts.is_head,
+                    &self.ctx.correlation.response_fields,
                 );
                 // The route's answer is the service: its quotas count.
                 self.ctx.charges = QuotaCharges::default();

@@ -174,6 +174,12 @@ pub struct RequestContext {
     /// Quotas taken for the request; the log phase gives them back unless the upstream
     /// received the request or a `respond` route answered it.
     pub charges: QuotaCharges,
+    /// The request id and trace context, and their field lines.
+    pub correlation: super::correlation::Correlation,
+    /// The method and path (and query, when the access log keeps it) as logged; filled only
+    /// when the access log is on.
+    pub log_method: Vec<u8>,
+    pub log_target: Vec<u8>,
     /// The status sent to the client (0 until one was).
     pub status: u16,
     /// Request bytes consumed from the client (head and body as framed).
@@ -201,6 +207,9 @@ impl RequestContext {
             caller: None,
             upstream: None,
             charges: QuotaCharges::default(),
+            correlation: Default::default(),
+            log_method: Vec::new(),
+            log_target: Vec::new(),
             status: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -212,7 +221,17 @@ impl RequestContext {
     /// accept time. Charges left over were settled by the log phase.
     pub fn reset(&mut self) {
         debug_assert!(self.charges.is_empty(), "charges settled by the log phase");
+        // The buffers keep their capacity from one request to the next.
+        let mut correlation = std::mem::take(&mut self.correlation);
+        let mut log_method = std::mem::take(&mut self.log_method);
+        let mut log_target = std::mem::take(&mut self.log_target);
+        correlation.clear();
+        log_method.clear();
+        log_target.clear();
         *self = RequestContext::new(self.timings.accepted);
+        self.correlation = correlation;
+        self.log_method = log_method;
+        self.log_target = log_target;
     }
 
     /// True once a request began arriving (an idle connection closing is no request).

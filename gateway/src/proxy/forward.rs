@@ -365,6 +365,7 @@ impl<C: Transport> Connection<'_, C> {
                                 keep_alive: true,
                                 client_version: facts.version,
                             },
+                            b"",
                         )
                         .map_err(|_| {
                             HeadFailure::Invalid(ResponseError::Malformed(
@@ -395,7 +396,13 @@ impl<C: Transport> Connection<'_, C> {
                     client_version: facts.version,
                 };
                 self.out.clear();
-                encode::write_client_response(&mut self.out, &resp, client).map_err(|_| {
+                encode::write_client_response(
+                    &mut self.out,
+                    &resp,
+                    client,
+                    &self.ctx.correlation.response_fields,
+                )
+                .map_err(|_| {
                     HeadFailure::Invalid(ResponseError::Malformed("unsafe field value"))
                 })?;
                 return Ok(FinalResponse {

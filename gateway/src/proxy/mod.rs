@@ -9,6 +9,7 @@ pub mod connection;
 #[cfg(test)]
 mod connection_tests;
 pub mod context;
+pub mod correlation;
 pub mod forward;
 pub mod phase;
 pub mod route_metrics;

@@ -28,7 +28,7 @@ pub fn bench_with_upstream(routes: &str, upstream: &str) -> Bench {
     let config = Config::parse(Path::new("t.toml"), &src).unwrap();
     let published: Arc<Published> = Published::new(ConfigSnapshot::new(config).unwrap());
     Bench {
-        worker: Worker::new(0, published, None, None),
+        worker: Worker::new(0, published, None, None, None),
         key,
         _data: data,
     }

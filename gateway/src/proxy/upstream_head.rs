@@ -18,13 +18,15 @@ use crate::{
 
 /// Fields the gateway sets itself on forwarded requests; client copies are merged or dropped.
 /// The identity fields are always dropped, so a client cannot claim to be a consumer.
-const REQUEST_REPLACED: [&str; 6] = [
+const REQUEST_REPLACED: [&str; 8] = [
     "x-forwarded-for",
     "x-forwarded-proto",
     "via",
     "expect",
     "x-consumer-id",
     "x-consumer-groups",
+    "x-request-id",
+    "traceparent",
 ];
 
 /// Who called, as the authenticate phase established it, and which credential to strip.
@@ -42,7 +44,8 @@ pub struct Identity<'a> {
 /// Writes the request to send upstream for `req`, matched by `route`.
 ///
 /// `peer` is appended to X-Forwarded-For; `proto` becomes X-Forwarded-Proto; `default_host` is
-/// used when the client sent no Host (HTTP/1.0), since the upstream request is HTTP/1.1.
+/// used when the client sent no Host (HTTP/1.0), since the upstream request is HTTP/1.1;
+/// `correlation` holds the request id and trace context field lines.
 /// Every value is checked for CR, LF and NUL whatever its source; on such a value the head
 /// in `out` is incomplete and must not be sent.
 #[allow(clippy::too_many_arguments)]
@@ -55,6 +58,7 @@ pub fn write_upstream_request(
     peer: IpAddr,
     proto: &str,
     default_host: &str,
+    correlation: &[u8],
 ) -> Result<(), UnsafeFieldValue> {
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
@@ -159,12 +163,14 @@ pub fn write_upstream_request(
         out.extend_from_slice(b"connection: upgrade\r\n");
         write_field(out, "upgrade", upgrade)?;
     }
+    // X-Request-Id and traceparent, rendered by the gateway from checked values.
+    out.extend_from_slice(correlation);
     out.extend_from_slice(b"\r\n");
     Ok(())
 }
 
 /// Writes `query` (`?a=1&b=2`, or empty) without parameter `name`.
-fn write_query_without(out: &mut Vec<u8>, query: &[u8], name: &str) {
+pub(crate) fn write_query_without(out: &mut Vec<u8>, query: &[u8], name: &str) {
     let Some(pairs) = query.strip_prefix(b"?") else {
         return;
     };

@@ -43,8 +43,12 @@ pub struct Worker {
     pub tokens: RefCell<crate::auth::TokenCache>,
     /// Ids for this worker's requests.
     pub request_ids: super::context::RequestIds,
+    /// Draws trace and span ids (and access-log samples).
+    pub rng: RefCell<fastrand::Rng>,
     /// This worker's counters and latency series, when metrics are on.
     pub metrics: Option<crate::metrics::worker::WorkerMetrics>,
+    /// This worker's access-log buffer, when the access log is on.
+    pub access_log: Option<crate::access_log::WorkerLog>,
 }
 
 fn upstream_groups(snapshot: &ConfigSnapshot, previous: Option<&Generation>) -> Vec<UpstreamGroup> {
@@ -75,6 +79,7 @@ impl Worker {
         published: Arc<Published>,
         bans: Option<BanReporter>,
         metrics: Option<crate::metrics::worker::WorkerMetrics>,
+        access_log: Option<crate::access_log::WorkerLog>,
     ) -> Worker {
         let number = published.generation();
         let snapshot = published.snapshot();
@@ -98,7 +103,9 @@ impl Worker {
             bans,
             tokens,
             request_ids: super::context::RequestIds::new(id),
+            rng: RefCell::new(fastrand::Rng::new()),
             metrics,
+            access_log,
         }
     }
 

@@ -201,6 +201,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.admin != new.admin {
         fixed.push("admin");
     }
+    if old.access_log != new.access_log {
+        fixed.push("access_log");
+    }
     match (&old.xdp, &new.xdp) {
         (Some(o), Some(n)) => fixed.extend(crate::xdp::fixed_changes(o, n)),
         (None, None) => {}

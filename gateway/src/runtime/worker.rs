@@ -22,6 +22,7 @@ use super::{
     shutdown::{DrainFlag, DrainMode},
 };
 use crate::{
+    access_log::AccessLog,
     http::encode,
     io::{accept_until, Accepted, TcpTransport, Transport},
     metrics::Metrics,
@@ -46,7 +47,7 @@ pub fn spawn_workers(
     listeners: Vec<WorkerListeners>,
     drain: DrainFlag,
     bans: Option<BanReporter>,
-    metrics: Option<Arc<Metrics>>,
+    observers: Observers,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (started_tx, started_rx) = std::sync::mpsc::channel::<usize>();
@@ -64,10 +65,10 @@ pub fn spawn_workers(
             .spawn({
                 let started = started_tx.clone();
                 let bans = bans.clone();
-                let metrics = metrics.clone();
+                let observers = observers.clone();
                 move || {
                     run_worker(
-                        id, core, published, listeners, drain, started, bans, metrics,
+                        id, core, published, listeners, drain, started, bans, observers,
                     )
                 }
             })?;
@@ -92,7 +93,7 @@ fn run_worker(
     drain: DrainFlag,
     started: std::sync::mpsc::Sender<usize>,
     bans: Option<BanReporter>,
-    metrics: Option<Arc<Metrics>>,
+    observers: Observers,
 ) {
     if let Some(core) = core {
         if !core_affinity::set_for_current(core) {
@@ -106,10 +107,14 @@ fn run_worker(
     tokio_uring::builder()
         .entries(RING_ENTRIES)
         .start(async move {
-            let metrics = metrics.map(|m| m.worker(id));
-            let worker = Rc::new(Worker::new(id, published, bans, metrics));
+            let metrics = observers.metrics.map(|m| m.worker(id));
+            let access_log = observers.access_log.map(|l| l.worker());
+            let worker = Rc::new(Worker::new(id, published, bans, metrics, access_log));
             if worker.metrics.is_some() {
                 tokio_uring::spawn(hand_over_latency(worker.clone(), drain.clone()));
+            }
+            if worker.access_log.is_some() {
+                tokio_uring::spawn(flush_access_log(worker.clone(), drain.clone()));
             }
             debug!(worker = id, core = ?core.map(|c| c.id), "worker started");
             let _ = started.send(id);
@@ -163,8 +168,33 @@ fn run_worker(
             if let Some(m) = &worker.metrics {
                 m.hand_over();
             }
+            if let Some(log) = &worker.access_log {
+                log.flush();
+            }
             debug!(worker = id, "worker stopped");
         });
+}
+
+/// What watches the request path, when configured: shared by every worker.
+#[derive(Clone, Default)]
+pub struct Observers {
+    pub metrics: Option<Arc<Metrics>>,
+    pub access_log: Option<Arc<AccessLog>>,
+}
+
+/// Hands the worker's access-log buffer to the writer at least every
+/// [`crate::access_log::FLUSH_INTERVAL`], until the drain.
+async fn flush_access_log(worker: Rc<Worker>, drain: DrainFlag) {
+    let Some(log) = &worker.access_log else {
+        return;
+    };
+    let mut tick = tokio::time::interval(crate::access_log::FLUSH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => log.flush(),
+            _ = drain.started() => return,
+        }
+    }
 }
 
 /// Hands the worker's latency histograms to the collector once a second, until the drain.
@@ -302,7 +332,7 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
 async fn refuse(stream: TcpStream) {
     let transport = TcpTransport::new(stream);
     let mut out = Vec::with_capacity(160);
-    encode::write_error(&mut out, 503, "connection limit reached", false, false);
+    encode::write_error(&mut out, 503, "connection limit reached", false, false, b"");
     let len = out.len();
     let _ = tokio::time::timeout(Duration::from_secs(1), transport.write_all(out, 0..len)).await;
     let _ = transport.shutdown(std::net::Shutdown::Both);

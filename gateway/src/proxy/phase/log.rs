@@ -1,7 +1,7 @@
 //! Log phase, the last for every request however it ended: stamps the end time, settles quota
 //! charges the upstream never received, reports the gateway's own error answers to the XDP ban
-//! hook, records the request's metrics, and writes its summary (at debug level; the access log
-//! reads the same context).
+//! hook, records the request's metrics, writes its access-log line (when the log is on and the
+//! request is sampled) and a summary at debug level.
 
 use std::net::SocketAddr;
 
@@ -9,6 +9,8 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::{
+    access_log::{json_bytes, json_str},
+    http::request::RequestHead,
     metrics::labels::{auth_failure_index, status_class_index},
     proxy::{
         answer::{Answer, TrafficPolicy},
@@ -36,6 +38,11 @@ pub fn finish(
     }
     if let Some(m) = &generation.metrics {
         record(m, ctx, now);
+    }
+    if let Some(log) = &worker.access_log {
+        if log.sampled() {
+            log.append(|out| access_line(out, ctx, generation, peer, now));
+        }
     }
     if tracing::enabled!(tracing::Level::DEBUG) {
         let route = ctx.route.map(|r| snapshot.routes.route(r).id.as_str());
@@ -105,4 +112,117 @@ fn record(m: &GenerationMetrics, ctx: &RequestContext, now: Instant) {
             m.upstreams[group].wait.record(wait);
         }
     }
+}
+
+/// Keeps what the access log needs of the head, which is gone by the log phase: the method and
+/// the normalised path (with the query when asked, its credential parameter dropped). The
+/// context's buffers keep their capacity, so this allocates nothing once warm.
+pub fn note_request(
+    ctx: &mut RequestContext,
+    req: &RequestHead,
+    include_query: bool,
+    credential_param: Option<&str>,
+) {
+    ctx.log_method.clear();
+    ctx.log_method.extend_from_slice(req.method.as_bytes());
+    ctx.log_target.clear();
+    ctx.log_target.extend_from_slice(req.path);
+    if include_query {
+        match credential_param {
+            Some(name) => crate::proxy::upstream_head::write_query_without(
+                &mut ctx.log_target,
+                req.query,
+                name,
+            ),
+            None => ctx.log_target.extend_from_slice(req.query),
+        }
+    }
+}
+
+/// One JSON object (no newline): never a credential, a header value or a body.
+fn access_line(
+    out: &mut Vec<u8>,
+    ctx: &RequestContext,
+    generation: &Generation,
+    peer: SocketAddr,
+    now: Instant,
+) {
+    use std::io::Write;
+    let snapshot = &*generation.snapshot;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let _ = write!(
+        out,
+        "{{\"time\":\"{}\",\"request_id\":",
+        humantime::format_rfc3339_millis(std::time::SystemTime::now())
+    );
+    json_bytes(out, ctx.correlation.request_id());
+    out.extend_from_slice(b",\"trace_id\":\"");
+    out.extend_from_slice(&ctx.correlation.trace_id);
+    let _ = write!(out, "\",\"client\":\"{}\",\"method\":", peer.ip());
+    json_bytes(out, &ctx.log_method);
+    out.extend_from_slice(b",\"path\":");
+    json_bytes(out, &ctx.log_target);
+    out.extend_from_slice(b",\"route\":");
+    match ctx.route {
+        Some(r) => json_str(out, &snapshot.routes.route(r).id),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"consumer\":");
+    match &ctx.caller {
+        Some(c) => json_str(out, c.identity(snapshot).0),
+        None => out.extend_from_slice(b"null"),
+    }
+    let _ = write!(
+        out,
+        ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3}",
+        ctx.status,
+        ctx.bytes_in,
+        ctx.bytes_out,
+        ms(total(ctx, now))
+    );
+    out.extend_from_slice(b",\"upstream\":");
+    match ctx.upstream {
+        Some((g, s)) => {
+            let _ = write!(out, "\"{}\"", generation.upstreams[g].server_addr(s));
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    match upstream_wait(ctx) {
+        Some(d) => {
+            let _ = write!(out, ",\"upstream_ms\":{:.3}", ms(d));
+        }
+        None => out.extend_from_slice(b",\"upstream_ms\":null"),
+    }
+    let outcome = match ctx.outcome {
+        Outcome::Pending => "pending",
+        Outcome::Answered(_) => "answered",
+        Outcome::Relayed => "relayed",
+        Outcome::Cut(crate::proxy::context::Side::Client) => "client_gone",
+        Outcome::Cut(crate::proxy::context::Side::Upstream) => "upstream_cut",
+        Outcome::Tunnelled => "tunnelled",
+    };
+    let _ = write!(out, ",\"outcome\":\"{outcome}\",\"refused_by\":");
+    let route = ctx.route.map(|r| snapshot.routes.route(r));
+    match (ctx.outcome, route) {
+        (Outcome::Answered(Answer::Denied(e)), _) => {
+            let _ = write!(
+                out,
+                "\"auth:{}\"",
+                crate::metrics::labels::AUTH_FAILURES[auth_failure_index(e)]
+            );
+        }
+        (Outcome::Answered(Answer::TooMany { policy, .. }), Some(r)) => {
+            let (kind, name) = match policy {
+                TrafficPolicy::PreAuthLimit(i) => (
+                    "pre_auth_limit",
+                    r.pre_auth_limits.get(i).map(|l| l.name.as_str()),
+                ),
+                TrafficPolicy::Limit(i) => ("limit", r.limits.get(i).map(|l| l.name.as_str())),
+                TrafficPolicy::Quota(i) => ("quota", r.quotas.get(i).map(|q| q.name.as_str())),
+            };
+            json_str(out, &format!("{kind}:{}", name.unwrap_or("")));
+        }
+        _ => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
 }

@@ -52,6 +52,7 @@ pub fn write(
         peer,
         "http",
         host,
+        &ctx.correlation.upstream_fields,
     )
     .map_err(|e| {
         // A bug upstream of the encoder, never the client's doing: say which field.
