@@ -371,3 +371,83 @@ fn a_tcp_admin_listener_without_a_token_is_refused_at_load() {
         "{text}"
     );
 }
+
+/// Runs headless Chromium (Debian's `chromium`) on `url` with `args`; returns its stdout.
+fn chromium(url: &str, args: &[&str]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,900",
+            "--virtual-time-budget=8000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("chromium (Debian's chromium package; `cargo xtask test` installs it)");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_status_page_renders_live_numbers_in_a_real_browser() {
+    let up = slow_upstream();
+    let gw = start(up.addr);
+    for _ in 0..12 {
+        assert_eq!(get(&gw, "/hello", ""), 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(get(&gw, "/slow/x", ""), 200);
+    }
+    let url = format!("http://{}/#token={TOKEN}", gw.admin_addr());
+    let dom = chromium(&url, &["--dump-dom"]);
+    // The rows the script built from /stats: the counts the test sent.
+    let row = |route: &str| {
+        let start = dom
+            .find(&format!("<tr data-route=\"{route}\">"))
+            .unwrap_or_else(|| panic!("no row for {route} in the rendered page:\n{dom}"));
+        &dom[start..start + dom[start..].find("</tr>").unwrap()]
+    };
+    assert!(
+        row("hello").contains("<td class=\"requests\">12</td>"),
+        "{}",
+        row("hello")
+    );
+    assert!(
+        row("slow").contains("<td class=\"requests\">3</td>"),
+        "{}",
+        row("slow")
+    );
+    assert!(dom.contains("2 workers"), "the status line rendered");
+    assert!(
+        dom.contains(&format!("slow / {}", up.addr)),
+        "the upstream server is listed"
+    );
+    assert!(
+        dom.contains("<span id=\"error\"></span>"),
+        "no error shown: {dom}"
+    );
+    // Without the token the page says what to do instead of showing numbers.
+    let bare = chromium(&format!("http://{}/", gw.admin_addr()), &["--dump-dom"]);
+    assert!(
+        bare.contains("<span id=\"error\">the admin token is missing or wrong"),
+        "{bare}"
+    );
+    // A screenshot, kept as a test artifact.
+    let artifacts =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let png = artifacts.join("status-page.png");
+    let _ = std::fs::remove_file(&png);
+    chromium(&url, &[&format!("--screenshot={}", png.display())]);
+    let bytes = std::fs::read(&png).expect("a screenshot");
+    assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
+}

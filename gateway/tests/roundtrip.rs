@@ -12,7 +12,9 @@ use proptest::prelude::*;
 use support::*;
 
 /// Fields the gateway owns or rewrites; every other field must arrive unchanged.
-const GATEWAY_FIELDS: [&str; 7] = [
+const GATEWAY_FIELDS: [&str; 9] = [
+    "x-request-id",
+    "traceparent",
     "host",
     "content-length",
     "transfer-encoding",

@@ -8,9 +8,11 @@
 //! - `bench`: Portcullis beside nginx, haproxy and the direct backend.
 //! - `bench-auth-flood`: a legitimate client's rate during a flood of forged tokens.
 //! - `bench-reload`: failed requests and p99 while reloading; throughput against a baseline.
+//! - `bench-observability`: the throughput and p99 cost of metrics and of the access log.
 
 mod bench;
 mod bench_auth;
+mod bench_observability;
 mod bench_reload;
 mod bench_xdp;
 mod ebpf;
@@ -72,6 +74,12 @@ enum Task {
         #[arg(long)]
         baseline_bin: Option<std::path::PathBuf>,
     },
+    /// Throughput and p99 with metrics, and with metrics and the access log, against neither.
+    BenchObservability {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+    },
     /// Run every test (as root: the privileged XDP tests too).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -93,6 +101,7 @@ fn main() -> ExitCode {
             duration,
             baseline_bin,
         } => bench_reload::run(duration, baseline_bin),
+        Task::BenchObservability { duration } => bench_observability::run(duration),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

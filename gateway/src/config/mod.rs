@@ -52,6 +52,9 @@ pub struct Config {
     /// SHA-256 of the file's text, in hex (set by [`Config::parse`]; compares hosts' configs).
     #[serde(skip)]
     pub source_sha256: String,
+    /// The file's text (set by [`Config::parse`]); shown redacted by the admin API.
+    #[serde(skip)]
+    pub source: String,
 }
 
 /// `[cluster]`: limits and quotas shared through Redis, synchronised in batches.
@@ -649,6 +652,7 @@ impl Config {
         })?;
         use sha2::Digest;
         config.source_sha256 = hex::encode(sha2::Sha256::digest(source.as_bytes()));
+        config.source = source.to_owned();
         Ok(config)
     }
 }

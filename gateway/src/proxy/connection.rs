@@ -287,8 +287,12 @@ impl<C: Transport> Connection<'_, C> {
         let keys = issuers.keys(issuer);
         let wait = issuers.config(issuer).unknown_kid_wait.get();
         let asked = crate::sys::monotonic_ns();
+        // Judged before asking: the fetcher, once asked, pushes the next allowed refetch out by
+        // the minimum gap at once, and judging after would see that and give up on the very
+        // fetch it asked for.
+        let in_time = keys.refetch_delay() <= wait;
         keys.request_refetch();
-        if keys.refetch_delay() > wait {
+        if !in_time {
             return;
         }
         let done = || {

@@ -45,7 +45,11 @@ impl Gateway {
         cmd.current_dir(dir.path())
             .arg("--config")
             .arg(&path)
-            .env("RUST_LOG", "info")
+            // PORTCULLIS_TEST_GATEWAY_LOG=debug shows more when a test needs looking into.
+            .env(
+                "RUST_LOG",
+                std::env::var("PORTCULLIS_TEST_GATEWAY_LOG").unwrap_or("info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {

@@ -101,6 +101,7 @@ pub fn handle(state: &AdminState, req: &AdminRequest) -> AdminResponse {
         ("GET", ["status"]) => status(state),
         ("GET", ["stats"]) => stats(state),
         ("GET", ["routes"]) => routes(state),
+        ("GET", ["config"]) => config(state),
         ("GET", ["upstreams"]) => upstreams(state),
         ("POST", ["reload"]) => match state.live.reload() {
             Ok(summary) => {
@@ -175,10 +176,10 @@ fn stats(state: &AdminState) -> AdminResponse {
     use crate::metrics::latency::{Part, Subject};
     let totals = crate::metrics::totals::routes(&state.metrics);
     let percentiles = state.metrics.windows.percentiles();
-    let quantile = |id: &str, q: usize| {
+    let quantile = |id: &str, part: Part, q: usize| {
         percentiles
             .iter()
-            .find(|(s, p, _, _)| *p == Part::Gateway && matches!(s, Subject::Route(r) if r == id))
+            .find(|(s, p, _, _)| *p == part && matches!(s, Subject::Route(r) if r == id))
             .map(|(_, _, qs, _)| qs[q])
     };
     let routes: Vec<Value> = totals
@@ -193,10 +194,12 @@ fn stats(state: &AdminState) -> AdminResponse {
                 "auth_failures": t.auth_failures.iter().sum::<u64>(),
                 "bytes_in": t.bytes_in,
                 "bytes_out": t.bytes_out,
-                "p50": quantile(id, 0),
-                "p90": quantile(id, 1),
-                "p99": quantile(id, 2),
-                "p999": quantile(id, 3),
+                "p50": quantile(id, Part::Gateway, 0),
+                "p90": quantile(id, Part::Gateway, 1),
+                "p99": quantile(id, Part::Gateway, 2),
+                "p999": quantile(id, Part::Gateway, 3),
+                "upstream_p50": quantile(id, Part::Upstream, 0),
+                "upstream_p99": quantile(id, Part::Upstream, 2),
             })
         })
         .collect();
@@ -230,6 +233,47 @@ fn policy_refusals(state: &AdminState, route: &str) -> u64 {
         .filter(|((r, _, _), _)| r == route)
         .map(|(_, n)| n.get())
         .sum()
+}
+
+/// The config in force as its file says it, as JSON, with secrets redacted: API-key hashes,
+/// and the credentials, query and fragment of every URL.
+fn config(state: &AdminState) -> AdminResponse {
+    let snapshot = state.live.snapshot();
+    let parsed: toml::Value = match toml::from_str(&snapshot.config.source) {
+        Ok(v) => v,
+        Err(e) => return AdminResponse::error(500, &format!("cannot read the config back: {e}")),
+    };
+    let mut value = serde_json::to_value(parsed).unwrap_or(Value::Null);
+    redact(&mut value, None);
+    AdminResponse::json(
+        200,
+        &json!({ "sha256": snapshot.config.source_sha256, "config": value }),
+    )
+}
+
+/// Keys whose values are never shown.
+const SECRET_KEYS: [&str; 1] = ["api_keys"];
+
+fn redact(value: &mut Value, key: Option<&str>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                redact(v, Some(k));
+            }
+        }
+        Value::Array(items) => {
+            for v in items {
+                redact(v, key);
+            }
+        }
+        Value::String(s) if key.is_some_and(|k| SECRET_KEYS.contains(&k)) => {
+            *s = "(redacted)".to_owned();
+        }
+        Value::String(s) if s.contains("://") => {
+            *s = crate::log_throttle::redacted_url(s);
+        }
+        _ => {}
+    }
 }
 
 fn routes(state: &AdminState) -> AdminResponse {

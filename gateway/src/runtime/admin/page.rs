@@ -29,10 +29,10 @@ pub const STATUS_PAGE: &str = r##"<!doctype html>
 <main>
   <section>
     <h2>Routes (latency percentiles over the last <span id="window">60</span> s)</h2>
-    <table id="routes"><thead><tr><th>route</th><th>req/s</th><th>requests</th><th>4xx/s</th><th>5xx/s</th><th>429</th><th>p50 ms</th><th>p99 ms</th></tr></thead><tbody></tbody></table>
+    <table id="routes"><thead><tr><th>route</th><th>req/s</th><th>requests</th><th>4xx/s</th><th>5xx/s</th><th>429</th><th>gateway p50 ms</th><th>gateway p99 ms</th><th>upstream p50 ms</th><th>upstream p99 ms</th></tr></thead><tbody></tbody></table>
   </section>
   <section>
-    <h2>Latency history (p50 solid, p99 dashed, ms) and requests per second</h2>
+    <h2>Latency history: whole request (gateway + upstream), p50 solid, p99 dashed; requests per second dotted</h2>
     <svg id="chart" viewBox="0 0 800 220" preserveAspectRatio="none"></svg>
     <div class="legend" id="legend"></div>
   </section>
@@ -85,7 +85,7 @@ function draw() {
   });
   svg.innerHTML = parts.join("");
   document.getElementById("legend").innerHTML = ids.map((id, i) => '<span style="color:' + colors[i % colors.length] + '">■ ' + id.replace(/[<&]/g, "") + "</span>").join("") +
-    "<span>scale: " + (max * 1000).toFixed(2) + " ms, " + maxRate.toFixed(1) + " req/s (dotted)</span>";
+    "<span>top of the chart: " + max.toFixed(2) + " ms, " + maxRate.toFixed(1) + " req/s</span>";
 }
 
 async function poll() {
@@ -99,10 +99,12 @@ async function poll() {
     const now = Date.now(), dt = previous ? (now - previous.at) / 1000 : null;
     const rows = [];
     for (const r of stats.routes) {
+      if (r.id === "(none)" && r.requests === 0) continue;
       const before = previous && previous.routes[r.id];
       const rate = (k) => (before && dt ? Math.max(0, (r[k] - before[k]) / dt) : null);
       const reqRate = rate("requests");
-      (history[r.id] = history[r.id] || []).push({ p50: r.p50 == null ? null : r.p50 * 1000, p99: r.p99 == null ? null : r.p99 * 1000, rate: reqRate });
+      const whole = (g, u) => (g == null ? null : (g + (u || 0)) * 1000);
+      (history[r.id] = history[r.id] || []).push({ p50: whole(r.p50, r.upstream_p50), p99: whole(r.p99, r.upstream_p99), rate: reqRate });
       if (history[r.id].length > HISTORY) history[r.id].shift();
       rows.push(tr => {
         tr.dataset.route = r.id;
@@ -114,6 +116,8 @@ async function poll() {
         cell(tr, r.refused, "refused");
         cell(tr, ms(r.p50), "p50");
         cell(tr, ms(r.p99), "p99");
+        cell(tr, ms(r.upstream_p50), "upstream-p50");
+        cell(tr, ms(r.upstream_p99), "upstream-p99");
       });
     }
     fill("routes", rows);
