@@ -384,3 +384,76 @@ impl Drop for ConcurrencySlot {
         self.counter.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// What a refused request was counted as, for the admin API's list of the most refused keys:
+/// the client address, the consumer id (its first [`MAX_SUBJECT_BYTES`] bytes), a keyed hash of
+/// a header value (never the value), or the route as a whole. Small and `Copy`, so it travels
+/// with the refusal without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubjectLabel {
+    kind: SubjectKind,
+    len: u8,
+    bytes: [u8; MAX_SUBJECT_BYTES],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubjectKind {
+    Client,
+    Consumer,
+    Header,
+    Route,
+}
+
+impl SubjectLabel {
+    pub fn of(key: &LimitKey, subject: &LimitSubject) -> SubjectLabel {
+        let mut label = SubjectLabel {
+            kind: SubjectKind::Route,
+            len: 0,
+            bytes: [0; MAX_SUBJECT_BYTES],
+        };
+        let mut put = |kind, b: &[u8]| {
+            let n = b.len().min(MAX_SUBJECT_BYTES);
+            label.kind = kind;
+            label.len = n as u8;
+            label.bytes[..n].copy_from_slice(&b[..n]);
+        };
+        match key {
+            LimitKey::Route => {}
+            LimitKey::Consumer if subject.consumer.is_some() => put(
+                SubjectKind::Consumer,
+                subject.consumer.unwrap_or_default().as_bytes(),
+            ),
+            LimitKey::Header(name) if (subject.header)(name).is_some() => {
+                let value = (subject.header)(name).unwrap_or_default();
+                put(SubjectKind::Header, &subject.hasher.hash(value)[..8]);
+            }
+            _ => {
+                let octets = match subject.client {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                    IpAddr::V6(v6) => v6.octets(),
+                };
+                put(SubjectKind::Client, &octets);
+            }
+        }
+        label
+    }
+}
+
+impl std::fmt::Display for SubjectLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = &self.bytes[..usize::from(self.len)];
+        match self.kind {
+            SubjectKind::Route => f.write_str("route"),
+            SubjectKind::Client => {
+                let octets: [u8; 16] = b.try_into().unwrap_or([0; 16]);
+                let v6 = std::net::Ipv6Addr::from(octets);
+                match v6.to_ipv4_mapped() {
+                    Some(v4) => write!(f, "client:{v4}"),
+                    None => write!(f, "client:{v6}"),
+                }
+            }
+            SubjectKind::Consumer => write!(f, "consumer:{}", String::from_utf8_lossy(b)),
+            SubjectKind::Header => write!(f, "header-hash:{}", hex::encode(b)),
+        }
+    }
+}

@@ -96,6 +96,11 @@ pub struct Quota {
 }
 
 impl Quota {
+    /// What the quota counts by.
+    pub fn key(&self) -> &crate::limits::LimitKey {
+        &self.key
+    }
+
     pub fn new(route_id: &str, c: &QuotaConfig) -> Quota {
         let name = c.stable_name();
         Quota {

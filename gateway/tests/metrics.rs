@@ -185,6 +185,25 @@ fn counters_and_histograms_match_the_traffic_sent() {
     };
     assert!((0.029..0.05).contains(&p99), "p99 {p99}");
     assert_eq!(count("portcullis_build_info{version=\"0.1.0\"}"), 1.0);
+    // The most refused keys, once the workers have published them (once a second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = admin(&gw, "GET", "/limits/top", Some(TOKEN), "");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let refused: u64 = v["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["route"] == "limited" && e["name"] == "twice" && e["key"] == "route")
+            .map(|e| e["refused"].as_u64().unwrap())
+            .sum();
+        if refused == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
@@ -450,4 +469,38 @@ fn the_status_page_renders_live_numbers_in_a_real_browser() {
     chromium(&url, &[&format!("--screenshot={}", png.display())]);
     let bytes = std::fs::read(&png).expect("a screenshot");
     assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
+}
+
+#[test]
+fn a_unix_socket_admin_listener_may_go_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let gw = Gateway::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n\n[admin]\nlisten = \"unix:{}\"\n\n[[routes]]\nid = \"hello\"\nrespond = {{ status = 200, body = \"hi\" }}\n",
+        socket.display()
+    ));
+    assert_eq!(get(&gw, "/", ""), 200);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "owner-only");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--unix-socket"])
+        .arg(&socket)
+        .arg("http://admin/metrics")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"portcullis_requests_total{route="hello",method="GET",class="2xx"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
 }

@@ -271,3 +271,90 @@ fn xdp_policy_is_reloaded_in_place() {
     let (ok, out) = gw.reload_with(&config("", "portcullis-none0"));
     assert!(!ok && out.contains("xdp.interface"), "{out}");
 }
+
+/// One admin request over TCP with the bearer token; returns (status, body).
+fn admin_call(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        raw.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned(),
+    )
+}
+
+const ADMIN_TOKEN: &str = "xdp-admin-token-0123456789abcdef";
+
+#[test]
+fn the_admin_api_bans_through_xdp_and_exports_its_counters() {
+    let _serial = PRIVILEGED.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged_or_skip("the_admin_api_bans_through_xdp_and_exports_its_counters") {
+        return;
+    }
+    let net = VethNamespace::create("m");
+    let pins = BpffsDir::new();
+    let pin_path = pins.dir.path().join("portcullis");
+    let config = format!(
+        "[server]\nlisten = [\"{}:0\"]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"PORTCULLIS_TEST_ADMIN_TOKEN\"\n\n[xdp]\ninterface = \"{}\"\nmode = \"driver\"\npin_path = \"{}\"\n\n[[routes]]\nrespond = {{ status = 200, body = \"through xdp\" }}\n",
+        net.host_ip,
+        net.host_if,
+        pin_path.display()
+    );
+    let gw = Gateway::start_with(&config, &[("PORTCULLIS_TEST_ADMIN_TOKEN", ADMIN_TOKEN)]);
+    let admin = gw.admin_addr();
+    let url = format!("http://{}/", gw.addr);
+    let fetch = || net.exec(&["curl", "-sS", "--max-time", "2", &url]);
+    assert!(fetch().status.success());
+
+    let (status, body) = admin_call(
+        admin,
+        "POST",
+        "/xdp/bans",
+        &format!("{{\"address\": \"{}\", \"seconds\": 60}}", net.peer_ip),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        !fetch().status.success(),
+        "a banned source is dropped in the kernel"
+    );
+    let (_, list) = admin_call(admin, "GET", "/xdp/bans", "");
+    assert!(list.contains(&net.peer_ip.to_string()), "{list}");
+    let (_, metrics) = admin_call(admin, "GET", "/metrics", "");
+    let drops: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "portcullis_xdp_top_source_drops{{source=\"{}\"}} ",
+                net.peer_ip
+            ))
+        })
+        .unwrap_or_else(|| panic!("no drops for the banned source:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(drops >= 1.0, "{metrics}");
+    assert!(
+        metrics.contains("portcullis_xdp_packets_total{counter=\"passed\"}"),
+        "{metrics}"
+    );
+
+    let (status, body) = admin_call(admin, "DELETE", &format!("/xdp/bans/{}", net.peer_ip), "");
+    assert_eq!(status, 200, "{body}");
+    assert!(fetch().status.success(), "the ban is lifted");
+    let (status, _) = admin_call(admin, "DELETE", &format!("/xdp/bans/{}", net.peer_ip), "");
+    assert_eq!(status, 404, "no longer banned");
+    let (status, _) = admin_call(admin, "DELETE", "/xdp/bans/not-an-address", "");
+    assert_eq!(status, 400);
+}

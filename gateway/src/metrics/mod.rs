@@ -7,6 +7,7 @@ pub mod counter;
 pub mod exposition;
 pub mod labels;
 pub mod latency;
+pub mod top_refused;
 pub mod totals;
 pub mod worker;
 

@@ -70,6 +70,8 @@ pub struct WorkerCounters {
     servers: Mutex<BTreeMap<(String, String), Arc<ServerCounters>>>,
     policies: Mutex<BTreeMap<PolicyKey, Arc<LocalCounter>>>,
     buckets: Mutex<BTreeMap<(Subject, Part), Arc<Buckets>>>,
+    /// The worker's most refused keys, as last published.
+    pub top_refused: Mutex<Vec<super::top_refused::RefusedKey>>,
 }
 
 fn get_or_make<K: Ord + Clone, V: Default>(map: &Mutex<BTreeMap<K, Arc<V>>>, key: &K) -> Arc<V> {
@@ -124,6 +126,8 @@ impl WorkerCounters {
 /// (with their worker-local HDR histograms) by subject.
 pub struct WorkerMetrics {
     pub counters: Arc<WorkerCounters>,
+    /// The most refused keys, written on the refusal path.
+    pub top_refused: Rc<super::top_refused::TopRefused>,
     series: RefCell<HashMap<(Subject, Part), Rc<Series>>>,
     collector: std::sync::mpsc::Sender<Recorded>,
 }
@@ -135,6 +139,7 @@ impl WorkerMetrics {
     ) -> Self {
         WorkerMetrics {
             counters,
+            top_refused: Rc::default(),
             series: RefCell::default(),
             collector,
         }
@@ -162,5 +167,6 @@ impl WorkerMetrics {
         for series in self.series.borrow().values() {
             series.hand_over(&self.collector);
         }
+        self.top_refused.publish(&self.counters.top_refused);
     }
 }

@@ -23,6 +23,8 @@ pub enum Answer {
         route: usize,
         policy: TrafficPolicy,
         retry_after_secs: u64,
+        /// What the refusing policy counted the request as.
+        subject: crate::limits::SubjectLabel,
     },
 }
 

@@ -363,6 +363,7 @@ impl<C: Transport> Connection<'_, C> {
                 route,
                 policy,
                 retry_after_secs,
+                ..
             } => {
                 let r = snapshot.routes.route(route);
                 let fields = r.rate_limit_headers.then(|| match policy {

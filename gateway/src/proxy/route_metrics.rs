@@ -40,6 +40,8 @@ pub struct GenerationMetrics {
     pub unrouted: Arc<RouteCounters>,
     /// By upstream group index.
     pub upstreams: Vec<UpstreamMetrics>,
+    /// The worker's most refused keys (kept across generations).
+    pub top_refused: Rc<crate::metrics::top_refused::TopRefused>,
 }
 
 impl GenerationMetrics {
@@ -85,6 +87,7 @@ impl GenerationMetrics {
             routes,
             unrouted: counters.route(NO_ROUTE),
             upstreams,
+            top_refused: m.top_refused.clone(),
         }
     }
 }

@@ -44,6 +44,12 @@ impl BanTable {
         match self.map.remove(&source_key(ip, self.ipv6_prefix)) {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            // The kernel says ENOENT through the syscall error for a missing key.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(e.into()),
         }
     }

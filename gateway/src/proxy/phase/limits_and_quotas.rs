@@ -34,7 +34,7 @@ pub fn check(
     let store = &snapshot.quota_store;
     with_subject(req, peer, consumer, &store.hasher, |subject| {
         limits::check(&route.limits, subject, cluster)
-            .map_err(|refusal| too_many(route, &route.limits, refusal, false))?;
+            .map_err(|refusal| too_many(route, &route.limits, refusal, false, subject))?;
         for (i, quota) in route.quotas.iter().enumerate() {
             match store.take(quota, subject, cluster) {
                 Ok(charge) => ctx.charges.push(charge),
@@ -43,6 +43,7 @@ pub fn check(
                         route: route.index,
                         policy: TrafficPolicy::Quota(i),
                         retry_after_secs,
+                        subject: crate::limits::SubjectLabel::of(quota.key(), subject),
                     })
                 }
                 Err(QuotaRefusal::HandedOver) => {

@@ -89,7 +89,9 @@ fn record(m: &GenerationMetrics, ctx: &RequestContext, now: Instant) {
     };
     match ctx.outcome {
         Outcome::Answered(Answer::Denied(e)) => counters.auth_failures[auth_failure_index(e)].inc(),
-        Outcome::Answered(Answer::TooMany { policy, .. }) => {
+        Outcome::Answered(Answer::TooMany {
+            policy, subject, ..
+        }) => {
             let counter = match policy {
                 TrafficPolicy::PreAuthLimit(i) => route.pre_auth_limits.get(i),
                 TrafficPolicy::Limit(i) => route.limits.get(i),
@@ -97,6 +99,7 @@ fn record(m: &GenerationMetrics, ctx: &RequestContext, now: Instant) {
             };
             if let Some(c) = counter {
                 c.inc();
+                m.top_refused.record(c, subject);
             }
         }
         _ => {}

@@ -22,6 +22,6 @@ pub fn check(
     }
     with_subject(req, peer, None, &snapshot.quota_store.hasher, |subject| {
         limits::check(&route.pre_auth_limits, subject, snapshot.cluster.as_deref())
+            .map_err(|refusal| too_many(route, &route.pre_auth_limits, refusal, true, subject))
     })
-    .map_err(|refusal| too_many(route, &route.pre_auth_limits, refusal, true))
 }

@@ -41,6 +41,7 @@ pub fn too_many(
     limits: &[limits::Limit],
     refusal: limits::Refusal,
     pre_auth: bool,
+    subject: &LimitSubject,
 ) -> Answer {
     let index = limits
         .iter()
@@ -55,5 +56,6 @@ pub fn too_many(
             TrafficPolicy::Limit(index)
         },
         retry_after_secs: retry.max(1),
+        subject: limits::SubjectLabel::of(&refusal.limit.key, subject),
     }
 }

@@ -101,6 +101,7 @@ pub fn handle(state: &AdminState, req: &AdminRequest) -> AdminResponse {
         ("GET", ["status"]) => status(state),
         ("GET", ["stats"]) => stats(state),
         ("GET", ["routes"]) => routes(state),
+        ("GET", ["limits", "top"]) => top_refused(state),
         ("GET", ["config"]) => config(state),
         ("GET", ["upstreams"]) => upstreams(state),
         ("POST", ["reload"]) => match state.live.reload() {
@@ -120,7 +121,8 @@ pub fn handle(state: &AdminState, req: &AdminRequest) -> AdminResponse {
             ["metrics" | "healthz" | "readyz" | "status" | "stats" | "routes" | "upstreams"
             | "reload"],
         )
-        | (_, ["xdp", "bans", ..]) => AdminResponse::error(405, "method not allowed here"),
+        | (_, ["xdp", "bans", ..])
+        | (_, ["limits", "top"]) => AdminResponse::error(405, "method not allowed here"),
         _ => AdminResponse::error(404, "no such admin endpoint"),
     }
 }
@@ -274,6 +276,53 @@ fn redact(value: &mut Value, key: Option<&str>) {
         }
         _ => {}
     }
+}
+
+/// Keys listed by `/limits/top`.
+const TOP_REFUSED: usize = 20;
+
+/// The keys refused most by rate limits and quotas, over every worker (each worker keeps a
+/// Space-Saving summary, published once a second; `max_overcount` bounds how much of a count
+/// may belong to keys it displaced).
+fn top_refused(state: &AdminState) -> AdminResponse {
+    use std::collections::BTreeMap;
+    let mut merged: BTreeMap<(String, &'static str, String, String), (u64, u64)> = BTreeMap::new();
+    for (_, worker) in state.metrics.workers() {
+        let names = worker.policies();
+        let published = worker
+            .top_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for entry in published {
+            let Some(((route, kind, name), _)) = names
+                .iter()
+                .find(|(_, counter)| Arc::ptr_eq(counter, &entry.policy))
+            else {
+                continue;
+            };
+            let e = merged
+                .entry((
+                    route.clone(),
+                    kind.label(),
+                    name.clone(),
+                    entry.subject.to_string(),
+                ))
+                .or_default();
+            e.0 += entry.count;
+            e.1 += entry.error;
+        }
+    }
+    let mut list: Vec<_> = merged.into_iter().collect();
+    list.sort_by_key(|entry| std::cmp::Reverse(entry.1 .0));
+    let keys: Vec<Value> = list
+        .into_iter()
+        .take(TOP_REFUSED)
+        .map(|((route, kind, name, key), (count, error))| {
+            json!({ "route": route, "kind": kind, "name": name, "key": key, "refused": count, "max_overcount": error })
+        })
+        .collect();
+    AdminResponse::json(200, &json!({ "top": keys }))
 }
 
 fn routes(state: &AdminState) -> AdminResponse {
