@@ -55,14 +55,6 @@ impl Drop for Redis {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The secret every host of the test cluster shares, so header-keyed counts agree.
 fn shared_key_file() -> &'static std::path::Path {
     static FILE: std::sync::OnceLock<tempfile::NamedTempFile> = std::sync::OnceLock::new();

@@ -31,30 +31,9 @@ fn start(upstream: SocketAddr) -> Gateway {
     Gateway::start_with(&config(upstream), &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)])
 }
 
-/// One request to the admin listener; returns (status, body).
+/// One request to the gateway's admin listener; returns (status, body).
 fn admin(gw: &Gateway, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(gw.admin_addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
+    admin_request(gw.admin_addr(), method, path, token, body)
 }
 
 fn scrape(gw: &Gateway) -> String {
@@ -255,11 +234,7 @@ fn a_real_prometheus_scrapes_the_gateway_with_the_token() {
         get(&gw, "/hello", "");
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
         &config,

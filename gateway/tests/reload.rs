@@ -203,15 +203,6 @@ fn a_reload_under_load_fails_no_request() {
     assert_eq!(failed, 0, "requests failed during reloads");
 }
 
-/// A loopback port nothing listens on now (bound, read, released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn reload_starts_added_listeners_and_winds_down_removed_ones() {
     let gw = Gateway::start(&format!("{HEAD}{}", respond("/", "one")));

@@ -272,28 +272,8 @@ fn xdp_policy_is_reloaded_in_place() {
     assert!(!ok && out.contains("xdp.interface"), "{out}");
 }
 
-/// One admin request over TCP with the bearer token; returns (status, body).
 fn admin_call(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        raw.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned(),
-    )
+    support::admin_request(addr, method, path, Some(ADMIN_TOKEN), body)
 }
 
 const ADMIN_TOKEN: &str = "xdp-admin-token-0123456789abcdef";

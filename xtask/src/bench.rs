@@ -92,6 +92,46 @@ pub(crate) fn spawn_pinned(
     Ok(Proc(child, name))
 }
 
+/// One single-threaded loadgen run against `127.0.0.1:port`, pinned to `core`, its summary on
+/// a piped stdout (read it with [`load_summary`]).
+pub(crate) struct LoadgenRun<'a> {
+    pub port: u16,
+    pub path: &'a str,
+    pub connections: usize,
+    /// Open loop at this many requests per second; closed loop when `None`.
+    pub rate: Option<u32>,
+    pub duration: f64,
+    pub core: usize,
+    pub extra: &'a [&'a str],
+}
+
+impl LoadgenRun<'_> {
+    pub(crate) fn spawn(&self, bin: &Path) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(bin.join("loadgen"));
+        cmd.args([
+            "--target",
+            &format!("127.0.0.1:{}", self.port),
+            "--path",
+            self.path,
+        ])
+        .args([
+            "--connections",
+            &self.connections.to_string(),
+            "--threads",
+            "1",
+        ])
+        .args(["--duration", &self.duration.to_string()])
+        .args(["--pin-from-core", &self.core.to_string()]);
+        if let Some(rate) = self.rate {
+            cmd.args(["--rate", &rate.to_string()]);
+        }
+        cmd.args(self.extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot run loadgen")
+    }
+}
+
 /// What a finished loadgen printed on its `summary` line.
 pub(crate) struct LoadSummary {
     pub rps: f64,

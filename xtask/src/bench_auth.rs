@@ -65,20 +65,16 @@ fn loadgen(
     duration: f64,
     extra: &[&str],
 ) -> anyhow::Result<std::process::Child> {
-    Command::new(bin.join("loadgen"))
-        .args([
-            "--target",
-            &format!("127.0.0.1:{GATEWAY_PORT}"),
-            "--path",
-            path,
-        ])
-        .args(["--connections", &connections.to_string(), "--threads", "1"])
-        .args(["--duration", &duration.to_string()])
-        .args(["--pin-from-core", &core.to_string()])
-        .args(extra)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("cannot run loadgen")
+    crate::bench::LoadgenRun {
+        port: GATEWAY_PORT,
+        path,
+        connections,
+        rate: None,
+        duration,
+        core,
+        extra,
+    }
+    .spawn(bin)
 }
 
 pub fn run(duration: f64) -> anyhow::Result<()> {

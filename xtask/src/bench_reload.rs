@@ -17,7 +17,7 @@ use std::{
 use anyhow::{bail, Context};
 
 use crate::{
-    bench::{layout, load_summary, spawn_pinned, start_backend, wait_for_port},
+    bench::{layout, load_summary, spawn_pinned, start_backend, wait_for_port, LoadgenRun},
     workspace_root,
 };
 
@@ -43,27 +43,20 @@ fn config(dir: &Path, variant: usize) -> String {
 }
 
 fn loadgen(bin: &Path, core: usize, duration: f64, rate: Option<u32>) -> anyhow::Result<Child> {
-    let mut cmd = Command::new(bin.join("loadgen"));
-    cmd.args([
-        "--target",
-        &format!("127.0.0.1:{GATEWAY_PORT}"),
-        "--path",
-        "/1k",
-    ])
-    .args(["--threads", "1", "--duration", &duration.to_string()])
-    .args(["--pin-from-core", &core.to_string()]);
-    match rate {
-        Some(r) => cmd.args([
-            "--rate",
-            &r.to_string(),
-            "--connections",
-            &CONNECTIONS.to_string(),
-        ]),
-        None => cmd.args(["--connections", &MAX_CONNECTIONS.to_string()]),
-    };
-    cmd.stdout(Stdio::piped())
-        .spawn()
-        .context("cannot run loadgen")
+    LoadgenRun {
+        port: GATEWAY_PORT,
+        path: "/1k",
+        connections: if rate.is_some() {
+            CONNECTIONS
+        } else {
+            MAX_CONNECTIONS
+        },
+        rate,
+        duration,
+        core,
+        extra: &[],
+    }
+    .spawn(bin)
 }
 
 fn start_gateway(

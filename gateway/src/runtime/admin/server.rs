@@ -69,13 +69,7 @@ pub fn start(
             })?;
             let bound = listener.local_addr()?;
             info!("admin API listening on {bound}");
-            std::thread::Builder::new()
-                .name("portcullis-admin".into())
-                .spawn(move || {
-                    for stream in listener.incoming().flatten() {
-                        accept(stream, &state, &active);
-                    }
-                })?;
+            spawn_accept_loop(listener, |l| l.accept().map(|(s, _)| s), state, active)?;
             Ok(Some(bound))
         }
         AdminListen::Unix(path) => {
@@ -92,16 +86,32 @@ pub fn start(
             let listener = UnixListener::bind(path)?;
             std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
             info!("admin API listening on unix:{}", path.display());
-            std::thread::Builder::new()
-                .name("portcullis-admin".into())
-                .spawn(move || {
-                    for stream in listener.incoming().flatten() {
-                        accept(stream, &state, &active);
-                    }
-                })?;
+            spawn_accept_loop(listener, |l| l.accept().map(|(s, _)| s), state, active)?;
             Ok(None)
         }
     }
+}
+
+/// Accepts on `listener` with `accept_one` on its own thread, for the process's life.
+fn spawn_accept_loop<L: Send + 'static, S: AdminStream>(
+    listener: L,
+    accept_one: fn(&L) -> std::io::Result<S>,
+    state: Arc<AdminState>,
+    active: Arc<AtomicUsize>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("portcullis-admin".into())
+        .spawn(move || loop {
+            match accept_one(&listener) {
+                Ok(stream) => accept(stream, &state, &active),
+                // Such as EMFILE: pause rather than spin.
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })?;
+    Ok(())
 }
 
 fn accept<S: AdminStream>(mut stream: S, state: &Arc<AdminState>, active: &Arc<AtomicUsize>) {
