@@ -337,6 +337,14 @@ fn the_admin_api_needs_the_token_and_answers_errors_in_json() {
         sample(&m, r#"portcullis_config_reloads_total{result="accepted"}"#),
         Some(1.0)
     );
+    // The effective config: defaults filled in.
+    let (status, body) = admin(&gw, "GET", "/config", Some(TOKEN), "");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["config"]["server"]["workers"], 2);
+    assert_eq!(v["config"]["server"]["header_timeout"], "10s", "a default");
+    assert_eq!(v["config"]["routes"][0]["id"], "hello");
+    assert_eq!(v["sha256"].as_str().map(str::len), Some(64));
     // Upstream servers with their counts.
     get(&gw, "/slow/x", "");
     let (_, body) = admin(&gw, "GET", "/upstreams", Some(TOKEN), "");

@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::{de, Deserialize, Deserializer};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 pub use duration::{parse_duration, ConfigDuration};
 pub use error::{key_path, line_of, locate, ConfigError, Invalid, KeyPath, KeySegment};
@@ -27,7 +27,7 @@ pub const MAX_HEADER_BYTES_CEILING: usize = 256 * 1024;
 /// the parser fills.
 pub const MAX_HEADERS_CEILING: usize = 256;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -58,7 +58,7 @@ pub struct Config {
 }
 
 /// `[cluster]`: limits and quotas shared through Redis, synchronised in batches.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `redis://host:port/db`.
@@ -81,7 +81,7 @@ fn default_cluster_sync() -> ConfigDuration {
 }
 
 /// Where quota counters are kept, and how often they are written.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuotasConfig {
     /// Directory of the quota file (`quotas.state`), created if missing.
@@ -110,7 +110,7 @@ impl Default for QuotasConfig {
 }
 
 /// A calendar period (UTC).
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum QuotaPeriod {
     Day,
@@ -118,7 +118,7 @@ pub enum QuotaPeriod {
 }
 
 /// A quota: at most `limit` requests per calendar `period`, per key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaConfig {
     /// "consumer" (else the client address), "client", "route" or "header:NAME".
@@ -134,7 +134,7 @@ fn default_quota_key() -> String {
 }
 
 /// Where credentials are looked for.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Header carrying an API key (also accepted as `Authorization: Bearer`).
@@ -168,7 +168,7 @@ impl Default for AuthConfig {
 }
 
 /// A JWT issuer: where its keys come from and how its tokens are validated.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     /// The `iss` claim tokens must carry.
@@ -222,7 +222,7 @@ fn default_consumer_claim() -> String {
 }
 
 /// A caller known to the gateway.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
     pub id: String,
@@ -234,7 +234,7 @@ pub struct ConsumerConfig {
 }
 
 /// Credential kinds a route accepts.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthMethod {
     ApiKey,
@@ -242,7 +242,7 @@ pub enum AuthMethod {
 }
 
 /// A route's access policy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteAuthConfig {
     #[serde(default = "default_auth_methods")]
@@ -265,7 +265,7 @@ fn default_auth_methods() -> Vec<AuthMethod> {
     vec![AuthMethod::ApiKey]
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Addresses to listen on; port 0 picks a free port (logged at start).
@@ -349,6 +349,15 @@ pub enum Workers {
     Count(usize),
 }
 
+impl Serialize for Workers {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Workers::Auto => s.serialize_str("auto"),
+            Workers::Count(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Workers {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Visitor;
@@ -392,7 +401,7 @@ impl Workers {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub servers: Vec<SocketAddr>,
@@ -424,7 +433,7 @@ fn default_max_idle() -> usize {
     64
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// The route's stable id, which names its persisted and shared counts; default: derived
@@ -462,7 +471,7 @@ pub struct RouteConfig {
 }
 
 /// A route's in-flight limit: beyond `max`, wait up to `queue_timeout` for a slot, then 503.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConcurrencyConfig {
     /// "route" (one count for the route) or "consumer" (one per consumer).
@@ -486,7 +495,7 @@ fn default_true() -> bool {
 }
 
 /// One rate limit: `rate` requests per `per`, with bursts of up to `burst`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitConfig {
     /// What is counted separately: "client" (address), "consumer" (else the address),
@@ -505,7 +514,7 @@ fn default_limit_window() -> ConfigDuration {
     ConfigDuration::from_secs(1)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchConfig {
     pub host: Option<String>,
@@ -514,7 +523,7 @@ pub struct MatchConfig {
     pub methods: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RespondConfig {
     #[serde(default = "default_respond_status")]
@@ -530,7 +539,7 @@ fn default_respond_status() -> u16 {
 }
 
 /// One interface name or a list of them.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
@@ -546,7 +555,7 @@ impl OneOrMany {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
     /// Driver (native) mode where the driver supports it, else generic SKB mode.
@@ -556,7 +565,7 @@ pub enum XdpMode {
     Skb,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct XdpConfig {
     pub interface: OneOrMany,

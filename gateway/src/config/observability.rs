@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use serde::{de, Deserialize, Deserializer};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{key_path, ConfigDuration, Invalid};
 
@@ -11,6 +11,15 @@ use super::{key_path, ConfigDuration, Invalid};
 pub enum AdminListen {
     Tcp(SocketAddr),
     Unix(PathBuf),
+}
+
+impl Serialize for AdminListen {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AdminListen::Tcp(a) => s.collect_str(a),
+            AdminListen::Unix(p) => s.collect_str(&format_args!("unix:{}", p.display())),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for AdminListen {
@@ -33,7 +42,7 @@ impl<'de> Deserialize<'de> for AdminListen {
 }
 
 /// `[admin]`: metrics, the admin API and the status page, on their own listener.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: AdminListen,
@@ -57,6 +66,15 @@ pub enum AccessLogTarget {
     File(PathBuf),
 }
 
+impl Serialize for AccessLogTarget {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AccessLogTarget::Stdout => s.serialize_str("stdout"),
+            AccessLogTarget::File(p) => s.collect_str(&p.display()),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for AccessLogTarget {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
@@ -69,7 +87,7 @@ impl<'de> Deserialize<'de> for AccessLogTarget {
 }
 
 /// `[access_log]`: one JSON object per request.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AccessLogConfig {
     /// `"stdout"` or a file path (reopened on SIGUSR1, for logrotate).

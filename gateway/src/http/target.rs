@@ -9,10 +9,10 @@
 //! refused: encoded slashes and backslashes, raw backslashes, encoded controls, `..;`
 //! segments, ill-formed escapes, invalid or overlong UTF-8, raw bytes above 0x7F.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// What to do with `%2F` in a path.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EncodedSlash {
     /// 400: an upstream that decodes it would see a different path than the one routed.

@@ -237,15 +237,14 @@ fn policy_refusals(state: &AdminState, route: &str) -> u64 {
         .sum()
 }
 
-/// The config in force as its file says it, as JSON, with secrets redacted: API-key hashes,
+/// The config in force, defaults filled in, as JSON, with secrets redacted: API-key hashes,
 /// and the credentials, query and fragment of every URL.
 fn config(state: &AdminState) -> AdminResponse {
     let snapshot = state.live.snapshot();
-    let parsed: toml::Value = match toml::from_str(&snapshot.config.source) {
+    let mut value = match serde_json::to_value(&snapshot.config) {
         Ok(v) => v,
-        Err(e) => return AdminResponse::error(500, &format!("cannot read the config back: {e}")),
+        Err(e) => return AdminResponse::error(500, &format!("cannot render the config: {e}")),
     };
-    let mut value = serde_json::to_value(parsed).unwrap_or(Value::Null);
     redact(&mut value, None);
     AdminResponse::json(
         200,
@@ -448,5 +447,28 @@ fn bans_remove(state: &AdminState, addr: &str) -> AdminResponse {
         Ok(true) => AdminResponse::json(200, &json!({ "unbanned": addr.to_string() })),
         Ok(false) => AdminResponse::error(404, "that address is not banned"),
         Err(e) => AdminResponse::error(500, &format!("cannot remove the ban: {e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_is_shown_without_its_secrets() {
+        let (_, hash) = crate::auth::new_key();
+        let src = format!(
+            "[cluster]\nredis = \"redis://user:hunter2@127.0.0.1:6379/0\"\n\n[[consumers]]\nid = \"alice\"\napi_keys = [\"{hash}\"]\n\n[[routes]]\nrespond = {{ status = 200 }}\n"
+        );
+        let config = crate::config::Config::parse(std::path::Path::new("t.toml"), &src).unwrap();
+        let mut value = serde_json::to_value(&config).unwrap();
+        redact(&mut value, None);
+        let text = value.to_string();
+        assert!(!text.contains("hunter2") && !text.contains(&hash), "{text}");
+        assert_eq!(value["consumers"][0]["api_keys"][0], "(redacted)");
+        assert_eq!(value["consumers"][0]["id"], "alice");
+        assert!(text.contains("127.0.0.1:6379"), "{text}");
+        // Defaults are filled in.
+        assert_eq!(value["server"]["keepalive_timeout"], "60s");
     }
 }
