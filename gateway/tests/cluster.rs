@@ -66,13 +66,24 @@ fn shared_key_file() -> &'static std::path::Path {
     .path()
 }
 
+const ADMIN_TOKEN: &str = "cluster-admin-token-0123456789";
+
 fn gateway(up: &Upstream, redis_port: u16, data: &std::path::Path) -> Gateway {
-    Gateway::start(&format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\n\n[cluster]\nredis = \"redis://127.0.0.1:{redis_port}\"\nlease = {LEASE}\nsync_interval = \"50ms\"\n\n[quotas]\ndata_dir = \"{}\"\nkey_file = \"{}\"\n\n[upstreams.up]\nservers = [\"{}\"]\n\n[[routes]]\nmatch = {{ path_prefix = \"/limited/\" }}\nupstream = \"up\"\nlimits = [{{ key = \"route\", rate = {LIMIT}, per = \"1h\" }}]\n\n[[routes]]\nupstream = \"up\"\nquotas = [{{ key = \"header:X-Tenant\", limit = {LIMIT}, period = \"day\" }}]\n",
+    Gateway::start_with(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"PORTCULLIS_TEST_ADMIN_TOKEN\"\n\n[cluster]\nredis = \"redis://127.0.0.1:{redis_port}\"\nlease = {LEASE}\nsync_interval = \"50ms\"\n\n[quotas]\ndata_dir = \"{}\"\nkey_file = \"{}\"\n\n[upstreams.up]\nservers = [\"{}\"]\n\n[[routes]]\nmatch = {{ path_prefix = \"/limited/\" }}\nupstream = \"up\"\nlimits = [{{ key = \"route\", rate = {LIMIT}, per = \"1h\" }}]\n\n[[routes]]\nupstream = \"up\"\nquotas = [{{ key = \"header:X-Tenant\", limit = {LIMIT}, period = \"day\" }}]\n",
         data.display(),
         shared_key_file().display(),
         up.addr
-    ))
+    ), &[("PORTCULLIS_TEST_ADMIN_TOKEN", ADMIN_TOKEN)])
+}
+
+/// The gateway's `portcullis_cluster_up` gauge.
+fn cluster_up(gw: &Gateway) -> Option<String> {
+    let (_, metrics) = admin_request(gw.admin_addr(), "GET", "/metrics", Some(ADMIN_TOKEN), "");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_cluster_up "))
+        .map(str::to_owned)
 }
 
 fn call(gw: &Gateway, tenant: &str) -> u16 {
@@ -167,6 +178,12 @@ fn two_hosts_share_a_quota_through_redis() {
         "cluster: rate limit admitted {limited} of {LIMIT} across {HOSTS} hosts (bounds {low}..={bound})"
     );
 
+    assert_eq!(
+        cluster_up(&hosts[0]).as_deref(),
+        Some("1"),
+        "the link is up in the metrics"
+    );
+
     // Redis goes away: each host falls back to its local quota and says so.
     drop(redis);
     thread::sleep(Duration::from_millis(300));
@@ -183,6 +200,11 @@ fn two_hosts_share_a_quota_through_redis() {
             gw.log().contains("falling back to local limits"),
             "{}",
             gw.log()
+        );
+        assert_eq!(
+            cluster_up(gw).as_deref(),
+            Some("0"),
+            "the outage shows in the metrics"
         );
     }
     // Redis comes back on the same port: sharing resumes, and the log says so.
