@@ -83,6 +83,9 @@ pub struct AccessLog {
     reopen: Arc<AtomicBool>,
     /// Buffers dropped because the writer fell behind.
     pub dropped: Arc<AtomicU64>,
+    /// Buffers handed to the writer, and those it has written: equal once it caught up.
+    handed: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
     config: AccessLogConfig,
 }
 
@@ -93,6 +96,8 @@ impl AccessLog {
         let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(QUEUED_BUFFERS);
         let reopen = Arc::new(AtomicBool::new(false));
         let flag = reopen.clone();
+        let written = Arc::new(AtomicU64::new(0));
+        let done = written.clone();
         std::thread::Builder::new()
             .name("portcullis-access-log".into())
             .spawn(move || {
@@ -109,21 +114,37 @@ impl AccessLog {
                             );
                         }
                     }
+                    done.fetch_add(1, Ordering::Release);
                 }
             })?;
         Ok(Arc::new(AccessLog {
             tx,
             reopen,
             dropped: Arc::default(),
+            handed: Arc::default(),
+            written,
             config: config.clone(),
         }))
+    }
+
+    /// Waits (at most `limit`) until the writer has written everything handed to it: at exit,
+    /// after every worker's last flush.
+    pub fn finish(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while self.written.load(Ordering::Acquire) < self.handed.load(Ordering::Acquire)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Reopens the file before the next write (SIGUSR1).
     pub fn reopen(&self) {
         self.reopen.store(true, Ordering::Release);
         // Wake the writer even when no request comes.
-        let _ = self.tx.try_send(Vec::new());
+        if self.tx.try_send(Vec::new()).is_ok() {
+            self.handed.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// A worker's buffer.
@@ -131,6 +152,7 @@ impl AccessLog {
         WorkerLog {
             tx: self.tx.clone(),
             dropped: self.dropped.clone(),
+            handed: self.handed.clone(),
             buf: RefCell::new(Vec::with_capacity(BUFFER_BYTES + 4096)),
             sample_below: (self.config.sample * f64::from(u32::MAX)) as u64,
             rng: RefCell::new(fastrand::Rng::new()),
@@ -143,6 +165,7 @@ impl AccessLog {
 pub struct WorkerLog {
     tx: mpsc::SyncSender<Vec<u8>>,
     dropped: Arc<AtomicU64>,
+    handed: Arc<AtomicU64>,
     buf: RefCell<Vec<u8>>,
     /// A request is logged when a random u32 falls below this.
     sample_below: u64,
@@ -170,18 +193,40 @@ impl WorkerLog {
         }
     }
 
-    /// Hands what the buffer holds to the writer.
+    /// Hands what the buffer holds to the writer; dropped (and counted) if the writer is that
+    /// far behind, so a stalled disk never stalls the worker.
     pub fn flush(&self) {
-        let buf = {
-            let mut buf = self.buf.borrow_mut();
-            if buf.is_empty() {
-                return;
-            }
-            std::mem::replace(&mut *buf, Vec::with_capacity(BUFFER_BYTES + 4096))
+        let Some(buf) = self.take() else {
+            return;
         };
-        if self.tx.try_send(buf).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(buf) {
+            Ok(()) => {
+                self.handed.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
+    }
+
+    /// The last flush of a worker that has stopped: waits for room rather than dropping.
+    pub fn flush_final(&self) {
+        if let Some(buf) = self.take() {
+            if self.tx.send(buf).is_ok() {
+                self.handed.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn take(&self) -> Option<Vec<u8>> {
+        let mut buf = self.buf.borrow_mut();
+        if buf.is_empty() {
+            return None;
+        }
+        Some(std::mem::replace(
+            &mut *buf,
+            Vec::with_capacity(BUFFER_BYTES + 4096),
+        ))
     }
 }
 

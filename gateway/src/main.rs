@@ -312,6 +312,7 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
     let snapshot = ConfigSnapshot::new(config)?;
     snapshot.quota_store.start_flusher(flush_interval)?;
     let quota_store = snapshot.quota_store.clone();
+    let access_log_for_admin = access_log.clone();
     let metrics = match &config_admin {
         Some(admin) => Some(Metrics::start(admin.percentile_window.get())?),
         None => None,
@@ -335,19 +336,10 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
         bans,
         Observers {
             metrics: metrics.clone(),
-            access_log,
+            access_log: access_log.clone(),
         },
     )?;
-    if let (Some(admin), Some(metrics)) = (&config_admin, metrics) {
-        let state = AdminState {
-            token: admin_token,
-            metrics,
-            live: live.clone(),
-            drain: drain.clone(),
-            workers,
-        };
-        portcullis::runtime::admin::start(&admin.listen, Arc::new(state))?;
-    }
+
     match takeover {
         None => portcullis::runtime::control::serve(&control_socket, live.clone(), handover)?,
         Some(takeover) => {
@@ -359,12 +351,34 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
             info!("upgrade: the old process is draining");
         }
     }
+    // After an upgrade, only once the old process confirmed: until then it may still need its
+    // admin socket, and a failure here must not undo an upgrade that has happened.
+    if let (Some(admin), Some(metrics)) = (&config_admin, metrics) {
+        let state = AdminState {
+            token: admin_token,
+            metrics,
+            live: live.clone(),
+            drain: drain.clone(),
+            workers,
+            access_log: access_log_for_admin,
+        };
+        let started = portcullis::runtime::admin::start(&admin.listen, Arc::new(state), upgrade);
+        match started {
+            Ok(_) => {}
+            Err(e) if upgrade => error!("the admin API could not start after the upgrade: {e}"),
+            Err(e) => return Err(e.into()),
+        }
+    }
     for addr in &bound {
         info!(workers, "listening on {addr}");
     }
     let mut panicked = false;
     for handle in handles {
         panicked |= handle.join().is_err();
+    }
+    // Every worker handed its last lines over: let the writer finish them (bounded).
+    if let Some(log) = &access_log {
+        log.finish(std::time::Duration::from_secs(2));
     }
     // After an upgrade the path, the XDP program and its pins belong to the new process.
     let mut xdp_guard = live.take_xdp();

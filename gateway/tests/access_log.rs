@@ -64,7 +64,18 @@ fn access_log_lines_carry_the_fields_and_no_credentials() {
     assert_eq!(r.status, 401);
     let r = request(gw.addr, "GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(r.status, 404);
-    let log = lines(&dir.path().join("access.log"), 4);
+    // A head that never parses is logged too, as valid JSON, with no trace.
+    let r = request(
+        gw.addr,
+        "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    );
+    assert_eq!(r.status, 400);
+    let log = lines(&dir.path().join("access.log"), 5);
+    let refused = log
+        .iter()
+        .find(|l| l["status"] == 400)
+        .expect("the refused head's line");
+    assert!(refused["trace_id"].is_null() && refused["request_id"].as_str().unwrap().len() == 32);
     let raw = std::fs::read_to_string(dir.path().join("access.log")).unwrap();
     assert!(
         !raw.contains(&key) && !raw.contains("wrong-key") && !raw.contains("secret"),
@@ -192,8 +203,13 @@ fn request_ids_and_trace_context_pass_through() {
         "the gateway's own span: {parent}"
     );
     assert_eq!(got.header("tracestate"), Some("vendor=x"));
-    // Without one, a new trace starts; every answer carries the id, the gateway's own too.
-    request(gw.addr, "GET /up/b HTTP/1.1\r\nHost: a\r\n\r\n");
+    // Without one, a new trace starts (and a tracestate, which belongs to another trace, is
+    // dropped); every answer carries the id, the gateway's own too.
+    request(
+        gw.addr,
+        "GET /up/b HTTP/1.1\r\nHost: a\r\ntracestate: vendor=orphan\r\n\r\n",
+    );
+    assert_eq!(up.requests()[1].header("tracestate"), None);
     let fresh = up.requests()[1].header("traceparent").unwrap().to_owned();
     assert_eq!(fresh.len(), 55, "{fresh}");
     assert!(!fresh.contains(trace));

@@ -156,3 +156,54 @@ fn two_upgrades_under_load_fail_no_request_and_keep_quota_counts() {
         .unwrap()
         .contains("took over 2 listening sockets"));
 }
+
+#[test]
+fn an_upgrade_with_the_admin_api_on_a_fixed_port_completes_and_keeps_it_answering() {
+    const TOKEN: &str = "upgrade-admin-token-0123456789";
+    let admin_port = free_port();
+    let up = Upstream::echo_target();
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\ndrain_timeout = \"1s\"\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken_env = \"PORTCULLIS_TEST_ADMIN_TOKEN\"\n\n[upstreams.up]\nservers = [\"{}\"]\n\n{ROUTE_ALL}",
+        up.addr
+    );
+    let mut first = Gateway::start_with(&config, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    assert_eq!(
+        admin_request(admin, "GET", "/readyz", Some(TOKEN), "").0,
+        200
+    );
+    let fixed = config.replace("127.0.0.1:0", &first.addr.to_string());
+    std::fs::write(first.dir().join("gateway.toml"), &fixed).unwrap();
+
+    // The new process binds the admin port beside the old one (SO_REUSEPORT) once the old
+    // one has confirmed, so the upgrade goes through.
+    let mut next = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .current_dir(first.dir())
+        .args(["--upgrade", "--config", "gateway.toml"])
+        .env("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = first
+        .wait_exit(Duration::from_secs(20))
+        .expect("the old process hands over and exits");
+    assert!(status.success(), "{}", first.log());
+    // Only the new process answers now: ready, with its own (short) uptime.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = admin_request(admin, "GET", "/status", Some(TOKEN), "");
+        if code == 200 && body.contains("\"draining\": false") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{code} {body}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        request(first.addr, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+    let _ = next.kill();
+    let _ = next.wait();
+}

@@ -74,7 +74,11 @@ impl QuotaConfig {
 
 /// True for an explicit route id: printable ASCII (spaces allowed), 1 to 200 bytes.
 pub fn valid_route_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 200 && id.bytes().all(|b| (b' '..=b'~').contains(&b))
+    !id.is_empty()
+        && id.len() <= 200
+        && id.bytes().all(|b| (b' '..=b'~').contains(&b))
+        // The metrics' label for requests no route matched.
+        && id != "(none)"
 }
 
 #[cfg(test)]

@@ -25,6 +25,8 @@ pub struct Extra {
     pub xdp: Option<XdpSample>,
     /// Whether the Redis link is up and how long ago it last synchronised, when clustered.
     pub cluster: Option<(bool, Option<f64>)>,
+    /// Access-log buffers dropped because the writer fell behind, when the log is on.
+    pub access_log_dropped: Option<u64>,
 }
 
 /// Appends `value` escaped as a label value (backslash, double quote, newline).
@@ -144,6 +146,27 @@ pub fn render(metrics: &Metrics, extra: &Extra) -> String {
             &[("worker", &id), ("state", "idle")],
             c.connections_idle.get(),
         );
+    }
+
+    w.family(
+        "portcullis_connections_refused_total",
+        "counter",
+        "Connections refused (503, then closed) at max_connections_per_worker, per worker.",
+    );
+    for (id, c) in &workers {
+        w.sample(
+            "portcullis_connections_refused_total",
+            &[("worker", &id.to_string())],
+            c.connections_refused.get(),
+        );
+    }
+    if let Some(dropped) = extra.access_log_dropped {
+        w.family(
+            "portcullis_access_log_dropped_buffers_total",
+            "counter",
+            "Access-log buffers (up to 64 KiB of lines each) dropped because the writer fell behind.",
+        );
+        w.sample("portcullis_access_log_dropped_buffers_total", &[], dropped);
     }
 
     let routes = super::totals::routes(metrics);

@@ -66,6 +66,8 @@ pub type PolicyKey = (String, PolicyKind, String);
 pub struct WorkerCounters {
     pub connections_open: LocalCounter,
     pub connections_idle: LocalCounter,
+    /// Connections refused (503, closed) at `max_connections_per_worker`.
+    pub connections_refused: LocalCounter,
     routes: Mutex<BTreeMap<String, Arc<RouteCounters>>>,
     servers: Mutex<BTreeMap<(String, String), Arc<ServerCounters>>>,
     policies: Mutex<BTreeMap<PolicyKey, Arc<LocalCounter>>>,

@@ -20,9 +20,13 @@ pub struct Correlation {
     pub upstream_fields: Vec<u8>,
     /// The `x-request-id` line for the client's response.
     pub response_fields: Vec<u8>,
-    /// The W3C trace id, 32 hex digits.
-    pub trace_id: [u8; 32],
+    /// The W3C trace id, 32 hex digits; `None` until a head was parsed.
+    pub trace_id: Option<[u8; 32]>,
 }
+
+/// Longest `tracestate` passed on (W3C: at least 512 characters must be kept; a longer one may
+/// be dropped whole).
+pub const MAX_TRACESTATE_BYTES: usize = 512;
 
 /// A client request id is kept only if it is short, visible ASCII, and could not break a
 /// field or a JSON log line.
@@ -74,9 +78,14 @@ impl Correlation {
     ) {
         let mut client_id = None;
         let mut traceparent = None;
+        let mut tracestate: Option<&[u8]> = None;
+        let mut tracestate_fields = 0;
         for h in req.headers {
             if h.name.eq_ignore_ascii_case("x-request-id") {
                 client_id = client_id.or(Some(h.value));
+            } else if h.name.eq_ignore_ascii_case("tracestate") {
+                tracestate_fields += 1;
+                tracestate = Some(h.value);
             } else if h.name.eq_ignore_ascii_case("traceparent") {
                 // Two traceparent fields are invalid: start a new trace.
                 traceparent = match traceparent {
@@ -92,16 +101,24 @@ impl Correlation {
                 let _ = write!(self.request_id, "{generated}");
             }
         }
-        let (trace_id, flags) = traceparent
-            .flatten()
-            .and_then(parse_traceparent)
-            .unwrap_or_else(|| {
+        let continued = traceparent.flatten().and_then(parse_traceparent);
+        // Only the sampled bit is carried into a version-00 header: the other bits are
+        // reserved there, whatever version the client spoke.
+        let (trace_id, flags) = match continued {
+            Some((id, flags)) => {
+                let sampled = u8::from_str_radix(std::str::from_utf8(&flags).unwrap_or("00"), 16)
+                    .unwrap_or(0)
+                    & 1;
+                (id, if sampled == 1 { *b"01" } else { *b"00" })
+            }
+            None => {
                 let mut id = [0u8; 32];
                 let _ = hex::encode_to_slice(rng.u128(1..).to_be_bytes(), &mut id);
                 // A trace the gateway starts is marked sampled, so services behind it record it.
                 (id, *b"01")
-            });
-        self.trace_id = trace_id;
+            }
+        };
+        self.trace_id = Some(trace_id);
         let mut span = [0u8; 16];
         let _ = hex::encode_to_slice(rng.u64(1..).to_be_bytes(), &mut span);
 
@@ -119,6 +136,15 @@ impl Correlation {
         self.upstream_fields.push(b'-');
         self.upstream_fields.extend_from_slice(&flags);
         self.upstream_fields.extend_from_slice(b"\r\n");
+        // tracestate belongs to the trace it came with: passed on only when that trace goes on
+        // (one field, within the length W3C asks to keep; the parser refused CR, LF and NUL).
+        if let (Some(_), Some(state), 1) = (continued, tracestate, tracestate_fields) {
+            if !state.is_empty() && state.len() <= MAX_TRACESTATE_BYTES {
+                self.upstream_fields.extend_from_slice(b"tracestate: ");
+                self.upstream_fields.extend_from_slice(state);
+                self.upstream_fields.extend_from_slice(b"\r\n");
+            }
+        }
     }
 
     /// Gives a request whose head could not be parsed the gateway's id (no trace context).
@@ -140,6 +166,7 @@ impl Correlation {
         self.request_id.clear();
         self.upstream_fields.clear();
         self.response_fields.clear();
+        self.trace_id = None;
     }
 }
 

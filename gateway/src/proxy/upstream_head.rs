@@ -18,7 +18,7 @@ use crate::{
 
 /// Fields the gateway sets itself on forwarded requests; client copies are merged or dropped.
 /// The identity fields are always dropped, so a client cannot claim to be a consumer.
-const REQUEST_REPLACED: [&str; 8] = [
+const REQUEST_REPLACED: [&str; 9] = [
     "x-forwarded-for",
     "x-forwarded-proto",
     "via",
@@ -27,6 +27,7 @@ const REQUEST_REPLACED: [&str; 8] = [
     "x-consumer-groups",
     "x-request-id",
     "traceparent",
+    "tracestate",
 ];
 
 /// Who called, as the authenticate phase established it, and which credential to strip.

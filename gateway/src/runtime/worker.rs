@@ -114,7 +114,7 @@ fn run_worker(
                 tokio_uring::spawn(hand_over_latency(worker.clone(), drain.clone()));
             }
             if worker.access_log.is_some() {
-                tokio_uring::spawn(flush_access_log(worker.clone(), drain.clone()));
+                tokio_uring::spawn(flush_access_log(worker.clone()));
             }
             debug!(worker = id, core = ?core.map(|c| c.id), "worker started");
             let _ = started.send(id);
@@ -169,7 +169,7 @@ fn run_worker(
                 m.hand_over();
             }
             if let Some(log) = &worker.access_log {
-                log.flush();
+                log.flush_final();
             }
             debug!(worker = id, "worker stopped");
         });
@@ -183,17 +183,16 @@ pub struct Observers {
 }
 
 /// Hands the worker's access-log buffer to the writer at least every
-/// [`crate::access_log::FLUSH_INTERVAL`], until the drain.
-async fn flush_access_log(worker: Rc<Worker>, drain: DrainFlag) {
+/// [`crate::access_log::FLUSH_INTERVAL`], through the drain too (requests still finish then);
+/// the task ends with the worker's runtime, after its final flush.
+async fn flush_access_log(worker: Rc<Worker>) {
     let Some(log) = &worker.access_log else {
         return;
     };
     let mut tick = tokio::time::interval(crate::access_log::FLUSH_INTERVAL);
     loop {
-        tokio::select! {
-            _ = tick.tick() => log.flush(),
-            _ = drain.started() => return,
-        }
+        tick.tick().await;
+        log.flush();
     }
 }
 
@@ -278,6 +277,9 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         if worker.tracker.active() >= max_connections {
             debug!(worker = worker.id, %peer, "connection limit reached: refusing");
+            if let Some(m) = &worker.metrics {
+                m.counters.connections_refused.inc();
+            }
             tokio_uring::spawn(refuse(stream));
             continue;
         }

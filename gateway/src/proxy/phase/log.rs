@@ -72,10 +72,12 @@ fn total(ctx: &RequestContext, now: Instant) -> std::time::Duration {
     now.duration_since(ctx.timings.head_started.unwrap_or(ctx.timings.accepted))
 }
 
-/// From the upstream connection being ready to its first response byte.
+/// From the upstream connection being ready to its first response byte (or, when none came,
+/// to the end: a timed-out upstream's wait is upstream time, not the gateway's).
 fn upstream_wait(ctx: &RequestContext) -> Option<std::time::Duration> {
     let t = &ctx.timings;
-    Some(t.first_response_byte?.duration_since(t.upstream_connected?))
+    let until = t.first_response_byte.or(t.done)?;
+    Some(until.duration_since(t.upstream_connected?))
 }
 
 fn record(m: &GenerationMetrics, ctx: &RequestContext, now: Instant) {
@@ -159,9 +161,17 @@ fn access_line(
         humantime::format_rfc3339_millis(std::time::SystemTime::now())
     );
     json_bytes(out, ctx.correlation.request_id());
-    out.extend_from_slice(b",\"trace_id\":\"");
-    out.extend_from_slice(&ctx.correlation.trace_id);
-    let _ = write!(out, "\",\"client\":\"{}\",\"method\":", peer.ip());
+    out.extend_from_slice(b",\"trace_id\":");
+    match &ctx.correlation.trace_id {
+        // 32 lowercase hex digits, from the parser or the gateway.
+        Some(id) => {
+            out.push(b'"');
+            out.extend_from_slice(id);
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    let _ = write!(out, ",\"client\":\"{}\",\"method\":", peer.ip());
     json_bytes(out, &ctx.log_method);
     out.extend_from_slice(b",\"path\":");
     json_bytes(out, &ctx.log_target);

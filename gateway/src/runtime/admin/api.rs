@@ -53,6 +53,7 @@ pub struct AdminState {
     pub live: Arc<Live>,
     pub drain: DrainFlag,
     pub workers: usize,
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 /// Sources listed in the XDP metrics.
@@ -62,7 +63,7 @@ pub fn handle(state: &AdminState, req: &AdminRequest) -> AdminResponse {
     let path = req.target.split('?').next().unwrap_or_default();
     if path == "/" || path == "/index.html" {
         return match req.method.as_str() {
-            "GET" | "HEAD" => AdminResponse {
+            "GET" => AdminResponse {
                 status: 200,
                 content_type: "text/html; charset=utf-8",
                 body: super::page::STATUS_PAGE.as_bytes().to_vec(),
@@ -147,6 +148,10 @@ fn metrics(state: &AdminState) -> AdminResponse {
     if let Some(cluster) = &snapshot.cluster {
         extra.cluster = Some(cluster.sync_state());
     }
+    extra.access_log_dropped = state
+        .access_log
+        .as_ref()
+        .map(|l| l.dropped.load(std::sync::atomic::Ordering::Relaxed));
     AdminResponse {
         status: 200,
         content_type: "text/plain; version=0.0.4; charset=utf-8",

@@ -23,13 +23,36 @@ const MAX_CONNECTIONS: usize = 16;
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Largest request body (ban and reload requests are small).
 const MAX_BODY_BYTES: usize = 64 * 1024;
-/// Longest a client may take to send its request, and to read the answer.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a whole exchange may take: the request sent and the answer read, together, so a
+/// client trickling bytes cannot hold one of the few admin slots.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A stream the admin server reads and writes (TCP or Unix).
 trait AdminStream: Read + Write + Send + 'static {
     fn set_timeouts(&self, t: Duration) -> std::io::Result<()>;
     fn peer(&self) -> String;
+}
+
+/// Where one exchange must end; each read and write gets what is left of it.
+struct Deadline(std::time::Instant);
+
+impl Deadline {
+    fn arm<S: AdminStream>(&self, stream: &S) -> std::io::Result<()> {
+        let left = self.0.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_timeouts(left)
+    }
+}
+
+/// An admin slot, given back however the exchange ends (a panic included).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl AdminStream for std::net::TcpStream {
@@ -53,15 +76,18 @@ impl AdminStream for std::os::unix::net::UnixStream {
 }
 
 /// Binds the admin listener and serves it on a thread; returns the TCP address bound (for a
-/// port of 0), if TCP.
+/// port of 0), if TCP. The TCP socket is bound with SO_REUSEPORT, so the new process of an
+/// upgrade can bind beside the old one, which keeps answering (readiness: draining) until it
+/// exits; `replace` takes a Unix socket path over from the old process.
 pub fn start(
     listen: &AdminListen,
     state: Arc<AdminState>,
+    replace: bool,
 ) -> std::io::Result<Option<std::net::SocketAddr>> {
     let active = Arc::new(AtomicUsize::new(0));
     match listen {
         AdminListen::Tcp(addr) => {
-            let listener = TcpListener::bind(addr).map_err(|e| {
+            let listener = bind_reusable(*addr).map_err(|e| {
                 std::io::Error::new(
                     e.kind(),
                     format!("cannot listen on {addr} for the admin API: {e}"),
@@ -73,7 +99,7 @@ pub fn start(
             Ok(Some(bound))
         }
         AdminListen::Unix(path) => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if !replace && std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::AddrInUse,
                     format!(
@@ -114,42 +140,58 @@ fn spawn_accept_loop<L: Send + 'static, S: AdminStream>(
     Ok(())
 }
 
+fn bind_reusable(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(64)?;
+    Ok(socket.into())
+}
+
 fn accept<S: AdminStream>(mut stream: S, state: &Arc<AdminState>, active: &Arc<AtomicUsize>) {
-    let _ = stream.set_timeouts(IO_TIMEOUT);
+    let deadline = Deadline(std::time::Instant::now() + EXCHANGE_TIMEOUT);
     if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-        active.fetch_sub(1, Ordering::AcqRel);
+        let _slot = Slot(active.clone());
+        let _ = deadline.arm(&stream);
         let _ = write_response(
             &mut stream,
             &AdminResponse::error(503, "too many admin connections"),
+            &deadline,
         );
         return;
     }
+    let slot = Slot(active.clone());
     let state = state.clone();
-    let done = active.clone();
     let spawned = std::thread::Builder::new()
         .name("portcullis-admin-conn".into())
         .spawn(move || {
-            serve_one(stream, &state);
-            done.fetch_sub(1, Ordering::AcqRel);
+            let _slot = slot;
+            serve_one(stream, &state, &deadline);
         });
     if let Err(e) = spawned {
         warn!("cannot start an admin connection thread: {e}");
-        active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-fn serve_one<S: AdminStream>(mut stream: S, state: &AdminState) {
-    let response = match read_request(&mut stream) {
+fn serve_one<S: AdminStream>(mut stream: S, state: &AdminState, deadline: &Deadline) {
+    let response = match read_request(&mut stream, deadline) {
         Ok(req) => handle(state, &req),
         Err(response) => response,
     };
-    if let Err(e) = write_response(&mut stream, &response) {
+    if let Err(e) = write_response(&mut stream, &response, deadline) {
         debug!(peer = stream.peer(), error = %e, "admin client went away");
     }
 }
 
-/// Reads one request: its head (bounded) and a Content-Length body (bounded).
-fn read_request<S: AdminStream>(stream: &mut S) -> Result<AdminRequest, AdminResponse> {
+/// Reads one request: its head (bounded) and a Content-Length body (bounded), all before
+/// `deadline`.
+fn read_request<S: AdminStream>(
+    stream: &mut S,
+    deadline: &Deadline,
+) -> Result<AdminRequest, AdminResponse> {
+    let timed_out = || AdminResponse::error(408, "the request took too long");
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let head_len = loop {
@@ -159,6 +201,7 @@ fn read_request<S: AdminStream>(stream: &mut S) -> Result<AdminRequest, AdminRes
         if buf.len() > MAX_HEAD_BYTES {
             return Err(AdminResponse::error(431, "request head too large"));
         }
+        deadline.arm(stream).map_err(|_| timed_out())?;
         match stream.read(&mut chunk) {
             Ok(0) | Err(_) => return Err(AdminResponse::error(400, "incomplete request")),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -194,6 +237,7 @@ fn read_request<S: AdminStream>(stream: &mut S) -> Result<AdminRequest, AdminRes
     }
     let mut body = buf[head_len..].to_vec();
     while body.len() < content_length {
+        deadline.arm(stream).map_err(|_| timed_out())?;
         match stream.read(&mut chunk) {
             Ok(0) | Err(_) => return Err(AdminResponse::error(400, "incomplete request body")),
             Ok(n) => body.extend_from_slice(&chunk[..n]),
@@ -208,7 +252,11 @@ fn read_request<S: AdminStream>(stream: &mut S) -> Result<AdminRequest, AdminRes
     })
 }
 
-fn write_response<S: Write>(stream: &mut S, r: &AdminResponse) -> std::io::Result<()> {
+fn write_response<S: AdminStream>(
+    stream: &mut S,
+    r: &AdminResponse,
+    deadline: &Deadline,
+) -> std::io::Result<()> {
     let reason = crate::http::encode::reason(r.status);
     let mut head = format!(
         "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n",
@@ -220,7 +268,12 @@ fn write_response<S: Write>(stream: &mut S, r: &AdminResponse) -> std::io::Resul
         head.push_str("www-authenticate: Bearer realm=\"portcullis-admin\"\r\n");
     }
     head.push_str("\r\n");
+    deadline.arm(stream)?;
     stream.write_all(head.as_bytes())?;
-    stream.write_all(&r.body)?;
+    // A large answer (the metrics) is written in pieces, each within what is left.
+    for piece in r.body.chunks(64 * 1024) {
+        deadline.arm(stream)?;
+        stream.write_all(piece)?;
+    }
     stream.flush()
 }
