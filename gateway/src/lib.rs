@@ -16,6 +16,7 @@ pub mod routing;
 pub mod runtime;
 pub mod state;
 mod sys;
+pub mod tls;
 pub mod upstream;
 pub mod xdp;
 

@@ -241,12 +241,45 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
         );
         (Some(takeover), listeners, handed)
     } else {
-        let (listeners, bound) = bind_all(&config.server.listen, workers)?;
+        let (listeners, bound) = bind_all(&config.server.listen_addresses(), workers)?;
         (None, listeners, bound)
     };
     // The sockets are known by the addresses they are bound to; the config's list then decides
     // (after an upgrade it may add or drop addresses, matched by address, port 0 by IP).
-    let (listener_set, worker_listeners) = ListenerSet::new(&bound, listeners)?;
+    // Each socket with the TLS profile the config gives its address (port 0: its IP), so no
+    // connection is ever accepted before its listener knows whether it speaks TLS.
+    let known: Vec<portcullis::config::Listen> = if takeover.is_none() {
+        // Bound here, in config order.
+        bound
+            .iter()
+            .zip(&config.server.listen)
+            .map(|(a, l)| portcullis::config::Listen {
+                address: *a,
+                tls: l.tls.clone(),
+            })
+            .collect()
+    } else {
+        bound
+            .iter()
+            .map(|a| portcullis::config::Listen {
+                address: *a,
+                tls: config
+                    .server
+                    .listen
+                    .iter()
+                    .find(|l| l.address == *a)
+                    .or_else(|| {
+                        config
+                            .server
+                            .listen
+                            .iter()
+                            .find(|l| l.address.port() == 0 && l.address.ip() == a.ip())
+                    })
+                    .and_then(|l| l.tls.clone()),
+            })
+            .collect()
+    };
+    let (listener_set, worker_listeners) = ListenerSet::new(&known, listeners)?;
     let changed = listener_set.change_to(&config.server.listen)?;
     if !changed.is_empty() {
         info!(added = ?changed.added, removed = ?changed.removed, "listen addresses changed by the upgrade");

@@ -5,9 +5,11 @@ mod duration;
 mod error;
 mod names;
 mod observability;
+mod tls;
 mod validate;
 pub use names::valid_route_id;
 pub use observability::{AccessLogConfig, AccessLogTarget, AdminConfig, AdminListen};
+pub use tls::{CertificateConfig, Listen, TlsConfig, TlsVersion};
 pub use validate::is_token_byte;
 
 use std::{
@@ -49,6 +51,9 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// One JSON line per request; off unless set.
     pub access_log: Option<AccessLogConfig>,
+    /// TLS profiles that listen entries name.
+    #[serde(default)]
+    pub tls: BTreeMap<String, TlsConfig>,
     /// SHA-256 of the file's text, in hex (set by [`Config::parse`]; compares hosts' configs).
     #[serde(skip)]
     pub source_sha256: String,
@@ -268,8 +273,9 @@ fn default_auth_methods() -> Vec<AuthMethod> {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Addresses to listen on; port 0 picks a free port (logged at start).
-    pub listen: Vec<SocketAddr>,
+    /// Addresses to listen on, plain or with a TLS profile; port 0 picks a free port (logged
+    /// at start).
+    pub listen: Vec<Listen>,
     pub workers: Workers,
     /// Longest wait for a complete request head once it has started (slowloris defence).
     pub header_timeout: ConfigDuration,
@@ -311,7 +317,11 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listen: vec!["127.0.0.1:8080".parse().expect("valid literal address")],
+            listen: vec![Listen::from(
+                "127.0.0.1:8080"
+                    .parse::<SocketAddr>()
+                    .expect("valid literal address"),
+            )],
             workers: Workers::Auto,
             header_timeout: ConfigDuration::from_secs(10),
             body_timeout: ConfigDuration::from_secs(30),
@@ -333,6 +343,11 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The listen addresses, in order.
+    pub fn listen_addresses(&self) -> Vec<SocketAddr> {
+        self.listen.iter().map(|l| l.address).collect()
+    }
+
     /// How request paths are normalised before routing.
     pub fn path_policy(&self) -> crate::http::target::PathPolicy {
         crate::http::target::PathPolicy {

@@ -26,6 +26,22 @@ impl Config {
         if let Some(log) = &self.access_log {
             log.validate()?;
         }
+        for (name, profile) in &self.tls {
+            profile.validate(name)?;
+        }
+        for (i, l) in self.server.listen.iter().enumerate() {
+            if let Some(profile) = &l.tls {
+                if !self.tls.contains_key(profile) {
+                    return Err(Invalid::new(
+                        key_path("server").key("listen").index(i).key("tls"),
+                        format!(
+                            "no TLS profile named `{profile}`; defined: {:?}",
+                            self.tls.keys().collect::<Vec<_>>()
+                        ),
+                    ));
+                }
+            }
+        }
         let s = &self.server;
         let server = || key_path("server");
         if s.listen.is_empty() {

@@ -7,6 +7,7 @@ mod deadline;
 #[cfg(test)]
 pub mod memory;
 mod tcp;
+mod tls;
 
 use std::{io, net::Shutdown, ops::Range};
 
@@ -34,6 +35,11 @@ pub trait Transport {
     ) -> (io::Result<()>, Vec<u8>, Vec<u8>);
     /// Shuts down one or both directions; pending operations then complete at once.
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+    /// Whether the client reached the gateway over TLS (for X-Forwarded-Proto).
+    fn is_tls(&self) -> bool {
+        false
+    }
 }
 
 pub use tcp::TcpTransport;
+pub use tls::{HandshakeError, TlsTransport};

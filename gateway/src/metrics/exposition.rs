@@ -160,6 +160,24 @@ pub fn render(metrics: &Metrics, extra: &Extra) -> String {
             c.connections_refused.get(),
         );
     }
+    w.family(
+        "portcullis_tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes that failed, per worker and reason.",
+    );
+    for (id, c) in &workers {
+        let id = id.to_string();
+        for (i, n) in c.tls_handshake_failures.iter().enumerate() {
+            w.sample(
+                "portcullis_tls_handshake_failures_total",
+                &[
+                    ("worker", &id),
+                    ("reason", super::worker::TLS_FAILURE_REASONS[i]),
+                ],
+                n.get(),
+            );
+        }
+    }
     if let Some(dropped) = extra.access_log_dropped {
         w.family(
             "portcullis_access_log_dropped_buffers_total",

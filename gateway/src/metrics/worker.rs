@@ -68,6 +68,8 @@ pub struct WorkerCounters {
     pub connections_idle: LocalCounter,
     /// Connections refused (503, closed) at `max_connections_per_worker`.
     pub connections_refused: LocalCounter,
+    /// TLS handshakes that failed, by reason (see [`TLS_FAILURE_REASONS`]).
+    pub tls_handshake_failures: [LocalCounter; TLS_FAILURE_REASONS.len()],
     routes: Mutex<BTreeMap<String, Arc<RouteCounters>>>,
     servers: Mutex<BTreeMap<(String, String), Arc<ServerCounters>>>,
     policies: Mutex<BTreeMap<PolicyKey, Arc<LocalCounter>>>,
@@ -94,7 +96,27 @@ fn snapshot<K: Clone, V>(map: &Mutex<BTreeMap<K, Arc<V>>>) -> Vec<(K, Arc<V>)> {
         .collect()
 }
 
+/// Why TLS handshakes fail, as counted.
+pub const TLS_FAILURE_REASONS: [&str; 7] = [
+    "timeout",
+    "closed",
+    "no_application_protocol",
+    "incompatible",
+    "invalid_message",
+    "tls_error",
+    "io",
+];
+
 impl WorkerCounters {
+    /// Counts a failed handshake; `reason` is one of [`TLS_FAILURE_REASONS`].
+    pub fn tls_handshake_failure(&self, reason: &str) {
+        let i = TLS_FAILURE_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(TLS_FAILURE_REASONS.len() - 2);
+        self.tls_handshake_failures[i].inc();
+    }
+
     pub fn route(&self, id: &str) -> Arc<RouteCounters> {
         get_or_make(&self.routes, &id.to_owned())
     }

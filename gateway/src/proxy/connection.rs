@@ -96,6 +96,7 @@ pub async fn serve<C: Transport>(
         generation: generation.clone(),
         ctx: RequestContext::new(accepted),
     };
+    conn.ctx.https = conn.client.is_tls();
     let mut first = true;
     loop {
         match conn.serve_one(first).await {

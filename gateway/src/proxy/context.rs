@@ -164,6 +164,8 @@ pub struct RequestContext {
     pub id: RequestId,
     pub timings: Timings,
     pub facts: RequestFacts,
+    /// The client reached the gateway over TLS.
+    pub https: bool,
     /// The method, as an index into [`crate::metrics::labels::METHODS`].
     pub method: usize,
     /// The matched route's index in the request's snapshot.
@@ -202,6 +204,7 @@ impl RequestContext {
                 done: None,
             },
             facts: RequestFacts::unparsed(),
+            https: false,
             method: crate::metrics::labels::METHODS.len() - 1,
             route: None,
             caller: None,
@@ -228,7 +231,9 @@ impl RequestContext {
         correlation.clear();
         log_method.clear();
         log_target.clear();
+        let https = self.https;
         *self = RequestContext::new(self.timings.accepted);
+        self.https = https;
         self.correlation = correlation;
         self.log_method = log_method;
         self.log_target = log_target;

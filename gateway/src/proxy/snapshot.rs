@@ -32,6 +32,8 @@ pub struct ConfigSnapshot {
     pub routes: RouteTable,
     pub limits: HeadRules,
     pub client_buffer_bytes: usize,
+    /// TLS profiles by name, compiled (certificates read) with the snapshot.
+    pub tls: std::collections::BTreeMap<String, Arc<crate::tls::TlsProfile>>,
 }
 
 impl ConfigSnapshot {
@@ -46,7 +48,15 @@ impl ConfigSnapshot {
             .as_ref()
             .map(crate::cluster::Cluster::start)
             .transpose()?;
-        Ok(Self::assemble(config, None, issuers, quota_store, cluster))
+        let tls = crate::tls::build_all(&config.tls, None)?;
+        Ok(Self::assemble(
+            config,
+            None,
+            issuers,
+            quota_store,
+            cluster,
+            tls,
+        ))
     }
 
     /// Compiles `config` to succeed `previous`: the quota store and the cluster link are the
@@ -58,6 +68,7 @@ impl ConfigSnapshot {
         } else {
             Arc::new(crate::auth::Issuers::start(&config.auth).map_err(anyhow::Error::msg)?)
         };
+        let tls = crate::tls::build_all(&config.tls, Some(&previous.tls))?;
         previous.quota_store.register_names(&config);
         Ok(Self::assemble(
             config,
@@ -65,6 +76,7 @@ impl ConfigSnapshot {
             issuers,
             previous.quota_store.clone(),
             previous.cluster.clone(),
+            tls,
         ))
     }
 
@@ -74,6 +86,7 @@ impl ConfigSnapshot {
         issuers: Arc<crate::auth::Issuers>,
         quota_store: Arc<crate::quotas::QuotaStore>,
         cluster: Option<Arc<crate::cluster::Cluster>>,
+        tls: std::collections::BTreeMap<String, Arc<crate::tls::TlsProfile>>,
     ) -> Self {
         let s = &config.server;
         let limits = HeadRules {
@@ -90,6 +103,7 @@ impl ConfigSnapshot {
             cluster,
             limits,
             client_buffer_bytes: s.max_header_bytes.max(MIN_CLIENT_BUFFER_BYTES),
+            tls,
             config,
         }
     }

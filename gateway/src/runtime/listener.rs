@@ -5,6 +5,8 @@ use std::net::{SocketAddr, TcpListener};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::config::Listen;
+
 /// Accept queue length per socket.
 const BACKLOG: i32 = 4096;
 
@@ -45,8 +47,10 @@ pub fn bind_all(
 /// A change to one worker's listening sockets, made by a reload.
 #[derive(Debug)]
 pub enum ListenerChange {
-    /// Start accepting on this socket.
-    Add(TcpListener),
+    /// Start accepting on this socket, plain or with the TLS profile named.
+    Add(TcpListener, Option<String>),
+    /// Connections accepted from now on at this address use this TLS profile (or none).
+    Profile(SocketAddr, Option<String>),
     /// Stop accepting on the socket bound to this address; its connections wind down (each
     /// closes after an answer saying `Connection: close`, or at its keep-alive timeout).
     Remove(SocketAddr),
@@ -54,13 +58,15 @@ pub enum ListenerChange {
 
 /// What a worker starts with: its sockets, and where it hears of changes to them.
 pub struct WorkerListeners {
-    pub sockets: Vec<TcpListener>,
+    /// Each socket with the TLS profile its connections use.
+    pub sockets: Vec<(TcpListener, Option<String>)>,
     pub changes: tokio::sync::mpsc::UnboundedReceiver<ListenerChange>,
 }
 
 /// One configured address and its sockets, one per worker.
 struct Entry {
     configured: SocketAddr,
+    tls: Option<String>,
     bound: SocketAddr,
     /// Clones of the workers' sockets, kept to hand over on an upgrade.
     sockets: Vec<TcpListener>,
@@ -94,7 +100,7 @@ impl ListenerSet {
     /// The set of `per_worker` sockets (as [`bind_all`] returns them) for the `configured`
     /// addresses, in order; returns what each worker starts with.
     pub fn new(
-        configured: &[SocketAddr],
+        configured: &[Listen],
         per_worker: Vec<Vec<TcpListener>>,
     ) -> std::io::Result<(std::sync::Arc<ListenerSet>, Vec<WorkerListeners>)> {
         let mut entries: Vec<Entry> = Vec::with_capacity(configured.len());
@@ -104,7 +110,8 @@ impl ListenerSet {
                 .map(|w| w[i].try_clone())
                 .collect::<Result<Vec<_>, _>>()?;
             entries.push(Entry {
-                configured: *addr,
+                configured: addr.address,
+                tls: addr.tls.clone(),
                 bound: sockets[0].local_addr()?,
                 sockets,
             });
@@ -115,7 +122,11 @@ impl ListenerSet {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             links.push(tx);
             workers.push(WorkerListeners {
-                sockets,
+                sockets: sockets
+                    .into_iter()
+                    .zip(configured)
+                    .map(|(s, l)| (s, l.tls.clone()))
+                    .collect(),
                 changes: rx,
             });
         }
@@ -159,7 +170,7 @@ impl ListenerSet {
     /// Listens on exactly `configured`: addresses kept keep their sockets, new ones are bound
     /// (all of them before anything changes, so a failure changes nothing), removed ones stop
     /// accepting. Workers start and stop accepting at once.
-    pub fn change_to(&self, configured: &[SocketAddr]) -> std::io::Result<ListenerDiff> {
+    pub fn change_to(&self, configured: &[Listen]) -> std::io::Result<ListenerDiff> {
         let mut inner = self.inner();
         let workers = inner.links.len();
         let mut kept = vec![false; inner.entries.len()];
@@ -170,7 +181,8 @@ impl ListenerSet {
         let matches = |e: &Entry, addr: &SocketAddr| {
             e.configured == *addr || (addr.port() == 0 && e.bound.ip() == addr.ip())
         };
-        for addr in configured {
+        for listen in configured {
+            let addr = &listen.address;
             let exact = (0..inner.entries.len())
                 .find(|&i| !kept[i] && inner.entries[i].configured == *addr);
             match exact.or_else(|| {
@@ -205,21 +217,29 @@ impl ListenerSet {
         let mut diff = ListenerDiff::default();
         let mut old: Vec<Option<Entry>> = inner.entries.drain(..).map(Some).collect();
         let mut entries = Vec::with_capacity(configured.len());
-        for (slot, addr) in new_entries.into_iter().zip(configured) {
+        for (slot, listen) in new_entries.into_iter().zip(configured) {
             match slot {
                 Some(i) => {
                     let mut entry = old[i].take().expect("matched once");
-                    entry.configured = *addr;
+                    entry.configured = listen.address;
+                    if entry.tls != listen.tls {
+                        entry.tls = listen.tls.clone();
+                        for link in &inner.links {
+                            let _ =
+                                link.send(ListenerChange::Profile(entry.bound, entry.tls.clone()));
+                        }
+                    }
                     entries.push(entry);
                 }
                 None => {
                     let (bound, sockets, copies) = fresh.next().expect("bound above");
                     for (link, copy) in inner.links.iter().zip(copies) {
-                        let _ = link.send(ListenerChange::Add(copy));
+                        let _ = link.send(ListenerChange::Add(copy, listen.tls.clone()));
                     }
                     diff.added.push(bound);
                     entries.push(Entry {
-                        configured: *addr,
+                        configured: listen.address,
+                        tls: listen.tls.clone(),
                         bound,
                         sockets,
                     });

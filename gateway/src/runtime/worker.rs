@@ -24,7 +24,7 @@ use super::{
 use crate::{
     access_log::AccessLog,
     http::encode,
-    io::{accept_until, Accepted, TcpTransport, Transport},
+    io::{accept_until, Accepted, TcpTransport, TlsTransport, Transport},
     metrics::Metrics,
     proxy::{connection::serve, snapshot::Published, worker::Worker},
     xdp::BanReporter,
@@ -124,9 +124,10 @@ fn run_worker(
             } = listeners;
             let mut accepting: Vec<(SocketAddr, Rc<ListenerLife>)> = Vec::new();
             let mut tasks = Vec::new();
-            let start = |socket: StdListener, accepting: &mut Vec<_>| {
+            let start = |socket: StdListener, tls: Option<String>, accepting: &mut Vec<_>| {
                 let addr = socket.local_addr().ok()?;
                 let life = Rc::new(ListenerLife::default());
+                *life.tls.borrow_mut() = tls;
                 accepting.push((addr, life.clone()));
                 Some(tokio_uring::spawn(accept_loop(
                     worker.clone(),
@@ -135,17 +136,26 @@ fn run_worker(
                     life,
                 )))
             };
-            tasks.extend(sockets.into_iter().filter_map(|s| start(s, &mut accepting)));
+            tasks.extend(
+                sockets
+                    .into_iter()
+                    .filter_map(|(s, tls)| start(s, tls, &mut accepting)),
+            );
             // Listening addresses change on reload until the drain begins.
             loop {
                 tokio::select! {
                     biased;
                     _ = drain.started() => break,
                     change = changes.recv() => match change {
-                        Some(ListenerChange::Add(socket)) => {
+                        Some(ListenerChange::Add(socket, tls)) => {
                             let addr = socket.local_addr();
-                            tasks.extend(start(socket, &mut accepting));
+                            tasks.extend(start(socket, tls, &mut accepting));
                             debug!(worker = id, ?addr, "listener added");
+                        }
+                        Some(ListenerChange::Profile(addr, tls)) => {
+                            if let Some((_, life)) = accepting.iter().find(|(a, _)| *a == addr) {
+                                *life.tls.borrow_mut() = tls;
+                            }
                         }
                         Some(ListenerChange::Remove(addr)) => {
                             if let Some(i) = accepting.iter().position(|(a, _)| *a == addr) {
@@ -217,6 +227,8 @@ struct ListenerLife {
     /// Shared with the connections accepted on it.
     removed: Rc<Cell<bool>>,
     stop: tokio::sync::Notify,
+    /// The TLS profile new connections use, if any (a reload may change it).
+    tls: std::cell::RefCell<Option<String>>,
 }
 
 impl ListenerLife {
@@ -319,14 +331,46 @@ fn serve_queued(worker: &Rc<Worker>, listener: &StdListener, life: &ListenerLife
     }
 }
 
-/// Serves a connection accepted on the listener of `life`.
+/// Serves a connection accepted on the listener of `life`: over TLS when the listener has a
+/// profile (the handshake first, bounded by the profile's timeout), else plain.
 fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, life: &ListenerLife) {
     let worker = worker.clone();
     let removed = life.removed.clone();
+    let profile = life
+        .tls
+        .borrow()
+        .as_ref()
+        .map(|name| worker.generation().snapshot.tls.get(name).cloned());
     tokio_uring::spawn(async move {
-        let transport = TcpTransport::new(stream);
-        let handle = worker.tracker.register(transport.raw_fd(), removed);
-        serve(transport, peer, &worker, &handle).await;
+        let tcp = TcpTransport::new(stream);
+        let handle = worker.tracker.register(tcp.raw_fd(), removed);
+        let Some(profile) = profile else {
+            serve(tcp, peer, &worker, &handle).await;
+            return;
+        };
+        let Some(profile) = profile else {
+            // The profile went away with a reload that also changed this listener.
+            let _ = tcp.shutdown(std::net::Shutdown::Both);
+            return;
+        };
+        let tls = match TlsTransport::new(tcp, profile.server.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                debug!(%peer, error = %e, "cannot start a TLS session");
+                return;
+            }
+        };
+        let deadline = tokio::time::Instant::now() + profile.handshake_timeout;
+        match tls.handshake(deadline).await {
+            Ok(()) => serve(tls, peer, &worker, &handle).await,
+            Err(e) => {
+                debug!(%peer, reason = e.reason(), error = %e, "TLS handshake failed");
+                if let Some(m) = &worker.metrics {
+                    m.counters.tls_handshake_failure(e.reason());
+                }
+                let _ = tls.shutdown(std::net::Shutdown::Both);
+            }
+        }
     });
 }
 

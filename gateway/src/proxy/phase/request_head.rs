@@ -50,7 +50,7 @@ pub fn write(
         &identity,
         &snapshot.config.auth,
         peer,
-        "http",
+        if ctx.https { "https" } else { "http" },
         host,
         &ctx.correlation.upstream_fields,
     )

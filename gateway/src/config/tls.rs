@@ -1,0 +1,140 @@
+//! Listen addresses (plain, or carrying a TLS profile) and `[tls.NAME]` profiles: certificate
+//! chains and keys chosen by SNI, protocol versions, the handshake timeout.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{key_path, ConfigDuration, Invalid};
+
+/// One listen address: `"127.0.0.1:8080"`, or `{ address = "0.0.0.0:443", tls = "public" }`
+/// for a TLS listener using the profile `[tls.public]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Listen {
+    pub address: SocketAddr,
+    pub tls: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            address: SocketAddr,
+            tls: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Plain(SocketAddr),
+            Table(Table),
+        }
+        match Form::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "a listen entry is an address such as \"127.0.0.1:8080\", or { address = \"0.0.0.0:443\", tls = \"PROFILE\" }",
+            )
+        })? {
+            Form::Plain(address) => Ok(Listen { address, tls: None }),
+            Form::Table(t) => Ok(Listen {
+                address: t.address,
+                tls: t.tls,
+            }),
+        }
+    }
+}
+
+impl From<SocketAddr> for Listen {
+    fn from(address: SocketAddr) -> Listen {
+        Listen { address, tls: None }
+    }
+}
+
+/// Lowest TLS version a profile accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// One certificate chain and its key (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// The chain, leaf first.
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1; RSA, ECDSA or Ed25519).
+    pub key: PathBuf,
+    /// The SNI names it answers: exact (`api.example.com`) or wildcard (`*.example.com`, one
+    /// label).
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// Answers clients that send no SNI name or one no certificate lists.
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// `[tls.NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub certificates: Vec<CertificateConfig>,
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Longest a client may take to complete the handshake.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: ConfigDuration,
+}
+
+fn default_handshake_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(10)
+}
+
+impl TlsConfig {
+    pub fn validate(&self, name: &str) -> Result<(), Invalid> {
+        let at = || key_path("tls").key(name);
+        if self.certificates.is_empty() {
+            return Err(Invalid::new(
+                at().key("certificates"),
+                "needs at least one { cert = \"chain.pem\", key = \"key.pem\", names = [...] }",
+            ));
+        }
+        if self.certificates.iter().filter(|c| c.default).count() > 1 {
+            return Err(Invalid::new(
+                at().key("certificates"),
+                "at most one certificate may be the default",
+            ));
+        }
+        for (i, c) in self.certificates.iter().enumerate() {
+            if c.names.is_empty() && !c.default {
+                return Err(Invalid::new(
+                    at().key("certificates").index(i).key("names"),
+                    "list the SNI names this certificate answers, or make it the default",
+                ));
+            }
+            for n in &c.names {
+                let bare = n.strip_prefix("*.").unwrap_or(n);
+                let ok = !bare.is_empty()
+                    && !bare.contains('*')
+                    && bare
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+                if !ok {
+                    return Err(Invalid::new(
+                        at().key("certificates").index(i).key("names"),
+                        format!("{n:?} is not a host name or a one-label wildcard such as \"*.example.com\""),
+                    ));
+                }
+            }
+        }
+        if self.handshake_timeout.get().is_zero() {
+            return Err(Invalid::new(
+                at().key("handshake_timeout"),
+                "must be longer than zero, such as \"10s\"",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,242 @@
+//! [`Transport`] over TLS: rustls's sans-IO server connection driven over the TCP transport's
+//! owned io_uring buffers. Copies: received ciphertext is read into `incoming` and handed to
+//! rustls, which decrypts in place in its own buffer; the plaintext is copied once into the
+//! caller's buffer. Outgoing plaintext is copied once into rustls, which encrypts it into the
+//! `outgoing` buffer the socket writes. Timeouts work as on TCP: the caller's deadline shuts the
+//! socket down, which completes the pending operation.
+
+use std::{
+    cell::RefCell,
+    io::{self, BufRead, Write},
+    mem::take,
+    net::Shutdown,
+    ops::Range,
+    sync::Arc,
+};
+
+use rustls::{ServerConfig, ServerConnection};
+use tokio::time::Instant;
+
+use super::{read_before, tcp::TcpTransport, IoFailure, Transport};
+
+/// Ciphertext read from the socket at a time (a full TLS record and then some).
+const INCOMING_BYTES: usize = 18 * 1024;
+
+/// Why a TLS handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("the handshake did not complete in time")]
+    TimedOut,
+    #[error("the client closed the connection during the handshake")]
+    Closed,
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("socket: {0}")]
+    Io(io::Error),
+}
+
+impl HandshakeError {
+    /// A short name for the metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HandshakeError::TimedOut => "timeout",
+            HandshakeError::Closed => "closed",
+            HandshakeError::Tls(rustls::Error::NoApplicationProtocol) => "no_application_protocol",
+            HandshakeError::Tls(rustls::Error::PeerIncompatible(_)) => "incompatible",
+            HandshakeError::Tls(rustls::Error::InvalidMessage(_)) => "invalid_message",
+            HandshakeError::Tls(_) => "tls_error",
+            HandshakeError::Io(_) => "io",
+        }
+    }
+}
+
+pub struct TlsTransport {
+    tcp: TcpTransport,
+    conn: RefCell<ServerConnection>,
+    incoming: RefCell<Vec<u8>>,
+    outgoing: RefCell<Vec<u8>>,
+}
+
+impl TlsTransport {
+    pub fn new(tcp: TcpTransport, config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
+        Ok(TlsTransport {
+            tcp,
+            conn: RefCell::new(ServerConnection::new(config)?),
+            incoming: RefCell::new(Vec::with_capacity(INCOMING_BYTES)),
+            outgoing: RefCell::new(Vec::with_capacity(INCOMING_BYTES)),
+        })
+    }
+
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.tcp.raw_fd()
+    }
+
+    /// The SNI name the client sent, if any.
+    pub fn server_name(&self) -> Option<String> {
+        self.conn.borrow().server_name().map(str::to_owned)
+    }
+
+    /// Completes the handshake before `deadline`.
+    pub async fn handshake(&self, deadline: Instant) -> Result<(), HandshakeError> {
+        while self.conn.borrow().is_handshaking() {
+            self.flush().await.map_err(HandshakeError::Io)?;
+            if !self.conn.borrow().is_handshaking() {
+                break;
+            }
+            let buf = take(&mut *self.incoming.borrow_mut());
+            let (res, mut buf) = read_before(&self.tcp, buf, deadline).await;
+            let n = match res {
+                Ok(0) | Err(IoFailure::Closed) => return Err(HandshakeError::Closed),
+                Ok(n) => n,
+                Err(IoFailure::TimedOut) => return Err(HandshakeError::TimedOut),
+                Err(IoFailure::Io(e)) => return Err(HandshakeError::Io(e)),
+            };
+            let processed = self.feed(&buf[..n]);
+            buf.clear();
+            *self.incoming.borrow_mut() = buf;
+            if let Err(e) = processed {
+                // Tell the client why (the alert rustls queued), then give up.
+                let _ = self.flush().await;
+                return Err(HandshakeError::Tls(e));
+            }
+        }
+        self.flush().await.map_err(HandshakeError::Io)
+    }
+
+    /// Hands ciphertext to rustls and processes it.
+    fn feed(&self, mut bytes: &[u8]) -> Result<(), rustls::Error> {
+        let mut conn = self.conn.borrow_mut();
+        while !bytes.is_empty() {
+            match conn.read_tls(&mut bytes) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+            conn.process_new_packets()?;
+        }
+        Ok(())
+    }
+
+    /// Encrypts `plain` and writes it; rustls takes as much as its buffer limit allows at a
+    /// time, each piece written before the next.
+    async fn send(&self, mut plain: &[u8]) -> io::Result<()> {
+        while !plain.is_empty() {
+            let n = self.conn.borrow_mut().writer().write(plain)?;
+            plain = &plain[n..];
+            self.flush().await?;
+            if n == 0 && !self.conn.borrow().wants_write() {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+        }
+        self.flush().await
+    }
+
+    /// Writes whatever rustls has queued (handshake messages, records, alerts).
+    async fn flush(&self) -> io::Result<()> {
+        loop {
+            let mut out = take(&mut *self.outgoing.borrow_mut());
+            out.clear();
+            {
+                let mut conn = self.conn.borrow_mut();
+                while conn.wants_write() {
+                    conn.write_tls(&mut out)?;
+                }
+            }
+            if out.is_empty() {
+                *self.outgoing.borrow_mut() = out;
+                return Ok(());
+            }
+            let len = out.len();
+            let (res, out) = self.tcp.write_all(out, 0..len).await;
+            *self.outgoing.borrow_mut() = out;
+            res?;
+        }
+    }
+}
+
+impl Transport for TlsTransport {
+    async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        loop {
+            {
+                let mut conn = self.conn.borrow_mut();
+                let mut reader = conn.reader();
+                match reader.fill_buf() {
+                    Ok(plain) if !plain.is_empty() => {
+                        let n = plain.len().min(buf.capacity() - buf.len());
+                        buf.extend_from_slice(&plain[..n]);
+                        reader.consume(n);
+                        return (Ok(n), buf);
+                    }
+                    // close_notify: a clean end of stream.
+                    Ok(_) => return (Ok(0), buf),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return (Err(e), buf),
+                }
+            }
+            if let Err(e) = self.flush().await {
+                return (Err(e), buf);
+            }
+            let incoming = take(&mut *self.incoming.borrow_mut());
+            let (res, mut incoming) = self.tcp.read(incoming).await;
+            let n = match res {
+                Ok(n) => n,
+                Err(e) => {
+                    *self.incoming.borrow_mut() = incoming;
+                    return (Err(e), buf);
+                }
+            };
+            if n == 0 {
+                *self.incoming.borrow_mut() = incoming;
+                // The peer closed without close_notify: a truncation, reported as end of
+                // stream (framing decides whether a message was cut).
+                return (Ok(0), buf);
+            }
+            let processed = self.feed(&incoming[..n]);
+            incoming.clear();
+            *self.incoming.borrow_mut() = incoming;
+            if let Err(e) = processed {
+                let _ = self.flush().await;
+                return (Err(io::Error::new(io::ErrorKind::InvalidData, e)), buf);
+            }
+        }
+    }
+
+    async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<()>, Vec<u8>) {
+        let res = self.send(&buf[range]).await;
+        (res, buf)
+    }
+
+    async fn write_all_pair(
+        &self,
+        head: Vec<u8>,
+        head_range: Range<usize>,
+        body: Vec<u8>,
+        body_range: Range<usize>,
+    ) -> (io::Result<()>, Vec<u8>, Vec<u8>) {
+        // The head is queued without a write of its own, so it leaves with the body.
+        let queued = self
+            .conn
+            .borrow_mut()
+            .writer()
+            .write(&head[head_range.clone()]);
+        let rest = match queued {
+            Ok(n) => head_range.start + n..head_range.end,
+            Err(e) => return (Err(e), head, body),
+        };
+        if !rest.is_empty() {
+            if let Err(e) = self.send(&head[rest]).await {
+                return (Err(e), head, body);
+            }
+        }
+        let res = self.send(&body[body_range]).await;
+        (res, head, body)
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        self.tcp.shutdown(how)
+    }
+
+    fn is_tls(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,302 @@
+//! TLS termination for real: certificates made by openssl, clients curl and `openssl
+//! s_client`: SNI (exact, wildcard, default), versions refused and accepted, ALPN (an `h2`-only
+//! client is refused), X-Forwarded-Proto, session resumption, the handshake timeout, and a bad
+//! certificate refused on reload while the old one keeps serving.
+
+mod support;
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .expect("openssl and curl (`cargo xtask test` installs them)")
+}
+
+fn ok(cmd: &mut Command) {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA and leaf certificates it signs: `name.pem`/`name.key` for each (name, SANs, key
+/// type).
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let pki = Pki {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        ok(Command::new("openssl")
+            .current_dir(pki.dir.path())
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ])
+            .args([
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=Portcullis Test CA",
+            ]));
+        pki
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Issues `name.pem` and `name.key` for `dns` names; `key` is `ec`, `rsa` or `ed25519`.
+    fn issue(&self, name: &str, dns: &[&str], key: &str) {
+        let d = self.dir.path();
+        let genkey: Vec<&str> = match key {
+            "ec" => vec![
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ],
+            "rsa" => vec![
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ],
+            _ => vec!["genpkey", "-algorithm", "ED25519"],
+        };
+        ok(Command::new("openssl")
+            .current_dir(d)
+            .args(&genkey)
+            .args(["-out", &format!("{name}.key")]));
+        ok(Command::new("openssl")
+            .current_dir(d)
+            .args(["req", "-new", "-key", &format!("{name}.key")])
+            .args([
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={}", dns[0]),
+            ]));
+        let sans: Vec<String> = dns.iter().map(|n| format!("DNS:{n}")).collect();
+        std::fs::write(
+            d.join(format!("{name}.ext")),
+            format!("subjectAltName={}\n", sans.join(",")),
+        )
+        .unwrap();
+        ok(Command::new("openssl")
+            .current_dir(d)
+            .args([
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+            ])
+            .args([
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &format!("{name}.pem"),
+            ])
+            .args(["-extfile", &format!("{name}.ext")]));
+    }
+}
+
+fn config(pki: &Pki, upstream: std::net::SocketAddr, extra: &str) -> String {
+    let p = |f: &str| pki.path(f).display().to_string();
+    format!(
+        "[server]\nlisten = [{{ address = \"127.0.0.1:0\", tls = \"public\" }}]\nworkers = 2\n\n\
+         [tls.public]\nhandshake_timeout = \"500ms\"\n{extra}\n\
+         certificates = [\n\
+           {{ cert = \"{}\", key = \"{}\", names = [\"a.test\"] }},\n\
+           {{ cert = \"{}\", key = \"{}\", names = [\"*.b.test\"] }},\n\
+           {{ cert = \"{}\", key = \"{}\", default = true }},\n]\n\n\
+         [upstreams.up]\nservers = [\"{upstream}\"]\n\n\
+         [[routes]]\nmatch = {{ path = \"/hello\" }}\nrespond = {{ status = 200, body = \"hello over tls\" }}\n\n\
+         [[routes]]\nupstream = \"up\"\n",
+        p("a.pem"), p("a.key"), p("b.pem"), p("b.key"), p("default.pem"), p("default.key")
+    )
+}
+
+fn pki() -> Pki {
+    let pki = Pki::new();
+    pki.issue("a", &["a.test"], "ec");
+    pki.issue("b", &["*.b.test"], "rsa");
+    pki.issue("default", &["default.test"], "ed25519");
+    pki
+}
+
+/// curl to `https://NAME:PORT/path` resolved to the gateway, verifying against the test CA.
+fn curl(gw: &Gateway, pki: &Pki, name: &str, path: &str) -> Output {
+    run(Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(pki.path("ca.pem"))
+        .arg("--resolve")
+        .arg(format!("{name}:{}:127.0.0.1", gw.addr.port()))
+        .arg(format!("https://{name}:{}{path}", gw.addr.port())))
+}
+
+/// `openssl s_client` with `args`, stdin closed at once; its combined output.
+fn s_client(gw: &Gateway, args: &[&str]) -> (bool, String) {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &gw.addr.to_string()])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn sni_picks_exact_wildcard_and_default_certificates() {
+    let pki = pki();
+    let up = Upstream::echo_target();
+    let gw = Gateway::start(&config(&pki, up.addr, ""));
+    for name in ["a.test", "x.b.test"] {
+        let out = curl(&gw, &pki, name, "/hello");
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello over tls");
+    }
+    // A name no certificate lists gets the default one (so curl, checking the name, refuses).
+    let out = curl(&gw, &pki, "c.test", "/hello");
+    assert!(!out.status.success());
+    let (_, text) = s_client(&gw, &["-servername", "c.test"]);
+    assert!(
+        text.contains("CN=default.test") || text.contains("CN = default.test"),
+        "{text}"
+    );
+    // Forwarded requests say they came over https.
+    let out = curl(&gw, &pki, "a.test", "/api");
+    assert!(out.status.success());
+    assert_eq!(up.requests()[0].header("x-forwarded-proto"), Some("https"));
+}
+
+#[test]
+fn old_protocols_are_refused_and_alpn_is_http11_only() {
+    let pki = pki();
+    let up = Upstream::echo_target();
+    let gw = Gateway::start(&config(&pki, up.addr, ""));
+    let (ok12, text) = s_client(&gw, &["-servername", "a.test", "-tls1_2"]);
+    assert!(ok12 && text.contains("TLSv1.2"), "{text}");
+    let (ok13, text) = s_client(&gw, &["-servername", "a.test", "-tls1_3"]);
+    assert!(ok13 && text.contains("TLSv1.3"), "{text}");
+    let (ok11, text) = s_client(&gw, &["-servername", "a.test", "-tls1_1"]);
+    assert!(
+        !ok11 || !text.contains("Cipher is"),
+        "TLS 1.1 accepted: {text}"
+    );
+    let (_, text) = s_client(&gw, &["-servername", "a.test", "-alpn", "http/1.1"]);
+    assert!(text.contains("ALPN protocol: http/1.1"), "{text}");
+    let (ok, text) = s_client(&gw, &["-servername", "a.test", "-alpn", "h2"]);
+    assert!(
+        !ok && text
+            .to_ascii_lowercase()
+            .contains("no application protocol"),
+        "an h2-only client gets no_application_protocol: {text}"
+    );
+}
+
+#[test]
+fn sessions_resume_with_tickets() {
+    let pki = pki();
+    let up = Upstream::echo_target();
+    let gw = Gateway::start(&config(&pki, up.addr, ""));
+    let session = pki.path("session.pem");
+    let s = session.display().to_string();
+    let (ok, text) = s_client(&gw, &["-servername", "a.test", "-tls1_2", "-sess_out", &s]);
+    assert!(ok, "{text}");
+    let (ok, text) = s_client(&gw, &["-servername", "a.test", "-tls1_2", "-sess_in", &s]);
+    assert!(ok && text.contains("Reused, TLSv1.2"), "{text}");
+}
+
+#[test]
+fn a_slow_handshake_is_cut_off() {
+    let pki = pki();
+    let up = Upstream::echo_target();
+    let gw = Gateway::start(&config(&pki, up.addr, ""));
+    let mut c = Client::connect(gw.addr);
+    let started = Instant::now();
+    // Nothing sent: the gateway closes once handshake_timeout (500 ms) passes.
+    assert!(c.is_closed());
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_bad_certificate_is_refused_on_reload_and_the_old_one_keeps_serving() {
+    let pki = pki();
+    let up = Upstream::echo_target();
+    let cfg = config(&pki, up.addr, "");
+    let gw = Gateway::start(&cfg);
+    assert!(curl(&gw, &pki, "a.test", "/hello").status.success());
+    // A new chain that is not PEM.
+    let broken = pki.path("broken.pem");
+    std::fs::write(&broken, "not a certificate\n").unwrap();
+    let (ok, out) = gw.reload_with(&cfg.replace(
+        &pki.path("a.pem").display().to_string(),
+        &broken.display().to_string(),
+    ));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("tls.public") && out.contains("broken.pem"),
+        "{out}"
+    );
+    for _ in 0..4 {
+        let r = curl(&gw, &pki, "a.test", "/hello");
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
+    // A good new certificate is taken by reload.
+    pki.issue("a2", &["a.test"], "rsa");
+    let (ok, out) = gw.reload_with(&cfg.replace("a.pem", "a2.pem").replace("a.key", "a2.key"));
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, text) = s_client(&gw, &["-servername", "a.test"]);
+        if text.contains("rsaEncryption") || text.contains("RSA") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still the old certificate: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = Path::new("");
+}
