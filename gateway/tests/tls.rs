@@ -300,3 +300,94 @@ fn a_bad_certificate_is_refused_on_reload_and_the_old_one_keeps_serving() {
     }
     let _ = Path::new("");
 }
+
+/// testssl.sh (Debian's package) against the TLS listener: protocols, cipher categories and
+/// forward secrecy only, bounded to 3 minutes; no weak protocol or suite may be offered.
+#[test]
+fn testssl_finds_no_weak_protocol_or_suite() {
+    let pki = pki();
+    let up = Upstream::echo_target();
+    let gw = Gateway::start(&config(&pki, up.addr, ""));
+    let report = pki.path("testssl.json");
+    let out = run(Command::new("timeout")
+        .args([
+            "180",
+            "testssl",
+            "--quiet",
+            "--color",
+            "0",
+            "--warnings",
+            "off",
+        ])
+        .args(["--protocols", "--std", "--fs", "--sneaky"])
+        .arg("--jsonfile")
+        .arg(&report)
+        .arg(format!("127.0.0.1:{}", gw.addr.port())));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let findings: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&report).unwrap_or_else(|_| panic!("no testssl report: {text}")),
+    )
+    .unwrap();
+    let findings = findings
+        .as_array()
+        .expect("testssl writes a list of findings");
+    let by_id = |id: &str| {
+        findings
+            .iter()
+            .find(|f| f["id"] == id)
+            .and_then(|f| f["finding"].as_str())
+            .unwrap_or_else(|| panic!("no {id} in the report:\n{text}"))
+            .to_owned()
+    };
+    for old in ["SSLv2", "SSLv3", "TLS1", "TLS1_1"] {
+        assert!(
+            by_id(old).starts_with("not offered"),
+            "{old}: {}",
+            by_id(old)
+        );
+    }
+    assert!(
+        by_id("TLS1_2").starts_with("offered"),
+        "{}",
+        by_id("TLS1_2")
+    );
+    assert!(
+        by_id("TLS1_3").starts_with("offered"),
+        "{}",
+        by_id("TLS1_3")
+    );
+    // Weak cipher categories: NULL, anonymous, export, LOW (DES, RC4), 3DES and IDEA.
+    for weak in [
+        "cipherlist_NULL",
+        "cipherlist_aNULL",
+        "cipherlist_EXPORT",
+        "cipherlist_LOW",
+        "cipherlist_3DES_IDEA",
+    ] {
+        assert!(
+            by_id(weak).starts_with("not offered"),
+            "{weak}: {}",
+            by_id(weak)
+        );
+    }
+    let bad: Vec<&serde_json::Value> = findings
+        .iter()
+        .filter(|f| matches!(f["severity"].as_str(), Some("HIGH" | "CRITICAL")))
+        .collect();
+    assert!(bad.is_empty(), "testssl found: {bad:?}");
+    eprintln!(
+        "testssl: {}",
+        findings
+            .iter()
+            .filter(|f| f["id"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("TLS") || i.starts_with("SSL") || i == "FS"))
+            .map(|f| format!(
+                "{}={}",
+                f["id"].as_str().unwrap_or(""),
+                f["finding"].as_str().unwrap_or("")
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+}

@@ -9,7 +9,7 @@ use anyhow::bail;
 use crate::{ebpf::which, is_root, run_checked};
 
 /// Commands the tests run, and the Debian package that provides each.
-const COMMANDS: [(&str, &str, &str); 9] = [
+const COMMANDS: [(&str, &str, &str); 10] = [
     ("curl", "curl", "the real HTTP client in end-to-end tests"),
     ("ip", "iproute2", "network namespaces and veth pairs"),
     ("mount", "mount", "mounting bpffs for pinned maps"),
@@ -34,6 +34,11 @@ const COMMANDS: [(&str, &str, &str); 9] = [
         "chromium",
         "chromium",
         "a real headless browser rendering the status page",
+    ),
+    (
+        "testssl",
+        "testssl.sh",
+        "an outside scanner checking the TLS listener's protocols and suites",
     ),
 ];
 
