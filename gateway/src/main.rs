@@ -362,6 +362,9 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
             }
         })?;
     portcullis::runtime::control::reload_on_hangup(live.clone())?;
+    if !live.snapshot().config.tls.is_empty() {
+        portcullis::runtime::cert_watch::start(live.clone())?;
+    }
     let handles = spawn_workers(
         live.published(),
         worker_listeners,

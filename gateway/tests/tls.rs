@@ -301,6 +301,30 @@ fn a_bad_certificate_is_refused_on_reload_and_the_old_one_keeps_serving() {
     let _ = Path::new("");
 }
 
+#[test]
+fn renewed_certificate_files_are_picked_up_without_a_reload() {
+    let pki = pki();
+    let up = Upstream::echo_target();
+    let gw = Gateway::start(&config(&pki, up.addr, ""));
+    let (_, before) = s_client(&gw, &["-servername", "a.test"]);
+    assert!(before.contains("ECDSA"), "{before}");
+    // An ACME client would write new files in place: an RSA certificate for the same name.
+    pki.issue("renewed", &["a.test"], "rsa");
+    std::fs::copy(pki.path("renewed.key"), pki.path("a.key")).unwrap();
+    std::fs::copy(pki.path("renewed.pem"), pki.path("a.pem")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, text) = s_client(&gw, &["-servername", "a.test"]);
+        if text.contains("RSA") && !text.contains("ECDSA") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still the old certificate:\n{text}\n{}", gw.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(gw.log().contains("certificate or key files changed"), "{}", gw.log());
+    assert!(curl(&gw, &pki, "a.test", "/hello").status.success());
+}
+
 /// testssl.sh (Debian's package) against the TLS listener: protocols, cipher categories and
 /// forward secrecy only, bounded to 3 minutes; no weak protocol or suite may be offered.
 #[test]

@@ -94,6 +94,11 @@ impl Live {
         self.listeners.release();
     }
 
+    /// Whether an upgrade handed everything to a new process.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Takes the XDP program's guard back, at exit.
     pub fn take_xdp(&self) -> Option<XdpGuard> {
         self.xdp.lock().unwrap_or_else(|e| e.into_inner()).take()

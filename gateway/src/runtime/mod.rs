@@ -2,6 +2,7 @@
 //! share, the control socket, and shutdown. It builds on `proxy`, never the other way round.
 
 pub mod admin;
+pub mod cert_watch;
 pub mod control;
 pub mod listener;
 pub mod live;
