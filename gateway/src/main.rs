@@ -255,15 +255,14 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
             .zip(&config.server.listen)
             .map(|(a, l)| portcullis::config::Listen {
                 address: *a,
-                tls: l.tls.clone(),
+                ..l.clone()
             })
             .collect()
     } else {
         bound
             .iter()
-            .map(|a| portcullis::config::Listen {
-                address: *a,
-                tls: config
+            .map(|a| {
+                let configured = config
                     .server
                     .listen
                     .iter()
@@ -274,8 +273,11 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
                             .listen
                             .iter()
                             .find(|l| l.address.port() == 0 && l.address.ip() == a.ip())
-                    })
-                    .and_then(|l| l.tls.clone()),
+                    });
+                portcullis::config::Listen {
+                    address: *a,
+                    ..configured.cloned().unwrap_or_else(|| (*a).into())
+                }
             })
             .collect()
     };

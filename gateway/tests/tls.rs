@@ -302,6 +302,63 @@ fn a_bad_certificate_is_refused_on_reload_and_the_old_one_keeps_serving() {
 }
 
 #[test]
+fn hsts_on_tls_answers_and_a_plain_listener_that_redirects() {
+    let pki = pki();
+    let up = Upstream::start(|_| {
+        Reply::Raw(b"HTTP/1.1 200 OK\r\nstrict-transport-security: max-age=1\r\ncontent-length: 2\r\n\r\nup".to_vec())
+    });
+    let cfg = config(
+        &pki,
+        up.addr,
+        "hsts = \"max-age=31536000; includeSubDomains\"\n",
+    );
+    let gw = Gateway::start(&cfg);
+    let head = |path: &str| {
+        let out = run(Command::new("curl")
+            .args([
+                "-sS",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "5",
+                "--cacert",
+            ])
+            .arg(pki.path("ca.pem"))
+            .arg("--resolve")
+            .arg(format!("a.test:{}:127.0.0.1", gw.addr.port()))
+            .arg(format!("https://a.test:{}{path}", gw.addr.port())));
+        String::from_utf8_lossy(&out.stdout).to_ascii_lowercase()
+    };
+    for path in ["/hello", "/nowhere-upstream"] {
+        let h = head(path);
+        assert_eq!(
+            h.matches("strict-transport-security: max-age=31536000; includesubdomains")
+                .count(),
+            1,
+            "{path}: one, the gateway's: {h}"
+        );
+    }
+
+    // A plain listener that only redirects.
+    let redirect = Gateway::start(
+        "[server]\nlisten = [{ address = \"127.0.0.1:0\", redirect_https = 8443 }]\n\n[[routes]]\nrespond = { status = 200, body = \"never\" }\n",
+    );
+    let r = request(
+        redirect.addr,
+        "GET /a/../b/c?x=1 HTTP/1.1\r\nHost: Shop.Example\r\n\r\n",
+    );
+    assert_eq!(r.status, 308);
+    assert_eq!(
+        r.header("location"),
+        Some("https://shop.example:8443/b/c?x=1")
+    );
+    let r = request(redirect.addr, "GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 400, "no Host, no redirect");
+}
+
+#[test]
 fn renewed_certificate_files_are_picked_up_without_a_reload() {
     let pki = pki();
     let up = Upstream::echo_target();
@@ -318,10 +375,18 @@ fn renewed_certificate_files_are_picked_up_without_a_reload() {
         if text.contains("RSA") && !text.contains("ECDSA") {
             break;
         }
-        assert!(Instant::now() < deadline, "still the old certificate:\n{text}\n{}", gw.log());
+        assert!(
+            Instant::now() < deadline,
+            "still the old certificate:\n{text}\n{}",
+            gw.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(gw.log().contains("certificate or key files changed"), "{}", gw.log());
+    assert!(
+        gw.log().contains("certificate or key files changed"),
+        "{}",
+        gw.log()
+    );
     assert!(curl(&gw, &pki, "a.test", "/hello").status.success());
 }
 

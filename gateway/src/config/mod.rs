@@ -9,7 +9,7 @@ mod tls;
 mod validate;
 pub use names::valid_route_id;
 pub use observability::{AccessLogConfig, AccessLogTarget, AdminConfig, AdminListen};
-pub use tls::{CertificateConfig, Listen, TlsConfig, TlsVersion};
+pub use tls::{CertificateConfig, Listen, ListenMode, TlsConfig, TlsVersion};
 pub use validate::is_token_byte;
 
 use std::{

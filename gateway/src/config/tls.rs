@@ -13,6 +13,24 @@ use super::{key_path, ConfigDuration, Invalid};
 pub struct Listen {
     pub address: SocketAddr,
     pub tls: Option<String>,
+    /// A plaintext listener that answers every request with a 308 to `https://` on this port.
+    pub redirect_https: Option<u16>,
+}
+
+/// How a listener's connections are served.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenMode {
+    pub tls: Option<String>,
+    pub redirect_https: Option<u16>,
+}
+
+impl Listen {
+    pub fn mode(&self) -> ListenMode {
+        ListenMode {
+            tls: self.tls.clone(),
+            redirect_https: self.redirect_https,
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Listen {
@@ -22,6 +40,7 @@ impl<'de> Deserialize<'de> for Listen {
         struct Table {
             address: SocketAddr,
             tls: Option<String>,
+            redirect_https: Option<u16>,
         }
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -31,13 +50,14 @@ impl<'de> Deserialize<'de> for Listen {
         }
         match Form::deserialize(d).map_err(|_| {
             serde::de::Error::custom(
-                "a listen entry is an address such as \"127.0.0.1:8080\", or { address = \"0.0.0.0:443\", tls = \"PROFILE\" }",
+                "a listen entry is an address such as \"127.0.0.1:8080\", { address = \"0.0.0.0:443\", tls = \"PROFILE\" }, or { address = \"0.0.0.0:80\", redirect_https = 443 }",
             )
         })? {
-            Form::Plain(address) => Ok(Listen { address, tls: None }),
+            Form::Plain(address) => Ok(Listen::from(address)),
             Form::Table(t) => Ok(Listen {
                 address: t.address,
                 tls: t.tls,
+                redirect_https: t.redirect_https,
             }),
         }
     }
@@ -45,7 +65,11 @@ impl<'de> Deserialize<'de> for Listen {
 
 impl From<SocketAddr> for Listen {
     fn from(address: SocketAddr) -> Listen {
-        Listen { address, tls: None }
+        Listen {
+            address,
+            tls: None,
+            redirect_https: None,
+        }
     }
 }
 
@@ -86,6 +110,9 @@ pub struct TlsConfig {
     /// Longest a client may take to complete the handshake.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout: ConfigDuration,
+    /// `Strict-Transport-Security` sent on every answer over this profile, such as
+    /// `"max-age=31536000; includeSubDomains"`.
+    pub hsts: Option<String>,
 }
 
 fn default_handshake_timeout() -> ConfigDuration {
@@ -127,6 +154,15 @@ impl TlsConfig {
                         format!("{n:?} is not a host name or a one-label wildcard such as \"*.example.com\""),
                     ));
                 }
+            }
+        }
+        if let Some(h) = &self.hsts {
+            let ok = h.starts_with("max-age=") && h.bytes().all(|b| (0x20..0x7f).contains(&b));
+            if !ok {
+                return Err(Invalid::new(
+                    at().key("hsts"),
+                    "must be a Strict-Transport-Security value such as \"max-age=31536000; includeSubDomains\"",
+                ));
             }
         }
         if self.handshake_timeout.get().is_zero() {

@@ -30,6 +30,12 @@ impl Config {
             profile.validate(name)?;
         }
         for (i, l) in self.server.listen.iter().enumerate() {
+            if l.tls.is_some() && l.redirect_https.is_some() {
+                return Err(Invalid::new(
+                    key_path("server").key("listen").index(i).key("redirect_https"),
+                    "a TLS listener does not redirect to HTTPS: set `redirect_https` on a plain one",
+                ));
+            }
             if let Some(profile) = &l.tls {
                 if !self.tls.contains_key(profile) {
                     return Err(Invalid::new(

@@ -44,6 +44,8 @@ pub fn write_client_response(
     let _ = write!(out, "HTTP/1.1 {} {}\r\n", resp.status, resp.reason);
     let upgrade = resp.status == 101;
     let mut via_written = false;
+    // The gateway's own Strict-Transport-Security replaces an upstream's.
+    let own_hsts = memchr::memmem::find(extra, b"strict-transport-security:").is_some();
     for h in resp.headers {
         let name = h.name;
         if upgrade && name.eq_ignore_ascii_case("upgrade") {
@@ -60,6 +62,7 @@ pub fn write_client_response(
         if is_hop_by_hop(name)
             || resp.connection.nominates(name)
             || RESPONSE_OWNED.iter().any(|o| name.eq_ignore_ascii_case(o))
+            || (own_hsts && name.eq_ignore_ascii_case("strict-transport-security"))
         {
             continue;
         }
@@ -217,6 +220,29 @@ pub fn write_denied(
     if let Some(challenge) = www_authenticate {
         let _ = write!(out, "www-authenticate: {challenge}\r\n");
     }
+    end_head(out, keep_alive, Version::Http11, extra);
+    if !head_only {
+        out.extend_from_slice(detail.as_bytes());
+        out.push(b'\n');
+    }
+}
+
+/// Writes a 308 to `location` (already checked: it is built from a parsed target and host).
+pub fn write_redirect(
+    out: &mut Vec<u8>,
+    location: &[u8],
+    keep_alive: bool,
+    head_only: bool,
+    extra: &[u8],
+) {
+    let detail = "moved to https";
+    let _ = write!(
+        out,
+        "HTTP/1.1 308 Permanent Redirect\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nlocation: ",
+        detail.len() + 1
+    );
+    out.extend_from_slice(location);
+    out.extend_from_slice(b"\r\n");
     end_head(out, keep_alive, Version::Http11, extra);
     if !head_only {
         out.extend_from_slice(detail.as_bytes());

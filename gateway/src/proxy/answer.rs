@@ -17,6 +17,8 @@ pub enum Answer {
     Static { route: usize },
     /// The route's access policy refused the request (401 with WWW-Authenticate, or 403).
     Denied(AuthError),
+    /// A plaintext listener's 308 to the same URL over HTTPS (the location is in the context).
+    RedirectHttps,
     /// A rate limit or quota of route `route` refused the request: 429, retry after that many
     /// seconds.
     TooMany {

@@ -18,7 +18,7 @@ use crate::{
     config::MAX_HEADERS_CEILING,
     http::{
         encode,
-        request::{incomplete_head_error, parse_request},
+        request::{incomplete_head_error, parse_request, RequestHead},
         BodyFraming, Version,
     },
     io::{read_before, write_before, TcpTransport, Transport},
@@ -145,6 +145,7 @@ impl<C: Transport> Connection<'_, C> {
                     self.ctx.timings.head_started = Some(Instant::now());
                     self.ctx.id = worker.request_ids.next();
                     self.ctx.correlation.assign(self.ctx.id);
+                    add_hsts(self.handle, &mut self.ctx.correlation);
                 }
                 let started = self.ctx.timings.head_started.unwrap_or_else(Instant::now);
                 let generation = self.generation.clone();
@@ -166,6 +167,7 @@ impl<C: Transport> Connection<'_, C> {
                                 self.ctx.id,
                                 &mut worker.rng.borrow_mut(),
                             );
+                            add_hsts(self.handle, &mut self.ctx.correlation);
                             if let Some(log) = &worker.access_log {
                                 phase::log::note_request(
                                     &mut self.ctx,
@@ -174,6 +176,15 @@ impl<C: Transport> Connection<'_, C> {
                                     snapshot.config.auth.api_key_query.as_deref(),
                                 );
                             }
+                        }
+                        if let Some(port) = self.handle.listener().redirect_https {
+                            // A redirecting listener answers everything itself.
+                            let answer =
+                                redirect_location(&mut self.ctx.redirect_location, &req, port);
+                            break (
+                                Err(Exit::Answer(answer)),
+                                started + server.request_timeout.get(),
+                            );
                         }
                         self.ctx.facts = RequestFacts::of(&req);
                         self.ctx.method = crate::metrics::labels::method_index(req.method);
@@ -414,6 +425,16 @@ impl<C: Transport> Connection<'_, C> {
                 );
                 e.status()
             }
+            Answer::RedirectHttps => {
+                encode::write_redirect(
+                    &mut self.out,
+                    &self.ctx.redirect_location,
+                    keep_alive,
+                    facts.is_head,
+                    &self.ctx.correlation.response_fields,
+                );
+                308
+            }
             Answer::Static { route } => {
                 let Action::Respond(response) = &snapshot.routes.route(route).action else {
                     unreachable!("Answer::Static is planned only for respond routes");
@@ -496,6 +517,35 @@ impl<C: Transport> Connection<'_, C> {
             }
         }
     }
+}
+
+/// Adds the listener's Strict-Transport-Security to every answer, when it has one.
+fn add_hsts(handle: &ConnHandle, correlation: &mut super::correlation::Correlation) {
+    if let Some(hsts) = &handle.listener().hsts {
+        let fields = &mut correlation.response_fields;
+        fields.extend_from_slice(b"strict-transport-security: ");
+        fields.extend_from_slice(hsts.as_bytes());
+        fields.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The answer for a redirecting listener: a 308 to `https://HOST[:port]PATH[?QUERY]` (the
+/// normalised host and path, the query as sent), written into `location`; a request without a
+/// Host cannot be redirected (400).
+fn redirect_location(location: &mut Vec<u8>, req: &RequestHead, port: u16) -> Answer {
+    use std::io::Write;
+    let Some(host) = req.route_host.filter(|h| !h.is_empty()) else {
+        return Answer::error(400, "a redirect to https needs a Host");
+    };
+    location.clear();
+    location.extend_from_slice(b"https://");
+    location.extend_from_slice(host);
+    if port != 443 {
+        let _ = write!(location, ":{port}");
+    }
+    location.extend_from_slice(req.path);
+    location.extend_from_slice(req.query);
+    Answer::RedirectHttps
 }
 
 /// True when the client speaks HTTP/1.1 (and so understands chunked framing and 1xx).

@@ -182,6 +182,8 @@ pub struct RequestContext {
     /// when the access log is on.
     pub log_method: Vec<u8>,
     pub log_target: Vec<u8>,
+    /// Where a redirecting listener sends the request (`https://host/path?query`).
+    pub redirect_location: Vec<u8>,
     /// The status sent to the client (0 until one was).
     pub status: u16,
     /// Request bytes consumed from the client (head and body as framed).
@@ -213,6 +215,7 @@ impl RequestContext {
             correlation: Default::default(),
             log_method: Vec::new(),
             log_target: Vec::new(),
+            redirect_location: Vec::new(),
             status: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -228,6 +231,8 @@ impl RequestContext {
         let mut correlation = std::mem::take(&mut self.correlation);
         let mut log_method = std::mem::take(&mut self.log_method);
         let mut log_target = std::mem::take(&mut self.log_target);
+        let mut redirect_location = std::mem::take(&mut self.redirect_location);
+        redirect_location.clear();
         correlation.clear();
         log_method.clear();
         log_target.clear();
@@ -237,6 +242,7 @@ impl RequestContext {
         self.correlation = correlation;
         self.log_method = log_method;
         self.log_target = log_target;
+        self.redirect_location = redirect_location;
     }
 
     /// True once a request began arriving (an idle connection closing is no request).

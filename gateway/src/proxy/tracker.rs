@@ -22,12 +22,22 @@ pub struct ConnTracker {
     gauges: Option<std::sync::Arc<crate::metrics::worker::WorkerCounters>>,
 }
 
+/// What a connection knows of the listener that accepted it.
+#[derive(Default)]
+pub struct ListenerFacts {
+    /// Set when a reload removed the listener's address.
+    pub removed: Rc<Cell<bool>>,
+    /// Answer every request with a 308 to `https://` on this port.
+    pub redirect_https: Option<u16>,
+    /// `Strict-Transport-Security` for every answer (TLS listeners with `hsts`).
+    pub hsts: Option<std::sync::Arc<str>>,
+}
+
 /// A registered connection; deregisters itself when dropped.
 pub struct ConnHandle<'t> {
     tracker: &'t ConnTracker,
     slot: usize,
-    /// Set when a reload removed the address the connection was accepted on.
-    listener_removed: Rc<Cell<bool>>,
+    listener: ListenerFacts,
 }
 
 impl ConnTracker {
@@ -38,9 +48,8 @@ impl ConnTracker {
         }
     }
 
-    /// Registers the connection on `fd`, accepted on a listener that is removed once
-    /// `listener_removed` is set.
-    pub fn register(&self, fd: RawFd, listener_removed: Rc<Cell<bool>>) -> ConnHandle<'_> {
+    /// Registers the connection on `fd`, accepted on the listener `listener` describes.
+    pub fn register(&self, fd: RawFd, listener: ListenerFacts) -> ConnHandle<'_> {
         let entry = Some(Entry { fd, idle: false });
         let mut slots = self.slots.borrow_mut();
         let slot = match self.free.borrow_mut().pop() {
@@ -59,7 +68,7 @@ impl ConnTracker {
         ConnHandle {
             tracker: self,
             slot,
-            listener_removed,
+            listener,
         }
     }
 
@@ -86,7 +95,12 @@ impl ConnHandle<'_> {
     /// True once the connection's listening address was removed by a reload: it winds down
     /// like a drain after an upgrade.
     pub fn listener_removed(&self) -> bool {
-        self.listener_removed.get()
+        self.listener.removed.get()
+    }
+
+    /// The listener this connection came through.
+    pub fn listener(&self) -> &ListenerFacts {
+        &self.listener
     }
 
     /// Marks the connection idle (waiting for a next request) or busy.

@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpListener};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::Listen;
+use crate::config::{Listen, ListenMode};
 
 /// Accept queue length per socket.
 const BACKLOG: i32 = 4096;
@@ -47,10 +47,10 @@ pub fn bind_all(
 /// A change to one worker's listening sockets, made by a reload.
 #[derive(Debug)]
 pub enum ListenerChange {
-    /// Start accepting on this socket, plain or with the TLS profile named.
-    Add(TcpListener, Option<String>),
-    /// Connections accepted from now on at this address use this TLS profile (or none).
-    Profile(SocketAddr, Option<String>),
+    /// Start accepting on this socket, served as `ListenMode` says.
+    Add(TcpListener, ListenMode),
+    /// Connections accepted from now on at this address are served this way.
+    Mode(SocketAddr, ListenMode),
     /// Stop accepting on the socket bound to this address; its connections wind down (each
     /// closes after an answer saying `Connection: close`, or at its keep-alive timeout).
     Remove(SocketAddr),
@@ -58,15 +58,15 @@ pub enum ListenerChange {
 
 /// What a worker starts with: its sockets, and where it hears of changes to them.
 pub struct WorkerListeners {
-    /// Each socket with the TLS profile its connections use.
-    pub sockets: Vec<(TcpListener, Option<String>)>,
+    /// Each socket with how its connections are served.
+    pub sockets: Vec<(TcpListener, ListenMode)>,
     pub changes: tokio::sync::mpsc::UnboundedReceiver<ListenerChange>,
 }
 
 /// One configured address and its sockets, one per worker.
 struct Entry {
     configured: SocketAddr,
-    tls: Option<String>,
+    mode: ListenMode,
     bound: SocketAddr,
     /// Clones of the workers' sockets, kept to hand over on an upgrade.
     sockets: Vec<TcpListener>,
@@ -111,7 +111,7 @@ impl ListenerSet {
                 .collect::<Result<Vec<_>, _>>()?;
             entries.push(Entry {
                 configured: addr.address,
-                tls: addr.tls.clone(),
+                mode: addr.mode(),
                 bound: sockets[0].local_addr()?,
                 sockets,
             });
@@ -125,7 +125,7 @@ impl ListenerSet {
                 sockets: sockets
                     .into_iter()
                     .zip(configured)
-                    .map(|(s, l)| (s, l.tls.clone()))
+                    .map(|(s, l)| (s, l.mode()))
                     .collect(),
                 changes: rx,
             });
@@ -222,11 +222,11 @@ impl ListenerSet {
                 Some(i) => {
                     let mut entry = old[i].take().expect("matched once");
                     entry.configured = listen.address;
-                    if entry.tls != listen.tls {
-                        entry.tls = listen.tls.clone();
+                    if entry.mode != listen.mode() {
+                        entry.mode = listen.mode();
                         for link in &inner.links {
                             let _ =
-                                link.send(ListenerChange::Profile(entry.bound, entry.tls.clone()));
+                                link.send(ListenerChange::Mode(entry.bound, entry.mode.clone()));
                         }
                     }
                     entries.push(entry);
@@ -234,12 +234,12 @@ impl ListenerSet {
                 None => {
                     let (bound, sockets, copies) = fresh.next().expect("bound above");
                     for (link, copy) in inner.links.iter().zip(copies) {
-                        let _ = link.send(ListenerChange::Add(copy, listen.tls.clone()));
+                        let _ = link.send(ListenerChange::Add(copy, listen.mode()));
                     }
                     diff.added.push(bound);
                     entries.push(Entry {
                         configured: listen.address,
-                        tls: listen.tls.clone(),
+                        mode: listen.mode(),
                         bound,
                         sockets,
                     });

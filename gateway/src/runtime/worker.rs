@@ -23,6 +23,7 @@ use super::{
 };
 use crate::{
     access_log::AccessLog,
+    config::ListenMode,
     http::encode,
     io::{accept_until, Accepted, TcpTransport, TlsTransport, Transport},
     metrics::Metrics,
@@ -124,10 +125,10 @@ fn run_worker(
             } = listeners;
             let mut accepting: Vec<(SocketAddr, Rc<ListenerLife>)> = Vec::new();
             let mut tasks = Vec::new();
-            let start = |socket: StdListener, tls: Option<String>, accepting: &mut Vec<_>| {
+            let start = |socket: StdListener, mode: ListenMode, accepting: &mut Vec<_>| {
                 let addr = socket.local_addr().ok()?;
                 let life = Rc::new(ListenerLife::default());
-                *life.tls.borrow_mut() = tls;
+                *life.mode.borrow_mut() = mode;
                 accepting.push((addr, life.clone()));
                 Some(tokio_uring::spawn(accept_loop(
                     worker.clone(),
@@ -139,7 +140,7 @@ fn run_worker(
             tasks.extend(
                 sockets
                     .into_iter()
-                    .filter_map(|(s, tls)| start(s, tls, &mut accepting)),
+                    .filter_map(|(s, mode)| start(s, mode, &mut accepting)),
             );
             // Listening addresses change on reload until the drain begins.
             loop {
@@ -147,14 +148,14 @@ fn run_worker(
                     biased;
                     _ = drain.started() => break,
                     change = changes.recv() => match change {
-                        Some(ListenerChange::Add(socket, tls)) => {
+                        Some(ListenerChange::Add(socket, mode)) => {
                             let addr = socket.local_addr();
-                            tasks.extend(start(socket, tls, &mut accepting));
+                            tasks.extend(start(socket, mode, &mut accepting));
                             debug!(worker = id, ?addr, "listener added");
                         }
-                        Some(ListenerChange::Profile(addr, tls)) => {
+                        Some(ListenerChange::Mode(addr, mode)) => {
                             if let Some((_, life)) = accepting.iter().find(|(a, _)| *a == addr) {
-                                *life.tls.borrow_mut() = tls;
+                                *life.mode.borrow_mut() = mode;
                             }
                         }
                         Some(ListenerChange::Remove(addr)) => {
@@ -227,8 +228,8 @@ struct ListenerLife {
     /// Shared with the connections accepted on it.
     removed: Rc<Cell<bool>>,
     stop: tokio::sync::Notify,
-    /// The TLS profile new connections use, if any (a reload may change it).
-    tls: std::cell::RefCell<Option<String>>,
+    /// How new connections are served (a reload may change it).
+    mode: std::cell::RefCell<ListenMode>,
 }
 
 impl ListenerLife {
@@ -335,15 +336,22 @@ fn serve_queued(worker: &Rc<Worker>, listener: &StdListener, life: &ListenerLife
 /// profile (the handshake first, bounded by the profile's timeout), else plain.
 fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, life: &ListenerLife) {
     let worker = worker.clone();
-    let removed = life.removed.clone();
-    let profile = life
+    let mode = life.mode.borrow().clone();
+    let profile = mode
         .tls
-        .borrow()
         .as_ref()
         .map(|name| worker.generation().snapshot.tls.get(name).cloned());
+    let facts = crate::proxy::tracker::ListenerFacts {
+        removed: life.removed.clone(),
+        redirect_https: mode.redirect_https,
+        hsts: profile
+            .as_ref()
+            .and_then(|p| p.as_ref())
+            .and_then(|p| p.hsts.clone()),
+    };
     tokio_uring::spawn(async move {
         let tcp = TcpTransport::new(stream);
-        let handle = worker.tracker.register(tcp.raw_fd(), removed);
+        let handle = worker.tracker.register(tcp.raw_fd(), facts);
         let Some(profile) = profile else {
             serve(tcp, peer, &worker, &handle).await;
             return;

@@ -52,6 +52,8 @@ pub enum TlsError {
 pub struct TlsProfile {
     pub server: Arc<ServerConfig>,
     pub handshake_timeout: Duration,
+    /// The Strict-Transport-Security value, when set.
+    pub hsts: Option<Arc<str>>,
 }
 
 fn certified_key(profile: &str, c: &CertificateConfig) -> Result<CertifiedKey, TlsError> {
@@ -129,6 +131,7 @@ pub fn build(
     Ok(TlsProfile {
         server: Arc::new(server),
         handshake_timeout: config.handshake_timeout.get(),
+        hsts: config.hsts.as_deref().map(Arc::from),
     })
 }
 

@@ -168,6 +168,7 @@ mod tests {
             Err(Exit::Answer(Answer::Denied(e))) => e.status(),
             Err(Exit::Answer(Answer::TooMany { .. })) => 429,
             Err(Exit::Answer(Answer::Static { .. })) => 200,
+            Err(Exit::Answer(Answer::RedirectHttps)) => 308,
             Err(Exit::AwaitKeys(_)) => 1,
         }
     }
