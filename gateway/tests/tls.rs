@@ -480,3 +480,33 @@ fn testssl_finds_no_weak_protocol_or_suite() {
             .join("; ")
     );
 }
+
+#[test]
+fn a_tls_listener_behind_a_balancer_reads_the_proxy_header_first() {
+    let pki = pki();
+    let up = Upstream::echo_target();
+    let cfg = config(&pki, up.addr, "")
+        .replace(
+            "tls = \"public\" }",
+            "tls = \"public\", proxy_protocol = true }",
+        )
+        .replace(
+            "workers = 2\n",
+            "workers = 2\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        );
+    let gw = Gateway::start(&cfg);
+    let with_header = run(Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--haproxy-protocol", "--cacert"])
+        .arg(pki.path("ca.pem"))
+        .arg("--resolve")
+        .arg(format!("a.test:{}:127.0.0.1", gw.addr.port()))
+        .arg(format!("https://a.test:{}/api", gw.addr.port())));
+    assert!(
+        with_header.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with_header.stderr)
+    );
+    assert_eq!(up.requests()[0].header("x-forwarded-proto"), Some("https"));
+    // A trusted source that starts the handshake without the header is closed.
+    assert!(!curl(&gw, &pki, "a.test", "/api").status.success());
+}

@@ -312,6 +312,9 @@ pub struct ServerConfig {
     /// Keep a client's `X-Request-Id` (when short and plain) instead of assigning one; only
     /// behind a proxy that sets it.
     pub trust_request_id: bool,
+    /// Source networks whose PROXY protocol headers are believed, on listeners with
+    /// `proxy_protocol = true` (connections from elsewhere are served as they come).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for ServerConfig {
@@ -338,6 +341,7 @@ impl Default for ServerConfig {
             max_limit_keys: 100_000,
             control_socket: None,
             trust_request_id: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -15,6 +15,9 @@ pub struct Listen {
     pub tls: Option<String>,
     /// A plaintext listener that answers every request with a 308 to `https://` on this port.
     pub redirect_https: Option<u16>,
+    /// Connections from `server.trusted_proxies` start with a PROXY protocol header (v1 or
+    /// v2) naming the real client.
+    pub proxy_protocol: bool,
 }
 
 /// How a listener's connections are served.
@@ -22,6 +25,7 @@ pub struct Listen {
 pub struct ListenMode {
     pub tls: Option<String>,
     pub redirect_https: Option<u16>,
+    pub proxy_protocol: bool,
 }
 
 impl Listen {
@@ -29,6 +33,7 @@ impl Listen {
         ListenMode {
             tls: self.tls.clone(),
             redirect_https: self.redirect_https,
+            proxy_protocol: self.proxy_protocol,
         }
     }
 }
@@ -41,6 +46,8 @@ impl<'de> Deserialize<'de> for Listen {
             address: SocketAddr,
             tls: Option<String>,
             redirect_https: Option<u16>,
+            #[serde(default)]
+            proxy_protocol: bool,
         }
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -58,6 +65,7 @@ impl<'de> Deserialize<'de> for Listen {
                 address: t.address,
                 tls: t.tls,
                 redirect_https: t.redirect_https,
+                proxy_protocol: t.proxy_protocol,
             }),
         }
     }
@@ -69,6 +77,7 @@ impl From<SocketAddr> for Listen {
             address,
             tls: None,
             redirect_https: None,
+            proxy_protocol: false,
         }
     }
 }

@@ -30,6 +30,12 @@ impl Config {
             profile.validate(name)?;
         }
         for (i, l) in self.server.listen.iter().enumerate() {
+            if l.proxy_protocol && self.server.trusted_proxies.is_empty() {
+                return Err(Invalid::new(
+                    key_path("server").key("listen").index(i).key("proxy_protocol"),
+                    "needs `server.trusted_proxies`, the balancers' networks, such as [\"10.0.0.0/8\"]: a PROXY header from anywhere else is not believed",
+                ));
+            }
             if l.tls.is_some() && l.redirect_https.is_some() {
                 return Err(Invalid::new(
                     key_path("server").key("listen").index(i).key("redirect_https"),

@@ -6,6 +6,7 @@ mod connect;
 mod deadline;
 #[cfg(test)]
 pub mod memory;
+pub mod proxy_protocol;
 mod tcp;
 mod tls;
 

@@ -76,6 +76,11 @@ impl TlsTransport {
         self.conn.borrow().server_name().map(str::to_owned)
     }
 
+    /// Hands bytes already read from the socket (after a PROXY header) to rustls.
+    pub fn feed_initial(&self, bytes: &[u8]) -> Result<(), rustls::Error> {
+        self.feed(bytes)
+    }
+
     /// Completes the handshake before `deadline`.
     pub async fn handshake(&self, deadline: Instant) -> Result<(), HandshakeError> {
         while self.conn.borrow().is_handshaking() {

@@ -75,11 +75,13 @@ pub(super) struct Connection<'w, C: Transport> {
 }
 
 /// Serves a client connection until it closes.
+/// `initial`: bytes already read from the client (after a PROXY protocol header).
 pub async fn serve<C: Transport>(
     client: C,
     peer: SocketAddr,
     worker: &Worker,
     handle: &ConnHandle<'_>,
+    initial: &[u8],
 ) {
     let accepted = Instant::now();
     let generation = worker.generation();
@@ -89,7 +91,11 @@ pub async fn serve<C: Transport>(
         peer,
         worker,
         handle,
-        inbuf: Vec::with_capacity(snapshot.client_buffer_bytes),
+        inbuf: {
+            let mut buf = Vec::with_capacity(snapshot.client_buffer_bytes.max(initial.len() + 1));
+            buf.extend_from_slice(initial);
+            buf
+        },
         out: Vec::with_capacity(4096),
         upbuf: Vec::with_capacity(UPSTREAM_BUFFER_BYTES),
         normalized: Vec::new(),

@@ -349,11 +349,33 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
             .and_then(|p| p.as_ref())
             .and_then(|p| p.hsts.clone()),
     };
+    let snapshot = worker.generation().snapshot.clone();
+    let proxied = mode.proxy_protocol && {
+        let ip = peer.ip().to_canonical();
+        snapshot
+            .server()
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&ip))
+    };
     tokio_uring::spawn(async move {
         let tcp = TcpTransport::new(stream);
         let handle = worker.tracker.register(tcp.raw_fd(), facts);
+        let (peer, initial) = if proxied {
+            let deadline = tokio::time::Instant::now() + snapshot.server().header_timeout.get();
+            match read_proxy_header(&tcp, deadline).await {
+                Ok((source, rest)) => (source.unwrap_or(peer), rest),
+                Err(e) => {
+                    debug!(%peer, error = %e, "PROXY header refused: closing");
+                    let _ = tcp.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+        } else {
+            (peer, Vec::new())
+        };
         let Some(profile) = profile else {
-            serve(tcp, peer, &worker, &handle).await;
+            serve(tcp, peer, &worker, &handle, &initial).await;
             return;
         };
         let Some(profile) = profile else {
@@ -369,8 +391,12 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
             }
         };
         let deadline = tokio::time::Instant::now() + profile.handshake_timeout;
-        match tls.handshake(deadline).await {
-            Ok(()) => serve(tls, peer, &worker, &handle).await,
+        let started = match tls.feed_initial(&initial) {
+            Ok(()) => tls.handshake(deadline).await,
+            Err(e) => Err(crate::io::HandshakeError::Tls(e)),
+        };
+        match started {
+            Ok(()) => serve(tls, peer, &worker, &handle, &[]).await,
             Err(e) => {
                 debug!(%peer, reason = e.reason(), error = %e, "TLS handshake failed");
                 if let Some(m) = &worker.metrics {
@@ -380,6 +406,40 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
             }
         }
     });
+}
+
+/// Why a PROXY header could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ProxyReadError {
+    #[error("{0}")]
+    Header(#[from] crate::io::proxy_protocol::ProxyHeaderError),
+    #[error("the connection ended before its PROXY header: {0}")]
+    Io(crate::io::IoFailure),
+}
+
+/// Reads the PROXY header a trusted balancer sends first; returns the client address it names
+/// and the bytes read after it.
+async fn read_proxy_header(
+    tcp: &TcpTransport,
+    deadline: tokio::time::Instant,
+) -> Result<(Option<SocketAddr>, Vec<u8>), ProxyReadError> {
+    use crate::io::proxy_protocol::{decode, MAX_HEADER_BYTES};
+    let mut buf = Vec::with_capacity(MAX_HEADER_BYTES + 4096);
+    loop {
+        if let Some(h) = decode(&buf)? {
+            return Ok((h.source, buf[h.len..].to_vec()));
+        }
+        if buf.len() == buf.capacity() {
+            return Err(crate::io::proxy_protocol::ProxyHeaderError::TooLong.into());
+        }
+        let (res, b) = crate::io::read_before(tcp, buf, deadline).await;
+        buf = b;
+        match res {
+            Ok(0) => return Err(ProxyReadError::Io(crate::io::IoFailure::Closed)),
+            Ok(_) => {}
+            Err(e) => return Err(ProxyReadError::Io(e)),
+        }
+    }
 }
 
 /// Answers 503 to a connection over `max_connections_per_worker`, then closes it.
