@@ -510,3 +510,57 @@ fn a_tls_listener_behind_a_balancer_reads_the_proxy_header_first() {
     // A trusted source that starts the handshake without the header is closed.
     assert!(!curl(&gw, &pki, "a.test", "/api").status.success());
 }
+
+#[test]
+fn large_bodies_cross_tls_intact_both_ways() {
+    let pki = pki();
+    // Uploads are counted by the upstream; the download is a 4 MiB body from it.
+    let big: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let body = big.clone();
+    let up = Upstream::start(move |r| {
+        if r.target == "/download" {
+            let mut reply =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+            reply.extend_from_slice(&body);
+            Reply::Raw(reply)
+        } else {
+            Reply::Raw(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec())
+        }
+    });
+    let gw = Gateway::start(&config(&pki, up.addr, ""));
+    let file = pki.path("upload.bin");
+    std::fs::write(&file, &big).unwrap();
+    let curl_to = |path: &str, extra: &[&str]| {
+        run(Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--cacert"])
+            .arg(pki.path("ca.pem"))
+            .arg("--resolve")
+            .arg(format!("a.test:{}:127.0.0.1", gw.addr.port()))
+            .args(extra)
+            .arg(format!("https://a.test:{}{path}", gw.addr.port())))
+    };
+    let out = curl_to(
+        "/upload",
+        &["--data-binary", &format!("@{}", file.display())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        up.body_bytes.load(std::sync::atomic::Ordering::SeqCst),
+        big.len()
+    );
+    let out = curl_to("/download", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == big,
+        "the download came back altered ({} bytes)",
+        out.stdout.len()
+    );
+}

@@ -40,6 +40,9 @@ pub trait Transport {
     fn is_tls(&self) -> bool {
         false
     }
+    /// Says the stream ends (TLS: close_notify, so a body framed by the close is known to be
+    /// whole), before `deadline`; nothing to say on plain TCP.
+    async fn close_notify(&self, _deadline: tokio::time::Instant) {}
 }
 
 pub use tcp::TcpTransport;

@@ -40,7 +40,8 @@ pub fn decode(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyHeaderError> {
     if !b"PROXY ".starts_with(&buf[..buf.len().min(6)]) {
         return Err(ProxyHeaderError::Missing);
     }
-    let Some(end) = buf.windows(2).take(107).position(|w| w == b"\r\n") else {
+    // v1 lines are at most 107 bytes, CRLF included.
+    let Some(end) = buf.windows(2).take(106).position(|w| w == b"\r\n") else {
         return if buf.len() >= 107 {
             Err(ProxyHeaderError::TooLong)
         } else {
@@ -59,15 +60,16 @@ fn decode_v1(line: &[u8]) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     let line = std::str::from_utf8(line).map_err(|_| ProxyHeaderError::Malformed("not ASCII"))?;
     let mut parts = line.split(' ');
     let _proxy = parts.next();
-    match parts.next() {
+    let v4 = match parts.next() {
         Some("UNKNOWN") => return Ok(None),
-        Some("TCP4") | Some("TCP6") => {}
+        Some("TCP4") => true,
+        Some("TCP6") => false,
         _ => {
             return Err(ProxyHeaderError::Malformed(
                 "v1 protocol is not TCP4, TCP6 or UNKNOWN",
             ))
         }
-    }
+    };
     let fields: Vec<&str> = parts.collect();
     let [src, _dst, sport, _dport] = fields[..] else {
         return Err(ProxyHeaderError::Malformed(
@@ -77,6 +79,11 @@ fn decode_v1(line: &[u8]) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     let ip: IpAddr = src
         .parse()
         .map_err(|_| ProxyHeaderError::Malformed("v1 source address"))?;
+    if ip.is_ipv4() != v4 {
+        return Err(ProxyHeaderError::Malformed(
+            "v1 source address of the other family",
+        ));
+    }
     // Ports are decimal without leading zeros, as the specification says.
     if sport.is_empty() || (sport.len() > 1 && sport.starts_with('0')) {
         return Err(ProxyHeaderError::Malformed("v1 source port"));
@@ -84,7 +91,8 @@ fn decode_v1(line: &[u8]) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     let port: u16 = sport
         .parse()
         .map_err(|_| ProxyHeaderError::Malformed("v1 source port"))?;
-    Ok(Some(SocketAddr::new(ip, port)))
+    // An IPv4 client behind a dual-stack balancer arrives as ::ffff:a.b.c.d: the same client.
+    Ok(Some(SocketAddr::new(ip.to_canonical(), port)))
 }
 
 fn decode_v2(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyHeaderError> {
@@ -116,7 +124,7 @@ fn decode_v2(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyHeaderError> {
         (0x1, 0x21) if body.len() >= 36 => {
             let octets: [u8; 16] = body[..16].try_into().expect("16 bytes");
             Some(SocketAddr::new(
-                Ipv6Addr::from(octets).into(),
+                IpAddr::V6(Ipv6Addr::from(octets)).to_canonical(),
                 u16::from_be_bytes([body[32], body[33]]),
             ))
         }
@@ -163,6 +171,14 @@ mod tests {
         assert!(decode(b"PROXY TCP4 nonsense 1.2.3.4 1 2\r\n").is_err());
         assert!(decode(b"PROXY TCP4 203.0.113.7 198.51.100.1 040000 443\r\n").is_err());
         assert!(decode(b"PROXY UDP4 203.0.113.7 198.51.100.1 1 2\r\n").is_err());
+        assert!(
+            decode(b"PROXY TCP4 2001:db8::1 2001:db8::2 1 2\r\n").is_err(),
+            "family"
+        );
+        let mapped = decode(b"PROXY TCP6 ::ffff:203.0.113.9 ::1 5 6\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(mapped.source, Some("203.0.113.9:5".parse().unwrap()));
         assert_eq!(
             decode(&[b'P', b'R', b'O', b'X', b'Y', b' ', b'x'].repeat(20)),
             Err(ProxyHeaderError::TooLong)

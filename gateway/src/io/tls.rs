@@ -53,7 +53,10 @@ impl HandshakeError {
 pub struct TlsTransport {
     tcp: TcpTransport,
     conn: RefCell<ServerConnection>,
+    /// Ciphertext read from the socket; `incoming[fed..]` is not yet handed to rustls (it
+    /// refuses more while its plaintext buffer is full, until the caller reads).
     incoming: RefCell<Vec<u8>>,
+    fed: std::cell::Cell<usize>,
     outgoing: RefCell<Vec<u8>>,
 }
 
@@ -63,6 +66,7 @@ impl TlsTransport {
             tcp,
             conn: RefCell::new(ServerConnection::new(config)?),
             incoming: RefCell::new(Vec::with_capacity(INCOMING_BYTES)),
+            fed: std::cell::Cell::new(0),
             outgoing: RefCell::new(Vec::with_capacity(INCOMING_BYTES)),
         })
     }
@@ -78,48 +82,85 @@ impl TlsTransport {
 
     /// Hands bytes already read from the socket (after a PROXY header) to rustls.
     pub fn feed_initial(&self, bytes: &[u8]) -> Result<(), rustls::Error> {
-        self.feed(bytes)
+        self.incoming.borrow_mut().extend_from_slice(bytes);
+        self.feed()
     }
 
-    /// Completes the handshake before `deadline`.
+    /// Completes the handshake before `deadline` (its reads and its writes).
     pub async fn handshake(&self, deadline: Instant) -> Result<(), HandshakeError> {
         while self.conn.borrow().is_handshaking() {
-            self.flush().await.map_err(HandshakeError::Io)?;
+            self.flush_before(deadline).await?;
             if !self.conn.borrow().is_handshaking() {
                 break;
             }
-            let buf = take(&mut *self.incoming.borrow_mut());
-            let (res, mut buf) = read_before(&self.tcp, buf, deadline).await;
-            let n = match res {
+            let buf = self.take_incoming();
+            let (res, buf) = read_before(&self.tcp, buf, deadline).await;
+            *self.incoming.borrow_mut() = buf;
+            match res {
                 Ok(0) | Err(IoFailure::Closed) => return Err(HandshakeError::Closed),
-                Ok(n) => n,
+                Ok(_) => {}
                 Err(IoFailure::TimedOut) => return Err(HandshakeError::TimedOut),
                 Err(IoFailure::Io(e)) => return Err(HandshakeError::Io(e)),
-            };
-            let processed = self.feed(&buf[..n]);
-            buf.clear();
-            *self.incoming.borrow_mut() = buf;
-            if let Err(e) = processed {
+            }
+            if let Err(e) = self.feed() {
                 // Tell the client why (the alert rustls queued), then give up.
-                let _ = self.flush().await;
+                let _ = self.flush_before(deadline).await;
                 return Err(HandshakeError::Tls(e));
             }
         }
-        self.flush().await.map_err(HandshakeError::Io)
+        self.flush_before(deadline).await
     }
 
-    /// Hands ciphertext to rustls and processes it.
-    fn feed(&self, mut bytes: &[u8]) -> Result<(), rustls::Error> {
+    /// Writes what rustls queued, before `deadline` (else the socket is shut down).
+    async fn flush_before(&self, deadline: Instant) -> Result<(), HandshakeError> {
+        let mut op = std::pin::pin!(self.flush());
+        tokio::select! {
+            biased;
+            res = &mut op => res.map_err(HandshakeError::Io),
+            _ = tokio::time::sleep_until(deadline) => {
+                let _ = self.tcp.shutdown(Shutdown::Both);
+                let _ = op.await;
+                Err(HandshakeError::TimedOut)
+            }
+        }
+    }
+
+    /// The incoming buffer, with room to read into after what is not yet fed.
+    fn take_incoming(&self) -> Vec<u8> {
+        let mut buf = take(&mut *self.incoming.borrow_mut());
+        if buf.capacity() - buf.len() < INCOMING_BYTES / 2 {
+            buf.reserve(INCOMING_BYTES);
+        }
+        buf
+    }
+
+    /// Hands rustls what it has not seen of `incoming` and processes it; stops early while
+    /// rustls's plaintext buffer is full (the rest stays for after the caller has read).
+    fn feed(&self) -> Result<(), rustls::Error> {
         let mut conn = self.conn.borrow_mut();
-        while !bytes.is_empty() {
-            match conn.read_tls(&mut bytes) {
+        let mut incoming = self.incoming.borrow_mut();
+        let mut fed = self.fed.get();
+        while fed < incoming.len() {
+            let mut rest = &incoming[fed..];
+            match conn.read_tls(&mut rest) {
                 Ok(0) => break,
-                Ok(_) => {}
+                Ok(n) => fed += n,
+                // "received plaintext buffer full": not an error of the peer's.
                 Err(_) => break,
             }
             conn.process_new_packets()?;
         }
+        if fed == incoming.len() {
+            incoming.clear();
+            fed = 0;
+        }
+        self.fed.set(fed);
         Ok(())
+    }
+
+    /// Whether ciphertext is waiting for rustls.
+    fn unfed(&self) -> bool {
+        self.fed.get() < self.incoming.borrow().len()
     }
 
     /// Encrypts `plain` and writes it; rustls takes as much as its buffer limit allows at a
@@ -127,11 +168,12 @@ impl TlsTransport {
     async fn send(&self, mut plain: &[u8]) -> io::Result<()> {
         while !plain.is_empty() {
             let n = self.conn.borrow_mut().writer().write(plain)?;
-            plain = &plain[n..];
-            self.flush().await?;
             if n == 0 && !self.conn.borrow().wants_write() {
+                // Nothing taken with nothing queued: rustls can take no more.
                 return Err(io::ErrorKind::WriteZero.into());
             }
+            plain = &plain[n..];
+            self.flush().await?;
         }
         self.flush().await
     }
@@ -178,28 +220,30 @@ impl Transport for TlsTransport {
                     Err(e) => return (Err(e), buf),
                 }
             }
+            // Ciphertext rustls refused while its plaintext was full goes first.
+            if self.unfed() {
+                if let Err(e) = self.feed() {
+                    let _ = self.flush().await;
+                    return (Err(io::Error::new(io::ErrorKind::InvalidData, e)), buf);
+                }
+                if !self.unfed() || self.conn.borrow_mut().reader().fill_buf().is_ok() {
+                    continue;
+                }
+            }
             if let Err(e) = self.flush().await {
                 return (Err(e), buf);
             }
-            let incoming = take(&mut *self.incoming.borrow_mut());
-            let (res, mut incoming) = self.tcp.read(incoming).await;
-            let n = match res {
-                Ok(n) => n,
-                Err(e) => {
-                    *self.incoming.borrow_mut() = incoming;
-                    return (Err(e), buf);
-                }
-            };
-            if n == 0 {
-                *self.incoming.borrow_mut() = incoming;
+            let incoming = self.take_incoming();
+            let (res, incoming) = self.tcp.read(incoming).await;
+            *self.incoming.borrow_mut() = incoming;
+            match res {
                 // The peer closed without close_notify: a truncation, reported as end of
                 // stream (framing decides whether a message was cut).
-                return (Ok(0), buf);
+                Ok(0) => return (Ok(0), buf),
+                Ok(_) => {}
+                Err(e) => return (Err(e), buf),
             }
-            let processed = self.feed(&incoming[..n]);
-            incoming.clear();
-            *self.incoming.borrow_mut() = incoming;
-            if let Err(e) = processed {
+            if let Err(e) = self.feed() {
                 let _ = self.flush().await;
                 return (Err(io::Error::new(io::ErrorKind::InvalidData, e)), buf);
             }
@@ -243,5 +287,10 @@ impl Transport for TlsTransport {
 
     fn is_tls(&self) -> bool {
         true
+    }
+
+    async fn close_notify(&self, deadline: Instant) {
+        self.conn.borrow_mut().send_close_notify();
+        let _ = self.flush_before(deadline).await;
     }
 }

@@ -512,6 +512,7 @@ impl<C: Transport> Connection<'_, C> {
     /// short while, so the kernel does not reset the connection before the client read the
     /// last response.
     async fn linger(&mut self) {
+        self.client.close_notify(Instant::now() + LINGER).await;
         let _ = self.client.shutdown(std::net::Shutdown::Write);
         let deadline = Instant::now() + LINGER;
         for _ in 0..LINGER_READS {
