@@ -83,6 +83,15 @@ pub struct ListenerSet {
     inner: std::sync::Mutex<Inner>,
 }
 
+/// Sockets bound for a change of listen addresses, not yet in force.
+pub struct ListenerPlan {
+    configured: Vec<Listen>,
+    /// For each configured address, the entry it keeps, or `None` for a fresh socket.
+    new_entries: Vec<Option<usize>>,
+    /// Fresh sockets: the bound address, one socket per worker, and the workers' copies.
+    fresh: Vec<(SocketAddr, Vec<TcpListener>, Vec<TcpListener>)>,
+}
+
 /// What a reload changed in the listening addresses.
 #[derive(Debug, Default)]
 pub struct ListenerDiff {
@@ -171,7 +180,16 @@ impl ListenerSet {
     /// (all of them before anything changes, so a failure changes nothing), removed ones stop
     /// accepting. Workers start and stop accepting at once.
     pub fn change_to(&self, configured: &[Listen]) -> std::io::Result<ListenerDiff> {
-        let mut inner = self.inner();
+        let plan = self.prepare(configured)?;
+        Ok(self.commit(plan))
+    }
+
+    /// The fallible half of [`ListenerSet::change_to`]: binds what is new, changes nothing.
+    /// A reload publishes its snapshot between the two halves, so a worker that hears of a
+    /// new listener or mode already has the config it names. Plans are made and committed
+    /// one at a time (reloads are).
+    pub fn prepare(&self, configured: &[Listen]) -> std::io::Result<ListenerPlan> {
+        let inner = self.inner();
         let workers = inner.links.len();
         let mut kept = vec![false; inner.entries.len()];
         let mut new_entries: Vec<Option<usize>> = Vec::with_capacity(configured.len());
@@ -213,11 +231,26 @@ impl ListenerSet {
                 .collect::<Result<Vec<_>, _>>()?;
             fresh.push((*addr, sockets, copies));
         }
+        Ok(ListenerPlan {
+            configured: configured.to_vec(),
+            new_entries,
+            fresh,
+        })
+    }
+
+    /// Puts a prepared plan in force: workers start and stop accepting at once.
+    pub fn commit(&self, plan: ListenerPlan) -> ListenerDiff {
+        let ListenerPlan {
+            configured,
+            new_entries,
+            fresh,
+        } = plan;
+        let mut inner = self.inner();
         let mut fresh = fresh.into_iter();
         let mut diff = ListenerDiff::default();
         let mut old: Vec<Option<Entry>> = inner.entries.drain(..).map(Some).collect();
         let mut entries = Vec::with_capacity(configured.len());
-        for (slot, listen) in new_entries.into_iter().zip(configured) {
+        for (slot, listen) in new_entries.into_iter().zip(&configured) {
             match slot {
                 Some(i) => {
                     let mut entry = old[i].take().expect("matched once");
@@ -253,6 +286,6 @@ impl ListenerSet {
             diff.removed.push(entry.bound);
         }
         inner.entries = entries;
-        Ok(diff)
+        diff
     }
 }

@@ -137,12 +137,26 @@ impl Live {
         }
         let mut summary = route_changes(&old.config, &config);
         let new = ConfigSnapshot::succeeding(config, &old).map_err(ReloadError::Build)?;
-        let listen = &new.config.server.listen;
-        if *listen != old.config.server.listen {
-            let diff = self
-                .listeners
-                .change_to(listen)
-                .map_err(ReloadError::Listen)?;
+        let listen = new.config.server.listen.clone();
+        let listen_changed = listen != old.config.server.listen;
+        // Bound before anything is published, so a failure refuses the whole reload.
+        let plan = if listen_changed {
+            Some(
+                self.listeners
+                    .prepare(&listen)
+                    .map_err(ReloadError::Listen)?,
+            )
+        } else {
+            None
+        };
+        let xdp_policy = new.config.xdp.clone();
+        let xdp_changed = new.config.xdp != old.config.xdp
+            || listen_changed
+            || self.xdp_stale.load(std::sync::atomic::Ordering::Acquire);
+        // Published first: workers told of a new listener or mode find its profile in force.
+        let generation = self.published.publish(new);
+        if let Some(plan) = plan {
+            let diff = self.listeners.commit(plan);
             let list = |a: &[std::net::SocketAddr]| {
                 a.iter()
                     .map(ToString::to_string)
@@ -157,11 +171,6 @@ impl Live {
                 list(&diff.removed)
             ));
         }
-        let xdp_policy = new.config.xdp.clone();
-        let xdp_changed = new.config.xdp != old.config.xdp
-            || *listen != old.config.server.listen
-            || self.xdp_stale.load(std::sync::atomic::Ordering::Acquire);
-        let generation = self.published.publish(new);
         info!(generation, "config reloaded: {summary}");
         if let (true, Some(policy)) = (xdp_changed, xdp_policy) {
             let mut xdp = self.xdp.lock().unwrap_or_else(|e| e.into_inner());
