@@ -354,20 +354,10 @@ fn the_admin_api_needs_the_token_and_answers_errors_in_json() {
 
 #[test]
 fn a_tcp_admin_listener_without_a_token_is_refused_at_load() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(
-        &path,
+    let (ok, text) = check_config(
         "[admin]\nlisten = \"127.0.0.1:9901\"\n\n[[routes]]\nrespond = { status = 200 }\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["check", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{text}");
+    );
+    assert!(!ok, "{text}");
     assert!(
         text.contains("gateway.toml:2") && text.contains("admin.listen") && text.contains("token"),
         "{text}"

@@ -627,3 +627,18 @@ pub fn admin_request(
         .to_owned();
     (status, body)
 }
+
+/// Runs `portcullis check` on `config` written as `gateway.toml`; returns whether it passed and
+/// what it printed.
+pub fn check_config(config: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.success(), text)
+}
