@@ -6,76 +6,15 @@
 mod support;
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        mpsc, Arc, Mutex,
+        Arc,
     },
     thread,
     time::{Duration, Instant},
 };
 
 use support::*;
-
-/// A process started with `--upgrade` in `dir`, with its log.
-struct Upgraded {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Upgraded {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `portcullis --upgrade` on the config in `dir` and waits until the old process has
-/// begun to drain.
-fn upgrade(dir: &std::path::Path) -> Upgraded {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .current_dir(dir)
-        .args(["--upgrade", "--config", "gateway.toml"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = mpsc::channel();
-    let writer = log.clone();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("upgrade: the old process is draining") {
-                let _ = tx.send(());
-            }
-            let mut l = writer.lock().unwrap();
-            l.push_str(&line);
-            l.push('\n');
-        }
-    });
-    let up = Upgraded { child, log };
-    assert!(
-        rx.recv_timeout(Duration::from_secs(20)).is_ok(),
-        "the upgrade did not complete:\n{}",
-        up.log.lock().unwrap()
-    );
-    up
-}
-
-/// Waits for `child` to exit; its status.
-fn exited(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the old process did not exit");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn metered(addr: std::net::SocketAddr) -> u16 {
     request(addr, "GET /metered/x HTTP/1.1\r\nHost: a\r\n\r\n").status
@@ -131,11 +70,11 @@ fn two_upgrades_under_load_fail_no_request_and_keep_quota_counts() {
         })
         .collect();
     thread::sleep(Duration::from_millis(500));
-    let second = upgrade(first.dir());
+    let second = upgrade(first.dir(), &[]);
     assert!(exited(&mut first.child, Duration::from_secs(10)).success());
     thread::sleep(Duration::from_millis(500));
     let mut second = second;
-    let third = upgrade(first.dir());
+    let third = upgrade(first.dir(), &[]);
     assert!(exited(&mut second.child, Duration::from_secs(10)).success());
     thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
@@ -177,15 +116,7 @@ fn an_upgrade_with_the_admin_api_on_a_fixed_port_completes_and_keeps_it_answerin
 
     // The new process binds the admin port beside the old one (SO_REUSEPORT) once the old
     // one has confirmed, so the upgrade goes through.
-    let mut next = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .current_dir(first.dir())
-        .args(["--upgrade", "--config", "gateway.toml"])
-        .env("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _next = upgrade(first.dir(), &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
     let status = first
         .wait_exit(Duration::from_secs(20))
         .expect("the old process hands over and exits");
@@ -204,6 +135,4 @@ fn an_upgrade_with_the_admin_api_on_a_fixed_port_completes_and_keeps_it_answerin
         request(first.addr, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n").status,
         200
     );
-    let _ = next.kill();
-    let _ = next.wait();
 }

@@ -166,13 +166,7 @@ fn xdp_and_bans_survive_a_binary_upgrade() {
         "through xdp"
     );
 
-    let mut new = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .current_dir(old.dir())
-        .args(["--upgrade", "--config", "gateway.toml"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut new = support::upgrade(old.dir(), &[]);
     let status = old
         .wait_exit(Duration::from_secs(15))
         .expect("the old process exits");
@@ -199,19 +193,9 @@ fn xdp_and_bans_survive_a_binary_upgrade() {
     );
     // The new process owns the program now: it detaches on its own stop.
     unsafe {
-        libc::kill(new.id() as i32, libc::SIGTERM);
+        libc::kill(new.child.id() as i32, libc::SIGTERM);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = new.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the new process did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = support::exited(&mut new.child, Duration::from_secs(15));
     assert!(status.success());
     let link = sh_ok(&["ip", "link", "show", &net.host_if]);
     assert!(!link.contains("xdp"), "detached by the new process: {link}");

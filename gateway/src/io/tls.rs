@@ -75,11 +75,6 @@ impl TlsTransport {
         self.tcp.raw_fd()
     }
 
-    /// The SNI name the client sent, if any.
-    pub fn server_name(&self) -> Option<String> {
-        self.conn.borrow().server_name().map(str::to_owned)
-    }
-
     /// Hands bytes already read from the socket (after a PROXY header) to rustls.
     pub fn feed_initial(&self, bytes: &[u8]) -> Result<(), rustls::Error> {
         self.incoming.borrow_mut().extend_from_slice(bytes);

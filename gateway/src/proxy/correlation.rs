@@ -122,10 +122,7 @@ impl Correlation {
         let mut span = [0u8; 16];
         let _ = hex::encode_to_slice(rng.u64(1..).to_be_bytes(), &mut span);
 
-        self.response_fields.clear();
-        self.response_fields.extend_from_slice(b"x-request-id: ");
-        self.response_fields.extend_from_slice(&self.request_id);
-        self.response_fields.extend_from_slice(b"\r\n");
+        self.write_response_fields();
         self.upstream_fields.clear();
         self.upstream_fields
             .extend_from_slice(&self.response_fields);
@@ -151,6 +148,12 @@ impl Correlation {
     pub fn assign(&mut self, generated: super::context::RequestId) {
         self.clear();
         let _ = write!(self.request_id, "{generated}");
+        self.write_response_fields();
+    }
+
+    /// The client's field lines: the request id.
+    fn write_response_fields(&mut self) {
+        self.response_fields.clear();
         self.response_fields.extend_from_slice(b"x-request-id: ");
         self.response_fields.extend_from_slice(&self.request_id);
         self.response_fields.extend_from_slice(b"\r\n");

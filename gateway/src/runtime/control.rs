@@ -19,7 +19,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    os::unix::net::{UnixListener, UnixStream},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -94,21 +94,11 @@ fn serve_at(
     handover: Handover,
     replace: bool,
 ) -> std::io::Result<()> {
-    if !replace && UnixStream::connect(path).is_ok() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::AddrInUse,
-            format!(
-                "{}: another gateway answers on this control socket",
-                path.display()
-            ),
-        ));
-    }
-    let _ = std::fs::remove_file(path);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let listener = super::unix_socket::bind_owner_only(
+        path,
+        replace,
+        "another gateway answers on this control socket",
+    )?;
     std::thread::Builder::new()
         .name("portcullis-control".into())
         .spawn(move || {

@@ -10,10 +10,17 @@ use crate::config::{Listen, ListenMode};
 /// Accept queue length per socket.
 const BACKLOG: i32 = 4096;
 
-fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A TCP socket for `addr` with SO_REUSEADDR and SO_REUSEPORT, not yet bound: several
+/// sockets (each worker's, or an upgraded process's beside the old one's) share the address.
+pub fn reuse_port_socket(addr: SocketAddr) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    Ok(socket)
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = reuse_port_socket(addr)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

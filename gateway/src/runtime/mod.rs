@@ -7,4 +7,5 @@ pub mod control;
 pub mod listener;
 pub mod live;
 pub mod shutdown;
+pub mod unix_socket;
 pub mod worker;

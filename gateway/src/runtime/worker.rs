@@ -336,11 +336,13 @@ fn serve_queued(worker: &Rc<Worker>, listener: &StdListener, life: &ListenerLife
 /// profile (the handshake first, bounded by the profile's timeout), else plain.
 fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, life: &ListenerLife) {
     let worker = worker.clone();
-    let mode = life.mode.borrow().clone();
+    // One snapshot for the whole decision; the mode is read in place (no copy per connection).
+    let snapshot = worker.generation().snapshot.clone();
+    let mode = life.mode.borrow();
     let profile = mode
         .tls
         .as_ref()
-        .map(|name| worker.generation().snapshot.tls.get(name).cloned());
+        .map(|name| snapshot.tls.get(name).cloned());
     let facts = crate::proxy::tracker::ListenerFacts {
         removed: life.removed.clone(),
         redirect_https: mode.redirect_https,
@@ -349,7 +351,6 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
             .and_then(|p| p.as_ref())
             .and_then(|p| p.hsts.clone()),
     };
-    let snapshot = worker.generation().snapshot.clone();
     let proxied = mode.proxy_protocol && {
         let ip = peer.ip().to_canonical();
         snapshot
@@ -358,6 +359,7 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
             .iter()
             .any(|net| net.contains(&ip))
     };
+    drop(mode);
     tokio_uring::spawn(async move {
         let tcp = TcpTransport::new(stream);
         let handle = worker.tracker.register(tcp.raw_fd(), facts);

@@ -642,3 +642,63 @@ pub fn check_config(config: &str) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     (out.status.success(), text)
 }
+
+/// A process started with `--upgrade` in `dir`, with its log.
+pub struct Upgraded {
+    pub child: Child,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Drop for Upgraded {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `portcullis --upgrade` on the config in `dir` (with `env` set) and waits until the
+/// old process has begun to drain.
+pub fn upgrade(dir: &std::path::Path, env: &[(&str, &str)]) -> Upgraded {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .current_dir(dir)
+        .args(["--upgrade", "--config", "gateway.toml"])
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let writer = log.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("upgrade: the old process is draining") {
+                let _ = tx.send(());
+            }
+            let mut l = writer.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    let up = Upgraded { child, log };
+    assert!(
+        rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+        "the upgrade did not complete:\n{}",
+        up.log.lock().unwrap()
+    );
+    up
+}
+
+/// Waits for `child` to exit; its status.
+pub fn exited(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the process did not exit");
+        thread::sleep(Duration::from_millis(20));
+    }
+}

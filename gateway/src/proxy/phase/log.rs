@@ -233,7 +233,11 @@ fn access_line(
                 TrafficPolicy::Limit(i) => ("limit", r.limits.get(i).map(|l| l.name.as_str())),
                 TrafficPolicy::Quota(i) => ("quota", r.quotas.get(i).map(|q| q.name.as_str())),
             };
-            json_str(out, &format!("{kind}:{}", name.unwrap_or("")));
+            // Escaped as it is written: no string is built for it.
+            let _ = serde::Serializer::collect_str(
+                &mut serde_json::Serializer::new(&mut *out),
+                &format_args!("{kind}:{}", name.unwrap_or("")),
+            );
         }
         _ => out.extend_from_slice(b"null"),
     }

@@ -4,7 +4,6 @@
 use std::{
     io::{Read, Write},
     net::TcpListener,
-    os::unix::net::UnixListener,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -99,18 +98,11 @@ pub fn start(
             Ok(Some(bound))
         }
         AdminListen::Unix(path) => {
-            if !replace && std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!(
-                        "{}: another process answers on this admin socket",
-                        path.display()
-                    ),
-                ));
-            }
-            let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path)?;
-            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            let listener = crate::runtime::unix_socket::bind_owner_only(
+                path,
+                replace,
+                "another process answers on this admin socket",
+            )?;
             info!("admin API listening on unix:{}", path.display());
             spawn_accept_loop(listener, |l| l.accept().map(|(s, _)| s), state, active)?;
             Ok(None)
@@ -141,10 +133,7 @@ fn spawn_accept_loop<L: Send + 'static, S: AdminStream>(
 }
 
 fn bind_reusable(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    let socket = crate::runtime::listener::reuse_port_socket(addr)?;
     socket.bind(&addr.into())?;
     socket.listen(64)?;
     Ok(socket.into())
