@@ -62,7 +62,10 @@ pub fn request_head(data: &[u8]) {
         &AuthConfig::default(),
         IpAddr::from([203, 0, 113, 7]),
         "http",
-        "127.0.0.1:9",
+        portcullis::proxy::upstream_head::UpstreamHost {
+            value: "127.0.0.1:9",
+            fixed: false,
+        },
         b"x-request-id: 0123456789abcdef0123456789abcdef\r\n",
     );
     // Every value came through the decoder, which refuses CR, LF and NUL.

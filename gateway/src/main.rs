@@ -173,8 +173,28 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Keys { .. } => unreachable!("handled before the config is loaded"),
         Command::Check => {
-            println!("{}: ok", cli.config.display());
-            ExitCode::SUCCESS
+            // Like `nginx -t`: the files the TLS settings name are read too.
+            let files = portcullis::tls::build_all(&config.tls, None)
+                .map(drop)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    for (name, u) in &config.upstreams {
+                        if let Some(t) = &u.tls {
+                            portcullis::tls::client::build(name, t)?;
+                        }
+                    }
+                    Ok(())
+                });
+            match files {
+                Ok(()) => {
+                    println!("{}: ok", cli.config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", cli.config.display());
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Reload => {
             let socket = portcullis::runtime::control::socket_path(&config);

@@ -7,128 +7,15 @@ mod support;
 
 use std::{
     io::Write,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use support::*;
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .expect("openssl and curl (`cargo xtask test` installs them)")
-}
-
-fn ok(cmd: &mut Command) {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        cmd,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A test CA and leaf certificates it signs: `name.pem`/`name.key` for each (name, SANs, key
-/// type).
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let pki = Pki {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        ok(Command::new("openssl")
-            .current_dir(pki.dir.path())
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-            ])
-            .args([
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=Portcullis Test CA",
-            ]));
-        pki
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    /// Issues `name.pem` and `name.key` for `dns` names; `key` is `ec`, `rsa` or `ed25519`.
-    fn issue(&self, name: &str, dns: &[&str], key: &str) {
-        let d = self.dir.path();
-        let genkey: Vec<&str> = match key {
-            "ec" => vec![
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ],
-            "rsa" => vec![
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-            ],
-            _ => vec!["genpkey", "-algorithm", "ED25519"],
-        };
-        ok(Command::new("openssl")
-            .current_dir(d)
-            .args(&genkey)
-            .args(["-out", &format!("{name}.key")]));
-        ok(Command::new("openssl")
-            .current_dir(d)
-            .args(["req", "-new", "-key", &format!("{name}.key")])
-            .args([
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={}", dns[0]),
-            ]));
-        let sans: Vec<String> = dns.iter().map(|n| format!("DNS:{n}")).collect();
-        std::fs::write(
-            d.join(format!("{name}.ext")),
-            format!("subjectAltName={}\n", sans.join(",")),
-        )
-        .unwrap();
-        ok(Command::new("openssl")
-            .current_dir(d)
-            .args([
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-            ])
-            .args([
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &format!("{name}.pem"),
-            ])
-            .args(["-extfile", &format!("{name}.ext")]));
-    }
-}
+use support::{
+    pki::{run, Pki},
+    *,
+};
 
 fn config(pki: &Pki, upstream: std::net::SocketAddr, extra: &str) -> String {
     let p = |f: &str| pki.path(f).display().to_string();

@@ -62,6 +62,9 @@ impl AuthError {
 pub struct Consumers {
     consumers: Vec<Consumer>,
     by_prefix: HashMap<u64, Vec<(usize, [u8; 32])>>,
+    /// Client-certificate subjects and subject alternative names that identify a consumer.
+    by_cert_subject: HashMap<String, usize>,
+    by_cert_san: HashMap<String, usize>,
 }
 
 impl Consumers {
@@ -73,6 +76,14 @@ impl Consumers {
                 groups: c.groups.clone(),
                 groups_header: c.groups.join(","),
             });
+            if let Some(m) = &c.client_certificate {
+                for subject in &m.subjects {
+                    table.by_cert_subject.insert(subject.clone(), i);
+                }
+                for san in &m.sans {
+                    table.by_cert_san.insert(san.to_ascii_lowercase(), i);
+                }
+            }
             for hash in c.api_keys.iter().filter_map(|k| parse_key_hash(k)) {
                 table
                     .by_prefix
@@ -102,6 +113,37 @@ impl Consumers {
         found
     }
 
+    /// The consumer a verified client certificate identifies: by its subject, else by the
+    /// first of its alternative names a consumer lists. (Certificates are public: no secret
+    /// is compared here, the handshake proved possession of the key.)
+    pub fn by_certificate(
+        &self,
+        identity: &crate::tls::client_identity::ClientIdentity,
+    ) -> Option<usize> {
+        self.by_cert_subject
+            .get(&identity.subject)
+            .copied()
+            .or_else(|| {
+                identity
+                    .sans
+                    .iter()
+                    .find_map(|san| self.by_cert_san.get(&san.to_ascii_lowercase()).copied())
+            })
+    }
+
+    /// Applies a route's group policy to an identified consumer.
+    pub fn admit_consumer(
+        &self,
+        policy: &RouteAuthConfig,
+        consumer: usize,
+    ) -> Result<usize, AuthError> {
+        let groups = &self.consumers[consumer].groups;
+        if !policy.groups.is_empty() && !policy.groups.iter().any(|g| groups.contains(g)) {
+            return Err(AuthError::Forbidden);
+        }
+        Ok(consumer)
+    }
+
     /// Applies a route's policy to the credential found (if any).
     pub fn admit(
         &self,
@@ -112,11 +154,7 @@ impl Consumers {
         let consumer = self
             .by_api_key(credential.value)
             .ok_or(AuthError::Invalid)?;
-        let groups = &self.consumers[consumer].groups;
-        if !policy.groups.is_empty() && !policy.groups.iter().any(|g| groups.contains(g)) {
-            return Err(AuthError::Forbidden);
-        }
-        Ok(consumer)
+        self.admit_consumer(policy, consumer)
     }
 }
 

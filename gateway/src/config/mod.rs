@@ -6,10 +6,16 @@ mod error;
 mod names;
 mod observability;
 mod tls;
+mod upstream;
 mod validate;
 pub use names::valid_route_id;
 pub use observability::{AccessLogConfig, AccessLogTarget, AdminConfig, AdminListen};
-pub use tls::{CertificateConfig, Listen, ListenMode, TlsConfig, TlsVersion};
+pub use tls::{
+    CertificateConfig, ClientCertificatesConfig, Listen, ListenMode, TlsConfig, TlsVersion,
+};
+pub use upstream::{
+    is_host_name, HostPolicy, ResolverConfig, ServerAddress, UpstreamConfig, UpstreamTlsConfig,
+};
 pub use validate::is_token_byte;
 
 use std::{
@@ -37,6 +43,9 @@ pub struct Config {
     pub xdp: Option<XdpConfig>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// How upstream server host names are resolved.
+    #[serde(default)]
+    pub resolver: ResolverConfig,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
@@ -236,6 +245,20 @@ pub struct ConsumerConfig {
     /// API keys, stored only as `sha256:<64 hex digits>` (`portcullis keys new` prints them).
     #[serde(default)]
     pub api_keys: Vec<String>,
+    /// Verified client certificates that identify this consumer (`auth.methods = ["mtls"]`).
+    pub client_certificate: Option<ClientCertificateMatch>,
+}
+
+/// A consumer's client certificates, by subject (RFC 4514, as `openssl x509 -noout -subject
+/// -nameopt RFC2253` prints it: `CN=client-a,O=Acme`) or by a subject alternative name (a DNS
+/// name, URI, e-mail address or IP address).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertificateMatch {
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    #[serde(default)]
+    pub sans: Vec<String>,
 }
 
 /// Credential kinds a route accepts.
@@ -244,6 +267,8 @@ pub struct ConsumerConfig {
 pub enum AuthMethod {
     ApiKey,
     Jwt,
+    /// A verified client certificate a consumer lists (`client_certificate`).
+    Mtls,
 }
 
 /// A route's access policy.
@@ -418,38 +443,6 @@ impl Workers {
                 .unwrap_or(1),
         }
     }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    pub servers: Vec<SocketAddr>,
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout: ConfigDuration,
-    /// Longest wait for the response head, and between reads of a response body: beyond it, 504.
-    #[serde(default = "default_upstream_read_timeout")]
-    pub read_timeout: ConfigDuration,
-    /// How long an idle pooled connection is kept.
-    #[serde(default = "default_upstream_idle_timeout")]
-    pub idle_timeout: ConfigDuration,
-    /// Idle connections kept per server per worker.
-    #[serde(default = "default_max_idle")]
-    pub max_idle_per_server: usize,
-}
-
-fn default_connect_timeout() -> ConfigDuration {
-    ConfigDuration::from_secs(5)
-}
-fn default_upstream_read_timeout() -> ConfigDuration {
-    ConfigDuration::from_secs(30)
-}
-/// Below Node's default keep-alive (5 s), the shortest common upstream idle close, so the
-/// gateway is the side that closes; other servers keep connections longer (nginx 75 s).
-fn default_upstream_idle_timeout() -> ConfigDuration {
-    ConfigDuration::from_secs(4)
-}
-fn default_max_idle() -> usize {
-    64
 }
 
 #[derive(Debug, Deserialize, Serialize)]

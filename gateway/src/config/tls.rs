@@ -122,6 +122,56 @@ pub struct TlsConfig {
     /// `Strict-Transport-Security` sent on every answer over this profile, such as
     /// `"max-age=31536000; includeSubDomains"`.
     pub hsts: Option<String>,
+    /// Session-ticket keys from a file shared by several hosts (see
+    /// [`crate::tls::ticket_keys`]); default: random keys of this process, rotated every six
+    /// hours, shared by its workers.
+    pub ticket_keys: Option<PathBuf>,
+    /// Client certificates (mutual TLS), verified against a CA.
+    pub client_certificates: Option<ClientCertificatesConfig>,
+}
+
+/// `[tls.NAME.client_certificates]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertificatesConfig {
+    /// PEM file of the CAs that issue client certificates.
+    pub ca: PathBuf,
+    /// PEM files of certificate revocation lists; a revoked certificate fails the handshake.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// Whether a client must present a certificate (else the handshake fails); when false a
+    /// client without one is served, and routes decide (`auth.methods = ["mtls"]`).
+    #[serde(default = "default_true")]
+    pub required: bool,
+    /// The header that carries the verified subject upstream (`CN=a,O=Acme`); any copy a
+    /// client sends is removed on every listener.
+    #[serde(default = "default_identity_header")]
+    pub identity_header: String,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_identity_header() -> String {
+    "x-client-cert-subject".to_owned()
+}
+
+impl TlsConfig {
+    /// Every file the profile reads (watched for changes).
+    pub fn files(&self) -> Vec<&PathBuf> {
+        let mut out: Vec<&PathBuf> = self
+            .certificates
+            .iter()
+            .flat_map(|c| [&c.cert, &c.key])
+            .collect();
+        out.extend(&self.ticket_keys);
+        if let Some(c) = &self.client_certificates {
+            out.push(&c.ca);
+            out.extend(&c.crls);
+        }
+        out
+    }
 }
 
 fn default_handshake_timeout() -> ConfigDuration {
@@ -171,6 +221,15 @@ impl TlsConfig {
                 return Err(Invalid::new(
                     at().key("hsts"),
                     "must be a Strict-Transport-Security value such as \"max-age=31536000; includeSubDomains\"",
+                ));
+            }
+        }
+        if let Some(c) = &self.client_certificates {
+            if c.identity_header.is_empty() || !c.identity_header.bytes().all(super::is_token_byte)
+            {
+                return Err(Invalid::new(
+                    at().key("client_certificates").key("identity_header"),
+                    "must be a header name such as \"x-client-cert-subject\"",
                 ));
             }
         }

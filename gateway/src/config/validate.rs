@@ -114,26 +114,9 @@ impl Config {
         }
 
         for (name, upstream) in &self.upstreams {
-            let at = || key_path("upstreams").key(name);
-            if upstream.servers.is_empty() {
-                return Err(Invalid::new(
-                    at().key("servers"),
-                    "needs at least one server, such as \"127.0.0.1:9001\"",
-                ));
-            }
-            for (key, d) in [
-                ("connect_timeout", upstream.connect_timeout),
-                ("read_timeout", upstream.read_timeout),
-                ("idle_timeout", upstream.idle_timeout),
-            ] {
-                if d.get().is_zero() {
-                    return Err(Invalid::new(
-                        at().key(key),
-                        "must be longer than zero, such as \"5s\"",
-                    ));
-                }
-            }
+            upstream.validate(name)?;
         }
+        self.resolver.validate()?;
 
         for (i, route) in self.routes.iter().enumerate() {
             self.validate_route(i, route)?;
@@ -582,6 +565,7 @@ impl Config {
         }
         let mut ids = std::collections::HashSet::new();
         let mut hashes = std::collections::HashSet::new();
+        let mut cert_names = std::collections::HashSet::new();
         for (i, c) in self.consumers.iter().enumerate() {
             let at = || key_path("consumers").index(i);
             if c.id.is_empty() || !c.id.bytes().all(is_token_byte) {
@@ -618,6 +602,24 @@ impl Config {
                     ));
                 }
             }
+            if let Some(m) = &c.client_certificate {
+                for (key, list) in [("subjects", &m.subjects), ("sans", &m.sans)] {
+                    for (j, v) in list.iter().enumerate() {
+                        if v.is_empty() {
+                            return Err(Invalid::new(
+                                at().key("client_certificate").key(key).index(j),
+                                "must not be empty",
+                            ));
+                        }
+                        if !cert_names.insert((key, v.as_str())) {
+                            return Err(Invalid::new(
+                                at().key("client_certificate").key(key).index(j),
+                                format!("`{v}` identifies an earlier consumer too"),
+                            ));
+                        }
+                    }
+                }
+            }
         }
         for (i, route) in self.routes.iter().enumerate() {
             if let Some(auth) = &route.auth {
@@ -625,6 +627,14 @@ impl Config {
                     return Err(Invalid::new(
                         key_path("routes").index(i).key("auth").key("methods"),
                         "needs at least one method, such as [\"api_key\"]",
+                    ));
+                }
+                if auth.methods.contains(&crate::config::AuthMethod::Mtls)
+                    && !self.tls.values().any(|t| t.client_certificates.is_some())
+                {
+                    return Err(Invalid::new(
+                        key_path("routes").index(i).key("auth").key("methods"),
+                        "accepts \"mtls\" but no [tls.NAME.client_certificates] is configured",
                     ));
                 }
                 if auth.methods.contains(&crate::config::AuthMethod::Jwt)

@@ -1,5 +1,5 @@
-//! [`Transport`] over TLS: rustls's sans-IO server connection driven over the TCP transport's
-//! owned io_uring buffers. Copies: received ciphertext is read into `incoming` and handed to
+//! [`Transport`] over TLS: rustls's sans-IO connection (server side for clients, client side
+//! for upstreams) driven over the TCP transport's owned io_uring buffers. Copies: received ciphertext is read into `incoming` and handed to
 //! rustls, which decrypts in place in its own buffer; the plaintext is copied once into the
 //! caller's buffer. Outgoing plaintext is copied once into rustls, which encrypts it into the
 //! `outgoing` buffer the socket writes. Timeouts work as on TCP: the caller's deadline shuts the
@@ -14,7 +14,10 @@ use std::{
     sync::Arc,
 };
 
-use rustls::{ServerConfig, ServerConnection};
+use rustls::{
+    pki_types::ServerName, ClientConfig, ClientConnection, Connection, ServerConfig,
+    ServerConnection,
+};
 use tokio::time::Instant;
 
 use super::{read_before, tcp::TcpTransport, IoFailure, Transport};
@@ -27,7 +30,7 @@ const INCOMING_BYTES: usize = 18 * 1024;
 pub enum HandshakeError {
     #[error("the handshake did not complete in time")]
     TimedOut,
-    #[error("the client closed the connection during the handshake")]
+    #[error("the peer closed the connection during the handshake")]
     Closed,
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
@@ -52,7 +55,7 @@ impl HandshakeError {
 
 pub struct TlsTransport {
     tcp: TcpTransport,
-    conn: RefCell<ServerConnection>,
+    conn: RefCell<Connection>,
     /// Ciphertext read from the socket; `incoming[fed..]` is not yet handed to rustls (it
     /// refuses more while its plaintext buffer is full, until the caller reads).
     incoming: RefCell<Vec<u8>>,
@@ -61,14 +64,35 @@ pub struct TlsTransport {
 }
 
 impl TlsTransport {
+    /// The server side, for a client's connection.
     pub fn new(tcp: TcpTransport, config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
-        Ok(TlsTransport {
+        Ok(Self::over(tcp, ServerConnection::new(config)?.into()))
+    }
+
+    /// The client side, to an upstream server verified as `name`.
+    pub fn client(
+        tcp: TcpTransport,
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> Result<Self, rustls::Error> {
+        Ok(Self::over(tcp, ClientConnection::new(config, name)?.into()))
+    }
+
+    fn over(tcp: TcpTransport, conn: Connection) -> Self {
+        TlsTransport {
             tcp,
-            conn: RefCell::new(ServerConnection::new(config)?),
+            conn: RefCell::new(conn),
             incoming: RefCell::new(Vec::with_capacity(INCOMING_BYTES)),
             fed: std::cell::Cell::new(0),
             outgoing: RefCell::new(Vec::with_capacity(INCOMING_BYTES)),
-        })
+        }
+    }
+
+    /// Reads the peer's verified leaf certificate (after the handshake), if it sent one.
+    pub fn with_peer_certificate<T>(&self, read: impl FnOnce(&[u8]) -> T) -> Option<T> {
+        let conn = self.conn.borrow();
+        let leaf = conn.peer_certificates()?.first()?;
+        Some(read(leaf))
     }
 
     pub fn raw_fd(&self) -> std::os::fd::RawFd {

@@ -21,7 +21,7 @@ use crate::{
         request::{incomplete_head_error, parse_request, RequestHead},
         BodyFraming, Version,
     },
-    io::{read_before, write_before, TcpTransport, Transport},
+    io::{read_before, write_before, Transport},
     proxy::{
         snapshot::UPSTREAM_BUFFER_BYTES,
         tracker::ConnHandle,
@@ -75,13 +75,15 @@ pub(super) struct Connection<'w, C: Transport> {
 }
 
 /// Serves a client connection until it closes.
-/// `initial`: bytes already read from the client (after a PROXY protocol header).
+/// `initial`: bytes already read from the client (after a PROXY protocol header);
+/// `client_cert`: the certificate the TLS handshake verified, if any.
 pub async fn serve<C: Transport>(
     client: C,
     peer: SocketAddr,
     worker: &Worker,
     handle: &ConnHandle<'_>,
     initial: &[u8],
+    client_cert: Option<std::rc::Rc<super::context::ClientCert>>,
 ) {
     let accepted = Instant::now();
     let generation = worker.generation();
@@ -103,6 +105,7 @@ pub async fn serve<C: Transport>(
         ctx: RequestContext::new(accepted),
     };
     conn.ctx.https = conn.client.is_tls();
+    conn.ctx.client_cert = client_cert;
     let mut first = true;
     loop {
         match conn.serve_one(first).await {
@@ -341,7 +344,7 @@ impl<C: Transport> Connection<'_, C> {
             // With Expect: 100-continue the client may never send the body: do not wait for it.
             if keep_alive && small_enough && !facts.expect_continue {
                 let deadlines = self.body_deadlines(request_deadline);
-                let (res, buf) = relay_request_body::<C, TcpTransport>(
+                let (res, buf) = relay_request_body::<C, crate::upstream::UpstreamTransport>(
                     &self.client,
                     None,
                     take(&mut self.inbuf),

@@ -19,6 +19,7 @@ fn exchange(b: &Bench, chunks: &[&str]) -> String {
             &b.worker,
             &handle,
             &[],
+            None,
         )
         .await;
     });

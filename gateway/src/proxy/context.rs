@@ -74,6 +74,13 @@ impl Caller {
     }
 }
 
+/// A connection's verified client certificate, and the header its subject goes upstream in.
+#[derive(Debug)]
+pub struct ClientCert {
+    pub identity: crate::tls::client_identity::ClientIdentity,
+    pub header: std::sync::Arc<str>,
+}
+
 /// What a request's framing tells the connection loop, kept once its head is no longer
 /// borrowed.
 #[derive(Debug, Clone, Copy)]
@@ -166,6 +173,8 @@ pub struct RequestContext {
     pub facts: RequestFacts,
     /// The client reached the gateway over TLS.
     pub https: bool,
+    /// The connection's verified client certificate, when it presented one.
+    pub client_cert: Option<Rc<ClientCert>>,
     /// The method, as an index into [`crate::metrics::labels::METHODS`].
     pub method: usize,
     /// The matched route's index in the request's snapshot.
@@ -207,6 +216,7 @@ impl RequestContext {
             },
             facts: RequestFacts::unparsed(),
             https: false,
+            client_cert: None,
             method: crate::metrics::labels::METHODS.len() - 1,
             route: None,
             caller: None,
@@ -237,8 +247,10 @@ impl RequestContext {
         log_method.clear();
         log_target.clear();
         let https = self.https;
+        let client_cert = self.client_cert.take();
         *self = RequestContext::new(self.timings.accepted);
         self.https = https;
+        self.client_cert = client_cert;
         self.correlation = correlation;
         self.log_method = log_method;
         self.log_target = log_target;

@@ -124,7 +124,7 @@ impl<C: Transport> Connection<'_, C> {
                     continue;
                 }
                 // The head could not be written: the upstream did not get the request.
-                throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = %e, "could not send request upstream");
+                throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_label(server), error = %e, "could not send request upstream");
                 let answer = Answer::error(502, "upstream connection failed");
                 return self.answer(answer, request_deadline).await;
             }
@@ -172,7 +172,7 @@ impl<C: Transport> Connection<'_, C> {
                         return self.close_with(413, detail, request_deadline).await;
                     }
                     Err(RequestBodyError::Upstream(e)) => {
-                        throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = %e, "upstream stopped reading the request body");
+                        throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_label(server), error = %e, "upstream stopped reading the request body");
                         let detail = "upstream connection failed";
                         return self.close_with(502, detail, request_deadline).await;
                     }
@@ -204,13 +204,13 @@ impl<C: Transport> Connection<'_, C> {
                     };
                     match &failure {
                         HeadFailure::Invalid(e) => {
-                            throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = %e, "invalid upstream response")
+                            throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_label(server), error = %e, "invalid upstream response")
                         }
                         HeadFailure::Io(e) => {
-                            throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = %e, "upstream failed")
+                            throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_label(server), error = %e, "upstream failed")
                         }
                         _ => {
-                            throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), status, "{detail}")
+                            throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_label(server), status, "{detail}")
                         }
                     }
                     let answer = Answer::error_and_close(status, detail);
@@ -278,7 +278,7 @@ impl<C: Transport> Connection<'_, C> {
                 }
             }
             Err(ResponseBodyError::UpstreamFramingBeforeHead) => {
-                throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), "invalid chunked response body");
+                throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_label(server), "invalid chunked response body");
                 let answer = Answer::error_and_close(502, "invalid response from upstream");
                 self.answer(answer, request_deadline).await
             }
@@ -425,9 +425,11 @@ impl<C: Transport> Connection<'_, C> {
     ) -> Next {
         let (status, detail) = match &e {
             ConnectError::TimedOut => (504, "upstream connect timed out"),
-            ConnectError::Failed(_) => (502, "upstream unavailable"),
+            ConnectError::Failed(_) | ConnectError::Unresolved => (502, "upstream unavailable"),
+            ConnectError::Tls(_) => (502, "upstream TLS handshake failed"),
         };
-        throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_addr(server), error = ?e, status, "cannot connect upstream");
+        // The certificate's fault (expired, wrong name, unknown issuer) is named in the line.
+        throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_label(server), error = %e, status, "cannot connect upstream");
         self.answer(Answer::error(status, detail), request_deadline)
             .await
     }

@@ -78,7 +78,7 @@ impl GenerationMetrics {
             .iter()
             .map(|g| UpstreamMetrics {
                 servers: (0..g.len())
-                    .map(|s| counters.server(&g.name, &g.server_addr(s).to_string()))
+                    .map(|s| counters.server(&g.name, g.server_label(s)))
                     .collect(),
                 wait: m.series(Subject::Upstream(g.name.clone()), Part::Upstream),
             })

@@ -34,6 +34,59 @@ pub struct ConfigSnapshot {
     pub client_buffer_bytes: usize,
     /// TLS profiles by name, compiled (certificates read) with the snapshot.
     pub tls: std::collections::BTreeMap<String, Arc<crate::tls::TlsProfile>>,
+    /// Client-certificate identity headers of every profile (lower case): client copies are
+    /// dropped on every listener.
+    pub identity_headers: Vec<String>,
+    /// Upstream parts workers build their groups from: resolved server names and TLS configs.
+    pub upstream_parts: UpstreamParts,
+}
+
+/// What every worker's upstream groups share: the resolver (kept across reloads), the entry
+/// of each named server, and each TLS upstream's client config.
+pub struct UpstreamParts {
+    pub resolver: Arc<crate::upstream::resolve::NameResolver>,
+    pub names: std::collections::BTreeMap<
+        crate::config::ServerAddress,
+        Arc<crate::upstream::resolve::ResolvedName>,
+    >,
+    pub tls: std::collections::BTreeMap<String, Arc<rustls::ClientConfig>>,
+}
+
+impl UpstreamParts {
+    /// Reads the upstreams' TLS files and resolves (or finds) their server names.
+    fn build(
+        config: &Config,
+        resolver: Arc<crate::upstream::resolve::NameResolver>,
+    ) -> anyhow::Result<UpstreamParts> {
+        resolver.configure(&config.resolver);
+        let mut tls = std::collections::BTreeMap::new();
+        let mut names = std::collections::BTreeMap::new();
+        for (name, u) in &config.upstreams {
+            if let Some(t) = &u.tls {
+                tls.insert(name.clone(), crate::tls::client::build(name, t)?);
+            }
+            for s in &u.servers {
+                if let crate::config::ServerAddress::Name { host, port } = s {
+                    names
+                        .entry(s.clone())
+                        .or_insert_with(|| resolver.track(host, *port));
+                }
+            }
+        }
+        Ok(UpstreamParts {
+            resolver,
+            names,
+            tls,
+        })
+    }
+
+    /// What the group `name` needs from these parts.
+    pub fn for_group(&self, name: &str) -> crate::upstream::GroupShared<'_> {
+        crate::upstream::GroupShared {
+            names: &self.names,
+            tls: self.tls.get(name).map(|c| &**c),
+        }
+    }
 }
 
 impl ConfigSnapshot {
@@ -49,6 +102,10 @@ impl ConfigSnapshot {
             .map(crate::cluster::Cluster::start)
             .transpose()?;
         let tls = crate::tls::build_all(&config.tls, None)?;
+        let resolver = Arc::new(crate::upstream::resolve::NameResolver::new(
+            &config.resolver,
+        ));
+        let upstream_parts = UpstreamParts::build(&config, resolver)?;
         Ok(Self::assemble(
             config,
             None,
@@ -56,6 +113,7 @@ impl ConfigSnapshot {
             quota_store,
             cluster,
             tls,
+            upstream_parts,
         ))
     }
 
@@ -69,6 +127,8 @@ impl ConfigSnapshot {
             Arc::new(crate::auth::Issuers::start(&config.auth).map_err(anyhow::Error::msg)?)
         };
         let tls = crate::tls::build_all(&config.tls, Some(&previous.tls))?;
+        let upstream_parts =
+            UpstreamParts::build(&config, previous.upstream_parts.resolver.clone())?;
         previous.quota_store.register_names(&config);
         Ok(Self::assemble(
             config,
@@ -77,6 +137,7 @@ impl ConfigSnapshot {
             previous.quota_store.clone(),
             previous.cluster.clone(),
             tls,
+            upstream_parts,
         ))
     }
 
@@ -87,6 +148,7 @@ impl ConfigSnapshot {
         quota_store: Arc<crate::quotas::QuotaStore>,
         cluster: Option<Arc<crate::cluster::Cluster>>,
         tls: std::collections::BTreeMap<String, Arc<crate::tls::TlsProfile>>,
+        upstream_parts: UpstreamParts,
     ) -> Self {
         let s = &config.server;
         let limits = HeadRules {
@@ -103,7 +165,17 @@ impl ConfigSnapshot {
             cluster,
             limits,
             client_buffer_bytes: s.max_header_bytes.max(MIN_CLIENT_BUFFER_BYTES),
+            identity_headers: {
+                let mut names: Vec<String> = tls
+                    .values()
+                    .filter_map(|p| p.identity_header.as_deref().map(str::to_owned))
+                    .collect();
+                names.sort();
+                names.dedup();
+                names
+            },
             tls,
+            upstream_parts,
             config,
         }
     }

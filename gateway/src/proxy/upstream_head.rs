@@ -40,12 +40,25 @@ pub struct Identity<'a> {
     /// Further field names (lower case) whose client copies are dropped: the claim headers.
     pub replaced: &'a [String],
     pub strip: Option<CredentialSource>,
+    /// Client-certificate identity headers (lower case): client copies are always dropped.
+    pub identity_headers: &'a [String],
+    /// The verified client certificate's subject, and the header that carries it.
+    pub client_cert: Option<(&'a str, &'a str)>,
+}
+
+/// The Host sent upstream: `value` when the client sent none, or always when `fixed` (the
+/// upstream's `host` policy names the server or a literal).
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamHost<'a> {
+    pub value: &'a str,
+    pub fixed: bool,
 }
 
 /// Writes the request to send upstream for `req`, matched by `route`.
 ///
-/// `peer` is appended to X-Forwarded-For; `proto` becomes X-Forwarded-Proto; `default_host` is
-/// used when the client sent no Host (HTTP/1.0), since the upstream request is HTTP/1.1;
+/// `peer` is appended to X-Forwarded-For; `proto` becomes X-Forwarded-Proto; `host` is used
+/// when the client sent no Host (HTTP/1.0, since the upstream request is HTTP/1.1) or when the
+/// upstream's policy fixes it;
 /// `correlation` holds the request id and trace context field lines.
 /// Every value is checked for CR, LF and NUL whatever its source; on such a value the head
 /// in `out` is incomplete and must not be sent.
@@ -58,7 +71,7 @@ pub fn write_upstream_request(
     auth: &AuthConfig,
     peer: IpAddr,
     proto: &str,
-    default_host: &str,
+    host: UpstreamHost,
     correlation: &[u8],
 ) -> Result<(), UnsafeFieldValue> {
     out.extend_from_slice(req.method.as_bytes());
@@ -77,8 +90,14 @@ pub fn write_upstream_request(
         let name = h.name;
         if name.eq_ignore_ascii_case("host") {
             // An absolute-form target's authority wins (RFC 9112 §3.2.2); they were checked equal.
-            host_written = true;
-            write_field(out, "host", req.host.unwrap_or(h.value))?;
+            if !host_written {
+                host_written = true;
+                let value = match host.fixed {
+                    true => host.value.as_bytes(),
+                    false => req.host.unwrap_or(h.value),
+                };
+                write_field(out, "host", value)?;
+            }
             continue;
         }
         if name.eq_ignore_ascii_case("x-forwarded-for") {
@@ -121,6 +140,7 @@ pub fn write_upstream_request(
         if identity
             .replaced
             .iter()
+            .chain(identity.identity_headers)
             .any(|r| name.eq_ignore_ascii_case(r))
         {
             continue;
@@ -137,7 +157,11 @@ pub fn write_upstream_request(
         write_field(out, name, h.value)?;
     }
     if !host_written {
-        write_field(out, "host", req.host.unwrap_or(default_host.as_bytes()))?;
+        let value = match host.fixed {
+            true => host.value.as_bytes(),
+            false => req.host.unwrap_or(host.value.as_bytes()),
+        };
+        write_field(out, "host", value)?;
     }
     if !forwarded_for_written {
         let _ = write!(out, "x-forwarded-for: {peer}\r\n");
@@ -152,6 +176,9 @@ pub fn write_upstream_request(
     }
     for (name, value) in identity.claim_headers {
         write_field(out, name, value.as_bytes())?;
+    }
+    if let Some((name, subject)) = identity.client_cert {
+        write_field(out, name, subject.as_bytes())?;
     }
     match req.body {
         BodyFraming::Length(n) => {

@@ -58,7 +58,7 @@ fn upstream_groups(snapshot: &ConfigSnapshot, previous: Option<&Generation>) -> 
         .iter()
         .map(|name| {
             let config = &snapshot.config.upstreams[name];
-            let group = UpstreamGroup::new(name, config);
+            let group = UpstreamGroup::new(name, config, &snapshot.upstream_parts.for_group(name));
             // An unchanged group keeps its pooled connections.
             if let Some(old) = previous.and_then(|p| {
                 p.upstreams

@@ -1,5 +1,5 @@
-//! Reloads when a certificate or key file of the TLS profiles in force changes (size or
-//! modification time, polled), so a renewed certificate (an ACME client writing new files)
+//! Reloads when a file the TLS settings in force read changes (certificates, keys, CAs, CRLs,
+//! ticket keys, of listeners and of upstreams; size or modification time, polled), so a renewed certificate (an ACME client writing new files)
 //! is served without anyone running `portcullis reload`. A bad new file is refused as any
 //! reload is, and the old certificates keep serving.
 
@@ -18,15 +18,24 @@ type Stamp = Option<(std::time::SystemTime, u64)>;
 fn stamps(live: &Live) -> BTreeMap<PathBuf, Stamp> {
     let snapshot = live.snapshot();
     let mut out = BTreeMap::new();
-    for profile in snapshot.config.tls.values() {
-        for c in &profile.certificates {
-            for path in [&c.cert, &c.key] {
-                let stamp = std::fs::metadata(path)
-                    .ok()
-                    .and_then(|m| Some((m.modified().ok()?, m.len())));
-                out.insert(path.clone(), stamp);
-            }
-        }
+    let upstream_files = snapshot
+        .config
+        .upstreams
+        .values()
+        .filter_map(|u| u.tls.as_ref())
+        .flat_map(|t| [&t.ca, &t.cert, &t.key])
+        .flatten();
+    let files = snapshot
+        .config
+        .tls
+        .values()
+        .flat_map(|profile| profile.files())
+        .chain(upstream_files);
+    for path in files {
+        let stamp = std::fs::metadata(path)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        out.insert(path.clone(), stamp);
     }
     out
 }

@@ -377,7 +377,7 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
             (peer, Vec::new())
         };
         let Some(profile) = profile else {
-            serve(tcp, peer, &worker, &handle, &initial).await;
+            serve(tcp, peer, &worker, &handle, &initial, None).await;
             return;
         };
         let Some(profile) = profile else {
@@ -398,7 +398,17 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
             Err(e) => Err(crate::io::HandshakeError::Tls(e)),
         };
         match started {
-            Ok(()) => serve(tls, peer, &worker, &handle, &[]).await,
+            Ok(()) => {
+                let client_cert = profile.identity_header.as_ref().and_then(|header| {
+                    let identity =
+                        tls.with_peer_certificate(crate::tls::client_identity::from_certificate)??;
+                    Some(Rc::new(crate::proxy::context::ClientCert {
+                        identity,
+                        header: header.clone(),
+                    }))
+                });
+                serve(tls, peer, &worker, &handle, &[], client_cert).await
+            }
             Err(e) => {
                 debug!(%peer, reason = e.reason(), error = %e, "TLS handshake failed");
                 if let Some(m) = &worker.metrics {

@@ -2,21 +2,25 @@
 //! provider; TLS 1.2 and 1.3 with rustls's default suites, all AEAD with forward secrecy; no
 //! 0-RTT; ALPN `http/1.1`, so a client offering only `h2` gets `no_application_protocol`),
 //! with certificates chosen by SNI, a session cache and session tickets whose rotating keys
-//! every worker shares (one `ServerConfig` per profile, behind an `Arc`).
+//! every worker shares (one `ServerConfig` per profile, behind an `Arc`), or keys from a file
+//! several hosts share; optionally client certificates verified against a CA (and CRLs).
 
+pub mod client;
+pub mod client_identity;
 pub mod resolver;
+pub mod ticket_keys;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use rustls::{
     crypto::ring as provider,
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
-    server::ServerSessionMemoryCache,
+    pki_types::{pem::PemObject, CertificateDer, CertificateRevocationListDer, PrivateKeyDer},
+    server::{ServerSessionMemoryCache, WebPkiClientVerifier},
     sign::CertifiedKey,
     ServerConfig,
 };
 
-use crate::config::{CertificateConfig, TlsConfig, TlsVersion};
+use crate::config::{CertificateConfig, ClientCertificatesConfig, TlsConfig, TlsVersion};
 
 /// Sessions remembered for resumption by ID (TLS 1.2), per profile.
 const SESSION_CACHE_ENTRIES: usize = 4096;
@@ -43,6 +47,17 @@ pub enum TlsError {
         key: String,
         reason: String,
     },
+    #[error("tls.{profile}.ticket_keys: {reason}")]
+    TicketKeys {
+        profile: String,
+        reason: ticket_keys::TicketKeyError,
+    },
+    #[error("tls.{profile}.client_certificates: cannot read {path}: {reason}")]
+    ClientCa {
+        profile: String,
+        path: String,
+        reason: String,
+    },
     #[error("tls.{profile}: {reason}")]
     Config { profile: String, reason: String },
 }
@@ -54,6 +69,56 @@ pub struct TlsProfile {
     pub handshake_timeout: Duration,
     /// The Strict-Transport-Security value, when set.
     pub hsts: Option<Arc<str>>,
+    /// Where a verified client certificate's subject goes upstream, when client certificates
+    /// are asked for.
+    pub identity_header: Option<Arc<str>>,
+    /// Whether the ticket keys are this process's own (random, rotating), kept across reloads.
+    own_ticketer: bool,
+}
+
+/// Verifies client certificates against `c.ca` and its CRLs; optional unless `required`.
+fn client_verifier(
+    profile: &str,
+    c: &ClientCertificatesConfig,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let read_err = |path: &std::path::Path, reason: String| TlsError::ClientCa {
+        profile: profile.to_owned(),
+        path: path.display().to_string(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(&c.ca)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| read_err(&c.ca, e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(read_err(
+            &c.ca,
+            "no usable CERTIFICATE block in the file".into(),
+        ));
+    }
+    let mut crls = Vec::new();
+    for path in &c.crls {
+        let list = CertificateRevocationListDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| read_err(path, e.to_string()))?;
+        if list.is_empty() {
+            return Err(read_err(path, "no X509 CRL block in the file".into()));
+        }
+        crls.extend(list);
+    }
+    let mut builder = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(provider::default_provider()),
+    )
+    .with_crls(crls);
+    if !c.required {
+        builder = builder.allow_unauthenticated();
+    }
+    builder.build().map_err(|e| TlsError::Config {
+        profile: profile.to_owned(),
+        reason: format!("client_certificates: {e}"),
+    })
 }
 
 fn certified_key(profile: &str, c: &CertificateConfig) -> Result<CertifiedKey, TlsError> {
@@ -111,27 +176,40 @@ pub fn build(
         profile: name.to_owned(),
         reason: e.to_string(),
     };
-    let mut server = ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
+    let builder = ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
         .with_protocol_versions(versions)
-        .map_err(cfg_err)?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .map_err(cfg_err)?;
+    let builder = match &config.client_certificates {
+        None => builder.with_no_client_auth(),
+        Some(c) => builder.with_client_cert_verifier(client_verifier(name, c)?),
+    };
+    let mut server = builder.with_cert_resolver(Arc::new(resolver));
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
     server.max_early_data_size = 0;
-    match previous {
-        Some(p) => {
-            server.session_storage = p.server.session_storage.clone();
-            server.ticketer = p.server.ticketer.clone();
-        }
-        None => {
-            server.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
-            server.ticketer = provider::Ticketer::new().map_err(cfg_err)?;
-        }
-    }
+    server.session_storage = match previous {
+        Some(p) => p.server.session_storage.clone(),
+        None => ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
+    };
+    server.ticketer = match (&config.ticket_keys, previous) {
+        // Read again each time: a reload or a changed file brings rotated keys.
+        (Some(path), _) => Arc::new(ticket_keys::FileTicketer::load(path).map_err(|reason| {
+            TlsError::TicketKeys {
+                profile: name.to_owned(),
+                reason,
+            }
+        })?),
+        (None, Some(p)) if p.own_ticketer => p.server.ticketer.clone(),
+        (None, _) => provider::Ticketer::new().map_err(cfg_err)?,
+    };
     Ok(TlsProfile {
         server: Arc::new(server),
         handshake_timeout: config.handshake_timeout.get(),
         hsts: config.hsts.as_deref().map(Arc::from),
+        identity_header: config
+            .client_certificates
+            .as_ref()
+            .map(|c| Arc::from(c.identity_header.to_ascii_lowercase())),
+        own_ticketer: config.ticket_keys.is_none(),
     })
 }
 

@@ -1,19 +1,28 @@
-//! Upstream groups as one worker sees them: round-robin server choice and a keep-alive pool per
-//! server. Each worker owns its own groups (no lock, no sharing across cores).
+//! Upstream groups as one worker sees them: round-robin server choice, a keep-alive pool per
+//! server, servers by address or by a host name the resolver thread keeps resolved, and TLS to
+//! them. Each worker owns its own groups (no lock, no sharing across cores).
+
+pub mod resolve;
+mod transport;
 
 use std::{
     cell::{Cell, RefCell},
     net::SocketAddr,
+    sync::Arc,
     time::Duration,
 };
 
+use rustls::{pki_types::ServerName, ClientConfig};
 use tokio::time::Instant;
 
+pub use transport::UpstreamTransport;
+
 use crate::{
-    config::UpstreamConfig,
-    io::{connect_before, ConnectFailure, TcpTransport},
+    config::{HostPolicy, ServerAddress, UpstreamConfig},
+    io::{connect_before, ConnectFailure, HandshakeError, TcpTransport, TlsTransport},
     sys::{peek_idle, IdleSocket},
 };
+use resolve::ResolvedName;
 
 /// Pooled connections idle at least this long are peeked at before reuse. Upstreams close idle
 /// connections after a second or more (Node 5 s, nginx 75 s); below this, a close can only be
@@ -21,34 +30,67 @@ use crate::{
 const PEEK_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// Why no connection to an upstream server could be had.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// The connection did not complete within `connect_timeout` (answered 504).
+    #[error("connect timed out")]
     TimedOut,
     /// Refused, unreachable or otherwise failed (answered 502).
+    #[error("connect failed: {0}")]
     Failed(std::io::Error),
+    /// A named server whose name has not resolved yet (answered 502).
+    #[error("the server's name has no address yet")]
+    Unresolved,
+    /// The TLS handshake failed, a certificate that does not verify among the reasons
+    /// (answered 502; never retried in plaintext).
+    #[error("TLS handshake failed: {0}")]
+    Tls(HandshakeError),
+}
+
+/// One server of a group as a worker connects to it.
+enum Target {
+    Address(SocketAddr),
+    Named {
+        name: Arc<ResolvedName>,
+        /// Which of the name's addresses the next connection uses.
+        next: Cell<usize>,
+    },
+}
+
+/// TLS to a server: the worker's client config and the name verified.
+struct ServerTls {
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
 }
 
 /// A connection to one server of a group.
 pub struct UpstreamConn {
-    pub transport: TcpTransport,
+    pub transport: UpstreamTransport,
     pub server: usize,
+    /// The address connected to (one of a named server's).
+    addr: SocketAddr,
     /// Taken from the keep-alive pool rather than freshly connected: a failure before any
     /// response byte may be the server having closed it while idle.
     pub reused: bool,
 }
 
 struct IdleConn {
-    transport: TcpTransport,
+    transport: UpstreamTransport,
+    addr: SocketAddr,
     since: Instant,
 }
 
 /// One upstream group, per worker.
 pub struct UpstreamGroup {
     pub name: String,
-    servers: Vec<SocketAddr>,
-    /// `ip:port` of each server, the Host sent when the client gave none.
+    servers: Vec<Target>,
+    /// `ip:port` or `host:port` of each server, as logs and metrics name it.
+    labels: Vec<String>,
+    /// The Host sent when the client gave none, per server.
     host_values: Vec<String>,
+    /// Whether `host_values` replace the client's Host, per server.
+    host_fixed: Vec<bool>,
+    tls: Vec<Option<ServerTls>>,
     next: Cell<usize>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
@@ -58,12 +100,73 @@ pub struct UpstreamGroup {
     config: UpstreamConfig,
 }
 
+/// What a snapshot prepared for a group's servers: resolved names and TLS configs.
+pub struct GroupShared<'a> {
+    /// The resolver's entry for each named server.
+    pub names: &'a std::collections::BTreeMap<ServerAddress, Arc<ResolvedName>>,
+    /// The upstream's TLS config, when `tls` is set.
+    pub tls: Option<&'a ClientConfig>,
+}
+
+/// The Host value of `server`, and whether it replaces the client's.
+fn host_of(config: &UpstreamConfig, server: &ServerAddress) -> (String, bool) {
+    let default_port = if config.tls.is_some() { 443 } else { 80 };
+    let name_of = || match server {
+        ServerAddress::Name { host, port } if *port == default_port => host.clone(),
+        other => other.to_string(),
+    };
+    let policy = config.host.clone().unwrap_or(match server {
+        ServerAddress::Ip(_) => HostPolicy::Client,
+        ServerAddress::Name { .. } => HostPolicy::Server,
+    });
+    match policy {
+        HostPolicy::Client => (name_of(), false),
+        HostPolicy::Server => (name_of(), true),
+        HostPolicy::Literal(v) => (v, true),
+    }
+}
+
 impl UpstreamGroup {
-    pub fn new(name: &str, config: &UpstreamConfig) -> Self {
+    pub fn new(name: &str, config: &UpstreamConfig, shared: &GroupShared) -> Self {
+        let servers = config
+            .servers
+            .iter()
+            .map(|s| match s {
+                ServerAddress::Ip(a) => Target::Address(*a),
+                ServerAddress::Name { .. } => Target::Named {
+                    name: shared.names[s].clone(),
+                    next: Cell::new(0),
+                },
+            })
+            .collect();
+        let worker_tls = shared.tls.map(crate::tls::client::for_worker);
+        let tls = config
+            .servers
+            .iter()
+            .map(|s| {
+                let config_tls = config.tls.as_ref()?;
+                let name = match (&config_tls.server_name, s) {
+                    (Some(n), _) => ServerName::try_from(n.clone()).ok()?,
+                    (None, ServerAddress::Name { host, .. }) => {
+                        ServerName::try_from(host.clone()).ok()?
+                    }
+                    (None, ServerAddress::Ip(a)) => ServerName::IpAddress(a.ip().into()),
+                };
+                Some(ServerTls {
+                    config: worker_tls.clone()?,
+                    name,
+                })
+            })
+            .collect();
+        let hosts: Vec<(String, bool)> =
+            config.servers.iter().map(|s| host_of(config, s)).collect();
         UpstreamGroup {
             name: name.to_owned(),
-            servers: config.servers.clone(),
-            host_values: config.servers.iter().map(|s| s.to_string()).collect(),
+            servers,
+            labels: config.servers.iter().map(|s| s.to_string()).collect(),
+            host_values: hosts.iter().map(|(h, _)| h.clone()).collect(),
+            host_fixed: hosts.iter().map(|(_, f)| *f).collect(),
+            tls,
             next: Cell::new(0),
             connect_timeout: config.connect_timeout.get(),
             read_timeout: config.read_timeout.get(),
@@ -107,45 +210,82 @@ impl UpstreamGroup {
         self.servers.is_empty()
     }
 
-    pub fn server_addr(&self, server: usize) -> SocketAddr {
-        self.servers[server]
+    /// `ip:port` or `host:port`, as configured: how logs and metrics name the server.
+    pub fn server_label(&self, server: usize) -> &str {
+        &self.labels[server]
     }
 
-    pub fn host_value(&self, server: usize) -> &str {
-        &self.host_values[server]
+    /// The Host value for `server`, and whether it replaces the client's Host.
+    pub fn host_value(&self, server: usize) -> (&str, bool) {
+        (&self.host_values[server], self.host_fixed[server])
     }
 
     /// A pooled connection to `server` if one is fresh enough, else a new one.
     pub async fn checkout(&self, server: usize) -> Result<UpstreamConn, ConnectError> {
-        if let Some(transport) = self.take_idle(server) {
+        if let Some((transport, addr)) = self.take_idle(server) {
             return Ok(UpstreamConn {
                 transport,
                 server,
+                addr,
                 reused: true,
             });
         }
         self.connect(server).await
     }
 
-    /// A new connection to `server`.
-    pub async fn connect(&self, server: usize) -> Result<UpstreamConn, ConnectError> {
-        let addr = self.servers[server];
-        // A connect that times out is cancelled and its socket closed at once.
-        match connect_before(addr, self.connect_timeout).await {
-            Err(ConnectFailure::TimedOut(_)) => Err(ConnectError::TimedOut),
-            Err(ConnectFailure::Io(e)) => Err(ConnectError::Failed(e)),
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
-                Ok(UpstreamConn {
-                    transport: TcpTransport::new(stream),
-                    server,
-                    reused: false,
-                })
+    /// The address the next connection to `server` goes to.
+    fn address(&self, server: usize) -> Result<SocketAddr, ConnectError> {
+        match &self.servers[server] {
+            Target::Address(a) => Ok(*a),
+            Target::Named { name, next } => {
+                let addresses = name.addresses();
+                if addresses.is_empty() {
+                    return Err(ConnectError::Unresolved);
+                }
+                let i = next.get() % addresses.len();
+                next.set(i + 1);
+                Ok(addresses[i])
             }
         }
     }
 
-    fn take_idle(&self, server: usize) -> Option<TcpTransport> {
+    /// A new connection to `server`, TLS included: the connect timeout bounds the connect and
+    /// the handshake together.
+    pub async fn connect(&self, server: usize) -> Result<UpstreamConn, ConnectError> {
+        let addr = self.address(server)?;
+        let deadline = Instant::now() + self.connect_timeout;
+        // A connect that times out is cancelled and its socket closed at once.
+        let stream = match connect_before(addr, self.connect_timeout).await {
+            Err(ConnectFailure::TimedOut(_)) => return Err(ConnectError::TimedOut),
+            Err(ConnectFailure::Io(e)) => return Err(ConnectError::Failed(e)),
+            Ok(stream) => stream,
+        };
+        let _ = stream.set_nodelay(true);
+        let tcp = TcpTransport::new(stream);
+        let transport = match &self.tls[server] {
+            None => UpstreamTransport::Plain(tcp),
+            Some(tls) => {
+                let session = TlsTransport::client(tcp, tls.config.clone(), tls.name.clone())
+                    .map_err(|e| ConnectError::Tls(HandshakeError::Tls(e)))?;
+                match session.handshake(deadline).await {
+                    Ok(()) => UpstreamTransport::Tls(Box::new(session)),
+                    Err(HandshakeError::TimedOut) => return Err(ConnectError::TimedOut),
+                    Err(e) => {
+                        let _ = crate::io::Transport::shutdown(&session, std::net::Shutdown::Both);
+                        return Err(ConnectError::Tls(e));
+                    }
+                }
+            }
+        };
+        Ok(UpstreamConn {
+            transport,
+            server,
+            addr,
+            reused: false,
+        })
+    }
+
+    fn take_idle(&self, server: usize) -> Option<(UpstreamTransport, SocketAddr)> {
         let mut idle = self.idle[server].borrow_mut();
         let now = Instant::now();
         // Most recently used first: it is the least likely to have been closed by the server.
@@ -153,15 +293,21 @@ impl UpstreamGroup {
             if now.duration_since(conn.since) >= self.idle_timeout {
                 continue;
             }
+            // A named server's address that its name no longer resolves to is not used again.
+            if let Target::Named { name, .. } = &self.servers[server] {
+                if !name.addresses().contains(&conn.addr) {
+                    continue;
+                }
+            }
             // A connection the server closed while idle (or that received bytes nobody asked
             // for) would fail or desynchronise the request: look before using it. Not after a
             // pause shorter than any server's idle close: the look is a system call, and busy
             // pools hand connections back and forth every millisecond.
             if now.duration_since(conn.since) < PEEK_AFTER_IDLE {
-                return Some(conn.transport);
+                return Some((conn.transport, conn.addr));
             }
             match peek_idle(conn.transport.raw_fd()) {
-                IdleSocket::Quiet => return Some(conn.transport),
+                IdleSocket::Quiet => return Some((conn.transport, conn.addr)),
                 IdleSocket::Closed | IdleSocket::StrayBytes => {}
             }
         }
@@ -176,6 +322,7 @@ impl UpstreamGroup {
         if idle.len() < self.max_idle {
             idle.push(IdleConn {
                 transport: conn.transport,
+                addr: conn.addr,
                 since: now,
             });
         }

@@ -14,7 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod dns;
 pub mod netns;
+pub mod pki;
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -1,6 +1,6 @@
-//! Authenticate phase: who is calling, by the route's access policy (an API key of a listed
-//! consumer, or a JWT verified against the configured issuers), and which credential to strip
-//! before forwarding. Verified tokens are cached per worker until they expire.
+//! Authenticate phase: who is calling, by the route's access policy (a verified client
+//! certificate a consumer lists, an API key of a listed consumer, or a JWT verified against the
+//! configured issuers), and which credential to strip before forwarding. Verified tokens are cached per worker until they expire.
 
 use std::cell::RefCell;
 
@@ -34,6 +34,25 @@ pub fn run(
         return Ok(None);
     };
     let denied = |e| Exit::Answer(Answer::Denied(e));
+    let accepts_cert = policy.methods.contains(&AuthMethod::Mtls);
+    if accepts_cert {
+        // The handshake verified the chain; a certificate no consumer lists falls through to
+        // the route's other methods, if any.
+        if let Some(cert) = &ctx.client_cert {
+            if let Some(consumer) = snapshot.consumers.by_certificate(&cert.identity) {
+                let consumer = snapshot
+                    .consumers
+                    .admit_consumer(policy, consumer)
+                    .map_err(denied)?;
+                ctx.caller = Some(Caller::Listed(consumer));
+                return Ok(None);
+            }
+            if policy.methods.len() == 1 {
+                debug!(subject = %cert.identity.header_value, "client certificate identifies no consumer");
+                return Err(denied(AuthError::Invalid));
+            }
+        }
+    }
     let credential =
         find_credential(req, &snapshot.config.auth).ok_or(denied(AuthError::Missing))?;
     let accepts = |m| policy.methods.contains(&m);

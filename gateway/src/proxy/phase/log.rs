@@ -196,7 +196,7 @@ fn access_line(
     out.extend_from_slice(b",\"upstream\":");
     match ctx.upstream {
         Some((g, s)) => {
-            let _ = write!(out, "\"{}\"", generation.upstreams[g].server_addr(s));
+            let _ = write!(out, "\"{}\"", generation.upstreams[g].server_label(s));
         }
         None => out.extend_from_slice(b"null"),
     }

@@ -99,6 +99,7 @@ pub fn run(
     };
     let group = &generation.upstreams[group_index];
     let server = choose_upstream::pick(group, group_index, ctx);
+    let (host, fixed) = group.host_value(server);
     request_head::write(
         snapshot,
         route,
@@ -106,7 +107,7 @@ pub fn run(
         peer,
         ctx,
         strip,
-        group.host_value(server),
+        crate::proxy::upstream_head::UpstreamHost { value: host, fixed },
         out,
     )?;
     let consumer = ctx.caller.as_ref().map(|c| c.identity(snapshot).0);

@@ -13,13 +13,12 @@ use crate::{
         answer::Answer,
         context::{Caller, RequestContext},
         snapshot::ConfigSnapshot,
-        upstream_head::{write_upstream_request, Identity},
+        upstream_head::{write_upstream_request, Identity, UpstreamHost},
     },
     routing::Route,
 };
 
-/// Writes the upstream head for `req` to `out`; `host` is the chosen server's Host value, used
-/// when the client sent none.
+/// Writes the upstream head for `req` to `out`; `host` is the chosen server's Host value.
 #[allow(clippy::too_many_arguments)]
 pub fn write(
     snapshot: &ConfigSnapshot,
@@ -28,12 +27,17 @@ pub fn write(
     peer: IpAddr,
     ctx: &RequestContext,
     strip: Option<CredentialSource>,
-    host: &str,
+    host: UpstreamHost,
     out: &mut Vec<u8>,
 ) -> Result<(), Answer> {
     let mut identity = Identity {
         replaced: &snapshot.issuers.claim_header_names,
         strip,
+        identity_headers: &snapshot.identity_headers,
+        client_cert: ctx
+            .client_cert
+            .as_ref()
+            .map(|c| (&*c.header, c.identity.header_value.as_str())),
         ..Identity::default()
     };
     if let Some(caller) = &ctx.caller {

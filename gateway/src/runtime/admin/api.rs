@@ -366,8 +366,14 @@ fn upstreams(state: &AdminState) -> AdminResponse {
                         .get(&(name.clone(), s.to_string()))
                         .copied()
                         .unwrap_or_default();
+                    let resolved: Option<Vec<String>> = snapshot
+                        .upstream_parts
+                        .names
+                        .get(s)
+                        .map(|n| n.addresses().iter().map(|a| a.to_string()).collect());
                     json!({
                         "address": s.to_string(),
+                        "resolved": resolved,
                         "requests": requests,
                         "connect_failures": connect_failures,
                         "timeouts": timeouts,

@@ -1,0 +1,201 @@
+//! Session-ticket keys from a file several hosts share, so a client resumes on whichever host
+//! the balancer picks. The file holds one key per line, 64 hex digits (`openssl rand -hex 32`);
+//! the first encrypts new tickets, the others only decrypt, so keys rotate without breaking
+//! tickets in flight: add the new key on top on every host, drop the oldest later. The file is
+//! read at start, on reload and when it changes (the certificate watcher); it must not be
+//! readable by group or others.
+//!
+//! A ticket is `key id (8) ‖ nonce (12) ‖ ChaCha20-Poly1305(state)`, the key id (the first 8
+//! bytes of the key's SHA-256) as associated data, so a ticket names the key that opens it.
+
+use std::{os::unix::fs::PermissionsExt, path::Path};
+
+use ring::{
+    aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN},
+    rand::{SecureRandom, SystemRandom},
+};
+use sha2::{Digest, Sha256};
+
+/// How long a ticket may be used (the lifetime hint clients get); rustls's own ticketer uses
+/// the same six hours.
+const TICKET_LIFETIME_SECS: u32 = 6 * 60 * 60;
+const KEY_ID_LEN: usize = 8;
+/// Keys a file may hold (the current and those still decrypting).
+const MAX_KEYS: usize = 16;
+
+/// Why a ticket key file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TicketKeyError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{path} is readable by group or others (mode {mode:o}); make it 0600")]
+    Exposed { path: String, mode: u32 },
+    #[error("{path}, line {line}: a key is 64 hex digits (openssl rand -hex 32)")]
+    Malformed { path: String, line: usize },
+    #[error("{path} holds no key; put 64 hex digits (openssl rand -hex 32) on the first line")]
+    Empty { path: String },
+    #[error("{path} holds more than {MAX_KEYS} keys")]
+    TooMany { path: String },
+}
+
+struct TicketKey {
+    id: [u8; KEY_ID_LEN],
+    key: LessSafeKey,
+}
+
+/// The keys of one file, as rustls's ticket producer.
+pub struct FileTicketer {
+    /// The first encrypts; all decrypt.
+    keys: Vec<TicketKey>,
+    random: SystemRandom,
+}
+
+impl std::fmt::Debug for FileTicketer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys.
+        f.debug_struct("FileTicketer")
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
+impl FileTicketer {
+    pub fn load(path: &Path) -> Result<FileTicketer, TicketKeyError> {
+        let shown = || path.display().to_string();
+        let read_err = |e: std::io::Error| TicketKeyError::Read {
+            path: shown(),
+            reason: e.to_string(),
+        };
+        let mode = std::fs::metadata(path)
+            .map_err(read_err)?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(TicketKeyError::Exposed {
+                path: shown(),
+                mode: mode & 0o777,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        let mut keys = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut secret = [0u8; 32];
+            hex::decode_to_slice(line, &mut secret).map_err(|_| TicketKeyError::Malformed {
+                path: shown(),
+                line: i + 1,
+            })?;
+            let digest = Sha256::digest(secret);
+            let mut id = [0u8; KEY_ID_LEN];
+            id.copy_from_slice(&digest[..KEY_ID_LEN]);
+            let key = LessSafeKey::new(
+                UnboundKey::new(&CHACHA20_POLY1305, &secret).expect("32-byte ChaCha20 key"),
+            );
+            keys.push(TicketKey { id, key });
+        }
+        if keys.is_empty() {
+            return Err(TicketKeyError::Empty { path: shown() });
+        }
+        if keys.len() > MAX_KEYS {
+            return Err(TicketKeyError::TooMany { path: shown() });
+        }
+        Ok(FileTicketer {
+            keys,
+            random: SystemRandom::new(),
+        })
+    }
+}
+
+impl rustls::server::ProducesTickets for FileTicketer {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        TICKET_LIFETIME_SECS
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let current = &self.keys[0];
+        let mut nonce = [0u8; NONCE_LEN];
+        self.random.fill(&mut nonce).ok()?;
+        let mut out = Vec::with_capacity(KEY_ID_LEN + NONCE_LEN + plain.len() + 16);
+        out.extend_from_slice(&current.id);
+        out.extend_from_slice(&nonce);
+        let mut sealed = plain.to_vec();
+        current
+            .key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(current.id),
+                &mut sealed,
+            )
+            .ok()?;
+        out.extend_from_slice(&sealed);
+        Some(out)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        if cipher.len() < KEY_ID_LEN + NONCE_LEN {
+            return None;
+        }
+        let (id, rest) = cipher.split_at(KEY_ID_LEN);
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let key = self.keys.iter().find(|k| k.id == id)?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buf = sealed.to_vec();
+        let plain = key
+            .key
+            .open_in_place(nonce, Aad::from(key.id), &mut buf)
+            .ok()?;
+        let n = plain.len();
+        buf.truncate(n);
+        Some(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::server::ProducesTickets;
+
+    use super::*;
+
+    fn file(text: &str, mode: u32) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        f
+    }
+
+    const A: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    const B: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+
+    #[test]
+    fn tickets_open_on_every_host_holding_the_key_and_only_there() {
+        let host1 = FileTicketer::load(file(&format!("{A}\n"), 0o600).path()).unwrap();
+        let ticket = host1.encrypt(b"session state").unwrap();
+        // Another host after rotation: B encrypts, A still decrypts.
+        let host2 =
+            FileTicketer::load(file(&format!("# rotated\n{B}\n{A}\n"), 0o600).path()).unwrap();
+        assert_eq!(host2.decrypt(&ticket).unwrap(), b"session state");
+        let newer = host2.encrypt(b"newer").unwrap();
+        assert_eq!(host1.decrypt(&newer), None, "host1 lacks key B");
+        let mut forged = ticket.clone();
+        *forged.last_mut().unwrap() ^= 1;
+        assert_eq!(host1.decrypt(&forged), None);
+        assert_eq!(host1.decrypt(&ticket[..10]), None);
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_their_reason() {
+        let e = FileTicketer::load(file(&format!("{A}\n"), 0o644).path()).unwrap_err();
+        assert!(e.to_string().contains("make it 0600"), "{e}");
+        let e = FileTicketer::load(file("# nothing\n\n", 0o600).path()).unwrap_err();
+        assert!(e.to_string().contains("holds no key"), "{e}");
+        let e = FileTicketer::load(file(&format!("{A}\nxyz\n"), 0o600).path()).unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+}

@@ -1,0 +1,205 @@
+//! Client certificates for real: curl presenting certificates an openssl CA issued. A consumer
+//! listed by subject or by alternative name is admitted on `auth.methods = ["mtls"]` routes and
+//! named upstream with the verified subject; a certificate of another CA, a revoked one, or an
+//! unlisted one is refused; `required` refuses clients without one at the handshake.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use support::{
+    pki::{run, Leaf, Pki},
+    *,
+};
+
+/// The server certificate, clients alice (listed by subject), bob (by SAN), carol (revoked),
+/// dave (valid, listed by nobody), and mallory from another CA.
+fn pki() -> (Pki, Pki) {
+    let pki = Pki::new();
+    pki.issue("server", &["gw.test"], "ec");
+    let client = |name: &str, subject: &str, sans: &[&str]| {
+        pki.issue_leaf(
+            name,
+            &Leaf {
+                subject,
+                sans,
+                key: "ec",
+                days: 2,
+                usage: "clientAuth",
+            },
+        )
+    };
+    client("alice", "/O=Acme/CN=alice", &[]);
+    client("bob", "/CN=bob-workload", &["URI:spiffe://acme/bob"]);
+    client("carol", "/O=Acme/CN=carol", &[]);
+    client("dave", "/O=Acme/CN=dave", &[]);
+    pki.revoke(&["carol"]);
+    let other = Pki::named("other", "Another CA");
+    other.issue_leaf(
+        "mallory",
+        &Leaf {
+            subject: "/O=Acme/CN=alice",
+            sans: &[],
+            key: "ec",
+            days: 2,
+            usage: "clientAuth",
+        },
+    );
+    (pki, other)
+}
+
+fn config(pki: &Pki, upstream: std::net::SocketAddr, required: bool) -> String {
+    let p = |f: &str| pki.path(f).display().to_string();
+    format!(
+        "[server]\nlisten = [{{ address = \"127.0.0.1:0\", tls = \"public\" }}]\nworkers = 2\n\n\
+         [tls.public]\ncertificates = [{{ cert = \"{}\", key = \"{}\", default = true }}]\n\
+         client_certificates = {{ ca = \"{}\", crls = [\"{}\"], required = {required}, identity_header = \"X-Client-Subject\" }}\n\n\
+         [[consumers]]\nid = \"alice\"\ngroups = [\"staff\"]\nclient_certificate = {{ subjects = [\"CN=alice,O=Acme\"] }}\n\n\
+         [[consumers]]\nid = \"bob\"\nclient_certificate = {{ sans = [\"spiffe://acme/bob\"] }}\n\n\
+         [upstreams.up]\nservers = [\"{upstream}\"]\n\n\
+         [[routes]]\nmatch = {{ path_prefix = \"/mtls\" }}\nupstream = \"up\"\nauth = {{ methods = [\"mtls\"] }}\n\n\
+         [[routes]]\nmatch = {{ path_prefix = \"/staff\" }}\nupstream = \"up\"\nauth = {{ methods = [\"mtls\"], groups = [\"staff\"] }}\n\n\
+         [[routes]]\nupstream = \"up\"\n",
+        p("server.pem"),
+        p("server.key"),
+        p("ca.pem"),
+        p("crl.pem"),
+    )
+}
+
+/// curl to `https://gw.test:PORT/path` presenting `client` (files in `pki`), if any.
+fn curl(
+    gw: &Gateway,
+    ca: &Pki,
+    client: Option<(&Pki, &str)>,
+    path: &str,
+    extra: &[&str],
+) -> Output {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "5",
+        "-o",
+        "/dev/stdout",
+        "-w",
+        "\n%{http_code}",
+    ])
+    .arg("--cacert")
+    .arg(ca.path("ca.pem"))
+    .arg("--resolve")
+    .arg(format!("gw.test:{}:127.0.0.1", gw.addr.port()));
+    if let Some((pki, name)) = client {
+        cmd.arg("--cert")
+            .arg(pki.path(&format!("{name}.pem")))
+            .arg("--key")
+            .arg(pki.path(&format!("{name}.key")));
+    }
+    cmd.args(extra)
+        .arg(format!("https://gw.test:{}{path}", gw.addr.port()));
+    run(&mut cmd)
+}
+
+/// The HTTP status curl got, or 0 when the handshake failed.
+fn status(out: &Output) -> u16 {
+    if !out.status.success() {
+        return 0;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.rsplit('\n').next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn listed_certificates_identify_consumers_and_others_are_refused() {
+    let (pki, other) = pki();
+    let up = Upstream::echo_target();
+    let gw = Gateway::start(&config(&pki, up.addr, false));
+
+    let out = curl(
+        &gw,
+        &pki,
+        Some((&pki, "alice")),
+        "/mtls/a",
+        &["-H", "X-Client-Subject: CN=forged"],
+    );
+    assert_eq!(
+        status(&out),
+        200,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = up.requests().pop().unwrap();
+    assert_eq!(seen.header("x-consumer-id"), Some("alice"));
+    assert_eq!(
+        seen.headers_named("x-client-subject"),
+        vec!["CN=alice,O=Acme"],
+        "the verified subject, and only it"
+    );
+    assert_eq!(
+        status(&curl(&gw, &pki, Some((&pki, "alice")), "/staff", &[])),
+        200
+    );
+
+    // By an alternative name; bob is not staff.
+    assert_eq!(
+        status(&curl(&gw, &pki, Some((&pki, "bob")), "/mtls/b", &[])),
+        200
+    );
+    assert_eq!(
+        up.requests().pop().unwrap().header("x-consumer-id"),
+        Some("bob")
+    );
+    assert_eq!(
+        status(&curl(&gw, &pki, Some((&pki, "bob")), "/staff", &[])),
+        403
+    );
+
+    // A valid certificate no consumer lists; no certificate (optional here) on both kinds of
+    // route; a client's own identity header never passes.
+    assert_eq!(
+        status(&curl(&gw, &pki, Some((&pki, "dave")), "/mtls/d", &[])),
+        401
+    );
+    assert_eq!(status(&curl(&gw, &pki, None, "/mtls/n", &[])), 401);
+    let before = up.requests().len();
+    assert_eq!(
+        status(&curl(
+            &gw,
+            &pki,
+            None,
+            "/open",
+            &["-H", "X-Client-Subject: CN=alice,O=Acme"]
+        )),
+        200
+    );
+    let seen = up.requests();
+    assert_eq!(seen.len(), before + 1);
+    assert_eq!(seen.last().unwrap().header("x-client-subject"), None);
+
+    // Revoked, and issued by a CA the listener does not trust (same subject as alice's): the
+    // handshake fails.
+    let out = curl(&gw, &pki, Some((&pki, "carol")), "/mtls/c", &[]);
+    assert_eq!(status(&out), 0, "a revoked certificate was accepted");
+    let out = curl(&gw, &pki, Some((&other, "mallory")), "/mtls/m", &[]);
+    assert_eq!(status(&out), 0, "a certificate of another CA was accepted");
+    assert!(
+        up.requests()
+            .iter()
+            .all(|r| !r.target.starts_with("/mtls/c") && !r.target.starts_with("/mtls/m")),
+        "refused clients reached the upstream"
+    );
+}
+
+#[test]
+fn a_required_certificate_is_asked_for_at_the_handshake() {
+    let (pki, _) = pki();
+    let up = Upstream::echo_target();
+    let gw = Gateway::start(&config(&pki, up.addr, true));
+    let out = curl(&gw, &pki, None, "/open", &[]);
+    assert_eq!(status(&out), 0, "served without a certificate");
+    assert_eq!(
+        status(&curl(&gw, &pki, Some((&pki, "alice")), "/open", &[])),
+        200
+    );
+    assert_eq!(up.requests().len(), 1);
+}
