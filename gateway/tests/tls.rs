@@ -7,7 +7,6 @@ mod support;
 
 use std::{
     io::Write,
-    path::Path,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -196,7 +195,6 @@ fn a_bad_certificate_is_refused_on_reload_and_the_old_one_keeps_serving() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = Path::new("");
 }
 
 #[test]
@@ -460,5 +458,192 @@ fn large_bodies_cross_tls_intact_both_ways() {
         out.stdout == big,
         "the download came back altered ({} bytes)",
         out.stdout.len()
+    );
+}
+
+/// Python's `ssl` module as the client: what it negotiates when it allows TLS 1.2 only, 1.3
+/// only, and 1.1 at most (refused).
+#[test]
+fn python_ssl_clients_negotiate_tls12_and_tls13_and_are_refused_tls11() {
+    let pki = pki();
+    let up = Upstream::echo_target();
+    let gw = Gateway::start(&config(&pki, up.addr, ""));
+    let script = r#"
+import socket, ssl, sys
+port, ca, version = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+v = {"1.1": ssl.TLSVersion.TLSv1_1, "1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}[version]
+if version == "1.1":
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.set_ciphers("DEFAULT@SECLEVEL=0")
+else:
+    ctx.minimum_version = v
+ctx.maximum_version = v
+ctx.set_alpn_protocols(["http/1.1"])
+try:
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="a.test")
+except ssl.SSLError as e:
+    print("refused", e.reason)
+    sys.exit(0)
+s.sendall(b"GET /hello HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+print(s.version(), s.selected_alpn_protocol(), data.split(b"\r\n")[0].decode(), data.endswith(b"hello over tls"))
+"#;
+    let py = |version: &str| {
+        let out = run(Command::new("python3")
+            .args(["-c", script])
+            .arg(gw.addr.port().to_string())
+            .arg(pki.path("ca.pem"))
+            .arg(version));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(py("1.2"), "TLSv1.2 http/1.1 HTTP/1.1 200 OK True");
+    assert_eq!(py("1.3"), "TLSv1.3 http/1.1 HTTP/1.1 200 OK True");
+    let refused = py("1.1");
+    assert!(refused.starts_with("refused"), "{refused}");
+}
+
+/// Two gateways reading one ticket key file: a session from one resumes on the other (as
+/// behind a balancer); a gateway with another key makes a new session.
+#[test]
+fn ticket_keys_from_a_shared_file_resume_across_gateways() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = pki();
+    let up = Upstream::echo_target();
+    let key_file = |name: &str, key: &str| {
+        let path = pki.path(name);
+        std::fs::write(&path, format!("{key}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        format!("ticket_keys = \"{}\"", path.display())
+    };
+    let shared = key_file("shared.keys", &"ab".repeat(32));
+    let other = key_file("other.keys", &"cd".repeat(32));
+    let one = Gateway::start(&config(&pki, up.addr, &shared));
+    let two = Gateway::start(&config(&pki, up.addr, &shared));
+    let three = Gateway::start(&config(&pki, up.addr, &other));
+    let session = pki.path("shared-session.pem").display().to_string();
+    let (ok, text) = s_client(
+        &one,
+        &["-servername", "a.test", "-tls1_2", "-sess_out", &session],
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = s_client(
+        &two,
+        &["-servername", "a.test", "-tls1_2", "-sess_in", &session],
+    );
+    assert!(
+        ok && text.contains("Reused, TLSv1.2"),
+        "not resumed on the second gateway: {text}"
+    );
+    let (ok, text) = s_client(
+        &three,
+        &["-servername", "a.test", "-tls1_2", "-sess_in", &session],
+    );
+    assert!(
+        ok && text.contains("New, TLSv1.2"),
+        "resumed without the key: {text}"
+    );
+    // A key file others can read is refused, naming the file.
+    let exposed = pki.path("exposed.keys");
+    std::fs::write(&exposed, format!("{}\n", "ef".repeat(32))).unwrap();
+    std::fs::set_permissions(&exposed, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, out) = one.reload_with(&config(
+        &pki,
+        up.addr,
+        &format!("ticket_keys = \"{}\"", exposed.display()),
+    ));
+    assert!(
+        !ok && out.contains("exposed.keys") && out.contains("0600"),
+        "{out}"
+    );
+}
+
+/// Python clients on new and kept-alive TLS connections while the certificate is renewed on
+/// disk and the config reloaded: every request is answered.
+#[test]
+fn certificate_reloads_under_load_drop_no_request() {
+    let pki = pki();
+    let up = Upstream::echo_target();
+    let cfg = config(&pki, up.addr, "");
+    let gw = Gateway::start(&cfg);
+    let script = r#"
+import http.client, socket, ssl, sys, threading, time
+port, ca, duration = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+ctx = ssl.create_default_context(cafile=ca)
+counts = {"ok": 0, "failed": 0}
+errors = []
+lock = threading.Lock()
+def client():
+    end = time.time() + duration
+    while time.time() < end:
+        try:
+            c = http.client.HTTPSConnection("a.test", port, context=ctx, timeout=5)
+            c.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="a.test")
+            for _ in range(5):
+                c.request("GET", "/hello")
+                r = c.getresponse()
+                body = r.read()
+                with lock:
+                    if r.status == 200 and body == b"hello over tls":
+                        counts["ok"] += 1
+                    else:
+                        counts["failed"] += 1
+                        errors.append(f"{r.status} {body[:60]!r}")
+            c.close()
+        except Exception as e:
+            with lock:
+                counts["failed"] += 1
+                errors.append(repr(e))
+threads = [threading.Thread(target=client) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(counts["ok"], counts["failed"], errors[:5])
+"#;
+    let load = Command::new("python3")
+        .args(["-c", script])
+        .arg(gw.addr.port().to_string())
+        .arg(pki.path("ca.pem"))
+        .arg("6")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Renewals on disk (the watcher reloads) and explicit reloads, alternating.
+    for i in 0..4 {
+        std::thread::sleep(Duration::from_millis(700));
+        let key = if i % 2 == 0 { "rsa" } else { "ec" };
+        pki.issue(&format!("renewed{i}"), &["a.test"], key);
+        std::fs::copy(pki.path(&format!("renewed{i}.key")), pki.path("a.key")).unwrap();
+        std::fs::copy(pki.path(&format!("renewed{i}.pem")), pki.path("a.pem")).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, out) = gw.reload_with(&cfg);
+        assert!(ok, "{out}");
+    }
+    let out = load.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut parts = text.splitn(3, ' ');
+    let ok: u64 = parts
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{text}"));
+    let failed: u64 = parts.next().unwrap().parse().unwrap();
+    assert_eq!(
+        failed,
+        0,
+        "requests failed during reloads: {text}\n{}",
+        gw.log()
+    );
+    assert!(ok >= 100, "too little load to mean anything: {text}");
+    assert!(
+        gw.log().contains("certificate or key files changed"),
+        "{}",
+        gw.log()
     );
 }

@@ -47,6 +47,8 @@ impl HandshakeError {
             HandshakeError::Tls(rustls::Error::NoApplicationProtocol) => "no_application_protocol",
             HandshakeError::Tls(rustls::Error::PeerIncompatible(_)) => "incompatible",
             HandshakeError::Tls(rustls::Error::InvalidMessage(_)) => "invalid_message",
+            HandshakeError::Tls(rustls::Error::NoCertificatesPresented) => "no_certificate",
+            HandshakeError::Tls(rustls::Error::InvalidCertificate(_)) => "bad_certificate",
             HandshakeError::Tls(_) => "tls_error",
             HandshakeError::Io(_) => "io",
         }

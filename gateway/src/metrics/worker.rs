@@ -97,12 +97,14 @@ fn snapshot<K: Clone, V>(map: &Mutex<BTreeMap<K, Arc<V>>>) -> Vec<(K, Arc<V>)> {
 }
 
 /// Why TLS handshakes fail, as counted.
-pub const TLS_FAILURE_REASONS: [&str; 7] = [
+pub const TLS_FAILURE_REASONS: [&str; 9] = [
     "timeout",
     "closed",
     "no_application_protocol",
     "incompatible",
     "invalid_message",
+    "no_certificate",
+    "bad_certificate",
     "tls_error",
     "io",
 ];
