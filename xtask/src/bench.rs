@@ -61,6 +61,13 @@ pub(crate) fn cpu_list(cores: &[usize]) -> String {
 /// A process the benchmark started, stopped when dropped.
 pub(crate) struct Proc(Child, &'static str);
 
+impl Proc {
+    /// Its process id (the program's own: taskset execs it).
+    pub(crate) fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         eprintln!("bench: stopping {}", self.1);
@@ -188,7 +195,7 @@ pub(crate) fn wait_for_port(port: u16, what: &str) -> anyhow::Result<()> {
     bail!("{what} did not start listening on port {port}")
 }
 
-fn which(bin: &str) -> Option<PathBuf> {
+pub(crate) fn which(bin: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
         .chain(["/usr/sbin".into(), "/sbin".into()])
         .map(|d| d.join(bin))
@@ -196,12 +203,17 @@ fn which(bin: &str) -> Option<PathBuf> {
 }
 
 fn ensure_tools() -> anyhow::Result<()> {
-    let wanted = [
+    ensure_commands(&[
         ("nginx", "nginx-light"),
         ("haproxy", "haproxy"),
         ("wrk", "wrk"),
         ("taskset", "util-linux"),
-    ];
+    ])
+}
+
+/// Installs (as root) the Debian packages of whichever `(command, package)` are missing, or
+/// fails naming the command to run.
+pub(crate) fn ensure_commands(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(bin, _)| which(bin).is_none())
@@ -348,20 +360,11 @@ fn write_configs(dir: &Path, workers: usize, cores: &[usize]) -> anyhow::Result<
             "[server]\nlisten = [\"127.0.0.1:19080\"]\nworkers = {workers}\n\n[upstreams.backend]\nservers = [\"{backend}\"]\nmax_idle_per_server = 256\n\n[[routes]]\nmatch = {{ path_prefix = \"/\" }}\nupstream = \"backend\"\n"
         ),
     )?;
-    let affinity: Vec<String> = cores
-        .iter()
-        .map(|c| {
-            let mut mask = vec!['0'; cores.iter().max().copied().unwrap_or(0) + 1];
-            let len = mask.len();
-            mask[len - 1 - c] = '1';
-            mask.into_iter().collect()
-        })
-        .collect();
     std::fs::write(
         dir.join("nginx.conf"),
         format!(
             "worker_processes {workers};\nworker_cpu_affinity {};\npid {}/nginx.pid;\nerror_log {}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  upstream backend {{ server {backend}; keepalive 256; keepalive_requests 1000000; }}\n  server {{\n    listen 127.0.0.1:19081 reuseport;\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering on; }}\n  }}\n}}\n",
-            affinity.join(" "),
+            nginx_cpu_affinity(cores),
             dir.display(),
             dir.display()
         ),
@@ -376,6 +379,45 @@ fn write_configs(dir: &Path, workers: usize, cores: &[usize]) -> anyhow::Result<
     Ok(())
 }
 
+/// nginx's `worker_cpu_affinity` value: one worker per core of `cores`, in order.
+pub(crate) fn nginx_cpu_affinity(cores: &[usize]) -> String {
+    cores
+        .iter()
+        .map(|c| {
+            let mut mask = vec!['0'; cores.iter().max().copied().unwrap_or(0) + 1];
+            let len = mask.len();
+            mask[len - 1 - c] = '1';
+            mask.into_iter().collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Local time as `20250101-120000`, naming a run.
+pub(crate) fn timestamp() -> anyhow::Result<String> {
+    Ok(Command::new("date")
+        .arg("+%Y%m%d-%H%M%S")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())?)
+}
+
+/// The CPU model and the kernel release, for a results header.
+pub(crate) fn machine() -> anyhow::Result<(String, String)> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())?;
+    Ok((cpu, kernel))
+}
+
 pub fn run(duration: f64) -> anyhow::Result<()> {
     ensure_tools()?;
     let runner = Runner {
@@ -384,10 +426,7 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
     };
     let (bin, layout) = (&runner.bin, &runner.layout);
     let workers = layout.server_cores.len();
-    let stamp = Command::new("date")
-        .arg("+%Y%m%d-%H%M%S")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())?;
+    let stamp = timestamp()?;
     let dir = workspace_root().join("bench-results").join(&stamp);
     std::fs::create_dir_all(&dir)?;
     write_configs(&dir, workers, &layout.server_cores)?;
@@ -544,18 +583,7 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
         }
     }
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = Command::new("uname")
-        .arg("-r")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())?;
+    let (cpu, kernel) = machine()?;
     let mut md = String::new();
     let _ = writeln!(md, "Measured {stamp} on {} core(s) ({cpu}), Linux {kernel}. Proxies and backend pinned to core(s) {:?} with {workers} worker(s) each, the load generator alone on core(s) {:?}; {duration}s per run; keep-alive to the upstream, access logs off.\n", layout.server_cores.len() + layout.load_cores.len(), layout.server_cores, layout.load_cores);
     let _ = writeln!(md, "| target | max req/s 1 KiB | vs nginx | vs direct | max req/s 64 KiB | vs nginx | p50 / p99 / p99.9 @25% | p50 / p99 / p99.9 @50% | p50 / p99 / p99.9 @75% | errors |");

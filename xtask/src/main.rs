@@ -9,11 +9,14 @@
 //! - `bench-auth-flood`: a legitimate client's rate during a flood of forged tokens.
 //! - `bench-reload`: failed requests and p99 while reloading; throughput against a baseline.
 //! - `bench-observability`: the throughput and p99 cost of metrics and of the access log.
+//! - `bench-tls`: full and resumed handshakes per second and the server's CPU per handshake, and
+//!   1 KiB keep-alive requests per second over TLS, beside nginx.
 
 mod bench;
 mod bench_auth;
 mod bench_observability;
 mod bench_reload;
+mod bench_tls;
 mod bench_xdp;
 mod ebpf;
 mod plot;
@@ -80,6 +83,13 @@ enum Task {
         #[arg(long, default_value_t = 5.0)]
         duration: f64,
     },
+    /// Full and resumed TLS handshakes per second with the server's CPU time per handshake, and
+    /// 1 KiB keep-alive requests per second over TLS, beside nginx with the same certificate.
+    BenchTls {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+    },
     /// Run every test (as root: the privileged XDP tests too).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -102,6 +112,7 @@ fn main() -> ExitCode {
             baseline_bin,
         } => bench_reload::run(duration, baseline_bin),
         Task::BenchObservability { duration } => bench_observability::run(duration),
+        Task::BenchTls { duration } => bench_tls::run(duration),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
