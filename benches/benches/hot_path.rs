@@ -88,7 +88,10 @@ fn bench(c: &mut Criterion) {
                 &AuthConfig::default(),
                 peer,
                 "http",
-                "127.0.0.1:9001",
+                portcullis::proxy::upstream_head::UpstreamHost {
+                    value: "127.0.0.1:9001",
+                    fixed: false,
+                },
                 b"x-request-id: 0123456789abcdef0123456789abcdef\r\n",
             )
             .unwrap();

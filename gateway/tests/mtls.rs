@@ -5,7 +5,10 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::{
+    io::Write,
+    process::{Command, Output, Stdio},
+};
 
 use support::{
     pki::{run, Leaf, Pki},
@@ -49,13 +52,22 @@ fn pki() -> (Pki, Pki) {
 }
 
 fn config(pki: &Pki, upstream: std::net::SocketAddr, required: bool) -> String {
+    config_with(pki, upstream, required, "")
+}
+
+fn config_with(
+    pki: &Pki,
+    upstream: std::net::SocketAddr,
+    required: bool,
+    consumers: &str,
+) -> String {
     let p = |f: &str| pki.path(f).display().to_string();
     format!(
         "[server]\nlisten = [{{ address = \"127.0.0.1:0\", tls = \"public\" }}]\nworkers = 2\n\n\
          [tls.public]\ncertificates = [{{ cert = \"{}\", key = \"{}\", default = true }}]\n\
          client_certificates = {{ ca = \"{}\", crls = [\"{}\"], required = {required}, identity_header = \"X-Client-Subject\" }}\n\n\
          [[consumers]]\nid = \"alice\"\ngroups = [\"staff\"]\nclient_certificate = {{ subjects = [\"CN=alice,O=Acme\"] }}\n\n\
-         [[consumers]]\nid = \"bob\"\nclient_certificate = {{ sans = [\"spiffe://acme/bob\"] }}\n\n\
+         [[consumers]]\nid = \"bob\"\nclient_certificate = {{ sans = [\"spiffe://acme/bob\"] }}\n\n{consumers}\n\
          [upstreams.up]\nservers = [\"{upstream}\"]\n\n\
          [[routes]]\nmatch = {{ path_prefix = \"/mtls\" }}\nupstream = \"up\"\nauth = {{ methods = [\"mtls\"] }}\n\n\
          [[routes]]\nmatch = {{ path_prefix = \"/staff\" }}\nupstream = \"up\"\nauth = {{ methods = [\"mtls\"], groups = [\"staff\"] }}\n\n\
@@ -202,4 +214,154 @@ fn a_required_certificate_is_asked_for_at_the_handshake() {
         200
     );
     assert_eq!(up.requests().len(), 1);
+}
+
+/// `openssl s_client` presenting `client`, sending `input` once connected; all it printed.
+fn s_client(gw: &Gateway, pki: &Pki, client: &str, args: &[&str], input: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &gw.addr.to_string(),
+            "-servername",
+            "gw.test",
+        ])
+        .arg("-cert")
+        .arg(pki.path(&format!("{client}.pem")))
+        .arg("-key")
+        .arg(pki.path(&format!("{client}.key")))
+        .args(["-ign_eof"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// A session resumed after its certificate was revoked is refused: resumption restores the
+/// chain verified when the session began, so the gateway verifies it again.
+#[test]
+fn a_resumed_session_is_verified_again_after_a_revocation() {
+    let (pki, _) = pki();
+    let up = Upstream::echo_target();
+    let cfg = config(&pki, up.addr, false);
+    let gw = Gateway::start_with(&cfg, &[("RUST_LOG", "portcullis::runtime=debug,info")]);
+    let session = pki.path("alice-session.pem").display().to_string();
+    let get = "GET /mtls/resumed HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n";
+    let text = s_client(&gw, &pki, "alice", &["-tls1_2", "-sess_out", &session], get);
+    assert!(text.contains("HTTP/1.1 200"), "{text}");
+    let text = s_client(&gw, &pki, "alice", &["-tls1_2", "-sess_in", &session], get);
+    assert!(
+        text.contains("Reused, TLSv1.2") && text.contains("HTTP/1.1 200"),
+        "resumed and served before the revocation: {text}"
+    );
+    pki.revoke(&["carol", "alice"]);
+    let (ok, out) = gw.reload_with(&cfg);
+    assert!(ok, "{out}");
+    let text = s_client(&gw, &pki, "alice", &["-tls1_2", "-sess_in", &session], get);
+    assert!(
+        !text.contains("HTTP/1.1 200"),
+        "a revoked certificate was served through its old session: {text}"
+    );
+    // Refused after resuming (not by a full handshake the client fell back to).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !gw.log().contains("resumed session refused") {
+        assert!(std::time::Instant::now() < deadline, "{text}\n{}", gw.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A new handshake is refused too.
+    let out = curl(&gw, &pki, Some((&pki, "alice")), "/mtls/new", &[]);
+    assert_eq!(status(&out), 0);
+}
+
+/// Subjects are matched, and sent upstream, as `openssl x509 -nameopt RFC2253` prints them,
+/// also with attributes beyond CN/O (e-mail) and bytes beyond ASCII.
+#[test]
+fn subjects_are_written_as_openssl_prints_them() {
+    let (pki, _) = pki();
+    pki.issue_leaf(
+        "erin",
+        &Leaf {
+            subject: "/C=DE/O=Acme, Inc./CN=J\u{f6}rg \u{dc}ber/emailAddress=erin@acme.test",
+            sans: &[],
+            key: "ec",
+            days: 2,
+            usage: "clientAuth",
+        },
+    );
+    let out = run(Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-nameopt", "RFC2253", "-in"])
+        .arg(pki.path("erin.pem")));
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let subject = printed
+        .strip_prefix("subject=")
+        .unwrap_or(&printed)
+        .to_owned();
+    assert!(
+        subject.contains("emailAddress=") && subject.contains("\\C3\\B6"),
+        "{subject}"
+    );
+    let up = Upstream::echo_target();
+    let gw = Gateway::start(&config_with(
+        &pki,
+        up.addr,
+        false,
+        &format!(
+            "[[consumers]]\nid = \"erin\"\nclient_certificate = {{ subjects = ['{subject}'] }}\n"
+        ),
+    ));
+    let out = curl(
+        &gw,
+        &pki,
+        Some((&pki, "erin")),
+        "/mtls/e",
+        &["-H", "X_Client_Subject: CN=forged"],
+    );
+    assert_eq!(
+        status(&out),
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    let seen = up.requests().pop().unwrap();
+    assert_eq!(seen.header("x-consumer-id"), Some("erin"));
+    assert_eq!(seen.header("x-client-subject"), Some(subject.as_str()));
+    assert!(
+        seen.headers
+            .iter()
+            .all(|(n, _)| !n.eq_ignore_ascii_case("x_client_subject")),
+        "an underscore spelling of the identity header passed: {:?}",
+        seen.headers
+    );
+}
+
+#[test]
+fn identity_headers_that_http_or_the_gateway_own_are_refused() {
+    let (pki, _) = pki();
+    for bad in [
+        "content-length",
+        "Host",
+        "x-consumer-id",
+        "transfer_encoding",
+    ] {
+        let cfg = config(&pki, "127.0.0.1:9".parse().unwrap(), true).replace(
+            "identity_header = \"X-Client-Subject\"",
+            &format!("identity_header = \"{bad}\""),
+        );
+        let (ok, text) = check_config(&cfg);
+        assert!(
+            !ok && text.contains("identity_header") && text.contains("owns"),
+            "{bad}: {text}"
+        );
+    }
 }

@@ -81,7 +81,7 @@ impl Consumers {
                     table.by_cert_subject.insert(subject.clone(), i);
                 }
                 for san in &m.sans {
-                    table.by_cert_san.insert(san.to_ascii_lowercase(), i);
+                    table.by_cert_san.insert(normalized_san(san), i);
                 }
             }
             for hash in c.api_keys.iter().filter_map(|k| parse_key_hash(k)) {
@@ -127,7 +127,7 @@ impl Consumers {
                 identity
                     .sans
                     .iter()
-                    .find_map(|san| self.by_cert_san.get(&san.to_ascii_lowercase()).copied())
+                    .find_map(|san| self.by_cert_san.get(&normalized_san(san)).copied())
             })
     }
 
@@ -155,6 +155,16 @@ impl Consumers {
             .by_api_key(credential.value)
             .ok_or(AuthError::Invalid)?;
         self.admit_consumer(policy, consumer)
+    }
+}
+
+/// A subject alternative name as it is compared: DNS names and e-mail domains are
+/// case-insensitive; URIs (SPIFFE ids among them) are compared as written.
+pub fn normalized_san(san: &str) -> String {
+    if san.contains("://") || san.starts_with("urn:") {
+        san.to_owned()
+    } else {
+        san.to_ascii_lowercase()
     }
 }
 

@@ -225,11 +225,43 @@ impl TlsConfig {
             }
         }
         if let Some(c) = &self.client_certificates {
+            let at_header = || at().key("client_certificates").key("identity_header");
             if c.identity_header.is_empty() || !c.identity_header.bytes().all(super::is_token_byte)
             {
                 return Err(Invalid::new(
-                    at().key("client_certificates").key("identity_header"),
+                    at_header(),
                     "must be a header name such as \"x-client-cert-subject\"",
+                ));
+            }
+            // Framing, routing and gateway-owned fields: a second copy would smuggle or lie.
+            const RESERVED: [&str; 18] = [
+                "host",
+                "content-length",
+                "transfer-encoding",
+                "connection",
+                "keep-alive",
+                "te",
+                "trailer",
+                "upgrade",
+                "proxy-connection",
+                "expect",
+                "authorization",
+                "cookie",
+                "via",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-request-id",
+                "traceparent",
+                "tracestate",
+            ];
+            let lower = c.identity_header.to_ascii_lowercase().replace('_', "-");
+            if RESERVED.contains(&lower.as_str()) || lower.starts_with("x-consumer-") {
+                return Err(Invalid::new(
+                    at_header(),
+                    format!(
+                        "`{}` is a field HTTP framing or the gateway owns; choose another, such as \"x-client-cert-subject\"",
+                        c.identity_header
+                    ),
                 ));
             }
         }

@@ -61,7 +61,15 @@ impl FromStr for ServerAddress {
         }
         let (host, port) = s.rsplit_once(':').ok_or(VALID)?;
         let port: u16 = port.parse().map_err(|_| VALID)?;
-        if port == 0 || !is_host_name(host) {
+        // A fully qualified name's final dot is implied: the resolver asks fully qualified.
+        let host = host.strip_suffix('.').unwrap_or(host);
+        // Also what TLS accepts as a name to verify (which refuses a numeric-looking last
+        // label such as `0x7f000001`, read by some resolvers as an address).
+        let tls_name = matches!(
+            rustls::pki_types::ServerName::try_from(host),
+            Ok(rustls::pki_types::ServerName::DnsName(_))
+        );
+        if port == 0 || !is_host_name(host) || !tls_name {
             return Err(VALID);
         }
         Ok(ServerAddress::Name {
@@ -284,6 +292,7 @@ impl ResolverConfig {
         let at = || key_path("resolver");
         for (key, d) in [
             ("interval", self.interval),
+            ("min_ttl", self.min_ttl),
             ("max_ttl", self.max_ttl),
             ("retry", self.retry),
             ("timeout", self.timeout),
@@ -320,6 +329,11 @@ mod tests {
             Ok(ServerAddress::Ip("[::1]:443".parse().unwrap()))
         );
         assert_eq!(
+            "api.example.com.:443".parse::<ServerAddress>(),
+            "api.example.com:443".parse::<ServerAddress>(),
+            "a final dot is implied"
+        );
+        assert_eq!(
             "API.Example.com:443".parse::<ServerAddress>(),
             Ok(ServerAddress::Name {
                 host: "api.example.com".into(),
@@ -334,6 +348,7 @@ mod tests {
             "a..b:80",
             "exa mple.com:80",
             "10.0.0.300:80",
+            "svc.0x7f:80",
             ":80",
         ] {
             assert!(bad.parse::<ServerAddress>().is_err(), "{bad}");

@@ -611,7 +611,11 @@ impl Config {
                                 "must not be empty",
                             ));
                         }
-                        if !cert_names.insert((key, v.as_str())) {
+                        let normalized = match key {
+                            "sans" => crate::auth::normalized_san(v),
+                            _ => v.clone(),
+                        };
+                        if !cert_names.insert((key, normalized)) {
                             return Err(Invalid::new(
                                 at().key("client_certificate").key(key).index(j),
                                 format!("`{v}` identifies an earlier consumer too"),

@@ -162,6 +162,17 @@ impl<'b> ConnectionOptions<'b> {
     }
 }
 
+/// Whether field `name` is `owned` (lower case) as CGI-style backends read names: case
+/// ignored and `_` taken for `-` (`X_Consumer_Id` is `HTTP_X_CONSUMER_ID`, as is
+/// `X-Consumer-Id`). Fields the gateway owns are dropped in either spelling.
+pub fn same_cgi_name(name: &str, owned: &str) -> bool {
+    name.len() == owned.len()
+        && name
+            .bytes()
+            .zip(owned.bytes())
+            .all(|(n, o)| n.to_ascii_lowercase() == o || (n == b'_' && o == b'-'))
+}
+
 pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }

@@ -40,6 +40,11 @@ pub trait Transport {
     fn is_tls(&self) -> bool {
         false
     }
+    /// Whether the stream ended without the peer saying so (TLS: no close_notify), so what
+    /// came last may have been cut; never on plain TCP, where a close is all there is.
+    fn truncated(&self) -> bool {
+        false
+    }
     /// Says the stream ends (TLS: close_notify, so a body framed by the close is known to be
     /// whole), before `deadline`; nothing to say on plain TCP.
     async fn close_notify(&self, _deadline: tokio::time::Instant) {}

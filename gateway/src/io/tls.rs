@@ -63,6 +63,8 @@ pub struct TlsTransport {
     incoming: RefCell<Vec<u8>>,
     fed: std::cell::Cell<usize>,
     outgoing: RefCell<Vec<u8>>,
+    /// Set when the TCP stream ended before the peer's close_notify.
+    truncated: std::cell::Cell<bool>,
 }
 
 impl TlsTransport {
@@ -87,14 +89,33 @@ impl TlsTransport {
             incoming: RefCell::new(Vec::with_capacity(INCOMING_BYTES)),
             fed: std::cell::Cell::new(0),
             outgoing: RefCell::new(Vec::with_capacity(INCOMING_BYTES)),
+            truncated: std::cell::Cell::new(false),
         }
     }
 
-    /// Reads the peer's verified leaf certificate (after the handshake), if it sent one.
-    pub fn with_peer_certificate<T>(&self, read: impl FnOnce(&[u8]) -> T) -> Option<T> {
+    /// Reads the peer's certificate chain (after the handshake), leaf first, and whether the
+    /// session was resumed: then the chain is the one verified when the session began, which
+    /// the caller may have to verify again.
+    pub fn with_peer_chain<T>(
+        &self,
+        read: impl FnOnce(Option<&[rustls::pki_types::CertificateDer<'static>]>, bool) -> T,
+    ) -> T {
         let conn = self.conn.borrow();
-        let leaf = conn.peer_certificates()?.first()?;
-        Some(read(leaf))
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        read(conn.peer_certificates().filter(|c| !c.is_empty()), resumed)
+    }
+
+    /// Whether anything the peer sent is still unread here (ciphertext not yet processed,
+    /// decrypted bytes, or its close_notify): such a connection must not go back to a pool,
+    /// where a look at the socket would not see it.
+    pub fn has_unread(&self) -> bool {
+        if self.unfed() {
+            return true;
+        }
+        match self.conn.borrow_mut().process_new_packets() {
+            Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
+            Err(_) => true,
+        }
     }
 
     pub fn raw_fd(&self) -> std::os::fd::RawFd {
@@ -259,8 +280,11 @@ impl Transport for TlsTransport {
             *self.incoming.borrow_mut() = incoming;
             match res {
                 // The peer closed without close_notify: a truncation, reported as end of
-                // stream (framing decides whether a message was cut).
-                Ok(0) => return (Ok(0), buf),
+                // stream (framing decides whether a message was cut; see `truncated`).
+                Ok(0) => {
+                    self.truncated.set(true);
+                    return (Ok(0), buf);
+                }
                 Ok(_) => {}
                 Err(e) => return (Err(e), buf),
             }
@@ -308,6 +332,10 @@ impl Transport for TlsTransport {
 
     fn is_tls(&self) -> bool {
         true
+    }
+
+    fn truncated(&self) -> bool {
+        self.truncated.get()
     }
 
     async fn close_notify(&self, deadline: Instant) {

@@ -226,7 +226,11 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
         let (res, b) = read_before(upstream, buf, Instant::now() + read_timeout).await;
         buf = b;
         match res {
-            Ok(0) if framing == BodyFraming::UntilClose => return (Ok(false), buf, head),
+            // Over TLS a body framed by the close is whole only if the close was said
+            // (close_notify): anyone on the path can cut the TCP stream.
+            Ok(0) if framing == BodyFraming::UntilClose && !upstream.truncated() => {
+                return (Ok(false), buf, head)
+            }
             Ok(0) => return (Err(ResponseBodyError::UpstreamFraming), buf, head),
             Ok(_) => {}
             Err(e) => return (Err(ResponseBodyError::Upstream(e)), buf, head),

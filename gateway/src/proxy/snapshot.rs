@@ -73,6 +73,7 @@ impl UpstreamParts {
                 }
             }
         }
+        resolver.await_first_answers(&names.values().collect::<Vec<_>>());
         Ok(UpstreamParts {
             resolver,
             names,

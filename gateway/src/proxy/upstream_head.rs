@@ -9,7 +9,7 @@ use crate::{
     config::AuthConfig,
     http::{
         encode::{checked, write_field, write_via, UnsafeFieldValue, VIA},
-        fields::is_hop_by_hop,
+        fields::{is_hop_by_hop, same_cgi_name},
         request::RequestHead,
         BodyFraming,
     },
@@ -131,17 +131,20 @@ pub fn write_upstream_request(
         }
         if is_hop_by_hop(name)
             || req.connection.nominates(name)
-            || REQUEST_REPLACED
-                .iter()
-                .any(|r| name.eq_ignore_ascii_case(r))
+            || REQUEST_REPLACED.iter().any(|r| same_cgi_name(name, r))
         {
             continue;
         }
+        // Identity fields the gateway writes: never a client's copy, in any spelling, also
+        // the header a connection's certificate was given before a reload renamed it.
         if identity
             .replaced
             .iter()
             .chain(identity.identity_headers)
-            .any(|r| name.eq_ignore_ascii_case(r))
+            .any(|r| same_cgi_name(name, r))
+            || identity
+                .client_cert
+                .is_some_and(|(header, _)| same_cgi_name(name, header))
         {
             continue;
         }

@@ -399,14 +399,33 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
         };
         match started {
             Ok(()) => {
-                let client_cert = profile.identity_header.as_ref().and_then(|header| {
+                let admitted = tls.with_peer_chain(|chain, resumed| {
+                    profile.admit_client_chain(chain, resumed)?;
                     let identity =
-                        tls.with_peer_certificate(crate::tls::client_identity::from_certificate)??;
-                    Some(Rc::new(crate::proxy::context::ClientCert {
-                        identity,
-                        header: header.clone(),
-                    }))
+                        chain.and_then(|c| crate::tls::client_identity::from_certificate(&c[0]));
+                    Ok::<_, rustls::Error>(identity)
                 });
+                let identity = match admitted {
+                    Ok(identity) => identity,
+                    Err(e) => {
+                        let e = crate::io::HandshakeError::Tls(e);
+                        debug!(%peer, reason = e.reason(), error = %e, "resumed session refused");
+                        if let Some(m) = &worker.metrics {
+                            m.counters.tls_handshake_failure(e.reason());
+                        }
+                        let _ = tls.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                };
+                let client_cert = match (&profile.identity_header, identity) {
+                    (Some(header), Some(identity)) => {
+                        Some(Rc::new(crate::proxy::context::ClientCert {
+                            identity,
+                            header: header.clone(),
+                        }))
+                    }
+                    _ => None,
+                };
                 serve(tls, peer, &worker, &handle, &[], client_cert).await
             }
             Err(e) => {

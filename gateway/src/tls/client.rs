@@ -26,6 +26,12 @@ pub enum UpstreamTlsError {
         path: String,
         reason: String,
     },
+    #[error("upstreams.{upstream}.tls.key: cannot read {key}: {reason}")]
+    ClientKey {
+        upstream: String,
+        key: String,
+        reason: String,
+    },
     #[error("upstreams.{upstream}.tls.cert: cannot use {cert} with {key}: {reason}")]
     ClientCert {
         upstream: String,
@@ -81,7 +87,12 @@ pub fn build(
             let chain = CertificateDer::pem_file_iter(cert)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| cert_err(e.to_string()))?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| cert_err(e.to_string()))?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| UpstreamTlsError::ClientKey {
+                    upstream: name.to_owned(),
+                    key: key.display().to_string(),
+                    reason: e.to_string(),
+                })?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| cert_err(e.to_string()))?

@@ -74,6 +74,35 @@ pub struct TlsProfile {
     pub identity_header: Option<Arc<str>>,
     /// Whether the ticket keys are this process's own (random, rotating), kept across reloads.
     own_ticketer: bool,
+    /// The client-certificate verifier and whether a certificate is required, when client
+    /// certificates are asked for: a resumed session's chain is verified again with them.
+    client_verifier: Option<(Arc<dyn rustls::server::danger::ClientCertVerifier>, bool)>,
+}
+
+impl TlsProfile {
+    /// Judges the client chain of a finished handshake. A full handshake was verified by
+    /// rustls; a resumed one carries the chain verified when its session began (maybe under
+    /// another CA file or CRL, before a revocation, before expiry), so it is verified again
+    /// now, and a session made without a certificate does not pass where one is required.
+    pub fn admit_client_chain(
+        &self,
+        chain: Option<&[CertificateDer<'static>]>,
+        resumed: bool,
+    ) -> Result<(), rustls::Error> {
+        let Some((verifier, required)) = &self.client_verifier else {
+            return Ok(());
+        };
+        if !resumed {
+            return Ok(());
+        }
+        match chain {
+            None if *required => Err(rustls::Error::NoCertificatesPresented),
+            None => Ok(()),
+            Some(chain) => verifier
+                .verify_client_cert(&chain[0], &chain[1..], rustls::pki_types::UnixTime::now())
+                .map(drop),
+        }
+    }
 }
 
 /// Verifies client certificates against `c.ca` and its CRLs; optional unless `required`.
@@ -111,7 +140,12 @@ fn client_verifier(
         Arc::new(roots),
         Arc::new(provider::default_provider()),
     )
-    .with_crls(crls);
+    .with_crls(crls)
+    // The client's own certificate is checked against its issuer's CRL (a chain's
+    // intermediates need no CRL of their own), and a CRL past its next update no longer
+    // vouches for anyone: renew it (the file is watched).
+    .only_check_end_entity_revocation()
+    .enforce_revocation_expiration();
     if !c.required {
         builder = builder.allow_unauthenticated();
     }
@@ -179,9 +213,14 @@ pub fn build(
     let builder = ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
         .with_protocol_versions(versions)
         .map_err(cfg_err)?;
-    let builder = match &config.client_certificates {
+    let verifier = config
+        .client_certificates
+        .as_ref()
+        .map(|c| Ok::<_, TlsError>((client_verifier(name, c)?, c.required)))
+        .transpose()?;
+    let builder = match &verifier {
         None => builder.with_no_client_auth(),
-        Some(c) => builder.with_client_cert_verifier(client_verifier(name, c)?),
+        Some((v, _)) => builder.with_client_cert_verifier(v.clone()),
     };
     let mut server = builder.with_cert_resolver(Arc::new(resolver));
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -210,6 +249,7 @@ pub fn build(
             .as_ref()
             .map(|c| Arc::from(c.identity_header.to_ascii_lowercase())),
         own_ticketer: config.ticket_keys.is_none(),
+        client_verifier: verifier,
     })
 }
 

@@ -5,8 +5,12 @@
 //! read at start, on reload and when it changes (the certificate watcher); it must not be
 //! readable by group or others.
 //!
-//! A ticket is `key id (8) ‖ nonce (12) ‖ ChaCha20-Poly1305(state)`, the key id (the first 8
-//! bytes of the key's SHA-256) as associated data, so a ticket names the key that opens it.
+//! A ticket is `key id (8) ‖ issued (8) ‖ nonce (12) ‖ ChaCha20-Poly1305(state)`: the key id
+//! (the first 8 bytes of the key's SHA-256) names the key that opens it, and the issue time
+//! (Unix seconds) bounds its age; both are associated data, so neither can be altered. A
+//! ticket older than its lifetime is refused whatever key it used (rustls itself does not
+//! check a ticket's age). Nonces are random (96 bits): a key should seal well under 2^32
+//! tickets across all hosts sharing it, which rotating keys daily keeps far away.
 
 use std::{os::unix::fs::PermissionsExt, path::Path};
 
@@ -20,6 +24,9 @@ use sha2::{Digest, Sha256};
 /// the same six hours.
 const TICKET_LIFETIME_SECS: u32 = 6 * 60 * 60;
 const KEY_ID_LEN: usize = 8;
+const ISSUED_LEN: usize = 8;
+/// How far ahead of this host's clock another host's issue time may be.
+const CLOCK_SKEW_SECS: u64 = 60;
 /// Keys a file may hold (the current and those still decrypting).
 const MAX_KEYS: usize = 16;
 
@@ -119,18 +126,40 @@ impl rustls::server::ProducesTickets for FileTicketer {
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.seal(plain, now_secs())
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.open(cipher, now_secs())
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+type Aad16 = [u8; KEY_ID_LEN + ISSUED_LEN];
+
+impl FileTicketer {
+    fn seal(&self, plain: &[u8], now: u64) -> Option<Vec<u8>> {
         let current = &self.keys[0];
         let mut nonce = [0u8; NONCE_LEN];
         self.random.fill(&mut nonce).ok()?;
-        let mut out = Vec::with_capacity(KEY_ID_LEN + NONCE_LEN + plain.len() + 16);
-        out.extend_from_slice(&current.id);
+        let mut aad: Aad16 = [0; KEY_ID_LEN + ISSUED_LEN];
+        aad[..KEY_ID_LEN].copy_from_slice(&current.id);
+        aad[KEY_ID_LEN..].copy_from_slice(&now.to_be_bytes());
+        let mut out = Vec::with_capacity(aad.len() + NONCE_LEN + plain.len() + 16);
+        out.extend_from_slice(&aad);
         out.extend_from_slice(&nonce);
         let mut sealed = plain.to_vec();
         current
             .key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(current.id),
+                Aad::from(aad),
                 &mut sealed,
             )
             .ok()?;
@@ -138,20 +167,27 @@ impl rustls::server::ProducesTickets for FileTicketer {
         Some(out)
     }
 
-    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        if cipher.len() < KEY_ID_LEN + NONCE_LEN {
+    fn open(&self, cipher: &[u8], now: u64) -> Option<Vec<u8>> {
+        let aad: Aad16 = cipher.get(..KEY_ID_LEN + ISSUED_LEN)?.try_into().ok()?;
+        let rest = &cipher[aad.len()..];
+        if rest.len() < NONCE_LEN {
             return None;
         }
-        let (id, rest) = cipher.split_at(KEY_ID_LEN);
-        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let (id, issued) = aad.split_at(KEY_ID_LEN);
+        let issued = u64::from_be_bytes(issued.try_into().ok()?);
+        let too_old = now.saturating_sub(issued) > u64::from(TICKET_LIFETIME_SECS);
+        if too_old || issued > now + CLOCK_SKEW_SECS {
+            return None;
+        }
         let key = self.keys.iter().find(|k| k.id == id)?;
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut buf = sealed.to_vec();
-        let plain = key
+        let n = key
             .key
-            .open_in_place(nonce, Aad::from(key.id), &mut buf)
-            .ok()?;
-        let n = plain.len();
+            .open_in_place(nonce, Aad::from(aad), &mut buf)
+            .ok()?
+            .len();
         buf.truncate(n);
         Some(buf)
     }
@@ -187,6 +223,16 @@ mod tests {
         *forged.last_mut().unwrap() ^= 1;
         assert_eq!(host1.decrypt(&forged), None);
         assert_eq!(host1.decrypt(&ticket[..10]), None);
+        // The issue time cannot be moved, and an old ticket does not open.
+        let mut younger = ticket.clone();
+        younger[KEY_ID_LEN + ISSUED_LEN - 1] ^= 1;
+        assert_eq!(host1.decrypt(&younger), None);
+        let old = host1
+            .seal(b"old", now_secs() - u64::from(TICKET_LIFETIME_SECS) - 1)
+            .unwrap();
+        assert_eq!(host1.decrypt(&old), None);
+        let recent = host1.seal(b"recent", now_secs() - 60).unwrap();
+        assert_eq!(host1.decrypt(&recent).unwrap(), b"recent");
     }
 
     #[test]

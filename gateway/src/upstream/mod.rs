@@ -29,6 +29,9 @@ use resolve::ResolvedName;
 /// the rare close right after a response, which the retry rule covers for idempotent requests.
 const PEEK_AFTER_IDLE: Duration = Duration::from_millis(100);
 
+/// Addresses of a named server one new connection tries before giving up.
+const ADDRESS_ATTEMPTS: usize = 3;
+
 /// Why no connection to an upstream server could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -189,6 +192,11 @@ impl UpstreamGroup {
     /// Takes over the idle connections of `old`, a group of the same config in the worker's
     /// previous generation (a reload keeps warm pools).
     pub fn take_idle_from(&self, old: &UpstreamGroup) {
+        // TLS connections were verified under the old generation's CA and client certificate,
+        // whose files may have changed under the same names: they are not carried over.
+        if self.config.tls.is_some() {
+            return;
+        }
         for (mine, theirs) in self.idle.iter().zip(&old.idle) {
             mine.borrow_mut().append(&mut theirs.borrow_mut());
         }
@@ -233,38 +241,75 @@ impl UpstreamGroup {
         self.connect(server).await
     }
 
-    /// The address the next connection to `server` goes to.
-    fn address(&self, server: usize) -> Result<SocketAddr, ConnectError> {
+    /// The addresses the next connection to `server` tries, in order: a named server's
+    /// addresses in turn from the next one, at most [`ADDRESS_ATTEMPTS`] of them.
+    fn addresses(
+        &self,
+        server: usize,
+    ) -> Result<([SocketAddr; ADDRESS_ATTEMPTS], usize), ConnectError> {
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        let mut out = [unspecified; ADDRESS_ATTEMPTS];
         match &self.servers[server] {
-            Target::Address(a) => Ok(*a),
+            Target::Address(a) => {
+                out[0] = *a;
+                Ok((out, 1))
+            }
             Target::Named { name, next } => {
                 let addresses = name.addresses();
                 if addresses.is_empty() {
                     return Err(ConnectError::Unresolved);
                 }
-                let i = next.get() % addresses.len();
-                next.set(i + 1);
-                Ok(addresses[i])
+                let first = next.get() % addresses.len();
+                next.set(first + 1);
+                let n = addresses.len().min(ADDRESS_ATTEMPTS);
+                for (k, slot) in out.iter_mut().take(n).enumerate() {
+                    *slot = addresses[(first + k) % addresses.len()];
+                }
+                Ok((out, n))
             }
         }
     }
 
-    /// A new connection to `server`, TLS included: the connect timeout bounds the connect and
-    /// the handshake together.
+    /// A new connection to `server`, TLS included: the connect timeout bounds the connects
+    /// and the handshake together. A named server's next address is tried when one refuses
+    /// or is unreachable (an AAAA record on a host without IPv6, a dead instance).
     pub async fn connect(&self, server: usize) -> Result<UpstreamConn, ConnectError> {
-        let addr = self.address(server)?;
+        let (candidates, count) = self.addresses(server)?;
         let deadline = Instant::now() + self.connect_timeout;
-        // A connect that times out is cancelled and its socket closed at once.
-        let stream = match connect_before(addr, self.connect_timeout).await {
-            Err(ConnectFailure::TimedOut(_)) => return Err(ConnectError::TimedOut),
-            Err(ConnectFailure::Io(e)) => return Err(ConnectError::Failed(e)),
-            Ok(stream) => stream,
+        let mut connected = None;
+        let mut failure = None;
+        for &addr in &candidates[..count] {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ConnectError::TimedOut);
+            }
+            // A connect that times out is cancelled and its socket closed at once.
+            match connect_before(addr, left).await {
+                Err(ConnectFailure::TimedOut(_)) => return Err(ConnectError::TimedOut),
+                Err(ConnectFailure::Io(e)) => failure = Some(e),
+                Ok(stream) => {
+                    connected = Some((addr, stream));
+                    break;
+                }
+            }
+        }
+        let Some((addr, stream)) = connected else {
+            return Err(ConnectError::Failed(failure.unwrap_or_else(|| {
+                std::io::Error::other("no address to connect to")
+            })));
         };
         let _ = stream.set_nodelay(true);
         let tcp = TcpTransport::new(stream);
-        let transport = match &self.tls[server] {
-            None => UpstreamTransport::Plain(tcp),
-            Some(tls) => {
+        let transport = match (&self.tls[server], self.config.tls.is_some()) {
+            (None, false) => UpstreamTransport::Plain(tcp),
+            // Never plaintext to an upstream configured for TLS (validation makes every
+            // server's TLS name valid, so this is only a guard).
+            (None, true) => {
+                return Err(ConnectError::Tls(HandshakeError::Tls(
+                    rustls::Error::General("no TLS name for this server".into()),
+                )))
+            }
+            (Some(tls), _) => {
                 let session = TlsTransport::client(tcp, tls.config.clone(), tls.name.clone())
                     .map_err(|e| ConnectError::Tls(HandshakeError::Tls(e)))?;
                 match session.handshake(deadline).await {
@@ -316,6 +361,9 @@ impl UpstreamGroup {
 
     /// Returns a connection whose exchange was completely framed and consumed.
     pub fn release(&self, conn: UpstreamConn) {
+        if conn.transport.has_unread() {
+            return;
+        }
         let mut idle = self.idle[conn.server].borrow_mut();
         let now = Instant::now();
         idle.retain(|c| now.duration_since(c.since) < self.idle_timeout);

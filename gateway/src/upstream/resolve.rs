@@ -78,8 +78,8 @@ impl NameResolver {
         }
     }
 
-    /// The entry for `host:port`, resolving it first (waiting a few seconds at most) when it
-    /// is new. Entries nobody holds any more are forgotten.
+    /// The entry for `host:port`, new or shared; its resolution starts at once. Entries
+    /// nobody holds any more are forgotten.
     pub fn track(&self, host: &str, port: u16) -> Arc<ResolvedName> {
         let entry = {
             let mut names = self.shared.names.lock().unwrap_or_else(|e| e.into_inner());
@@ -98,11 +98,17 @@ impl NameResolver {
             entry
         };
         self.start();
+        entry
+    }
+
+    /// Waits (a few seconds at most, for all together) until each of `names` had its first
+    /// attempt, so the first requests find addresses. Not on a worker: config builds run on
+    /// the main, control and admin threads.
+    pub fn await_first_answers(&self, names: &[&Arc<ResolvedName>]) {
         let until = Instant::now() + FIRST_ANSWER_WAIT;
-        while !entry.attempted.load(Ordering::Acquire) && Instant::now() < until {
+        while names.iter().any(|n| !n.attempted.load(Ordering::Acquire)) && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(5));
         }
-        entry
     }
 
     fn start(&self) {
@@ -114,6 +120,8 @@ impl NameResolver {
             .name("resolver".into())
             .spawn(move || run(shared));
         if let Err(e) = spawned {
+            // The next config build tries again.
+            self.shared.started.store(false, Ordering::Release);
             warn!(error = %e, "cannot start the resolver thread: upstream host names stay unresolved");
         }
     }
@@ -181,6 +189,13 @@ fn run(shared: Weak<Shared>) {
                     }
                 }
             }
+            // An attempt that did not report (it panicked) waits as a failure would.
+            let floor = Instant::now() + config.retry.get();
+            for s in schedule.values_mut() {
+                if s.due <= now {
+                    s.due = floor;
+                }
+            }
             let next_due = schedule.values().map(|s| s.due).min();
             let wait = next_due
                 .map(|d| d.saturating_duration_since(Instant::now()))
@@ -242,6 +257,8 @@ async fn attempt(
         }
         _ => {
             let (host, port) = (entry.host.clone(), entry.port);
+            // getaddrinfo cannot be cancelled: past the timeout its thread finishes on its
+            // own (tokio's blocking pool bounds how many), and the attempt counts as failed.
             let lookup = tokio::task::spawn_blocking(move || {
                 (host.as_str(), port)
                     .to_socket_addrs()

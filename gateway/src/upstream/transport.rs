@@ -19,6 +19,15 @@ impl UpstreamTransport {
             UpstreamTransport::Tls(t) => t.raw_fd(),
         }
     }
+
+    /// Whether the server sent anything not yet read (held by rustls, where a look at the
+    /// socket cannot see it): such a connection is not pooled.
+    pub fn has_unread(&self) -> bool {
+        match self {
+            UpstreamTransport::Plain(_) => false,
+            UpstreamTransport::Tls(t) => t.has_unread(),
+        }
+    }
 }
 
 impl Transport for UpstreamTransport {
@@ -60,6 +69,13 @@ impl Transport for UpstreamTransport {
 
     fn is_tls(&self) -> bool {
         matches!(self, UpstreamTransport::Tls(_))
+    }
+
+    fn truncated(&self) -> bool {
+        match self {
+            UpstreamTransport::Plain(_) => false,
+            UpstreamTransport::Tls(t) => t.truncated(),
+        }
     }
 
     async fn close_notify(&self, deadline: Instant) {

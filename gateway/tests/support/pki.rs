@@ -124,7 +124,7 @@ impl Pki {
             .args(["-out", &format!("{name}.key")]));
         ok(Command::new("openssl")
             .current_dir(d)
-            .args(["req", "-new", "-key", &format!("{name}.key")])
+            .args(["req", "-new", "-utf8", "-key", &format!("{name}.key")])
             .args(["-out", &format!("{name}.csr"), "-subj", leaf.subject]));
         let mut ext = String::new();
         if !leaf.sans.is_empty() {

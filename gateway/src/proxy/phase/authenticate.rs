@@ -45,7 +45,12 @@ pub fn run(
                     .admit_consumer(policy, consumer)
                     .map_err(denied)?;
                 ctx.caller = Some(Caller::Listed(consumer));
-                return Ok(None);
+                // Any key or token the client also sent is stripped as usual: the upstream
+                // must not see another caller's credential beside this consumer's identity.
+                let strip = (!policy.keep_credentials)
+                    .then(|| find_credential(req, &snapshot.config.auth).map(|c| c.source))
+                    .flatten();
+                return Ok(strip);
             }
             if policy.methods.len() == 1 {
                 debug!(subject = %cert.identity.header_value, "client certificate identifies no consumer");
