@@ -18,6 +18,7 @@ pub mod state;
 mod sys;
 pub mod tls;
 pub mod upstream;
+pub mod vault;
 pub mod xdp;
 
 pub use config::is_token_byte;

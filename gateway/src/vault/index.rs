@@ -1,0 +1,166 @@
+//! What the request path reads of the vault: virtual keys by the hash of each secret that
+//! works (the current one, and earlier ones until their grace ends), and the opened provider
+//! keys. Rebuilt and published whole on every change; lookups take no lock.
+
+use std::{collections::HashMap, sync::Arc};
+
+use subtle::ConstantTimeEq;
+
+use super::{
+    store::{Document, Owner},
+    VaultError,
+};
+
+/// A provider key in memory; never printed.
+pub struct ProviderSecret {
+    pub id: String,
+    pub fingerprint: String,
+    secret: String,
+}
+
+impl ProviderSecret {
+    pub fn expose(&self) -> &str {
+        &self.secret
+    }
+}
+
+impl std::fmt::Debug for ProviderSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProviderSecret({} {})", self.id, self.fingerprint)
+    }
+}
+
+/// A virtual key as admission needs it.
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub id: String,
+    pub owner: Owner,
+    pub providers: Vec<String>,
+    pub models: Vec<String>,
+    pub expires_at_ms: Option<u64>,
+}
+
+/// Why a presented virtual key is not admitted (all answered 401).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRefusal {
+    /// No key has this secret (never had, revoked, or a rotated secret past its grace).
+    Unknown,
+    Expired,
+}
+
+struct Secret {
+    entry: usize,
+    hash: [u8; 32],
+    /// Works before this instant (ms since the epoch) only: a rotated secret in its grace.
+    until_ms: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct VaultIndex {
+    entries: Vec<KeyEntry>,
+    by_prefix: HashMap<u64, Vec<Secret>>,
+    /// Provider name -> its opened keys.
+    pub provider_keys: HashMap<String, Vec<Arc<ProviderSecret>>>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret(entry {})", self.entry)
+    }
+}
+
+fn prefix(hash: &[u8; 32]) -> u64 {
+    u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"))
+}
+
+fn parse_hash(hex_digits: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_digits, &mut out).ok()?;
+    Some(out)
+}
+
+impl VaultIndex {
+    pub fn build(
+        doc: &Document,
+        master: &super::sealed::MasterKey,
+    ) -> Result<VaultIndex, VaultError> {
+        let mut index = VaultIndex::default();
+        for key in doc.keys.values().filter(|k| k.revoked_at_ms.is_none()) {
+            let entry = index.entries.len();
+            index.entries.push(KeyEntry {
+                id: key.id.clone(),
+                owner: key.owner.clone(),
+                providers: key.providers.clone(),
+                models: key.models.clone(),
+                expires_at_ms: key.expires_at_ms,
+            });
+            let secrets = std::iter::once((key.hash.as_str(), None)).chain(
+                key.previous
+                    .iter()
+                    .map(|p| (p.hash.as_str(), Some(p.until_ms))),
+            );
+            for (hash, until_ms) in secrets {
+                // A hash that does not parse admits nothing (the file was edited by hand).
+                if let Some(hash) = parse_hash(hash) {
+                    index
+                        .by_prefix
+                        .entry(prefix(&hash))
+                        .or_default()
+                        .push(Secret {
+                            entry,
+                            hash,
+                            until_ms,
+                        });
+                }
+            }
+        }
+        for (provider, keys) in &doc.providers {
+            let opened = keys
+                .iter()
+                .map(|k| {
+                    let plain = master
+                        .open(&k.sealed, &format!("{provider}/{}", k.id))
+                        .map_err(|reason| VaultError::Unseal {
+                            provider: provider.clone(),
+                            id: k.id.clone(),
+                            reason,
+                        })?;
+                    Ok(Arc::new(ProviderSecret {
+                        id: k.id.clone(),
+                        fingerprint: k.fingerprint.clone(),
+                        secret: String::from_utf8_lossy(&plain).into_owned(),
+                    }))
+                })
+                .collect::<Result<Vec<_>, VaultError>>()?;
+            index.provider_keys.insert(provider.clone(), opened);
+        }
+        Ok(index)
+    }
+
+    /// The key whose secret `presented` is, at `now_ms`. Every candidate with the same hash
+    /// prefix is compared in constant time.
+    pub fn admit(&self, presented: &[u8], now_ms: u64) -> Result<&KeyEntry, KeyRefusal> {
+        let hash = super::virtual_key::hash(presented);
+        let candidates = self
+            .by_prefix
+            .get(&prefix(&hash))
+            .ok_or(KeyRefusal::Unknown)?;
+        let mut found = None;
+        for s in candidates {
+            if bool::from(s.hash.ct_eq(&hash)) {
+                found = Some(s);
+            }
+        }
+        let secret = found.ok_or(KeyRefusal::Unknown)?;
+        // The grace ends exactly at `until_ms`: from that millisecond on, the old secret is no
+        // secret of this key.
+        if secret.until_ms.is_some_and(|until| now_ms >= until) {
+            return Err(KeyRefusal::Unknown);
+        }
+        let entry = &self.entries[secret.entry];
+        if entry.expires_at_ms.is_some_and(|at| now_ms >= at) {
+            return Err(KeyRefusal::Expired);
+        }
+        Ok(entry)
+    }
+}

@@ -1,0 +1,494 @@
+//! The LLM key vault: provider keys kept sealed at rest and handed to upstreams in place of
+//! the virtual keys clients hold. Clients never see a provider key; the gateway never stores
+//! a virtual key's secret, only its hash.
+//!
+//! Changes (admin API, `portcullis vault`) go through [`Vault`]: one at a time, each written
+//! to the store crash-safely before it counts, then published to the workers as a new
+//! [`index::VaultIndex`] (one lock-free load per request), then written to the audit log.
+//! A revocation returns only once no worker still holds an index that admits the key.
+
+pub mod audit;
+pub mod index;
+pub mod sealed;
+pub mod store;
+pub mod virtual_key;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwap;
+
+use index::VaultIndex;
+use sealed::{fingerprint, MasterKey};
+use store::{
+    Document, Owner, PreviousSecret, ProviderKeyRecord, RotationRecord, StoreError,
+    VirtualKeyRecord, MAX_PREVIOUS_SECRETS, MAX_ROTATION_IDS,
+};
+
+/// Longest a revocation waits for workers to let go of the index it replaced; requests hold
+/// it for one phase, microseconds.
+const REVOKE_SETTLE: Duration = Duration::from_secs(2);
+
+/// Why a vault operation was refused; the admin API answers with its status.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("stored provider key {provider}/{id} does not open: {reason}")]
+    Unseal {
+        provider: String,
+        id: String,
+        reason: sealed::UnsealError,
+    },
+    #[error("no provider named {0:?} in [vault.providers]")]
+    UnknownProvider(String),
+    #[error("no virtual key {0}")]
+    UnknownKey(String),
+    #[error("virtual key {0} is revoked")]
+    Revoked(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl VaultError {
+    pub fn status(&self) -> u16 {
+        match self {
+            VaultError::UnknownProvider(_) | VaultError::Invalid(_) => 400,
+            VaultError::UnknownKey(_) => 404,
+            VaultError::Revoked(_) => 409,
+            VaultError::Store(_) | VaultError::Unseal { .. } => 500,
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What a new virtual key is for.
+#[derive(Debug, Clone)]
+pub struct KeySpec {
+    pub owner: Owner,
+    pub providers: Vec<String>,
+    pub models: Vec<String>,
+    pub expires_at_ms: Option<u64>,
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// A rotation's outcome.
+#[derive(Debug)]
+pub enum Rotated {
+    /// The new secret (shown once), and until when the previous one works.
+    New {
+        secret: String,
+        previous_until_ms: u64,
+    },
+    /// This rotation id was already applied (at that time); nothing changed.
+    Already { at_ms: u64 },
+}
+
+/// The vault of a running gateway (or of `portcullis vault` working on a stopped one's data
+/// directory).
+pub struct Vault {
+    dir: PathBuf,
+    master: MasterKey,
+    providers: Vec<String>,
+    doc: Mutex<Document>,
+    index: ArcSwap<VaultIndex>,
+    audit: audit::AuditLog,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault").field("dir", &self.dir).finish()
+    }
+}
+
+impl Vault {
+    /// Opens the store in `dir`, opening every provider key with `master` (a wrong master key
+    /// is refused here, not at the first request). `providers`: the configured provider names.
+    pub fn open(
+        dir: &Path,
+        master: MasterKey,
+        providers: Vec<String>,
+    ) -> Result<Vault, VaultError> {
+        let doc = Document::load(dir)?;
+        let index = VaultIndex::build(&doc, &master)?;
+        Ok(Vault {
+            dir: dir.to_owned(),
+            audit: audit::AuditLog::open(dir)?,
+            master,
+            providers,
+            doc: Mutex::new(doc),
+            index: ArcSwap::from_pointee(index),
+        })
+    }
+
+    /// The index the request path reads.
+    pub fn index(&self) -> arc_swap::Guard<Arc<VaultIndex>> {
+        self.index.load()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Document> {
+        self.doc.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Saves `next`, publishes its index, and writes the audit line: in that order, so what
+    /// the workers admit is always what the disk holds.
+    fn commit(
+        &self,
+        doc: &mut Document,
+        next: Document,
+        actor: &str,
+        action: &str,
+        subject: &str,
+    ) -> Result<Arc<VaultIndex>, VaultError> {
+        let index = VaultIndex::build(&next, &self.master)?;
+        next.save(&self.dir)?;
+        *doc = next;
+        let old = self.index.swap(Arc::new(index));
+        self.audit.record(actor, action, subject);
+        Ok(old)
+    }
+
+    fn check_providers(&self, names: &[String]) -> Result<(), VaultError> {
+        match names.iter().find(|p| !self.providers.contains(p)) {
+            Some(p) => Err(VaultError::UnknownProvider(p.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Adds a real key of `provider`; returns its id and fingerprint.
+    pub fn add_provider_key(
+        &self,
+        provider: &str,
+        secret: &str,
+        actor: &str,
+    ) -> Result<(String, String), VaultError> {
+        self.check_providers(&[provider.to_owned()])?;
+        let secret = secret.trim();
+        if secret.is_empty() || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(VaultError::Invalid(
+                "a provider key is printable ASCII without spaces".into(),
+            ));
+        }
+        let mut doc = self.lock();
+        let mut next = doc.clone();
+        let keys = next.providers.entry(provider.to_owned()).or_default();
+        let fp = fingerprint(secret.as_bytes());
+        if keys.iter().any(|k| k.fingerprint == fp) {
+            return Err(VaultError::Invalid(format!(
+                "{provider} already has the key {fp}"
+            )));
+        }
+        let id = format!("pk_{}", &virtual_key::new_id()[3..]);
+        keys.push(ProviderKeyRecord {
+            id: id.clone(),
+            fingerprint: fp.clone(),
+            sealed: self
+                .master
+                .seal(secret.as_bytes(), &format!("{provider}/{id}")),
+            added_at_ms: now_ms(),
+        });
+        self.commit(
+            &mut doc,
+            next,
+            actor,
+            "provider_key.add",
+            &format!("{provider}/{id} {fp}"),
+        )?;
+        Ok((id, fp))
+    }
+
+    /// Removes a provider key.
+    pub fn remove_provider_key(
+        &self,
+        provider: &str,
+        id: &str,
+        actor: &str,
+    ) -> Result<(), VaultError> {
+        let mut doc = self.lock();
+        let mut next = doc.clone();
+        let keys = next
+            .providers
+            .get_mut(provider)
+            .ok_or_else(|| VaultError::UnknownProvider(provider.to_owned()))?;
+        let before = keys.len();
+        keys.retain(|k| k.id != id);
+        if keys.len() == before {
+            return Err(VaultError::UnknownKey(format!("{provider}/{id}")));
+        }
+        self.commit(
+            &mut doc,
+            next,
+            actor,
+            "provider_key.remove",
+            &format!("{provider}/{id}"),
+        )?;
+        Ok(())
+    }
+
+    /// Provider keys as they may be shown: id and fingerprint, never the key.
+    pub fn provider_keys(&self) -> Vec<(String, String, String)> {
+        let doc = self.lock();
+        doc.providers
+            .iter()
+            .flat_map(|(p, keys)| {
+                keys.iter()
+                    .map(move |k| (p.clone(), k.id.clone(), k.fingerprint.clone()))
+            })
+            .collect()
+    }
+
+    /// Creates a virtual key; returns its id and its secret (shown this once).
+    pub fn create_key(&self, spec: KeySpec, actor: &str) -> Result<(String, String), VaultError> {
+        if spec.providers.is_empty() {
+            return Err(VaultError::Invalid(
+                "a key needs at least one provider".into(),
+            ));
+        }
+        self.check_providers(&spec.providers)?;
+        let (secret, hash) = virtual_key::new_secret();
+        let id = virtual_key::new_id();
+        let mut doc = self.lock();
+        let mut next = doc.clone();
+        next.keys.insert(
+            id.clone(),
+            VirtualKeyRecord {
+                id: id.clone(),
+                owner: spec.owner,
+                hash: hex::encode(hash),
+                previous: Vec::new(),
+                providers: spec.providers,
+                models: spec.models,
+                expires_at_ms: spec.expires_at_ms,
+                metadata: spec.metadata,
+                created_at_ms: now_ms(),
+                revoked_at_ms: None,
+                rotations: Vec::new(),
+            },
+        );
+        self.commit(&mut doc, next, actor, "key.create", &id)?;
+        Ok((id, secret))
+    }
+
+    /// Gives key `id` a new secret; the current one keeps working for `grace` (both work during
+    /// it, the old one not from its end on). A `rotation_id` already applied changes nothing.
+    pub fn rotate(
+        &self,
+        id: &str,
+        rotation_id: &str,
+        grace: Duration,
+        actor: &str,
+    ) -> Result<Rotated, VaultError> {
+        if rotation_id.is_empty() || rotation_id.len() > 128 {
+            return Err(VaultError::Invalid(
+                "rotation_id: 1 to 128 characters, the client's own id for this rotation".into(),
+            ));
+        }
+        let mut doc = self.lock();
+        let mut next = doc.clone();
+        let key = next
+            .keys
+            .get_mut(id)
+            .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
+        if key.revoked_at_ms.is_some() {
+            return Err(VaultError::Revoked(id.to_owned()));
+        }
+        if let Some(r) = key.rotations.iter().find(|r| r.rotation_id == rotation_id) {
+            return Ok(Rotated::Already { at_ms: r.at_ms });
+        }
+        let now = now_ms();
+        let until = now + grace.as_millis() as u64;
+        let (secret, hash) = virtual_key::new_secret();
+        key.previous.retain(|p| p.until_ms > now);
+        key.previous.push(PreviousSecret {
+            hash: std::mem::replace(&mut key.hash, hex::encode(hash)),
+            until_ms: until,
+        });
+        if key.previous.len() > MAX_PREVIOUS_SECRETS {
+            let excess = key.previous.len() - MAX_PREVIOUS_SECRETS;
+            key.previous.drain(..excess);
+        }
+        key.rotations.push(RotationRecord {
+            rotation_id: rotation_id.to_owned(),
+            at_ms: now,
+        });
+        if key.rotations.len() > MAX_ROTATION_IDS {
+            key.rotations.remove(0);
+        }
+        self.commit(&mut doc, next, actor, "key.rotate", id)?;
+        Ok(Rotated::New {
+            secret,
+            previous_until_ms: until,
+        })
+    }
+
+    /// Revokes key `id` (every secret of it). Returns once no worker can admit it any more.
+    pub fn revoke(&self, id: &str, actor: &str) -> Result<(), VaultError> {
+        let old = {
+            let mut doc = self.lock();
+            let mut next = doc.clone();
+            let key = next
+                .keys
+                .get_mut(id)
+                .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
+            if key.revoked_at_ms.is_some() {
+                return Ok(());
+            }
+            key.revoked_at_ms = Some(now_ms());
+            self.commit(&mut doc, next, actor, "key.revoke", id)?
+        };
+        // The swap turned every worker's outstanding view of the old index into a counted
+        // reference; once only ours is left, no request can be admitted by it.
+        let until = std::time::Instant::now() + REVOKE_SETTLE;
+        while Arc::strong_count(&old) > 1 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    /// The virtual keys, as they may be shown (never a secret or its hash).
+    pub fn keys(&self) -> Vec<VirtualKeyRecord> {
+        self.lock()
+            .keys
+            .values()
+            .map(|k| VirtualKeyRecord {
+                hash: String::new(),
+                previous: k
+                    .previous
+                    .iter()
+                    .map(|p| PreviousSecret {
+                        hash: String::new(),
+                        until_ms: p.until_ms,
+                    })
+                    .collect(),
+                ..k.clone()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MASTER: &str = "8899aabbccddeeff00112233445566778899aabbccddeeff0011223344556677";
+
+    fn vault(dir: &Path) -> Vault {
+        let master = MasterKey::from_hex(MASTER, "test").unwrap();
+        Vault::open(dir, master, vec!["openai".into(), "anthropic".into()]).unwrap()
+    }
+
+    fn spec() -> KeySpec {
+        KeySpec {
+            owner: Owner::Consumer("alice".into()),
+            providers: vec!["openai".into()],
+            models: vec!["gpt-4o-mini".into()],
+            expires_at_ms: None,
+            metadata: Default::default(),
+        }
+    }
+
+    #[test]
+    fn provider_keys_are_sealed_on_disk_and_open_only_with_the_master_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vault(dir.path());
+        let (id, fp) = v
+            .add_provider_key("openai", "sk-live-0123456789abcdef", "admin")
+            .unwrap();
+        assert!(fp.starts_with("sha256:"));
+        assert_eq!(
+            v.index().provider_keys["openai"][0].expose(),
+            "sk-live-0123456789abcdef"
+        );
+        for file in [store::FILE_NAME, audit::FILE_NAME] {
+            let text = std::fs::read_to_string(dir.path().join(file)).unwrap();
+            assert!(!text.contains("sk-live"), "{file} holds the key");
+        }
+        assert!(std::fs::read_to_string(dir.path().join(audit::FILE_NAME))
+            .unwrap()
+            .contains(&id));
+        drop(v);
+        let wrong = MasterKey::from_hex(&MASTER.replace('8', "9"), "test").unwrap();
+        let e = Vault::open(dir.path(), wrong, vec!["openai".into()]).unwrap_err();
+        assert!(e.to_string().contains("does not open"), "{e}");
+        assert!(matches!(
+            vault(dir.path()).add_provider_key("mistral", "k", "admin"),
+            Err(VaultError::UnknownProvider(_))
+        ));
+    }
+
+    #[test]
+    fn rotation_keeps_the_old_secret_exactly_for_its_grace_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vault(dir.path());
+        let (id, old) = v.create_key(spec(), "admin").unwrap();
+        let Rotated::New {
+            secret: new,
+            previous_until_ms: until,
+        } = v
+            .rotate(&id, "r-1", Duration::from_secs(60), "admin")
+            .unwrap()
+        else {
+            panic!("a first rotation rotates")
+        };
+        let index = v.index();
+        assert_eq!(index.admit(old.as_bytes(), until - 1).unwrap().id, id);
+        assert_eq!(
+            index.admit(old.as_bytes(), until).unwrap_err(),
+            index::KeyRefusal::Unknown,
+            "the old secret stops at the grace's end, exactly"
+        );
+        assert_eq!(index.admit(new.as_bytes(), until + 1).unwrap().id, id);
+        // A retried rotation changes nothing; the new secret keeps working.
+        assert!(matches!(
+            v.rotate(&id, "r-1", Duration::from_secs(60), "admin")
+                .unwrap(),
+            Rotated::Already { .. }
+        ));
+        assert!(v.index().admit(new.as_bytes(), now_ms()).is_ok());
+        // The store round-trips through a restart.
+        drop(index);
+        drop(v);
+        let v = vault(dir.path());
+        assert!(v.index().admit(new.as_bytes(), now_ms()).is_ok());
+        assert!(v.index().admit(old.as_bytes(), until - 1).is_ok());
+        assert!(v.keys().iter().all(|k| k.hash.is_empty()));
+    }
+
+    #[test]
+    fn revoked_and_expired_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vault(dir.path());
+        let (id, secret) = v.create_key(spec(), "admin").unwrap();
+        v.revoke(&id, "admin").unwrap();
+        assert_eq!(
+            v.index().admit(secret.as_bytes(), now_ms()).unwrap_err(),
+            index::KeyRefusal::Unknown
+        );
+        assert!(matches!(
+            v.rotate(&id, "r", Duration::ZERO, "admin"),
+            Err(VaultError::Revoked(_))
+        ));
+        let (_, secret) = v
+            .create_key(
+                KeySpec {
+                    expires_at_ms: Some(now_ms() - 1),
+                    ..spec()
+                },
+                "admin",
+            )
+            .unwrap();
+        assert_eq!(
+            v.index().admit(secret.as_bytes(), now_ms()).unwrap_err(),
+            index::KeyRefusal::Expired
+        );
+    }
+}
