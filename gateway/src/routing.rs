@@ -55,6 +55,8 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     /// The route's access policy; `None` for an open route.
     pub auth: Option<crate::config::RouteAuthConfig>,
+    /// The vault provider whose keys replace the virtual keys callers present.
+    pub vault: Option<String>,
     /// Rate limits counted before credentials are checked: the route's own, or the ones of
     /// `[server]` shared by every route that has none of its own.
     pub pre_auth_limits: std::sync::Arc<[crate::limits::Limit]>,
@@ -363,6 +365,7 @@ fn compile_route(
         rewrite,
         max_body_bytes: r.max_body_bytes,
         auth: r.auth.clone(),
+        vault: r.vault.clone(),
         pre_auth_limits: match &r.pre_auth_limits {
             Some(own) => own
                 .iter()

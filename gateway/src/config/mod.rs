@@ -8,6 +8,7 @@ mod observability;
 mod tls;
 mod upstream;
 mod validate;
+mod vault;
 pub use names::valid_route_id;
 pub use observability::{AccessLogConfig, AccessLogTarget, AdminConfig, AdminListen};
 pub use tls::{
@@ -17,6 +18,7 @@ pub use upstream::{
     is_host_name, HostPolicy, ResolverConfig, ServerAddress, UpstreamConfig, UpstreamTlsConfig,
 };
 pub use validate::is_token_byte;
+pub use vault::{ProviderConfig, ProviderKind, VaultConfig};
 
 use std::{
     collections::BTreeMap,
@@ -63,6 +65,8 @@ pub struct Config {
     /// TLS profiles that listen entries name.
     #[serde(default)]
     pub tls: BTreeMap<String, TlsConfig>,
+    /// The LLM key vault; off unless set.
+    pub vault: Option<VaultConfig>,
     /// SHA-256 of the file's text, in hex (set by [`Config::parse`]; compares hosts' configs).
     #[serde(skip)]
     pub source_sha256: String,
@@ -466,6 +470,9 @@ pub struct RouteConfig {
     pub case_insensitive: bool,
     /// Who may call this route; omit for an open route.
     pub auth: Option<RouteAuthConfig>,
+    /// Callers present virtual keys of the vault, swapped for a key of this provider
+    /// (`[vault.providers.NAME]`) on the way upstream.
+    pub vault: Option<String>,
     /// Rate limits counted before credentials are checked (keyed by "client" or
     /// "header:NAME"); default: `[server] pre_auth_limits`; `[]` for none.
     pub pre_auth_limits: Option<Vec<LimitConfig>>,

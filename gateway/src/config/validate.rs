@@ -117,6 +117,9 @@ impl Config {
             upstream.validate(name)?;
         }
         self.resolver.validate()?;
+        if let Some(v) = &self.vault {
+            v.validate()?;
+        }
 
         for (i, route) in self.routes.iter().enumerate() {
             self.validate_route(i, route)?;
@@ -280,6 +283,32 @@ impl Config {
                 return Err(Invalid::new(at().key("upstream"), format!("no upstream named `{name}`; defined: {known:?}")));
             }
             _ => {}
+        }
+        if let Some(provider) = &route.vault {
+            let providers = self.vault.as_ref().map(|v| &v.providers);
+            if !providers.is_some_and(|p| p.contains_key(provider)) {
+                let known: Vec<&str> = providers
+                    .map(|p| p.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
+                return Err(Invalid::new(
+                    at().key("vault"),
+                    format!(
+                        "no provider named `{provider}` in [vault.providers]; defined: {known:?}"
+                    ),
+                ));
+            }
+            if route.upstream.is_none() {
+                return Err(Invalid::new(
+                    at().key("upstream"),
+                    "a vault route forwards to the provider's upstream: set `upstream`",
+                ));
+            }
+            if route.auth.is_some() {
+                return Err(Invalid::new(
+                    at().key("auth"),
+                    "a vault route is authenticated by its virtual keys; remove `auth`",
+                ));
+            }
         }
         let m = &route.matcher;
         let matcher = || at().key("match");

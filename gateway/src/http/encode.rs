@@ -177,6 +177,27 @@ pub fn write_error(
     }
 }
 
+/// Writes one of the gateway's own answers with a JSON body (already rendered).
+pub fn write_json(
+    out: &mut Vec<u8>,
+    status: u16,
+    body: &str,
+    keep_alive: bool,
+    head_only: bool,
+    extra: &[u8],
+) {
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        reason(status),
+        body.len()
+    );
+    end_head(out, keep_alive, Version::Http11, extra);
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+}
+
 /// Writes a 429 with Retry-After and, for `limit`, the RateLimit-Policy and RateLimit fields
 /// of the IETF httpapi rate-limit headers draft.
 /// `policy` is (name, quota, window in seconds).

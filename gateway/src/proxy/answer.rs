@@ -19,6 +19,12 @@ pub enum Answer {
     Denied(AuthError),
     /// A plaintext listener's 308 to the same URL over HTTPS (the location is in the context).
     RedirectHttps,
+    /// The vault refused the request on a route of a provider of this kind: the refusal's
+    /// status, with a JSON body in the provider's error shape.
+    Vault {
+        kind: crate::config::ProviderKind,
+        refusal: crate::vault::provider::VaultRefusal,
+    },
     /// A rate limit or quota of route `route` refused the request: 429, retry after that many
     /// seconds.
     TooMany {

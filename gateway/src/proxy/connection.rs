@@ -434,6 +434,18 @@ impl<C: Transport> Connection<'_, C> {
                 );
                 e.status()
             }
+            Answer::Vault { kind, refusal } => {
+                let body = crate::vault::provider::error_body(kind, refusal);
+                encode::write_json(
+                    &mut self.out,
+                    refusal.status(),
+                    &body,
+                    keep_alive,
+                    facts.is_head,
+                    &self.ctx.correlation.response_fields,
+                );
+                refusal.status()
+            }
             Answer::RedirectHttps => {
                 encode::write_redirect(
                     &mut self.out,

@@ -59,6 +59,16 @@ pub enum Caller {
     Listed(usize),
     /// A verified JWT's subject, shared with the worker's token cache.
     Token(Rc<TokenIdentity>),
+    /// A virtual key of the vault, and the provider key chosen to replace it upstream.
+    Virtual(VirtualCaller),
+}
+
+/// A caller admitted by a virtual key on a vault route.
+#[derive(Debug, Clone)]
+pub struct VirtualCaller {
+    pub key: std::sync::Arc<crate::vault::index::KeyEntry>,
+    pub provider_key: std::sync::Arc<crate::vault::index::ProviderSecret>,
+    pub kind: crate::config::ProviderKind,
 }
 
 impl Caller {
@@ -70,6 +80,7 @@ impl Caller {
                 (&c.id, &c.groups_header)
             }
             Caller::Token(t) => (&t.consumer, &t.groups_header),
+            Caller::Virtual(v) => (&v.key.owner_label, ""),
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct ConfigSnapshot {
     pub identity_headers: Vec<String>,
     /// Upstream parts workers build their groups from: resolved server names and TLS configs.
     pub upstream_parts: UpstreamParts,
+    /// The LLM key vault, when `[vault]` is set; the same across reloads.
+    pub vault: Option<Arc<crate::vault::Vault>>,
 }
 
 /// What every worker's upstream groups share: the resolver (kept across reloads), the entry
@@ -107,7 +109,13 @@ impl ConfigSnapshot {
             &config.resolver,
         ));
         let upstream_parts = UpstreamParts::build(&config, resolver)?;
-        Ok(Self::assemble(
+        // After the quota store: it holds the data directory's lock.
+        let vault = config
+            .vault
+            .as_ref()
+            .map(|v| crate::vault::open_configured(v, &config.quotas.data_dir).map(Arc::new))
+            .transpose()?;
+        let mut snapshot = Self::assemble(
             config,
             None,
             issuers,
@@ -115,7 +123,9 @@ impl ConfigSnapshot {
             cluster,
             tls,
             upstream_parts,
-        ))
+        );
+        snapshot.vault = vault;
+        Ok(snapshot)
     }
 
     /// Compiles `config` to succeed `previous`: the quota store and the cluster link are the
@@ -131,7 +141,10 @@ impl ConfigSnapshot {
         let upstream_parts =
             UpstreamParts::build(&config, previous.upstream_parts.resolver.clone())?;
         previous.quota_store.register_names(&config);
-        Ok(Self::assemble(
+        if let (Some(vault), Some(v)) = (&previous.vault, &config.vault) {
+            vault.set_providers(v.providers.keys().cloned().collect());
+        }
+        let mut snapshot = Self::assemble(
             config,
             Some(previous),
             issuers,
@@ -139,7 +152,9 @@ impl ConfigSnapshot {
             previous.cluster.clone(),
             tls,
             upstream_parts,
-        ))
+        );
+        snapshot.vault = previous.vault.clone();
+        Ok(snapshot)
     }
 
     fn assemble(
@@ -177,6 +192,7 @@ impl ConfigSnapshot {
             },
             tls,
             upstream_parts,
+            vault: None,
             config,
         }
     }

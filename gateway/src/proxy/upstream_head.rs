@@ -44,6 +44,19 @@ pub struct Identity<'a> {
     pub identity_headers: &'a [String],
     /// The verified client certificate's subject, and the header that carries it.
     pub client_cert: Option<(&'a str, &'a str)>,
+    /// On a vault route: the provider's credential, which replaces every client credential.
+    pub provider: Option<ProviderAuth<'a>>,
+}
+
+/// A provider key as it goes upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct ProviderAuth<'a> {
+    /// The field (lower case) and the text before the key (`Bearer `).
+    pub header: &'static str,
+    pub prefix: &'static str,
+    pub secret: &'a str,
+    /// Sent as `anthropic-version` when the client sent none (Anthropic).
+    pub anthropic_version: Option<&'a str>,
 }
 
 /// The Host sent upstream: `value` when the client sent none, or always when `fixed` (the
@@ -137,6 +150,13 @@ pub fn write_upstream_request(
         }
         // Identity fields the gateway writes: never a client's copy, in any spelling, also
         // the header a connection's certificate was given before a reload renamed it.
+        if identity.provider.is_some()
+            && crate::vault::provider::CREDENTIAL_HEADERS
+                .iter()
+                .any(|c| same_cgi_name(name, c))
+        {
+            continue;
+        }
         if identity
             .replaced
             .iter()
@@ -182,6 +202,23 @@ pub fn write_upstream_request(
     }
     if let Some((name, subject)) = identity.client_cert {
         write_field(out, name, subject.as_bytes())?;
+    }
+    if let Some(p) = identity.provider {
+        let secret = checked(p.header, p.secret.as_bytes())?;
+        out.extend_from_slice(p.header.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(p.prefix.as_bytes());
+        out.extend_from_slice(secret);
+        out.extend_from_slice(b"\r\n");
+        if let Some(version) = p.anthropic_version {
+            if !req
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("anthropic-version"))
+            {
+                write_field(out, "anthropic-version", version.as_bytes())?;
+            }
+        }
     }
     match req.body {
         BodyFraming::Length(n) => {

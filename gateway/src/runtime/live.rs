@@ -218,6 +218,14 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.access_log != new.access_log {
         fixed.push("access_log");
     }
+    let master_key = |c: &Config| {
+        c.vault
+            .as_ref()
+            .map(|v| (v.master_key_file.clone(), v.master_key_env.clone()))
+    };
+    if master_key(old) != master_key(new) {
+        fixed.push("vault (its presence and master key)");
+    }
     match (&old.xdp, &new.xdp) {
         (Some(o), Some(n)) => fixed.extend(crate::xdp::fixed_changes(o, n)),
         (None, None) => {}

@@ -35,6 +35,9 @@ impl std::fmt::Debug for ProviderSecret {
 pub struct KeyEntry {
     pub id: String,
     pub owner: Owner,
+    /// The owning consumer's id, or the owning group's name: what limits, quotas and logs
+    /// count the key's requests under.
+    pub owner_label: String,
     pub providers: Vec<String>,
     pub models: Vec<String>,
     pub expires_at_ms: Option<u64>,
@@ -57,7 +60,7 @@ struct Secret {
 
 #[derive(Debug, Default)]
 pub struct VaultIndex {
-    entries: Vec<KeyEntry>,
+    entries: Vec<Arc<KeyEntry>>,
     by_prefix: HashMap<u64, Vec<Secret>>,
     /// Provider name -> its opened keys.
     pub provider_keys: HashMap<String, Vec<Arc<ProviderSecret>>>,
@@ -87,13 +90,16 @@ impl VaultIndex {
         let mut index = VaultIndex::default();
         for key in doc.keys.values().filter(|k| k.revoked_at_ms.is_none()) {
             let entry = index.entries.len();
-            index.entries.push(KeyEntry {
+            index.entries.push(Arc::new(KeyEntry {
                 id: key.id.clone(),
+                owner_label: match &key.owner {
+                    Owner::Consumer(c) | Owner::Group(c) => c.clone(),
+                },
                 owner: key.owner.clone(),
                 providers: key.providers.clone(),
                 models: key.models.clone(),
                 expires_at_ms: key.expires_at_ms,
-            });
+            }));
             let secrets = std::iter::once((key.hash.as_str(), None)).chain(
                 key.previous
                     .iter()
@@ -139,7 +145,7 @@ impl VaultIndex {
 
     /// The key whose secret `presented` is, at `now_ms`. Every candidate with the same hash
     /// prefix is compared in constant time.
-    pub fn admit(&self, presented: &[u8], now_ms: u64) -> Result<&KeyEntry, KeyRefusal> {
+    pub fn admit(&self, presented: &[u8], now_ms: u64) -> Result<&Arc<KeyEntry>, KeyRefusal> {
         let hash = super::virtual_key::hash(presented);
         let candidates = self
             .by_prefix

@@ -9,6 +9,7 @@
 
 pub mod audit;
 pub mod index;
+pub mod provider;
 pub mod sealed;
 pub mod store;
 pub mod virtual_key;
@@ -64,6 +65,20 @@ impl VaultError {
     }
 }
 
+/// Opens the vault `config` describes in `data_dir` (which the caller holds the lock of).
+pub fn open_configured(
+    config: &crate::config::VaultConfig,
+    data_dir: &Path,
+) -> Result<Vault, VaultError> {
+    let master = match (&config.master_key_file, &config.master_key_env) {
+        (Some(file), _) => MasterKey::from_file(file),
+        (None, Some(var)) => MasterKey::from_env(var),
+        (None, None) => return Err(VaultError::Invalid("vault: no master key source".into())),
+    }
+    .map_err(|e| VaultError::Invalid(e.to_string()))?;
+    Vault::open(data_dir, master, config.providers.keys().cloned().collect())
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -98,7 +113,8 @@ pub enum Rotated {
 pub struct Vault {
     dir: PathBuf,
     master: MasterKey,
-    providers: Vec<String>,
+    /// The configured provider names (a reload may change them).
+    providers: Mutex<Vec<String>>,
     doc: Mutex<Document>,
     index: ArcSwap<VaultIndex>,
     audit: audit::AuditLog,
@@ -124,7 +140,7 @@ impl Vault {
             dir: dir.to_owned(),
             audit: audit::AuditLog::open(dir)?,
             master,
-            providers,
+            providers: Mutex::new(providers),
             doc: Mutex::new(doc),
             index: ArcSwap::from_pointee(index),
         })
@@ -157,8 +173,14 @@ impl Vault {
         Ok(old)
     }
 
+    /// Takes the provider names of a reloaded config.
+    pub fn set_providers(&self, names: Vec<String>) {
+        *self.providers.lock().unwrap_or_else(|e| e.into_inner()) = names;
+    }
+
     fn check_providers(&self, names: &[String]) -> Result<(), VaultError> {
-        match names.iter().find(|p| !self.providers.contains(p)) {
+        let known = self.providers.lock().unwrap_or_else(|e| e.into_inner());
+        match names.iter().find(|p| !known.contains(p)) {
             Some(p) => Err(VaultError::UnknownProvider(p.clone())),
             None => Ok(()),
         }

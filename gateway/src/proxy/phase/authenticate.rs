@@ -30,6 +30,10 @@ pub fn run(
     ctx: &mut RequestContext,
     may_await_keys: bool,
 ) -> Result<Option<CredentialSource>, Exit> {
+    if let Some(provider) = &route.vault {
+        admit_virtual_key(snapshot, provider, req, ctx)?;
+        return Ok(None);
+    }
     let Some(policy) = &route.auth else {
         return Ok(None);
     };
@@ -100,6 +104,56 @@ pub fn run(
         return Ok(strip);
     }
     Err(denied(AuthError::Invalid))
+}
+
+/// A vault route: the caller's virtual key must work now and may call `provider`; a key of
+/// that provider is chosen to replace it upstream (at random: balanced without shared state).
+fn admit_virtual_key(
+    snapshot: &ConfigSnapshot,
+    provider: &str,
+    req: &RequestHead,
+    ctx: &mut RequestContext,
+) -> Result<(), Exit> {
+    use crate::vault::provider::{presented, VaultRefusal};
+    let Some(config) = snapshot
+        .config
+        .vault
+        .as_ref()
+        .and_then(|v| v.providers.get(provider))
+    else {
+        return Err(Answer::error(500, "vault route without its provider").into());
+    };
+    let kind = config.kind;
+    let refuse = |refusal| {
+        debug!(provider, ?refusal, "virtual key refused");
+        Exit::Answer(Answer::Vault { kind, refusal })
+    };
+    let vault = snapshot
+        .vault
+        .as_ref()
+        .ok_or_else(|| refuse(VaultRefusal::NoProviderKey))?;
+    let key = presented(kind, req.headers).ok_or_else(|| refuse(VaultRefusal::MissingKey))?;
+    if !crate::vault::virtual_key::looks_like(key) {
+        return Err(refuse(VaultRefusal::InvalidKey));
+    }
+    let index = vault.index();
+    let entry = index
+        .admit(key, crate::vault::now_ms())
+        .map_err(|_| refuse(VaultRefusal::InvalidKey))?;
+    if !entry.providers.iter().any(|p| p == provider) {
+        return Err(refuse(VaultRefusal::ProviderNotAllowed));
+    }
+    let keys = index
+        .provider_keys
+        .get(provider)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| refuse(VaultRefusal::NoProviderKey))?;
+    ctx.caller = Some(Caller::Virtual(crate::proxy::context::VirtualCaller {
+        key: entry.clone(),
+        provider_key: keys[fastrand::usize(..keys.len())].clone(),
+        kind,
+    }));
+    Ok(())
 }
 
 /// A JWT is three base64url parts; API keys never contain a dot.

@@ -170,6 +170,7 @@ mod tests {
             Err(Exit::Answer(Answer::TooMany { .. })) => 429,
             Err(Exit::Answer(Answer::Static { .. })) => 200,
             Err(Exit::Answer(Answer::RedirectHttps)) => 308,
+            Err(Exit::Answer(Answer::Vault { refusal, .. })) => refusal.status(),
             Err(Exit::AwaitKeys(_)) => 1,
         }
     }

@@ -13,7 +13,7 @@ use crate::{
         answer::Answer,
         context::{Caller, RequestContext},
         snapshot::ConfigSnapshot,
-        upstream_head::{write_upstream_request, Identity, UpstreamHost},
+        upstream_head::{write_upstream_request, Identity, ProviderAuth, UpstreamHost},
     },
     routing::Route,
 };
@@ -40,11 +40,30 @@ pub fn write(
             .map(|c| (&*c.header, c.identity.header_value.as_str())),
         ..Identity::default()
     };
-    if let Some(caller) = &ctx.caller {
-        identity.consumer = Some(caller.identity(snapshot));
-        if let Caller::Token(token) = caller {
-            identity.claim_headers = &token.claim_headers;
+    match &ctx.caller {
+        // A provider is not told who inside the organisation called.
+        Some(Caller::Virtual(v)) => {
+            let (header, prefix) = crate::vault::provider::upstream_credential(v.kind);
+            let anthropic_version = route
+                .vault
+                .as_ref()
+                .and_then(|p| snapshot.config.vault.as_ref()?.providers.get(p))
+                .filter(|p| p.kind == crate::config::ProviderKind::Anthropic)
+                .map(|p| p.anthropic_version.as_str());
+            identity.provider = Some(ProviderAuth {
+                header,
+                prefix,
+                secret: v.provider_key.expose(),
+                anthropic_version,
+            });
         }
+        Some(caller) => {
+            identity.consumer = Some(caller.identity(snapshot));
+            if let Caller::Token(token) = caller {
+                identity.claim_headers = &token.claim_headers;
+            }
+        }
+        None => {}
     }
     out.clear();
     write_upstream_request(

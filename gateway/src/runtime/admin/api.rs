@@ -27,7 +27,7 @@ pub struct AdminResponse {
 }
 
 impl AdminResponse {
-    fn json(status: u16, value: &Value) -> AdminResponse {
+    pub fn json(status: u16, value: &Value) -> AdminResponse {
         let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
         body.push(b'\n');
         AdminResponse {
@@ -89,6 +89,9 @@ pub fn handle(state: &AdminState, req: &AdminRequest) -> AdminResponse {
     }
     let method = req.method.as_str();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let Some(answer) = super::vault_api::handle(state, method, &segments, &req.body) {
+        return answer;
+    }
     match (method, segments.as_slice()) {
         ("GET", ["metrics"]) => metrics(state),
         ("GET", ["healthz"]) => AdminResponse::json(200, &json!({ "status": "alive" })),

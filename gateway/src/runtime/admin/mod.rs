@@ -5,6 +5,7 @@ pub mod api;
 pub mod page;
 pub mod server;
 pub mod token;
+pub mod vault_api;
 
 pub use api::AdminState;
 pub use server::start;

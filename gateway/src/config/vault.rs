@@ -1,0 +1,98 @@
+//! `[vault]`: the LLM key vault's master key source, rotation grace, and the providers whose
+//! real keys it keeps; routes name a provider with `vault = "NAME"`.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{key_path, ConfigDuration, Invalid};
+
+/// How a provider takes its key and shapes its errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// `Authorization: Bearer KEY`.
+    Openai,
+    /// Any API that speaks OpenAI's: the same header and error shape.
+    OpenaiCompatible,
+    /// `x-api-key: KEY` and `anthropic-version`.
+    Anthropic,
+    /// Azure OpenAI: `api-key: KEY`.
+    Azure,
+}
+
+/// `[vault.providers.NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    /// Sent as `anthropic-version` when the client sends none (Anthropic only).
+    #[serde(default = "default_anthropic_version")]
+    pub anthropic_version: String,
+}
+
+fn default_anthropic_version() -> String {
+    "2023-06-01".to_owned()
+}
+
+/// `[vault]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// A file of 64 hex digits (`openssl rand -hex 32`), mode 0600; or `master_key_env`.
+    pub master_key_file: Option<PathBuf>,
+    /// An environment variable holding the 64 hex digits.
+    pub master_key_env: Option<String>,
+    /// How long a rotated key's previous secret keeps working, unless a rotation says.
+    #[serde(default = "default_rotation_grace")]
+    pub rotation_grace: ConfigDuration,
+    pub providers: BTreeMap<String, ProviderConfig>,
+}
+
+fn default_rotation_grace() -> ConfigDuration {
+    ConfigDuration::from_secs(24 * 60 * 60)
+}
+
+impl VaultConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let at = || key_path("vault");
+        match (&self.master_key_file, &self.master_key_env) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(Invalid::new(
+                    at().key("master_key_file"),
+                    "set exactly one of master_key_file and master_key_env (never the key itself)",
+                ))
+            }
+            _ => {}
+        }
+        if self.providers.is_empty() {
+            return Err(Invalid::new(
+                at().key("providers"),
+                "needs at least one provider, such as [vault.providers.openai] kind = \"openai\"",
+            ));
+        }
+        for (name, p) in &self.providers {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(Invalid::new(
+                    at().key("providers").key(name),
+                    "a provider name is letters, digits, - and _",
+                ));
+            }
+            if !p
+                .anthropic_version
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return Err(Invalid::new(
+                    at().key("providers").key(name).key("anthropic_version"),
+                    "a version such as \"2023-06-01\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+}

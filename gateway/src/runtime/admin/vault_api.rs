@@ -1,0 +1,187 @@
+//! The vault's admin endpoints: provider keys added and removed (shown by fingerprint only),
+//! virtual keys created (the secret shown once), listed, rotated and revoked. Every change is
+//! durable and in the audit log before the answer.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::api::{AdminResponse, AdminState};
+use crate::vault::{store::Owner, KeySpec, Rotated, Vault, VaultError};
+
+/// Who the audit log names for admin-token calls.
+const ADMIN_ACTOR: &str = "admin";
+
+fn vault_of(state: &AdminState) -> Result<(Arc<Vault>, Duration), AdminResponse> {
+    let snapshot = state.live.snapshot();
+    match (&snapshot.vault, &snapshot.config.vault) {
+        (Some(v), Some(c)) => Ok((v.clone(), c.rotation_grace.get())),
+        _ => Err(AdminResponse::error(404, "no [vault] is configured")),
+    }
+}
+
+fn refused(e: VaultError) -> AdminResponse {
+    AdminResponse::error(e.status(), &e.to_string())
+}
+
+fn body<T: for<'de> Deserialize<'de>>(raw: &[u8], shape: &str) -> Result<T, AdminResponse> {
+    serde_json::from_slice(raw)
+        .map_err(|e| AdminResponse::error(400, &format!("expected {shape}: {e}")))
+}
+
+/// The vault endpoints, or `None` when `segments` is not one of them.
+pub fn handle(
+    state: &AdminState,
+    method: &str,
+    segments: &[&str],
+    raw: &[u8],
+) -> Option<AdminResponse> {
+    if segments.first() != Some(&"vault") {
+        return None;
+    }
+    let (vault, grace) = match vault_of(state) {
+        Ok(v) => v,
+        Err(r) => return Some(r),
+    };
+    Some(match (method, &segments[1..]) {
+        ("GET", ["providers"]) => {
+            let keys: Vec<Value> = vault
+                .provider_keys()
+                .into_iter()
+                .map(|(provider, id, fingerprint)| {
+                    json!({ "provider": provider, "id": id, "fingerprint": fingerprint })
+                })
+                .collect();
+            AdminResponse::json(200, &json!({ "provider_keys": keys }))
+        }
+        ("POST", ["providers", provider, "keys"]) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Add {
+                key: String,
+            }
+            match body::<Add>(raw, "{\"key\": \"sk-...\"}") {
+                Err(r) => r,
+                Ok(add) => match vault.add_provider_key(provider, &add.key, ADMIN_ACTOR) {
+                    Ok((id, fingerprint)) => AdminResponse::json(
+                        201,
+                        &json!({ "provider": provider, "id": id, "fingerprint": fingerprint }),
+                    ),
+                    Err(e) => refused(e),
+                },
+            }
+        }
+        ("DELETE", ["providers", provider, "keys", id]) => {
+            match vault.remove_provider_key(provider, id, ADMIN_ACTOR) {
+                Ok(()) => AdminResponse::json(200, &json!({ "removed": id })),
+                Err(e) => refused(e),
+            }
+        }
+        ("GET", ["keys"]) => {
+            let keys: Vec<Value> = vault.keys().iter().map(key_view).collect();
+            AdminResponse::json(200, &json!({ "keys": keys }))
+        }
+        ("POST", ["keys"]) => create(&vault, raw),
+        ("POST", ["keys", id, "rotate"]) => rotate(&vault, id, raw, grace),
+        ("POST", ["keys", id, "revoke"]) => match vault.revoke(id, ADMIN_ACTOR) {
+            Ok(()) => AdminResponse::json(200, &json!({ "id": id, "revoked": true })),
+            Err(e) => refused(e),
+        },
+        _ => AdminResponse::error(404, "no such vault endpoint"),
+    })
+}
+
+fn key_view(k: &crate::vault::store::VirtualKeyRecord) -> Value {
+    let (kind, name) = match &k.owner {
+        Owner::Consumer(c) => ("consumer", c),
+        Owner::Group(g) => ("group", g),
+    };
+    json!({
+        "id": k.id,
+        "owner": { kind: name },
+        "providers": k.providers,
+        "models": k.models,
+        "expires_at_ms": k.expires_at_ms,
+        "metadata": k.metadata,
+        "created_at_ms": k.created_at_ms,
+        "revoked_at_ms": k.revoked_at_ms,
+        "previous_secrets_valid_until_ms": k.previous.iter().map(|p| p.until_ms).collect::<Vec<_>>(),
+    })
+}
+
+fn create(vault: &Vault, raw: &[u8]) -> AdminResponse {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "snake_case")]
+    enum OwnerIn {
+        Consumer(String),
+        Group(String),
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Create {
+        owner: OwnerIn,
+        providers: Vec<String>,
+        #[serde(default)]
+        models: Vec<String>,
+        /// Seconds from now.
+        expires_in_secs: Option<u64>,
+        #[serde(default)]
+        metadata: BTreeMap<String, String>,
+    }
+    let shape = "{\"owner\": {\"consumer\": \"alice\"}, \"providers\": [\"openai\"], \"models\": [], \"expires_in_secs\": 86400, \"metadata\": {}}";
+    let c: Create = match body(raw, shape) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let spec = KeySpec {
+        owner: match c.owner {
+            OwnerIn::Consumer(id) => Owner::Consumer(id),
+            OwnerIn::Group(g) => Owner::Group(g),
+        },
+        providers: c.providers,
+        models: c.models,
+        expires_at_ms: c
+            .expires_in_secs
+            .map(|s| crate::vault::now_ms().saturating_add(s.saturating_mul(1000))),
+        metadata: c.metadata,
+    };
+    match vault.create_key(spec, ADMIN_ACTOR) {
+        Ok((id, secret)) => AdminResponse::json(
+            201,
+            &json!({ "id": id, "key": secret, "note": "the key is shown this once; only its hash is kept" }),
+        ),
+        Err(e) => refused(e),
+    }
+}
+
+fn rotate(vault: &Vault, id: &str, raw: &[u8], default_grace: Duration) -> AdminResponse {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Rotate {
+        rotation_id: String,
+        grace_secs: Option<u64>,
+    }
+    let r: Rotate = match body(
+        raw,
+        "{\"rotation_id\": \"your-id-for-this-rotation\", \"grace_secs\": 3600}",
+    ) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let grace = r.grace_secs.map_or(default_grace, Duration::from_secs);
+    match vault.rotate(id, &r.rotation_id, grace, ADMIN_ACTOR) {
+        Ok(Rotated::New {
+            secret,
+            previous_until_ms,
+        }) => AdminResponse::json(
+            200,
+            &json!({ "id": id, "key": secret, "previous_valid_until_ms": previous_until_ms }),
+        ),
+        Ok(Rotated::Already { at_ms }) => AdminResponse::json(
+            200,
+            &json!({ "id": id, "already_rotated_at_ms": at_ms, "note": "this rotation_id was applied before; nothing changed" }),
+        ),
+        Err(e) => refused(e),
+    }
+}

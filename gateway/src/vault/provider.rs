@@ -1,0 +1,157 @@
+//! What differs between LLM providers at the gateway's edge: where a client puts its key, how
+//! the real key is sent upstream, and the shape of an error body, so a client's SDK reads the
+//! gateway's refusals as it reads the provider's own.
+
+use crate::config::ProviderKind;
+
+/// Where clients of `kind` put their key: header names, lower case; `authorization` means a
+/// Bearer token.
+pub fn credential_headers(kind: ProviderKind) -> &'static [&'static str] {
+    match kind {
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible => &["authorization"],
+        ProviderKind::Anthropic => &["x-api-key", "authorization"],
+        ProviderKind::Azure => &["api-key", "authorization"],
+    }
+}
+
+/// Every header that may carry a provider credential: a client's copies never go upstream on
+/// a vault route.
+pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+
+/// The credential a client of `kind` presented, if any.
+pub fn presented<'a>(kind: ProviderKind, headers: &'a [httparse::Header<'a>]) -> Option<&'a [u8]> {
+    for name in credential_headers(kind) {
+        let Some(h) = headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)) else {
+            continue;
+        };
+        let value = crate::http::fields::trim_ows(h.value);
+        if *name == "authorization" {
+            let scheme = value.get(..7)?;
+            if scheme.eq_ignore_ascii_case(b"bearer ") {
+                return Some(crate::http::fields::trim_ows(&value[7..]));
+            }
+            continue;
+        }
+        return Some(value);
+    }
+    None
+}
+
+/// The header (name, value prefix) that carries the real key upstream.
+pub fn upstream_credential(kind: ProviderKind) -> (&'static str, &'static str) {
+    match kind {
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible => ("authorization", "Bearer "),
+        ProviderKind::Anthropic => ("x-api-key", ""),
+        ProviderKind::Azure => ("api-key", ""),
+    }
+}
+
+/// Why the vault refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VaultRefusal {
+    /// 401: no virtual key where this provider's clients put theirs.
+    MissingKey,
+    /// 401: unknown, revoked, expired, or a rotated secret past its grace.
+    InvalidKey,
+    /// 403: the key may not call this provider.
+    ProviderNotAllowed,
+    /// 503: the vault holds no key of this provider.
+    NoProviderKey,
+}
+
+impl VaultRefusal {
+    pub fn status(self) -> u16 {
+        match self {
+            VaultRefusal::MissingKey | VaultRefusal::InvalidKey => 401,
+            VaultRefusal::ProviderNotAllowed => 403,
+            VaultRefusal::NoProviderKey => 503,
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            VaultRefusal::MissingKey => "No API key provided.",
+            VaultRefusal::InvalidKey => "Invalid API key (unknown, revoked or expired).",
+            VaultRefusal::ProviderNotAllowed => "This key may not call this provider.",
+            VaultRefusal::NoProviderKey => "The gateway holds no key for this provider.",
+        }
+    }
+}
+
+/// The error body a client of `kind` expects for `refusal` (JSON).
+pub fn error_body(kind: ProviderKind, refusal: VaultRefusal) -> String {
+    let message = refusal.message();
+    match kind {
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
+            let (kind, code) = match refusal {
+                VaultRefusal::MissingKey | VaultRefusal::InvalidKey => {
+                    ("invalid_request_error", "invalid_api_key")
+                }
+                VaultRefusal::ProviderNotAllowed => ("invalid_request_error", "permission_denied"),
+                VaultRefusal::NoProviderKey => ("server_error", "service_unavailable"),
+            };
+            serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+                .to_string()
+        }
+        ProviderKind::Anthropic => {
+            let kind = match refusal {
+                VaultRefusal::MissingKey | VaultRefusal::InvalidKey => "authentication_error",
+                VaultRefusal::ProviderNotAllowed => "permission_error",
+                VaultRefusal::NoProviderKey => "api_error",
+            };
+            serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
+                .to_string()
+        }
+        ProviderKind::Azure => serde_json::json!({"error": {
+            "code": refusal.status().to_string(), "message": message}})
+        .to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_read_where_each_provider_puts_them() {
+        let h = |name: &'static str, value: &'static [u8]| httparse::Header { name, value };
+        let bearer = [h("Authorization", b"Bearer  pcvk_x ")];
+        assert_eq!(
+            presented(ProviderKind::Openai, &bearer),
+            Some(&b"pcvk_x"[..])
+        );
+        assert_eq!(
+            presented(ProviderKind::Anthropic, &bearer),
+            Some(&b"pcvk_x"[..])
+        );
+        let basic = [h("authorization", b"Basic abc")];
+        assert_eq!(presented(ProviderKind::Openai, &basic), None);
+        let anthropic = [
+            h("X-Api-Key", b"pcvk_a"),
+            h("authorization", b"Bearer pcvk_b"),
+        ];
+        assert_eq!(
+            presented(ProviderKind::Anthropic, &anthropic),
+            Some(&b"pcvk_a"[..])
+        );
+        assert_eq!(
+            presented(ProviderKind::Azure, &[h("api-key", b"pcvk_z")]),
+            Some(&b"pcvk_z"[..])
+        );
+    }
+
+    #[test]
+    fn errors_take_each_providers_shape() {
+        let openai: serde_json::Value =
+            serde_json::from_str(&error_body(ProviderKind::Openai, VaultRefusal::InvalidKey))
+                .unwrap();
+        assert_eq!(openai["error"]["code"], "invalid_api_key");
+        let anthropic: serde_json::Value = serde_json::from_str(&error_body(
+            ProviderKind::Anthropic,
+            VaultRefusal::ProviderNotAllowed,
+        ))
+        .unwrap();
+        assert_eq!(anthropic["type"], "error");
+        assert_eq!(anthropic["error"]["type"], "permission_error");
+    }
+}

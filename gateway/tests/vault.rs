@@ -1,0 +1,320 @@
+//! The key vault end to end: the real gateway, provider keys added and virtual keys created
+//! through the admin API, requests to mock providers on loopback (real sockets). The virtual
+//! key is swapped for the provider's key in each provider's header and never reaches the
+//! provider; refusals come in each provider's error shape; rotation keeps the old secret for
+//! exactly its grace; revocation holds when its call returns; the provider key is in no log
+//! and no file on disk; the store needs its master key and survives `kill -9`.
+
+mod support;
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use support::*;
+
+const TOKEN: &str = "admin-token-for-vault-tests-0123456789";
+const OPENAI_KEY: &str = "sk-test-openai-5f3c9a0d7e21b4c8";
+const ANTHROPIC_KEY: &str = "sk-ant-test-91e2d4c6b8a03f57";
+
+struct Setup {
+    dir: tempfile::TempDir,
+    up: Upstream,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("master.key");
+        std::fs::write(&key, format!("{}\n", "3c".repeat(32))).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        Setup {
+            dir,
+            up: Upstream::echo_target(),
+        }
+    }
+
+    fn config(&self) -> String {
+        let d = self.dir.path();
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"PORTCULLIS_TEST_ADMIN_TOKEN\"\n\n\
+             [quotas]\ndata_dir = \"{}\"\n\n\
+             [vault]\nmaster_key_file = \"{}\"\nrotation_grace = \"1h\"\n\n\
+             [vault.providers.openai]\nkind = \"openai\"\n\n\
+             [vault.providers.anthropic]\nkind = \"anthropic\"\n\n\
+             [vault.providers.azure]\nkind = \"azure\"\n\n\
+             [upstreams.mock]\nservers = [\"{}\"]\n\n\
+             [[routes]]\nmatch = {{ path_prefix = \"/openai/\" }}\nupstream = \"mock\"\nvault = \"openai\"\n\n\
+             [[routes]]\nmatch = {{ path_prefix = \"/anthropic/\" }}\nupstream = \"mock\"\nvault = \"anthropic\"\n\n\
+             [[routes]]\nmatch = {{ path_prefix = \"/azure/\" }}\nupstream = \"mock\"\nvault = \"azure\"\n",
+            d.join("data").display(),
+            d.join("master.key").display(),
+            self.up.addr
+        )
+    }
+
+    fn start(&self) -> Gateway {
+        Gateway::start_with(&self.config(), &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)])
+    }
+}
+
+fn admin(gw: &Gateway, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let (status, text) = admin_request(gw.admin_addr(), method, path, Some(TOKEN), body);
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}")),
+    )
+}
+
+fn call(gw: &Gateway, path: &str, header: &str) -> Response {
+    request(
+        gw.addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: gw\r\n{header}content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        ),
+    )
+}
+
+fn bearer(key: &str) -> String {
+    format!("Authorization: Bearer {key}\r\n")
+}
+
+/// Adds the provider keys and a key for alice allowed on openai and anthropic; its secret.
+fn provision(gw: &Gateway) -> (String, String) {
+    for (provider, key) in [("openai", OPENAI_KEY), ("anthropic", ANTHROPIC_KEY)] {
+        let (status, body) = admin(
+            gw,
+            "POST",
+            &format!("/vault/providers/{provider}/keys"),
+            &format!("{{\"key\": \"{key}\"}}"),
+        );
+        assert_eq!(status, 201, "{body}");
+        assert!(body["fingerprint"].as_str().unwrap().starts_with("sha256:"));
+    }
+    let (status, body) = admin(
+        gw,
+        "POST",
+        "/vault/keys",
+        r#"{"owner": {"consumer": "alice"}, "providers": ["openai", "anthropic"], "metadata": {"team": "search"}}"#,
+    );
+    assert_eq!(status, 201, "{body}");
+    (
+        body["id"].as_str().unwrap().to_owned(),
+        body["key"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn virtual_keys_are_swapped_for_provider_keys_in_each_providers_header() {
+    let s = Setup::new();
+    let gw = s.start();
+    let (_, key) = provision(&gw);
+    assert!(key.starts_with("pcvk_") && key.len() == 69, "{key}");
+
+    let r = call(&gw, "/openai/v1/chat/completions", &bearer(&key));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = s.up.requests().pop().unwrap();
+    assert_eq!(
+        seen.headers_named("authorization"),
+        vec![format!("Bearer {OPENAI_KEY}").as_str()]
+    );
+    let raw = String::from_utf8_lossy(&seen.raw_head).into_owned();
+    assert!(
+        !raw.contains(&key),
+        "the virtual key reached the provider: {raw}"
+    );
+    assert!(
+        seen.header("x-consumer-id").is_none(),
+        "the provider is not told who called"
+    );
+
+    // Anthropic: x-api-key and the required version; the client's Authorization is dropped.
+    let r = call(
+        &gw,
+        "/anthropic/v1/messages",
+        &format!("x-api-key: {key}\r\nAuthorization: Bearer something-else\r\n"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = s.up.requests().pop().unwrap();
+    assert_eq!(seen.headers_named("x-api-key"), vec![ANTHROPIC_KEY]);
+    assert_eq!(seen.header("anthropic-version"), Some("2023-06-01"));
+    assert!(seen.header("authorization").is_none(), "{:?}", seen.headers);
+}
+
+#[test]
+fn refusals_come_in_the_providers_error_shape() {
+    let s = Setup::new();
+    let gw = s.start();
+    let (_, key) = provision(&gw);
+    let before = s.up.requests().len();
+
+    let r = call(&gw, "/openai/v1/chat/completions", "");
+    assert_eq!(r.status, 401);
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+
+    let forged = format!("pcvk_{}", "0".repeat(64));
+    assert_eq!(call(&gw, "/openai/v1/x", &bearer(&forged)).status, 401);
+    assert_eq!(call(&gw, "/openai/v1/x", &bearer(OPENAI_KEY)).status, 401);
+
+    // Not allowed on azure: 403 in Azure's shape.
+    let r = call(
+        &gw,
+        "/azure/openai/deployments/d/chat/completions",
+        &format!("api-key: {key}\r\n"),
+    );
+    assert_eq!(r.status, 403);
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["error"]["code"], "403", "{body}");
+
+    let r = call(&gw, "/anthropic/v1/messages", "x-api-key: nope\r\n");
+    assert_eq!(r.status, 401);
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["error"]["type"], "authentication_error", "{body}");
+    assert_eq!(
+        s.up.requests().len(),
+        before,
+        "a refused request reached the provider"
+    );
+}
+
+#[test]
+fn rotation_grace_is_exact_and_revocation_holds_when_it_returns() {
+    let s = Setup::new();
+    let gw = s.start();
+    let (id, old) = provision(&gw);
+    let (status, body) = admin(
+        &gw,
+        "POST",
+        &format!("/vault/keys/{id}/rotate"),
+        r#"{"rotation_id": "deploy-42", "grace_secs": 2}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let new = body["key"].as_str().unwrap().to_owned();
+    let until_ms = body["previous_valid_until_ms"].as_u64().unwrap();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    // Both work during the grace.
+    assert_eq!(call(&gw, "/openai/v1/a", &bearer(&old)).status, 200);
+    assert_eq!(call(&gw, "/openai/v1/a", &bearer(&new)).status, 200);
+    // A retried rotation changes nothing.
+    let (status, body) = admin(
+        &gw,
+        "POST",
+        &format!("/vault/keys/{id}/rotate"),
+        r#"{"rotation_id": "deploy-42", "grace_secs": 2}"#,
+    );
+    assert_eq!(status, 200);
+    assert!(body["already_rotated_at_ms"].is_u64(), "{body}");
+    assert_eq!(call(&gw, "/openai/v1/a", &bearer(&new)).status, 200);
+    // The old secret works until the grace's end and not after it.
+    while now_ms() + 300 < until_ms {
+        assert_eq!(call(&gw, "/openai/v1/b", &bearer(&old)).status, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    while now_ms() <= until_ms {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(call(&gw, "/openai/v1/c", &bearer(&old)).status, 401);
+    assert_eq!(call(&gw, "/openai/v1/c", &bearer(&new)).status, 200);
+
+    // Revocation: the first request after the call returns is refused.
+    let (status, _) = admin(&gw, "POST", &format!("/vault/keys/{id}/revoke"), "");
+    assert_eq!(status, 200);
+    assert_eq!(call(&gw, "/openai/v1/d", &bearer(&new)).status, 401);
+    let (_, list) = admin(&gw, "GET", "/vault/keys", "");
+    assert!(list["keys"][0]["revoked_at_ms"].is_u64(), "{list}");
+    let audit = std::fs::read_to_string(s.dir.path().join("data/vault-audit.log")).unwrap();
+    for action in ["provider_key.add", "key.create", "key.rotate", "key.revoke"] {
+        assert!(audit.contains(action), "{audit}");
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        let Ok(kind) = e.file_type() else { continue };
+        if kind.is_dir() {
+            out.extend(files(&p));
+        } else if kind.is_file() {
+            // (Sockets, such as the control socket, hold nothing.)
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn provider_keys_never_reach_logs_or_disk_and_the_store_needs_its_master_key() {
+    let s = Setup::new();
+    let mut gw = s.start();
+    let (_, key) = provision(&gw);
+    assert_eq!(call(&gw, "/openai/v1/x", &bearer(&key)).status, 200);
+    let (_, listed) = admin(&gw, "GET", "/vault/providers", "");
+    let (_, keys) = admin(&gw, "GET", "/vault/keys", "");
+    let (_, config) = admin_request(gw.admin_addr(), "GET", "/config", Some(TOKEN), "");
+    for text in [listed.to_string(), keys.to_string(), config, gw.log()] {
+        for secret in [OPENAI_KEY, ANTHROPIC_KEY, key.as_str()] {
+            assert!(!text.contains(secret), "{secret} shown in: {text}");
+        }
+    }
+    // kill -9, then the files on disk: no provider key, no virtual key.
+    gw.signal(libc::SIGKILL);
+    assert!(gw.wait_exit(Duration::from_secs(5)).is_some());
+    for file in files(s.dir.path()) {
+        let bytes = std::fs::read(&file).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for secret in [OPENAI_KEY, ANTHROPIC_KEY, key.as_str()] {
+            assert!(!text.contains(secret), "{secret} in {}", file.display());
+        }
+    }
+
+    // Restarted after kill -9: the keys still work.
+    let gw = s.start();
+    assert_eq!(call(&gw, "/openai/v1/y", &bearer(&key)).status, 200);
+    drop(gw);
+
+    // Another master key: the gateway refuses to start, saying why.
+    let other = s.dir.path().join("other.key");
+    std::fs::write(&other, "4d".repeat(32)).unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = s.config().replace("master.key", "other.key");
+    let path = s.dir.path().join("other.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&path)
+        .env("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "started with the wrong master key"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("does not open with this master key"), "{err}");
+}
