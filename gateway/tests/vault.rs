@@ -318,3 +318,67 @@ fn provider_keys_never_reach_logs_or_disk_and_the_store_needs_its_master_key() {
     assert!(!status.success());
     assert!(err.contains("does not open with this master key"), "{err}");
 }
+
+/// A provider key that gets a 429 rests for its Retry-After while the other key serves, and
+/// is used again once the rest is over.
+#[test]
+fn a_provider_key_answered_429_rests_while_the_others_serve() {
+    let s = Setup::new();
+    let limited = Upstream::start(|r| {
+        if r.header("authorization") == Some("Bearer sk-test-limited-aaaa") {
+            Reply::Raw(
+                b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 2\r\ncontent-length: 0\r\n\r\n"
+                    .to_vec(),
+            )
+        } else {
+            Reply::Raw(ok_response("served"))
+        }
+    });
+    let cfg = s
+        .config()
+        .replace(&s.up.addr.to_string(), &limited.addr.to_string());
+    let gw = Gateway::start_with(&cfg, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
+    for key in ["sk-test-limited-aaaa", "sk-test-free-bbbb"] {
+        let (status, body) = admin(
+            &gw,
+            "POST",
+            "/vault/providers/openai/keys",
+            &format!("{{\"key\": \"{key}\"}}"),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    let (_, body) = admin(
+        &gw,
+        "POST",
+        "/vault/keys",
+        r#"{"owner": {"group": "search"}, "providers": ["openai"]}"#,
+    );
+    let key = body["key"].as_str().unwrap().to_owned();
+    let mut tries = 0;
+    while call(&gw, "/openai/v1/x", &bearer(&key)).status != 429 {
+        tries += 1;
+        assert!(tries < 60, "the limited key was never chosen");
+    }
+    let rested_at = Instant::now();
+    let mut served = 0;
+    while rested_at.elapsed() < Duration::from_millis(1500) {
+        let r = call(&gw, "/openai/v1/y", &bearer(&key));
+        assert_eq!(r.status, 200, "a resting key was chosen");
+        served += 1;
+    }
+    assert!(served >= 10, "{served}");
+    std::thread::sleep(Duration::from_millis(700));
+    let mut again = false;
+    for _ in 0..60 {
+        if call(&gw, "/openai/v1/z", &bearer(&key)).status == 429 {
+            again = true;
+            break;
+        }
+    }
+    assert!(again, "the rested key never came back");
+    assert!(
+        gw.log().contains("provider key answered 429: resting it"),
+        "{}",
+        gw.log()
+    );
+}

@@ -382,6 +382,14 @@ impl<C: Transport> Connection<'_, C> {
                     }
                     continue;
                 }
+                if resp.status == 429 {
+                    if let Some(crate::proxy::context::Caller::Virtual(v)) = &self.ctx.caller {
+                        // This provider key is over its provider's limit: the other keys serve
+                        // while it rests.
+                        v.provider_key
+                            .rest_for(crate::vault::provider::retry_after(resp.headers));
+                    }
+                }
                 let client_chunked = resp.body == BodyFraming::Chunked && is_http11(facts.version);
                 // While draining every answer says `Connection: close`, so closing afterwards
                 // never cuts a request the client sent next.

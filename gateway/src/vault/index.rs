@@ -16,12 +16,45 @@ pub struct ProviderSecret {
     pub id: String,
     pub fingerprint: String,
     secret: String,
+    /// Not chosen before this instant (ms since the epoch) while another key is free: the
+    /// provider answered 429 with it. Shared by every worker; written only on a 429.
+    rested_until_ms: std::sync::atomic::AtomicU64,
 }
 
 impl ProviderSecret {
     pub fn expose(&self) -> &str {
         &self.secret
     }
+
+    /// Rests this key for `wait` (from now).
+    pub fn rest_for(&self, wait: std::time::Duration) {
+        let until = super::now_ms().saturating_add(wait.as_millis() as u64);
+        self.rested_until_ms
+            .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(key = %self.id, fingerprint = %self.fingerprint, rest_ms = wait.as_millis() as u64, "provider key answered 429: resting it");
+    }
+
+    fn rested_until(&self) -> u64 {
+        self.rested_until_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A key of `keys` to use now: at random among those not resting (balanced without shared
+/// counters), else the one whose rest ends first. `keys` is not empty.
+pub fn choose(keys: &[Arc<ProviderSecret>], now_ms: u64) -> &Arc<ProviderSecret> {
+    let free = keys.iter().filter(|k| k.rested_until() <= now_ms).count();
+    if free == 0 {
+        return keys
+            .iter()
+            .min_by_key(|k| k.rested_until())
+            .expect("a provider with keys");
+    }
+    let pick = fastrand::usize(..free);
+    keys.iter()
+        .filter(|k| k.rested_until() <= now_ms)
+        .nth(pick)
+        .expect("pick < free")
 }
 
 impl std::fmt::Debug for ProviderSecret {
@@ -135,6 +168,7 @@ impl VaultIndex {
                         id: k.id.clone(),
                         fingerprint: k.fingerprint.clone(),
                         secret: String::from_utf8_lossy(&plain).into_owned(),
+                        rested_until_ms: std::sync::atomic::AtomicU64::new(0),
                     }))
                 })
                 .collect::<Result<Vec<_>, VaultError>>()?;

@@ -46,6 +46,29 @@ pub fn upstream_credential(kind: ProviderKind) -> (&'static str, &'static str) {
     }
 }
 
+/// How long to rest a provider key that answered 429: its `Retry-After` (seconds, or an
+/// HTTP date) within 1 s and 10 min, else 5 s.
+pub fn retry_after(headers: &[httparse::Header]) -> std::time::Duration {
+    use std::time::{Duration, SystemTime};
+    const DEFAULT: Duration = Duration::from_secs(5);
+    let Some(value) = headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("retry-after"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(str::trim)
+    else {
+        return DEFAULT;
+    };
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => match httpdate::parse_http_date(value) {
+            Ok(at) => at.duration_since(SystemTime::now()).unwrap_or_default(),
+            Err(_) => DEFAULT,
+        },
+    };
+    wait.clamp(Duration::from_secs(1), Duration::from_secs(600))
+}
+
 /// Why the vault refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VaultRefusal {

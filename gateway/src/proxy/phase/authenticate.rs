@@ -150,7 +150,7 @@ fn admit_virtual_key(
         .ok_or_else(|| refuse(VaultRefusal::NoProviderKey))?;
     ctx.caller = Some(Caller::Virtual(crate::proxy::context::VirtualCaller {
         key: entry.clone(),
-        provider_key: keys[fastrand::usize(..keys.len())].clone(),
+        provider_key: crate::vault::index::choose(keys, crate::vault::now_ms()).clone(),
         kind,
     }));
     Ok(())
