@@ -382,3 +382,111 @@ fn a_provider_key_answered_429_rests_while_the_others_serve() {
         gw.log()
     );
 }
+
+fn call_body(gw: &Gateway, path: &str, header: &str, body: &str) -> Response {
+    request(
+        gw.addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: gw\r\n{header}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// A key restricted to some models: the model is read from the body (also when the body
+/// arrives after the head, or after 100 Continue) or from Azure's deployment path.
+#[test]
+fn models_outside_a_keys_list_are_refused_with_403() {
+    let s = Setup::new();
+    let gw = s.start();
+    provision(&gw);
+    let (_, body) = admin(
+        &gw,
+        "POST",
+        "/vault/keys",
+        r#"{"owner": {"consumer": "bob"}, "providers": ["openai", "azure"], "models": ["gpt-4o-mini", "mini-prod"]}"#,
+    );
+    let key = body["key"].as_str().unwrap().to_owned();
+    let (status, _) = admin(
+        &gw,
+        "POST",
+        "/vault/providers/azure/keys",
+        r#"{"key": "azure-test-key-77aa"}"#,
+    );
+    assert_eq!(status, 201);
+    let chat = |model: &str| {
+        format!(r#"{{"model": "{model}", "messages": [{{"role": "user", "content": "hi"}}]}}"#)
+    };
+    let r = call_body(
+        &gw,
+        "/openai/v1/chat/completions",
+        &bearer(&key),
+        &chat("gpt-4o-mini"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = call_body(
+        &gw,
+        "/openai/v1/chat/completions",
+        &bearer(&key),
+        &chat("gpt-4o"),
+    );
+    assert_eq!(r.status, 403);
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["error"]["code"], "model_not_allowed", "{body}");
+    assert_eq!(
+        call_body(&gw, "/openai/v1/chat/completions", &bearer(&key), "{}").status,
+        403
+    );
+
+    // The body after the head, in two pieces; and after 100 Continue.
+    let body = chat("gpt-4o-mini");
+    let head = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut c = Client::connect(gw.addr);
+    c.send(head.as_bytes());
+    std::thread::sleep(Duration::from_millis(150));
+    c.send(&body.as_bytes()[..10]);
+    std::thread::sleep(Duration::from_millis(150));
+    c.send(&body.as_bytes()[10..]);
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+    let mut c = Client::connect(gw.addr);
+    c.send(
+        head.replace("\r\n\r\n", "\r\nExpect: 100-continue\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_eq!(c.read_response(false).unwrap().status, 100);
+    c.send(body.as_bytes());
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+    let seen = s.up.requests().pop().unwrap();
+    assert_eq!(
+        seen.body,
+        body.as_bytes(),
+        "the body reached the provider whole"
+    );
+
+    // Chunked cannot be judged before forwarding: 411.
+    let r = request(
+        gw.addr,
+        &format!("POST /openai/v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n"),
+    );
+    assert_eq!(r.status, 411);
+
+    // Azure: the deployment in the path.
+    let azure = |deployment: &str| {
+        call_body(
+            &gw,
+            &format!("/azure/openai/deployments/{deployment}/chat/completions"),
+            &format!("api-key: {key}\r\n"),
+            "{}",
+        )
+        .status
+    };
+    assert_eq!(azure("mini-prod"), 200);
+    assert_eq!(azure("gpt4-prod"), 403);
+    assert_eq!(
+        s.up.requests().pop().unwrap().header("api-key"),
+        Some("azure-test-key-77aa")
+    );
+}

@@ -199,6 +199,7 @@ impl<C: Transport> Connection<'_, C> {
                         self.ctx.method = crate::metrics::labels::method_index(req.method);
                         let flow = phase::run(
                             &req,
+                            &self.inbuf[req.head_len..],
                             self.peer.ip(),
                             worker,
                             &generation,
@@ -211,6 +212,16 @@ impl<C: Transport> Connection<'_, C> {
                             // phases again.
                             may_await_keys = false;
                             self.await_keys(issuer).await;
+                            continue;
+                        }
+                        if let Err(Exit::AwaitBody(total)) = flow {
+                            let deadline = started + server.request_timeout.get();
+                            if let Err(answer) = self.buffer_body(total, deadline).await {
+                                return match answer {
+                                    Some(answer) => self.answer(answer, deadline).await,
+                                    None => Next::Abort,
+                                };
+                            }
                             continue;
                         }
                         break (flow, started + server.request_timeout.get());
@@ -255,7 +266,9 @@ impl<C: Transport> Connection<'_, C> {
         } = match flow {
             Ok(forward) => forward,
             Err(Exit::Answer(answer)) => return self.answer(answer, request_deadline).await,
-            Err(Exit::AwaitKeys(_)) => unreachable!("the phases ran again above"),
+            Err(Exit::AwaitKeys(_) | Exit::AwaitBody(_)) => {
+                unreachable!("the phases ran again above")
+            }
         };
         let Some(counter) = in_flight else {
             return self.forward(group, server, request_deadline).await;
@@ -303,6 +316,47 @@ impl<C: Transport> Connection<'_, C> {
     /// Asks issuer `issuer` to fetch its keys again and waits, without blocking the worker,
     /// until that fetch has run, for at most the issuer's `unknown_kid_wait`. When the next
     /// allowed refetch is further away than that, returns at once (the token is then refused).
+    /// Reads until the buffer holds `total` bytes of head and body (a phase judges the body
+    /// whole), saying 100 Continue first to a client that waits for it. `Err(None)`: the
+    /// client left; `Err(Some(answer))`: the answer to give.
+    async fn buffer_body(&mut self, total: usize, deadline: Instant) -> Result<(), Option<Answer>> {
+        let facts = self.ctx.facts;
+        if facts.expect_continue
+            && self.inbuf.len() == facts.head_len
+            && facts.version == crate::http::Version::Http11
+        {
+            self.out.clear();
+            self.out.extend_from_slice(encode::CONTINUE);
+            if !self.send_out().await {
+                return Err(None);
+            }
+        }
+        if self.inbuf.capacity() < total {
+            self.inbuf.reserve(total - self.inbuf.len());
+        }
+        let idle = self.generation.snapshot.server().body_timeout.get();
+        while self.inbuf.len() < total {
+            let until = deadline.min(Instant::now() + idle);
+            let (res, buf) = read_before(&self.client, take(&mut self.inbuf), until).await;
+            self.inbuf = buf;
+            match res {
+                Ok(0) => return Err(None),
+                Ok(_) => {}
+                Err(crate::io::IoFailure::TimedOut) => {
+                    return Err(Some(Answer::error_and_close(
+                        408,
+                        "request body not received in time",
+                    )))
+                }
+                Err(e) => {
+                    debug!(peer = %self.peer, error = %e, "client left while sending a body");
+                    return Err(None);
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn await_keys(&self, issuer: usize) {
         let issuers = &self.generation.snapshot.issuers;
         let keys = issuers.keys(issuer);

@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod index;
 pub mod provider;
+pub mod request;
 pub mod sealed;
 pub mod store;
 pub mod virtual_key;

@@ -80,14 +80,22 @@ pub enum VaultRefusal {
     ProviderNotAllowed,
     /// 503: the vault holds no key of this provider.
     NoProviderKey,
+    /// 403: the key may not use the model asked for (or the request names none).
+    ModelNotAllowed,
+    /// 413: a body too large to read the model from.
+    BodyTooLarge,
+    /// 411: a chunked body on a key restricted to some models.
+    LengthRequired,
 }
 
 impl VaultRefusal {
     pub fn status(self) -> u16 {
         match self {
             VaultRefusal::MissingKey | VaultRefusal::InvalidKey => 401,
-            VaultRefusal::ProviderNotAllowed => 403,
+            VaultRefusal::ProviderNotAllowed | VaultRefusal::ModelNotAllowed => 403,
             VaultRefusal::NoProviderKey => 503,
+            VaultRefusal::BodyTooLarge => 413,
+            VaultRefusal::LengthRequired => 411,
         }
     }
 
@@ -97,6 +105,9 @@ impl VaultRefusal {
             VaultRefusal::InvalidKey => "Invalid API key (unknown, revoked or expired).",
             VaultRefusal::ProviderNotAllowed => "This key may not call this provider.",
             VaultRefusal::NoProviderKey => "The gateway holds no key for this provider.",
+            VaultRefusal::ModelNotAllowed => "This key may not use the requested model.",
+            VaultRefusal::BodyTooLarge => "The request body is too large for this gateway.",
+            VaultRefusal::LengthRequired => "Send the request body with a Content-Length.",
         }
     }
 }
@@ -111,6 +122,10 @@ pub fn error_body(kind: ProviderKind, refusal: VaultRefusal) -> String {
                     ("invalid_request_error", "invalid_api_key")
                 }
                 VaultRefusal::ProviderNotAllowed => ("invalid_request_error", "permission_denied"),
+                VaultRefusal::ModelNotAllowed => ("invalid_request_error", "model_not_allowed"),
+                VaultRefusal::BodyTooLarge | VaultRefusal::LengthRequired => {
+                    ("invalid_request_error", "invalid_request")
+                }
                 VaultRefusal::NoProviderKey => ("server_error", "service_unavailable"),
             };
             serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
@@ -119,7 +134,11 @@ pub fn error_body(kind: ProviderKind, refusal: VaultRefusal) -> String {
         ProviderKind::Anthropic => {
             let kind = match refusal {
                 VaultRefusal::MissingKey | VaultRefusal::InvalidKey => "authentication_error",
-                VaultRefusal::ProviderNotAllowed => "permission_error",
+                VaultRefusal::ProviderNotAllowed | VaultRefusal::ModelNotAllowed => {
+                    "permission_error"
+                }
+                VaultRefusal::BodyTooLarge => "request_too_large",
+                VaultRefusal::LengthRequired => "invalid_request_error",
                 VaultRefusal::NoProviderKey => "api_error",
             };
             serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})

@@ -27,11 +27,12 @@ pub fn run(
     tokens: &RefCell<TokenCache>,
     route: &Route,
     req: &RequestHead,
+    body: &[u8],
     ctx: &mut RequestContext,
     may_await_keys: bool,
 ) -> Result<Option<CredentialSource>, Exit> {
     if let Some(provider) = &route.vault {
-        admit_virtual_key(snapshot, provider, req, ctx)?;
+        admit_virtual_key(snapshot, provider, req, body, ctx)?;
         return Ok(None);
     }
     let Some(policy) = &route.auth else {
@@ -112,6 +113,7 @@ fn admit_virtual_key(
     snapshot: &ConfigSnapshot,
     provider: &str,
     req: &RequestHead,
+    body: &[u8],
     ctx: &mut RequestContext,
 ) -> Result<(), Exit> {
     use crate::vault::provider::{presented, VaultRefusal};
@@ -142,6 +144,34 @@ fn admit_virtual_key(
         .map_err(|_| refuse(VaultRefusal::InvalidKey))?;
     if !entry.providers.iter().any(|p| p == provider) {
         return Err(refuse(VaultRefusal::ProviderNotAllowed));
+    }
+    if !entry.models.is_empty() {
+        let model = match kind {
+            // Azure names the model's deployment in the path.
+            crate::config::ProviderKind::Azure => {
+                crate::vault::request::azure_deployment(req.path).map(std::borrow::Cow::Borrowed)
+            }
+            _ => match req.body {
+                crate::http::BodyFraming::None | crate::http::BodyFraming::Length(0) => None,
+                crate::http::BodyFraming::Length(n) => {
+                    let n = usize::try_from(n).unwrap_or(usize::MAX);
+                    if n > crate::vault::request::MAX_JUDGED_BODY_BYTES {
+                        return Err(refuse(VaultRefusal::BodyTooLarge));
+                    }
+                    if body.len() < n {
+                        return Err(Exit::AwaitBody(req.head_len + n));
+                    }
+                    crate::vault::request::model_of(&body[..n])
+                }
+                // SDKs send JSON with a length; a chunked body cannot be judged before it is
+                // forwarded.
+                _ => return Err(refuse(VaultRefusal::LengthRequired)),
+            },
+        };
+        let allowed = model.is_some_and(|m| entry.models.iter().any(|a| *a == *m));
+        if !allowed {
+            return Err(refuse(VaultRefusal::ModelNotAllowed));
+        }
     }
     let keys = index
         .provider_keys

@@ -59,6 +59,9 @@ pub enum Exit {
     /// A JWT names a key issuer `0` does not have yet: wait for a refetch, then run the phases
     /// again (once).
     AwaitKeys(usize),
+    /// The route judges the request by its body (a vault route reads the model): read until
+    /// the buffer holds this many bytes of head and body, then run the phases again.
+    AwaitBody(usize),
 }
 
 impl From<Answer> for Exit {
@@ -77,9 +80,12 @@ pub struct Forward {
     pub in_flight: Option<Arc<AtomicUsize>>,
 }
 
-/// Runs phases 2 to 11 for `req` from `peer`; on [`Forward`] the upstream head is in `out`.
+/// Runs phases 2 to 11 for `req` from `peer`, with the part of its body already read in
+/// `body`; on [`Forward`] the upstream head is in `out`.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     req: &crate::http::request::RequestHead,
+    body: &[u8],
     peer: IpAddr,
     worker: &Worker,
     generation: &Generation,
@@ -89,8 +95,26 @@ pub fn run(
 ) -> Result<Forward, Exit> {
     let snapshot = &*generation.snapshot;
     let route = route::find(snapshot, req, ctx)?;
+    // A vault route reads its (bounded) body whole before any phase counts the request, so
+    // running the phases again once it is in counts nothing twice.
+    if route.vault.is_some() {
+        if let crate::http::BodyFraming::Length(n) = req.body {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            if n <= crate::vault::request::MAX_JUDGED_BODY_BYTES && body.len() < n {
+                return Err(Exit::AwaitBody(req.head_len + n));
+            }
+        }
+    }
     pre_auth_limit::check(snapshot, route, req, peer)?;
-    let strip = authenticate::run(snapshot, &worker.tokens, route, req, ctx, may_await_keys)?;
+    let strip = authenticate::run(
+        snapshot,
+        &worker.tokens,
+        route,
+        req,
+        body,
+        ctx,
+        may_await_keys,
+    )?;
     limits_and_quotas::check(snapshot, route, req, peer, ctx)?;
     body_limit::check(route, req, ctx)?;
     let group_index = match &route.action {
@@ -152,6 +176,7 @@ mod tests {
         let mut out = Vec::new();
         let flow = run(
             &req,
+            &[],
             "203.0.113.7".parse().unwrap(),
             &b.worker,
             &generation,
@@ -172,6 +197,7 @@ mod tests {
             Err(Exit::Answer(Answer::RedirectHttps)) => 308,
             Err(Exit::Answer(Answer::Vault { refusal, .. })) => refusal.status(),
             Err(Exit::AwaitKeys(_)) => 1,
+            Err(Exit::AwaitBody(_)) => 2,
         }
     }
 
