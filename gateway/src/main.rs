@@ -448,9 +448,14 @@ fn run(config: Config, path: PathBuf, upgrade: bool) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&control_socket);
     }
     drop(xdp_guard);
-    // A clean stop saves every quota counter.
+    // A clean stop saves every quota counter and the vault's spend.
     if let Err(e) = quota_store.flush() {
         error!("cannot save quota counters: {e}");
+    }
+    if let Some(vault) = &live.snapshot().vault {
+        if let Err(e) = vault.flush_spend() {
+            error!("cannot save vault spend: {e}");
+        }
     }
     if panicked {
         anyhow::bail!("a worker thread panicked");

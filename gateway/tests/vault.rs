@@ -49,6 +49,8 @@ impl Setup {
              [vault.providers.openai]\nkind = \"openai\"\n\n\
              [vault.providers.anthropic]\nkind = \"anthropic\"\n\n\
              [vault.providers.azure]\nkind = \"azure\"\n\n\
+             [vault.prices.gpt-test]\ninput = 1000000\noutput = 2000000\n\n\
+             [vault.prices.claude-test]\ninput = 1000000\noutput = 2000000\n\n\
              [upstreams.mock]\nservers = [\"{}\"]\n\n\
              [[routes]]\nmatch = {{ path_prefix = \"/openai/\" }}\nupstream = \"mock\"\nvault = \"openai\"\n\n\
              [[routes]]\nmatch = {{ path_prefix = \"/anthropic/\" }}\nupstream = \"mock\"\nvault = \"anthropic\"\n\n\
@@ -489,4 +491,203 @@ fn models_outside_a_keys_list_are_refused_with_403() {
         s.up.requests().pop().unwrap().header("api-key"),
         Some("azure-test-key-77aa")
     );
+}
+
+/// A JSON answer with usage, after `delay`.
+fn usage_reply(delay: Duration, prompt: u64, completion: u64) -> Reply {
+    let body = format!(
+        "{{\"id\":\"chatcmpl-1\",\"choices\":[{{\"message\":{{\"content\":\"ok\"}}}}],\"usage\":{{\"prompt_tokens\":{prompt},\"completion_tokens\":{completion}}}}}"
+    );
+    Reply::Delayed(
+        delay,
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )
+}
+
+/// The key's spend as the admin API reports it, once nothing is reserved any more.
+fn settled_spend(gw: &Gateway, scope: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = admin(gw, "GET", "/vault/spend", "");
+        let found = body["spend"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["scope"] == scope)
+            .map(|c| {
+                (
+                    c["spent_micros"].as_u64().unwrap(),
+                    c["reserved_micros"].as_u64().unwrap(),
+                )
+            });
+        if let Some((spent, 0)) = found {
+            return spent;
+        }
+        assert!(Instant::now() < deadline, "still reserved: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// 50 requests at once against a budget that allows 10: exactly 10 are admitted (each
+/// reservation equals its real cost here, so the bound of overspend is zero).
+#[test]
+fn fifty_concurrent_requests_against_a_budget_for_ten_admit_ten() {
+    let s = Setup::new();
+    let body = r#"{"model": "gpt-test", "max_tokens": 10, "messages": [{"role": "user", "content": "count to ten"}]}"#;
+    let prompt = (body.len() as u64).div_ceil(4);
+    let each = prompt + 10 * 2;
+    let up = Upstream::start(move |_| usage_reply(Duration::from_millis(300), prompt, 10));
+    let cfg = s
+        .config()
+        .replace(&s.up.addr.to_string(), &up.addr.to_string());
+    let gw = Gateway::start_with(&cfg, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
+    let (id, key) = provision(&gw);
+    let (status, b) = admin(
+        &gw,
+        "POST",
+        &format!("/vault/keys/{id}/budget"),
+        &format!("{{\"period\": \"day\", \"limit_micros\": {}}}", each * 10),
+    );
+    assert_eq!(status, 200, "{b}");
+    let barrier = std::sync::Barrier::new(50);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..50)
+            .map(|_| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    call_body(&gw, "/openai/v1/chat/completions", &bearer(&key), body).status
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    eprintln!("budget for 10: {admitted} admitted, {refused} refused of 50 concurrent");
+    assert_eq!((admitted, refused), (10, 40), "{statuses:?}");
+    assert_eq!(settled_spend(&gw, &format!("key:{id}")), each * 10);
+    // Spent: the next one is refused too, in OpenAI's shape.
+    let r = call_body(&gw, "/openai/v1/chat/completions", &bearer(&key), body);
+    assert_eq!(r.status, 429);
+    let err: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(err["error"]["code"], "insufficient_quota", "{err}");
+}
+
+/// Usage settles at its real cost from a JSON answer and from Anthropic's stream (the final
+/// cumulative figures, once); an answer without usage, and a stream the client left, cost
+/// their reservation, never zero; spend survives kill -9.
+#[test]
+fn usage_settles_once_from_json_and_streams_and_never_at_zero() {
+    let s = Setup::new();
+    let sse = |parts: &[(u64, &str)]| {
+        let mut out = vec![(
+            Duration::ZERO,
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
+        )];
+        for (ms, event) in parts {
+            out.push((
+                Duration::from_millis(*ms),
+                format!("{:x}\r\n{event}\r\n", event.len()).into_bytes(),
+            ));
+        }
+        out.push((Duration::ZERO, b"0\r\n\r\n".to_vec()));
+        Reply::Paced(out)
+    };
+    let up = Upstream::start(move |r| {
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-test\",\"usage\":{\"input_tokens\":30,\"output_tokens\":1}}}\n\n";
+        let delta = |n: u64| {
+            format!("event: message_delta\ndata: {{\"type\":\"message_delta\",\"usage\":{{\"output_tokens\":{n}}}}}\n\n")
+        };
+        match r.target.as_str() {
+            "/openai/json" => usage_reply(Duration::ZERO, 100, 50),
+            "/openai/nousage" => Reply::Raw(ok_response("{\"choices\":[]}")),
+            "/anthropic/stream" => sse(&[(0, start), (10, &delta(20)), (10, &delta(40))]),
+            _ => sse(&[(0, start), (1500, &delta(20))]),
+        }
+    });
+    let cfg = s
+        .config()
+        .replace(&s.up.addr.to_string(), &up.addr.to_string());
+    let start = || Gateway::start_with(&cfg, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
+    let mut gw = start();
+    let (id, key) = provision(&gw);
+    let (status, _) = admin(
+        &gw,
+        "POST",
+        &format!("/vault/keys/{id}/budget"),
+        r#"{"period": "total", "limit_micros": 100000000}"#,
+    );
+    assert_eq!(status, 200);
+    let scope = format!("key:{id}");
+    let openai = r#"{"model": "gpt-test", "max_tokens": 64}"#;
+    let reservation = (openai.len() as u64).div_ceil(4) + 64 * 2;
+
+    assert_eq!(
+        call_body(&gw, "/openai/json", &bearer(&key), openai).status,
+        200
+    );
+    let mut spent = settled_spend(&gw, &scope);
+    assert_eq!(
+        spent,
+        100 + 50 * 2,
+        "the reported usage, not the reservation"
+    );
+
+    let anthropic = r#"{"model": "claude-test", "max_tokens": 100, "stream": true}"#;
+    let r = call_body(
+        &gw,
+        "/anthropic/stream",
+        &format!("x-api-key: {key}\r\n"),
+        anthropic,
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("message_delta"), "streamed through");
+    let now = settled_spend(&gw, &scope);
+    assert_eq!(
+        now - spent,
+        30 + 40 * 2,
+        "the last cumulative figures, counted once"
+    );
+    spent = now;
+
+    assert_eq!(
+        call_body(&gw, "/openai/nousage", &bearer(&key), openai).status,
+        200
+    );
+    let now = settled_spend(&gw, &scope);
+    assert_eq!(
+        now - spent,
+        reservation,
+        "no usage reported: the reservation"
+    );
+    spent = now;
+
+    // The client leaves after the first event of a stream.
+    let head = format!(
+        "POST /anthropic/cut HTTP/1.1\r\nHost: gw\r\nx-api-key: {key}\r\ncontent-length: {}\r\n\r\n{anthropic}",
+        anthropic.len()
+    );
+    let mut c = Client::connect(gw.addr);
+    c.send(head.as_bytes());
+    let mut first = [0u8; 64];
+    let _ = std::io::Read::read(&mut c.stream, &mut first);
+    drop(c);
+    let now = settled_spend(&gw, &scope);
+    let cut = now - spent;
+    eprintln!("a stream the client left after its first event was billed {cut} micro-units");
+    assert!(cut > 0, "a disconnected stream was billed zero");
+    let anthropic_reservation = (anthropic.len() as u64).div_ceil(4) + 100 * 2;
+    assert_eq!(cut, anthropic_reservation);
+    spent = now;
+
+    // Settled spend is written within a second; kill -9 keeps it.
+    std::thread::sleep(Duration::from_millis(1500));
+    gw.signal(libc::SIGKILL);
+    assert!(gw.wait_exit(Duration::from_secs(5)).is_some());
+    let gw = start();
+    assert_eq!(settled_spend(&gw, &scope), spent);
 }

@@ -18,7 +18,7 @@ pub use upstream::{
     is_host_name, HostPolicy, ResolverConfig, ServerAddress, UpstreamConfig, UpstreamTlsConfig,
 };
 pub use validate::is_token_byte;
-pub use vault::{ProviderConfig, ProviderKind, VaultConfig};
+pub use vault::{BudgetPeriod, ModelPrice, ProviderConfig, ProviderKind, VaultConfig};
 
 use std::{
     collections::BTreeMap,

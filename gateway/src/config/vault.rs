@@ -21,6 +21,28 @@ pub enum ProviderKind {
     Azure,
 }
 
+/// The period a spend budget counts over (UTC days and months).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    Day,
+    Month,
+    Total,
+}
+
+/// `[vault.prices.MODEL]`: what a million tokens cost, in micro-units of the currency
+/// (`input = 150000` is 0.15 per million input tokens).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub input: u64,
+    pub output: u64,
+    /// Cached prompt tokens read (default: the input price).
+    pub cache_read: Option<u64>,
+    /// Prompt tokens written to the cache (default: the input price).
+    pub cache_write: Option<u64>,
+}
+
 /// `[vault.providers.NAME]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +69,17 @@ pub struct VaultConfig {
     #[serde(default = "default_rotation_grace")]
     pub rotation_grace: ConfigDuration,
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// Prices by model name, for budgets; a model without a price cannot be used by a key
+    /// under a budget.
+    #[serde(default)]
+    pub prices: BTreeMap<String, ModelPrice>,
+    /// The output a request is reserved for when it names no `max_tokens`.
+    #[serde(default = "default_output_tokens")]
+    pub default_output_tokens: u64,
+}
+
+fn default_output_tokens() -> u64 {
+    4096
 }
 
 fn default_rotation_grace() -> ConfigDuration {

@@ -137,7 +137,8 @@ pub struct ResponseRelay {
 /// `upstream` to `client`; the head leaves together with the first part of the body. Returns
 /// true when the upstream sent nothing beyond the body, so its connection may be reused, and
 /// hands back both buffers as `(result, buf, head)`. Adds the bytes written to the client to
-/// `sent`.
+/// `sent`. `meter`, when given, sees the body's bytes (transfer coding removed) as they pass.
+#[allow(clippy::too_many_arguments)]
 pub async fn relay_response_body<U: Transport, C: Transport>(
     upstream: &U,
     client: &C,
@@ -146,6 +147,7 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
     mut head: Vec<u8>,
     relay: ResponseRelay,
     sent: &mut u64,
+    mut meter: Option<&mut crate::vault::usage::UsageMeter>,
 ) -> (Result<bool, ResponseBodyError>, Vec<u8>, Vec<u8>) {
     let ResponseRelay {
         framing,
@@ -187,9 +189,16 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
                         buf.copy_within(base + range.start..base + range.end, data_end);
                         data_end += range.end - range.start;
                     }
+                    if let Some(m) = meter.as_deref_mut() {
+                        m.feed(&buf[base..data_end]);
+                    }
                     r
                 } else {
-                    decoder.decode(&buf[pos..len], |_| {})
+                    let data = &buf[pos..len];
+                    match meter.as_deref_mut() {
+                        Some(m) => decoder.decode(data, |range| m.feed(&data[range])),
+                        None => decoder.decode(data, |_| {}),
+                    }
                 };
                 match progress {
                     Ok(p) => (
@@ -206,6 +215,9 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
             _ => {
                 let take = (len - pos).min(usize::try_from(remaining).unwrap_or(usize::MAX));
                 remaining -= take as u64;
+                if let Some(m) = meter.as_deref_mut() {
+                    m.feed(&buf[pos..pos + take]);
+                }
                 (pos + take, take, remaining == 0)
             }
         };

@@ -63,6 +63,19 @@ pub enum Caller {
     Virtual(VirtualCaller),
 }
 
+/// What a vault request under a budget carries to its settlement.
+#[derive(Debug)]
+pub struct VaultRequest {
+    pub reservation: crate::vault::ledger::Reservation,
+    pub price: crate::config::ModelPrice,
+    pub model: Box<str>,
+    pub meter: crate::vault::usage::UsageMeter,
+    /// The provider received the request (from then on it is billed).
+    pub sent: bool,
+    /// The whole response was relayed: its usage is final.
+    pub complete: bool,
+}
+
 /// A caller admitted by a virtual key on a vault route.
 #[derive(Debug, Clone)]
 pub struct VirtualCaller {
@@ -186,6 +199,9 @@ pub struct RequestContext {
     pub https: bool,
     /// The connection's verified client certificate, when it presented one.
     pub client_cert: Option<Rc<ClientCert>>,
+    /// A vault request under a budget: its reservation, price and usage, settled by the log
+    /// phase.
+    pub vault: Option<VaultRequest>,
     /// The method, as an index into [`crate::metrics::labels::METHODS`].
     pub method: usize,
     /// The matched route's index in the request's snapshot.
@@ -228,6 +244,7 @@ impl RequestContext {
             facts: RequestFacts::unparsed(),
             https: false,
             client_cert: None,
+            vault: None,
             method: crate::metrics::labels::METHODS.len() - 1,
             route: None,
             caller: None,
@@ -248,6 +265,10 @@ impl RequestContext {
     /// accept time. Charges left over were settled by the log phase.
     pub fn reset(&mut self) {
         debug_assert!(self.charges.is_empty(), "charges settled by the log phase");
+        debug_assert!(
+            self.vault.is_none(),
+            "vault reservations settled by the log phase"
+        );
         // The buffers keep their capacity from one request to the next.
         let mut correlation = std::mem::take(&mut self.correlation);
         let mut log_method = std::mem::take(&mut self.log_method);

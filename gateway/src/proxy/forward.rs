@@ -129,6 +129,10 @@ impl<C: Transport> Connection<'_, C> {
                 return self.answer(answer, request_deadline).await;
             }
             self.ctx.charges = QuotaCharges::default();
+            if let Some(v) = &mut self.ctx.vault {
+                // The provider has the request: it is billed whatever happens next.
+                v.sent = true;
+            }
             if has_body {
                 if facts.expect_continue
                     && self.inbuf.len() == facts.head_len
@@ -257,6 +261,7 @@ impl<C: Transport> Connection<'_, C> {
                 write_timeout: server_config.body_timeout.get(),
             },
             &mut sent,
+            self.ctx.vault.as_mut().map(|v| &mut v.meter),
         )
         .await;
         self.upbuf = buf;
@@ -265,6 +270,9 @@ impl<C: Transport> Connection<'_, C> {
         match res {
             Ok(clean) => {
                 self.ctx.outcome = Outcome::Relayed;
+                if let Some(v) = &mut self.ctx.vault {
+                    v.complete = true;
+                }
                 if clean && response.upstream_keep_alive {
                     group.release(conn);
                 }

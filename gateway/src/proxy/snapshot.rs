@@ -115,6 +115,9 @@ impl ConfigSnapshot {
             .as_ref()
             .map(|v| crate::vault::open_configured(v, &config.quotas.data_dir).map(Arc::new))
             .transpose()?;
+        if let Some(v) = &vault {
+            v.start_flusher()?;
+        }
         let mut snapshot = Self::assemble(
             config,
             None,

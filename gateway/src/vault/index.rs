@@ -74,6 +74,20 @@ pub struct KeyEntry {
     pub providers: Vec<String>,
     pub models: Vec<String>,
     pub expires_at_ms: Option<u64>,
+    /// `key:ID`, as the ledger names the key's counters.
+    pub scope: String,
+    /// `consumer:NAME` or `group:NAME`.
+    pub owner_scope: String,
+    pub budgets: Vec<(crate::config::BudgetPeriod, u64)>,
+    /// The owner's budgets, over all its keys.
+    pub owner_budgets: Vec<(crate::config::BudgetPeriod, u64)>,
+}
+
+impl KeyEntry {
+    /// Whether any budget applies to the key's requests.
+    pub fn has_budget(&self) -> bool {
+        !self.budgets.is_empty() || !self.owner_budgets.is_empty()
+    }
 }
 
 /// Why a presented virtual key is not admitted (all answered 401).
@@ -132,6 +146,18 @@ impl VaultIndex {
                 providers: key.providers.clone(),
                 models: key.models.clone(),
                 expires_at_ms: key.expires_at_ms,
+                scope: format!("key:{}", key.id),
+                owner_scope: key.owner.scope(),
+                budgets: key
+                    .budgets
+                    .iter()
+                    .map(|b| (b.period, b.limit_micros))
+                    .collect(),
+                owner_budgets: doc
+                    .owner_budgets
+                    .get(&key.owner.scope())
+                    .map(|list| list.iter().map(|b| (b.period, b.limit_micros)).collect())
+                    .unwrap_or_default(),
             }));
             let secrets = std::iter::once((key.hash.as_str(), None)).chain(
                 key.previous

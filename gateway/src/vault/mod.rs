@@ -9,10 +9,12 @@
 
 pub mod audit;
 pub mod index;
+pub mod ledger;
 pub mod provider;
 pub mod request;
 pub mod sealed;
 pub mod store;
+pub mod usage;
 pub mod virtual_key;
 
 use std::{
@@ -63,6 +65,72 @@ impl VaultError {
             VaultError::Revoked(_) => 409,
             VaultError::Store(_) | VaultError::Unseal { .. } => 500,
         }
+    }
+}
+
+fn set_budget(
+    list: &mut Vec<store::BudgetRecord>,
+    period: crate::config::BudgetPeriod,
+    limit_micros: Option<u64>,
+) {
+    list.retain(|b| b.period != period);
+    if let Some(limit_micros) = limit_micros {
+        list.push(store::BudgetRecord {
+            period,
+            limit_micros,
+        });
+    }
+}
+
+/// Settles a vault request at its end: its real cost when the whole response was relayed
+/// and reported usage; its reservation when the provider had the request but reported none;
+/// at least its reservation when the response was cut short (the client left, the upstream
+/// failed), since the provider bills what it generated past the cut, which the gateway did
+/// not see: never zero. Nothing when the provider never had it. One usage line in the log
+/// per settled request.
+pub fn settle(
+    vault: &Vault,
+    request: crate::proxy::context::VaultRequest,
+    key: Option<&index::KeyEntry>,
+    status: u16,
+    latency: Duration,
+) {
+    let usage = request.meter.usage();
+    let reserved = request.reservation.amount;
+    let reported = usage.map(|u| {
+        ledger::cost_of(
+            &request.price,
+            u.input,
+            u.output,
+            u.cache_read,
+            u.cache_write,
+        )
+    });
+    let cost = match (request.sent, request.complete, reported) {
+        (false, _, _) => None,
+        (true, true, Some(cost)) => Some(cost),
+        (true, true, None) => Some(reserved),
+        (true, false, seen) => Some(seen.unwrap_or(0).max(reserved)),
+    };
+    vault.ledger.settle(request.reservation, cost);
+    if let Some(cost) = cost {
+        let u = usage.unwrap_or_default();
+        tracing::info!(
+            target: "portcullis::vault::usage",
+            key = key.map_or("", |k| k.id.as_str()),
+            owner = key.map_or("", |k| k.owner_scope.as_str()),
+            model = &*request.model,
+            input_tokens = u.input,
+            output_tokens = u.output,
+            cache_read_tokens = u.cache_read,
+            cache_write_tokens = u.cache_write,
+            usage_reported = usage.is_some(),
+            cost_micros = cost,
+            reserved_micros = reserved,
+            latency_ms = latency.as_millis() as u64,
+            status,
+            "usage"
+        );
     }
 }
 
@@ -119,6 +187,8 @@ pub struct Vault {
     doc: Mutex<Document>,
     index: ArcSwap<VaultIndex>,
     audit: audit::AuditLog,
+    /// Spend against budgets.
+    pub ledger: Arc<ledger::Ledger>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -140,6 +210,7 @@ impl Vault {
         Ok(Vault {
             dir: dir.to_owned(),
             audit: audit::AuditLog::open(dir)?,
+            ledger: Arc::new(ledger::Ledger::open(dir)?),
             master,
             providers: Mutex::new(providers),
             doc: Mutex::new(doc),
@@ -295,6 +366,7 @@ impl Vault {
                 created_at_ms: now_ms(),
                 revoked_at_ms: None,
                 rotations: Vec::new(),
+                budgets: Vec::new(),
             },
         );
         self.commit(&mut doc, next, actor, "key.create", &id)?;
@@ -374,6 +446,69 @@ impl Vault {
         while Arc::strong_count(&old) > 1 && std::time::Instant::now() < until {
             std::thread::sleep(Duration::from_micros(200));
         }
+        Ok(())
+    }
+
+    /// Sets (or with `None` removes) key `id`'s budget for `period`.
+    pub fn set_key_budget(
+        &self,
+        id: &str,
+        period: crate::config::BudgetPeriod,
+        limit_micros: Option<u64>,
+        actor: &str,
+    ) -> Result<(), VaultError> {
+        let mut doc = self.lock();
+        let mut next = doc.clone();
+        let key = next
+            .keys
+            .get_mut(id)
+            .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
+        set_budget(&mut key.budgets, period, limit_micros);
+        let subject = format!("{id} {period:?} {limit_micros:?}");
+        self.commit(&mut doc, next, actor, "key.budget", &subject)?;
+        Ok(())
+    }
+
+    /// Sets (or removes) the budget for `period` over all keys of `owner`.
+    pub fn set_owner_budget(
+        &self,
+        owner: &Owner,
+        period: crate::config::BudgetPeriod,
+        limit_micros: Option<u64>,
+        actor: &str,
+    ) -> Result<(), VaultError> {
+        let mut doc = self.lock();
+        let mut next = doc.clone();
+        let scope = owner.scope();
+        set_budget(
+            next.owner_budgets.entry(scope.clone()).or_default(),
+            period,
+            limit_micros,
+        );
+        next.owner_budgets.retain(|_, b| !b.is_empty());
+        let subject = format!("{scope} {period:?} {limit_micros:?}");
+        self.commit(&mut doc, next, actor, "owner.budget", &subject)?;
+        Ok(())
+    }
+
+    /// Writes settled spend (the flusher thread, and a clean stop).
+    pub fn flush_spend(&self) -> Result<(), StoreError> {
+        self.ledger.flush(now_ms() / 1000)
+    }
+
+    /// Starts the thread that writes settled spend every [`ledger::FLUSH_INTERVAL`]; it ends
+    /// with the vault.
+    pub fn start_flusher(self: &Arc<Self>) -> std::io::Result<()> {
+        let vault = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("vault-spend".into())
+            .spawn(move || loop {
+                std::thread::sleep(ledger::FLUSH_INTERVAL);
+                let Some(vault) = vault.upgrade() else { return };
+                if let Err(e) = vault.flush_spend() {
+                    tracing::warn!("cannot save vault spend (retried): {e}");
+                }
+            })?;
         Ok(())
     }
 

@@ -86,13 +86,20 @@ pub enum VaultRefusal {
     BodyTooLarge,
     /// 411: a chunked body on a key restricted to some models.
     LengthRequired,
+    /// 403: the key spends under a budget and the model has no price.
+    ModelNotPriced,
+    /// 429: the request's reservation would pass a budget of the key or its owner.
+    BudgetExceeded,
 }
 
 impl VaultRefusal {
     pub fn status(self) -> u16 {
         match self {
             VaultRefusal::MissingKey | VaultRefusal::InvalidKey => 401,
-            VaultRefusal::ProviderNotAllowed | VaultRefusal::ModelNotAllowed => 403,
+            VaultRefusal::ProviderNotAllowed
+            | VaultRefusal::ModelNotAllowed
+            | VaultRefusal::ModelNotPriced => 403,
+            VaultRefusal::BudgetExceeded => 429,
             VaultRefusal::NoProviderKey => 503,
             VaultRefusal::BodyTooLarge => 413,
             VaultRefusal::LengthRequired => 411,
@@ -108,6 +115,12 @@ impl VaultRefusal {
             VaultRefusal::ModelNotAllowed => "This key may not use the requested model.",
             VaultRefusal::BodyTooLarge => "The request body is too large for this gateway.",
             VaultRefusal::LengthRequired => "Send the request body with a Content-Length.",
+            VaultRefusal::ModelNotPriced => {
+                "This model has no price, and this key spends under a budget."
+            }
+            VaultRefusal::BudgetExceeded => {
+                "This request would exceed the budget of this key or its owner."
+            }
         }
     }
 }
@@ -122,7 +135,10 @@ pub fn error_body(kind: ProviderKind, refusal: VaultRefusal) -> String {
                     ("invalid_request_error", "invalid_api_key")
                 }
                 VaultRefusal::ProviderNotAllowed => ("invalid_request_error", "permission_denied"),
-                VaultRefusal::ModelNotAllowed => ("invalid_request_error", "model_not_allowed"),
+                VaultRefusal::ModelNotAllowed | VaultRefusal::ModelNotPriced => {
+                    ("invalid_request_error", "model_not_allowed")
+                }
+                VaultRefusal::BudgetExceeded => ("insufficient_quota", "insufficient_quota"),
                 VaultRefusal::BodyTooLarge | VaultRefusal::LengthRequired => {
                     ("invalid_request_error", "invalid_request")
                 }
@@ -134,9 +150,10 @@ pub fn error_body(kind: ProviderKind, refusal: VaultRefusal) -> String {
         ProviderKind::Anthropic => {
             let kind = match refusal {
                 VaultRefusal::MissingKey | VaultRefusal::InvalidKey => "authentication_error",
-                VaultRefusal::ProviderNotAllowed | VaultRefusal::ModelNotAllowed => {
-                    "permission_error"
-                }
+                VaultRefusal::ProviderNotAllowed
+                | VaultRefusal::ModelNotAllowed
+                | VaultRefusal::ModelNotPriced => "permission_error",
+                VaultRefusal::BudgetExceeded => "rate_limit_error",
                 VaultRefusal::BodyTooLarge => "request_too_large",
                 VaultRefusal::LengthRequired => "invalid_request_error",
                 VaultRefusal::NoProviderKey => "api_error",

@@ -11,6 +11,22 @@ use serde::Deserialize;
 pub const MAX_JUDGED_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Deserialize)]
+struct Limits {
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+}
+
+/// The output tokens a request allows itself (`max_tokens`, `max_completion_tokens`, or the
+/// responses API's `max_output_tokens`).
+pub fn max_output_tokens(body: &[u8]) -> Option<u64> {
+    let l: Limits = serde_json::from_slice(body).ok()?;
+    l.max_completion_tokens
+        .or(l.max_tokens)
+        .or(l.max_output_tokens)
+}
+
+#[derive(Deserialize)]
 struct Probe<'a> {
     // Not `Option<Cow>`: serde borrows only a bare `Cow` (no copy unless escaped).
     #[serde(borrow, default)]

@@ -86,6 +86,25 @@ pub struct VirtualKeyRecord {
     pub revoked_at_ms: Option<u64>,
     #[serde(default)]
     pub rotations: Vec<RotationRecord>,
+    #[serde(default)]
+    pub budgets: Vec<BudgetRecord>,
+}
+
+/// A spend budget: at most `limit_micros` per `period`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetRecord {
+    pub period: crate::config::BudgetPeriod,
+    pub limit_micros: u64,
+}
+
+impl Owner {
+    /// `consumer:alice` or `group:search`: how budgets and the ledger name the owner.
+    pub fn scope(&self) -> String {
+        match self {
+            Owner::Consumer(c) => format!("consumer:{c}"),
+            Owner::Group(g) => format!("group:{g}"),
+        }
+    }
 }
 
 /// Everything the vault keeps.
@@ -98,6 +117,9 @@ pub struct Document {
     /// Key id -> key.
     #[serde(default)]
     pub keys: BTreeMap<String, VirtualKeyRecord>,
+    /// Owner scope (see [`Owner::scope`]) -> budgets over all its keys.
+    #[serde(default)]
+    pub owner_budgets: BTreeMap<String, Vec<BudgetRecord>>,
 }
 
 impl Document {
@@ -129,31 +151,37 @@ impl Document {
 
     /// Replaces the store in `dir` with this document, crash-safely.
     pub fn save(&self, dir: &Path) -> Result<(), StoreError> {
-        let path = dir.join(FILE_NAME);
-        let tmp = dir.join(format!("{FILE_NAME}.tmp"));
-        let io = |p: &Path| {
-            let p = p.to_owned();
-            move |source| StoreError::Io { path: p, source }
-        };
         let text = serde_json::to_vec_pretty(self).expect("the document serialises");
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io(&tmp))?;
-            file.write_all(&text).map_err(io(&tmp))?;
-            file.sync_all().map_err(io(&tmp))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
-        Ok(())
+        write_atomically(dir, FILE_NAME, &text)
     }
+}
+
+/// Replaces `dir/name` with `bytes` (mode 0600): written to a temporary file, fsynced,
+/// renamed over the old one, the directory fsynced. A crash leaves the old or the new file.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let io = |p: &Path| {
+        let p = p.to_owned();
+        move |source| StoreError::Io { path: p, source }
+    };
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        file.write_all(bytes).map_err(io(&tmp))?;
+        file.sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -180,6 +208,7 @@ mod tests {
                 created_at_ms: 1,
                 revoked_at_ms: None,
                 rotations: vec![],
+                budgets: vec![],
             },
         );
         doc.save(dir.path()).unwrap();

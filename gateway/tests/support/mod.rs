@@ -212,6 +212,8 @@ pub enum Reply {
     RawThenClose(Vec<u8>),
     /// Waits, then writes the bytes.
     Delayed(Duration, Vec<u8>),
+    /// Writes each part after its pause (a stream of events), then keeps the connection.
+    Paced(Vec<(Duration, Vec<u8>)>),
     /// Answers 101 and then echoes every byte back until the peer closes.
     SwitchAndEcho,
     /// Closes without answering.
@@ -315,6 +317,18 @@ fn serve_upstream(
                 thread::sleep(d);
                 if writer.write_all(&bytes).is_err() {
                     return;
+                }
+            }
+            Reply::Paced(parts) => {
+                for (d, bytes) in parts {
+                    thread::sleep(d);
+                    if writer
+                        .write_all(&bytes)
+                        .and_then(|()| writer.flush())
+                        .is_err()
+                    {
+                        return;
+                    }
                 }
             }
             Reply::SwitchAndEcho => {

@@ -145,32 +145,78 @@ fn admit_virtual_key(
     if !entry.providers.iter().any(|p| p == provider) {
         return Err(refuse(VaultRefusal::ProviderNotAllowed));
     }
-    if !entry.models.is_empty() {
+    // The model, and the body it came in: needed when the key is restricted to models or
+    // spends under a budget.
+    if !entry.models.is_empty() || entry.has_budget() {
+        let judged_body = match (kind, req.body) {
+            (_, crate::http::BodyFraming::None | crate::http::BodyFraming::Length(0)) => &[][..],
+            (_, crate::http::BodyFraming::Length(n)) => {
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                if n > crate::vault::request::MAX_JUDGED_BODY_BYTES {
+                    return Err(refuse(VaultRefusal::BodyTooLarge));
+                }
+                if body.len() < n {
+                    return Err(Exit::AwaitBody(req.head_len + n));
+                }
+                &body[..n]
+            }
+            // SDKs send JSON with a length; a chunked body cannot be judged before it is
+            // forwarded.
+            _ => return Err(refuse(VaultRefusal::LengthRequired)),
+        };
         let model = match kind {
             // Azure names the model's deployment in the path.
             crate::config::ProviderKind::Azure => {
                 crate::vault::request::azure_deployment(req.path).map(std::borrow::Cow::Borrowed)
             }
-            _ => match req.body {
-                crate::http::BodyFraming::None | crate::http::BodyFraming::Length(0) => None,
-                crate::http::BodyFraming::Length(n) => {
-                    let n = usize::try_from(n).unwrap_or(usize::MAX);
-                    if n > crate::vault::request::MAX_JUDGED_BODY_BYTES {
-                        return Err(refuse(VaultRefusal::BodyTooLarge));
-                    }
-                    if body.len() < n {
-                        return Err(Exit::AwaitBody(req.head_len + n));
-                    }
-                    crate::vault::request::model_of(&body[..n])
-                }
-                // SDKs send JSON with a length; a chunked body cannot be judged before it is
-                // forwarded.
-                _ => return Err(refuse(VaultRefusal::LengthRequired)),
-            },
+            _ => crate::vault::request::model_of(judged_body),
         };
-        let allowed = model.is_some_and(|m| entry.models.iter().any(|a| *a == *m));
-        if !allowed {
+        if !entry.models.is_empty()
+            && !model
+                .as_deref()
+                .is_some_and(|m| entry.models.iter().any(|a| a == m))
+        {
             return Err(refuse(VaultRefusal::ModelNotAllowed));
+        }
+        if entry.has_budget() {
+            let prices = snapshot
+                .config
+                .vault
+                .as_ref()
+                .map(|v| (&v.prices, v.default_output_tokens));
+            let (Some(model), Some((prices, default_output))) = (model, prices) else {
+                return Err(refuse(VaultRefusal::ModelNotPriced));
+            };
+            let price = prices
+                .get(&*model)
+                .ok_or_else(|| refuse(VaultRefusal::ModelNotPriced))?;
+            let max_output =
+                crate::vault::request::max_output_tokens(judged_body).unwrap_or(default_output);
+            let amount = crate::vault::ledger::estimate(price, judged_body.len(), max_output);
+            let now = crate::vault::now_ms() / 1000;
+            let ledger = &vault.ledger;
+            let budgets = entry
+                .budgets
+                .iter()
+                .map(|&(p, limit)| (ledger.counter(&entry.scope, p, now), limit))
+                .chain(
+                    entry
+                        .owner_budgets
+                        .iter()
+                        .map(|&(p, limit)| (ledger.counter(&entry.owner_scope, p, now), limit)),
+                )
+                .collect();
+            let reservation = ledger
+                .reserve(amount, budgets)
+                .map_err(|_| refuse(VaultRefusal::BudgetExceeded))?;
+            ctx.vault = Some(crate::proxy::context::VaultRequest {
+                reservation,
+                price: price.clone(),
+                model: model.into(),
+                meter: Default::default(),
+                sent: false,
+                complete: false,
+            });
         }
     }
     let keys = index

@@ -33,6 +33,13 @@ pub fn finish(
         ctx.charges
             .refund(&snapshot.quota_store, snapshot.cluster.as_deref());
     }
+    if let (Some(request), Some(vault)) = (ctx.vault.take(), &snapshot.vault) {
+        let key = match &ctx.caller {
+            Some(crate::proxy::context::Caller::Virtual(v)) => Some(&*v.key),
+            _ => None,
+        };
+        crate::vault::settle(vault, request, key, ctx.status, total(ctx, now));
+    }
     if let Outcome::Answered(_) = ctx.outcome {
         worker.answered(peer.ip(), ctx.status);
     }

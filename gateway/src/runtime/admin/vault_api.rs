@@ -84,6 +84,55 @@ pub fn handle(
         }
         ("POST", ["keys"]) => create(&vault, raw),
         ("POST", ["keys", id, "rotate"]) => rotate(&vault, id, raw, grace),
+        ("POST", ["keys", id, "budget"]) => match body::<BudgetIn>(raw, BUDGET_SHAPE) {
+            Err(r) => r,
+            Ok(b) => match vault.set_key_budget(id, b.period, b.limit_micros, ADMIN_ACTOR) {
+                Ok(()) => AdminResponse::json(
+                    200,
+                    &json!({ "id": id, "period": b.period, "limit_micros": b.limit_micros }),
+                ),
+                Err(e) => refused(e),
+            },
+        },
+        ("POST", ["owners", "budget"]) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct OwnerBudget {
+                owner: OwnerIn,
+                period: crate::config::BudgetPeriod,
+                limit_micros: Option<u64>,
+            }
+            match body::<OwnerBudget>(raw, "{\"owner\": {\"consumer\": \"alice\"}, \"period\": \"month\", \"limit_micros\": 100000000}") {
+                Err(r) => r,
+                Ok(b) => {
+                    let owner = b.owner.into_owner();
+                    match vault.set_owner_budget(&owner, b.period, b.limit_micros, ADMIN_ACTOR) {
+                        Ok(()) => AdminResponse::json(
+                            200,
+                            &json!({ "owner": owner.scope(), "period": b.period, "limit_micros": b.limit_micros }),
+                        ),
+                        Err(e) => refused(e),
+                    }
+                }
+            }
+        }
+        ("GET", ["spend"]) => {
+            let counters: Vec<Value> = vault
+                .ledger
+                .snapshot()
+                .into_iter()
+                .map(|(k, settled, committed)| {
+                    json!({
+                        "scope": k.scope,
+                        "period": k.period,
+                        "instance": k.instance,
+                        "spent_micros": settled,
+                        "reserved_micros": committed.saturating_sub(settled),
+                    })
+                })
+                .collect();
+            AdminResponse::json(200, &json!({ "spend": counters }))
+        }
         ("POST", ["keys", id, "revoke"]) => match vault.revoke(id, ADMIN_ACTOR) {
             Ok(()) => AdminResponse::json(200, &json!({ "id": id, "revoked": true })),
             Err(e) => refused(e),
@@ -110,13 +159,33 @@ fn key_view(k: &crate::vault::store::VirtualKeyRecord) -> Value {
     })
 }
 
-fn create(vault: &Vault, raw: &[u8]) -> AdminResponse {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields, rename_all = "snake_case")]
-    enum OwnerIn {
-        Consumer(String),
-        Group(String),
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum OwnerIn {
+    Consumer(String),
+    Group(String),
+}
+
+impl OwnerIn {
+    fn into_owner(self) -> Owner {
+        match self {
+            OwnerIn::Consumer(id) => Owner::Consumer(id),
+            OwnerIn::Group(g) => Owner::Group(g),
+        }
     }
+}
+
+const BUDGET_SHAPE: &str =
+    "{\"period\": \"day\" | \"month\" | \"total\", \"limit_micros\": 5000000} (null removes it)";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetIn {
+    period: crate::config::BudgetPeriod,
+    limit_micros: Option<u64>,
+}
+
+fn create(vault: &Vault, raw: &[u8]) -> AdminResponse {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Create {
@@ -135,10 +204,7 @@ fn create(vault: &Vault, raw: &[u8]) -> AdminResponse {
         Err(r) => return r,
     };
     let spec = KeySpec {
-        owner: match c.owner {
-            OwnerIn::Consumer(id) => Owner::Consumer(id),
-            OwnerIn::Group(g) => Owner::Group(g),
-        },
+        owner: c.owner.into_owner(),
         providers: c.providers,
         models: c.models,
         expires_at_ms: c
