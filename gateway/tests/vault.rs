@@ -691,3 +691,48 @@ fn usage_settles_once_from_json_and_streams_and_never_at_zero() {
     let gw = start();
     assert_eq!(settled_spend(&gw, &scope), spent);
 }
+
+/// The vault's metrics: spend per budget scope, usage per key id, refusals by reason; and
+/// owner names that would break them are refused.
+#[test]
+fn metrics_report_spend_usage_and_refusals_per_key() {
+    let s = Setup::new();
+    let up = Upstream::start(|_| usage_reply(Duration::ZERO, 11, 7));
+    let cfg = s
+        .config()
+        .replace(&s.up.addr.to_string(), &up.addr.to_string());
+    let gw = Gateway::start_with(&cfg, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
+    let (id, key) = provision(&gw);
+    let (status, _) = admin(
+        &gw,
+        "POST",
+        "/vault/owners/budget",
+        r#"{"owner": {"consumer": "alice"}, "period": "month", "limit_micros": 1000000}"#,
+    );
+    assert_eq!(status, 200);
+    let body = r#"{"model": "gpt-test", "max_tokens": 8}"#;
+    assert_eq!(
+        call_body(&gw, "/openai/v1/chat/completions", &bearer(&key), body).status,
+        200
+    );
+    assert_eq!(call(&gw, "/openai/v1/chat/completions", "").status, 401);
+    let owner_spend = settled_spend(&gw, "consumer:alice");
+    assert_eq!(owner_spend, 11 + 7 * 2);
+    let (status, text) = admin_request(gw.admin_addr(), "GET", "/metrics", Some(TOKEN), "");
+    assert_eq!(status, 200);
+    for line in [
+        format!("portcullis_vault_spend_micros{{scope=\"consumer:alice\",period=\"Month\"}} {owner_spend}"),
+        format!("portcullis_vault_input_tokens_total{{key=\"{id}\"}} 11"),
+        format!("portcullis_vault_output_tokens_total{{key=\"{id}\"}} 7"),
+        "portcullis_vault_refusals_total{reason=\"missing_key\"} 1".to_owned(),
+    ] {
+        assert!(text.contains(&line), "no `{line}` in:\n{text}");
+    }
+    let (status, body) = admin(
+        &gw,
+        "POST",
+        "/vault/keys",
+        r#"{"owner": {"consumer": "bad\"name"}, "providers": ["openai"]}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+}

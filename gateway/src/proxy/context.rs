@@ -67,7 +67,8 @@ pub enum Caller {
 #[derive(Debug)]
 pub struct VaultRequest {
     pub reservation: crate::vault::ledger::Reservation,
-    pub price: crate::config::ModelPrice,
+    /// The model's price, when it has one (a key under a budget always does).
+    pub price: Option<crate::config::ModelPrice>,
     pub model: Box<str>,
     pub meter: crate::vault::usage::UsageMeter,
     /// The provider received the request (from then on it is billed).

@@ -10,7 +10,6 @@
 //! settling. Counters of past days and months are dropped.
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -68,11 +67,25 @@ struct Saved {
     counters: Vec<(CounterKey, u64)>,
 }
 
-/// Every budget counter of the host.
+/// Every budget counter of the host, in a lock-free map (workers of every core find their
+/// counters in it), and what each key used.
 pub struct Ledger {
     dir: PathBuf,
-    counters: Mutex<BTreeMap<CounterKey, Arc<Counter>>>,
+    counters: papaya::HashMap<CounterKey, Arc<Counter>>,
+    /// Key id -> requests settled and tokens reported, for the metrics.
+    usage: papaya::HashMap<String, Arc<KeyUsage>>,
     dirty: AtomicBool,
+    /// One flush at a time (the flusher thread and a clean stop).
+    flushing: Mutex<()>,
+}
+
+/// What one key's settled requests used.
+#[derive(Debug, Default)]
+pub struct KeyUsage {
+    pub requests: AtomicU64,
+    pub input_tokens: AtomicU64,
+    pub output_tokens: AtomicU64,
+    pub cost_micros: AtomicU64,
 }
 
 /// What one request reserved, to settle or give back.
@@ -86,7 +99,7 @@ impl Ledger {
     /// Loads the settled spend of current periods from `dir`.
     pub fn open(dir: &Path) -> Result<Ledger, StoreError> {
         let path = dir.join(FILE_NAME);
-        let mut counters = BTreeMap::new();
+        let counters = papaya::HashMap::new();
         match std::fs::read_to_string(&path) {
             Ok(text) => {
                 let saved: Saved =
@@ -94,8 +107,9 @@ impl Ledger {
                         path: path.clone(),
                         reason: e.to_string(),
                     })?;
+                let pinned = counters.pin();
                 for (key, settled) in saved.counters {
-                    counters.insert(
+                    pinned.insert(
                         key,
                         Arc::new(Counter {
                             committed: AtomicU64::new(settled),
@@ -109,21 +123,51 @@ impl Ledger {
         }
         Ok(Ledger {
             dir: dir.to_owned(),
-            counters: Mutex::new(counters),
+            counters,
+            usage: papaya::HashMap::new(),
             dirty: AtomicBool::new(false),
+            flushing: Mutex::new(()),
         })
     }
 
-    /// The counter of `scope` for `period` now. The map is locked only to find it (admission
-    /// of a vault request, not of every request); counting is atomic.
+    /// The counter of `scope` for `period` now.
     pub fn counter(&self, scope: &str, period: BudgetPeriod, unix_secs: u64) -> Arc<Counter> {
         let key = CounterKey {
             scope: scope.to_owned(),
             period,
             instance: instance(period, unix_secs),
         };
-        let mut map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(key).or_default().clone()
+        self.counters
+            .pin()
+            .get_or_insert_with(key, Default::default)
+            .clone()
+    }
+
+    /// Counts a settled request of key `id`.
+    pub fn record_usage(&self, id: &str, input: u64, output: u64, cost: u64) {
+        let pinned = self.usage.pin();
+        let usage = match pinned.get(id) {
+            Some(u) => u.clone(),
+            None => pinned
+                .get_or_insert_with(id.to_owned(), Default::default)
+                .clone(),
+        };
+        usage.requests.fetch_add(1, Ordering::Relaxed);
+        usage.input_tokens.fetch_add(input, Ordering::Relaxed);
+        usage.output_tokens.fetch_add(output, Ordering::Relaxed);
+        usage.cost_micros.fetch_add(cost, Ordering::Relaxed);
+    }
+
+    /// Every key's usage since start.
+    pub fn usage(&self) -> Vec<(String, Arc<KeyUsage>)> {
+        let mut out: Vec<_> = self
+            .usage
+            .pin()
+            .iter()
+            .map(|(k, u)| (k.clone(), u.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Reserves `amount` against every `(counter, limit)`, or none of them: `Err` names the
@@ -175,25 +219,34 @@ impl Ledger {
 
     /// Settled spend and commitments, for the admin API.
     pub fn snapshot(&self) -> Vec<(CounterKey, u64, u64)> {
-        let map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        map.iter()
+        let mut out: Vec<_> = self
+            .counters
+            .pin()
+            .iter()
             .map(|(k, c)| (k.clone(), c.settled(), c.committed()))
-            .collect()
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Writes the settled spend of current periods, if anything settled since the last write.
     pub fn flush(&self, unix_secs: u64) -> Result<(), StoreError> {
+        let _one = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
         let saved = {
-            let mut map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-            map.retain(|k, c| {
+            let pinned = self.counters.pin();
+            // Past days and months are done with, once nothing is reserved in them.
+            pinned.retain(|k, c| {
                 k.instance == instance(k.period, unix_secs) || c.committed() > c.settled()
             });
-            Saved {
-                counters: map.iter().map(|(k, c)| (k.clone(), c.settled())).collect(),
-            }
+            let mut counters: Vec<_> = pinned
+                .iter()
+                .map(|(k, c)| (k.clone(), c.settled()))
+                .collect();
+            counters.sort();
+            Saved { counters }
         };
         let text = serde_json::to_vec(&saved).expect("the ledger serialises");
         let result = super::store::write_atomically(&self.dir, FILE_NAME, &text);

@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod index;
 pub mod ledger;
+pub mod metrics;
 pub mod provider;
 pub mod request;
 pub mod sealed;
@@ -97,15 +98,9 @@ pub fn settle(
 ) {
     let usage = request.meter.usage();
     let reserved = request.reservation.amount;
-    let reported = usage.map(|u| {
-        ledger::cost_of(
-            &request.price,
-            u.input,
-            u.output,
-            u.cache_read,
-            u.cache_write,
-        )
-    });
+    let reported = usage
+        .zip(request.price.as_ref())
+        .map(|(u, price)| ledger::cost_of(price, u.input, u.output, u.cache_read, u.cache_write));
     let cost = match (request.sent, request.complete, reported) {
         (false, _, _) => None,
         (true, true, Some(cost)) => Some(cost),
@@ -115,6 +110,9 @@ pub fn settle(
     vault.ledger.settle(request.reservation, cost);
     if let Some(cost) = cost {
         let u = usage.unwrap_or_default();
+        if let Some(k) = key {
+            vault.ledger.record_usage(&k.id, u.input, u.output, cost);
+        }
         tracing::info!(
             target: "portcullis::vault::usage",
             key = key.map_or("", |k| k.id.as_str()),
@@ -189,6 +187,8 @@ pub struct Vault {
     audit: audit::AuditLog,
     /// Spend against budgets.
     pub ledger: Arc<ledger::Ledger>,
+    /// Requests refused, by [`provider::VaultRefusal::index`].
+    pub refusals: [std::sync::atomic::AtomicU64; provider::VaultRefusal::ALL.len()],
 }
 
 impl std::fmt::Debug for Vault {
@@ -211,6 +211,7 @@ impl Vault {
             dir: dir.to_owned(),
             audit: audit::AuditLog::open(dir)?,
             ledger: Arc::new(ledger::Ledger::open(dir)?),
+            refusals: Default::default(),
             master,
             providers: Mutex::new(providers),
             doc: Mutex::new(doc),
@@ -248,6 +249,23 @@ impl Vault {
     /// Takes the provider names of a reloaded config.
     pub fn set_providers(&self, names: Vec<String>) {
         *self.providers.lock().unwrap_or_else(|e| e.into_inner()) = names;
+    }
+
+    /// An owner's name is a consumer id or group name: token characters, as the config
+    /// allows them (it names metrics labels and ledger scopes).
+    fn check_owner(owner: &Owner) -> Result<(), VaultError> {
+        let (Owner::Consumer(name) | Owner::Group(name)) = owner;
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && name.bytes().all(crate::config::is_token_byte)
+            && !name.contains(',');
+        if ok {
+            Ok(())
+        } else {
+            Err(VaultError::Invalid(format!(
+                "owner {name:?}: a consumer id or group name (letters, digits and !#$%&'*+-.^_`|~)"
+            )))
+        }
     }
 
     fn check_providers(&self, names: &[String]) -> Result<(), VaultError> {
@@ -347,6 +365,7 @@ impl Vault {
                 "a key needs at least one provider".into(),
             ));
         }
+        Self::check_owner(&spec.owner)?;
         self.check_providers(&spec.providers)?;
         let (secret, hash) = virtual_key::new_secret();
         let id = virtual_key::new_id();
@@ -477,6 +496,7 @@ impl Vault {
         limit_micros: Option<u64>,
         actor: &str,
     ) -> Result<(), VaultError> {
+        Self::check_owner(owner)?;
         let mut doc = self.lock();
         let mut next = doc.clone();
         let scope = owner.scope();

@@ -93,6 +93,37 @@ pub enum VaultRefusal {
 }
 
 impl VaultRefusal {
+    pub const ALL: [VaultRefusal; 9] = [
+        VaultRefusal::MissingKey,
+        VaultRefusal::InvalidKey,
+        VaultRefusal::ProviderNotAllowed,
+        VaultRefusal::NoProviderKey,
+        VaultRefusal::ModelNotAllowed,
+        VaultRefusal::BodyTooLarge,
+        VaultRefusal::LengthRequired,
+        VaultRefusal::ModelNotPriced,
+        VaultRefusal::BudgetExceeded,
+    ];
+
+    /// The metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            VaultRefusal::MissingKey => "missing_key",
+            VaultRefusal::InvalidKey => "invalid_key",
+            VaultRefusal::ProviderNotAllowed => "provider_not_allowed",
+            VaultRefusal::NoProviderKey => "no_provider_key",
+            VaultRefusal::ModelNotAllowed => "model_not_allowed",
+            VaultRefusal::BodyTooLarge => "body_too_large",
+            VaultRefusal::LengthRequired => "length_required",
+            VaultRefusal::ModelNotPriced => "model_not_priced",
+            VaultRefusal::BudgetExceeded => "budget_exceeded",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+
     pub fn status(self) -> u16 {
         match self {
             VaultRefusal::MissingKey | VaultRefusal::InvalidKey => 401,

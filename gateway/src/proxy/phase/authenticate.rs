@@ -126,8 +126,11 @@ fn admit_virtual_key(
         return Err(Answer::error(500, "vault route without its provider").into());
     };
     let kind = config.kind;
-    let refuse = |refusal| {
+    let refuse = |refusal: VaultRefusal| {
         debug!(provider, ?refusal, "virtual key refused");
+        if let Some(v) = &snapshot.vault {
+            v.refusals[refusal.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Exit::Answer(Answer::Vault { kind, refusal })
     };
     let vault = snapshot
@@ -211,7 +214,7 @@ fn admit_virtual_key(
                 .map_err(|_| refuse(VaultRefusal::BudgetExceeded))?;
             ctx.vault = Some(crate::proxy::context::VaultRequest {
                 reservation,
-                price: price.clone(),
+                price: Some(price.clone()),
                 model: model.into(),
                 meter: Default::default(),
                 sent: false,
@@ -229,6 +232,17 @@ fn admit_virtual_key(
         provider_key: crate::vault::index::choose(keys, crate::vault::now_ms()).clone(),
         kind,
     }));
+    // Every vault request is metered, under a budget or not.
+    if ctx.vault.is_none() {
+        ctx.vault = Some(crate::proxy::context::VaultRequest {
+            reservation: Default::default(),
+            price: None,
+            model: "".into(),
+            meter: Default::default(),
+            sent: false,
+            complete: false,
+        });
+    }
     Ok(())
 }
 

@@ -155,10 +155,14 @@ fn metrics(state: &AdminState) -> AdminResponse {
         .access_log
         .as_ref()
         .map(|l| l.dropped.load(std::sync::atomic::Ordering::Relaxed));
+    let mut text = exposition::render(&state.metrics, &extra);
+    if let Some(vault) = &snapshot.vault {
+        crate::vault::metrics::render(vault, &mut text);
+    }
     AdminResponse {
         status: 200,
         content_type: "text/plain; version=0.0.4; charset=utf-8",
-        body: exposition::render(&state.metrics, &extra).into_bytes(),
+        body: text.into_bytes(),
     }
 }
 
