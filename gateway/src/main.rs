@@ -58,6 +58,12 @@ enum Command {
         #[command(subcommand)]
         command: XdpCommand,
     },
+    /// The LLM key vault: provider keys, virtual keys, budgets, spend (through the running
+    /// gateway, or on the store when it is stopped).
+    Vault {
+        #[command(subcommand)]
+        command: portcullis::runtime::vault_cli::VaultCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -216,6 +222,14 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Vault { command } => match portcullis::runtime::vault_cli::run(&config, command) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Xdp { command } => match xdp_command(&config, command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

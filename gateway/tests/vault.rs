@@ -736,3 +736,100 @@ fn metrics_report_spend_usage_and_refusals_per_key() {
     );
     assert_eq!(status, 400, "{body}");
 }
+
+/// `portcullis vault` with `config`, `stdin` fed; (success, stdout and stderr).
+fn cli(config: &Path, args: &[&str], stdin: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(config)
+        .arg("vault")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// The CLI on the store of a stopped gateway (under its lock), then through the control
+/// socket of the running one, whose workers see the change at once.
+#[test]
+fn the_vault_cli_works_on_a_stopped_gateway_and_through_a_running_one() {
+    let s = Setup::new();
+    let config = s.dir.path().join("gateway.toml");
+    std::fs::write(&config, s.config()).unwrap();
+    let (ok, out) = cli(
+        &config,
+        &["provider-add", "openai"],
+        &format!("{OPENAI_KEY}\n"),
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("sha256:") && !out.contains(OPENAI_KEY),
+        "{out}"
+    );
+    let (ok, out) = cli(
+        &config,
+        &[
+            "key-create",
+            "--owner",
+            "consumer:carol",
+            "--provider",
+            "openai",
+        ],
+        "",
+    );
+    assert!(ok, "{out}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let (id, key) = (
+        created["id"].as_str().unwrap().to_owned(),
+        created["key"].as_str().unwrap().to_owned(),
+    );
+    let gw = s.start();
+    assert_eq!(call(&gw, "/openai/v1/x", &bearer(&key)).status, 200);
+    let seen = s.up.requests().pop().unwrap();
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}").as_str())
+    );
+
+    // Running: through the control socket; the revocation holds at once.
+    let (ok, out) = cli(&config, &["key-revoke", &id], "");
+    assert!(ok, "{out}");
+    assert_eq!(call(&gw, "/openai/v1/x", &bearer(&key)).status, 401);
+    let (ok, out) = cli(&config, &["key-list"], "");
+    assert!(
+        ok && out.contains("revoked_at_ms") && !out.contains(&key),
+        "{out}"
+    );
+    let (ok, out) = cli(
+        &config,
+        &["key-create", "--owner", "nobody", "--provider", "openai"],
+        "",
+    );
+    assert!(!ok && out.contains("consumer:ID or group:NAME"), "{out}");
+    let (ok, out) = cli(&config, &["key-revoke", "vk_0000000000000000"], "");
+    assert!(!ok && out.contains("no virtual key"), "{out}");
+    let audit = std::fs::read_to_string(s.dir.path().join("data/vault-audit.log")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .filter(|l| l.contains("\"actor\":\"cli\""))
+            .count()
+            >= 3,
+        "{audit}"
+    );
+    assert!(!audit.contains(OPENAI_KEY) && !audit.contains(&key));
+}

@@ -45,8 +45,8 @@ pub struct Handover {
     pub data_dir: PathBuf,
 }
 
-/// Longest command line read from a control connection.
-const MAX_COMMAND_BYTES: u64 = 256;
+/// Longest command line read from a control connection (a vault command carries a JSON body).
+const MAX_COMMAND_BYTES: u64 = 64 * 1024;
 /// How long a control connection may take to send its command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `portcullis reload` waits for the answer (a reload that starts JWKS fetchers may
@@ -72,8 +72,33 @@ fn answer(live: &Live, command: &str) -> String {
                 format!("error: {e}")
             }
         },
-        other => format!("error: unknown command {other:?}; known: reload"),
+        other if other.starts_with("vault ") => vault_command(live, &other["vault ".len()..]),
+        other => format!("error: unknown command {other:?}; known: reload, vault"),
     }
+}
+
+/// `vault METHOD PATH [JSON]` from `portcullis vault` (the socket is its owner's only): the
+/// admin API's vault operation, done as `cli`. The answer is `STATUS JSON` on one line.
+fn vault_command(live: &Live, command: &str) -> String {
+    let mut parts = command.splitn(3, ' ');
+    let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
+        return "400 {\"error\":{\"message\":\"expected: vault METHOD PATH [JSON]\"}}".into();
+    };
+    let body = parts.next().unwrap_or("");
+    let snapshot = live.snapshot();
+    let (Some(vault), Some(config)) = (&snapshot.vault, &snapshot.config.vault) else {
+        return "404 {\"error\":{\"message\":\"no [vault] is configured\"}}".into();
+    };
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let answer = super::admin::vault_api::dispatch(
+        vault,
+        config.rotation_grace.get(),
+        method,
+        &segments,
+        body.as_bytes(),
+        "cli",
+    );
+    format!("{} {}", answer.status, answer.compact_body())
 }
 
 /// Starts listening on the control socket. A stale socket file (no process behind it) is

@@ -8,4 +8,5 @@ pub mod listener;
 pub mod live;
 pub mod shutdown;
 pub mod unix_socket;
+pub mod vault_cli;
 pub mod worker;

@@ -37,6 +37,14 @@ impl AdminResponse {
         }
     }
 
+    /// The body on one line (JSON re-rendered without newlines), for the control socket.
+    pub fn compact_body(&self) -> String {
+        match serde_json::from_slice::<Value>(&self.body) {
+            Ok(v) => v.to_string(),
+            Err(_) => String::from_utf8_lossy(&self.body).replace('\n', " "),
+        }
+    }
+
     /// `{"error": {"status": .., "message": ..}}`.
     pub fn error(status: u16, message: &str) -> AdminResponse {
         Self::json(

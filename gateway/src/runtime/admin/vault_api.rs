@@ -44,7 +44,27 @@ pub fn handle(
         Ok(v) => v,
         Err(r) => return Some(r),
     };
-    Some(match (method, &segments[1..]) {
+    Some(dispatch(
+        &vault,
+        grace,
+        method,
+        &segments[1..],
+        raw,
+        ADMIN_ACTOR,
+    ))
+}
+
+/// One vault operation, `segments` after `/vault`, done as `actor` (the audit log's who):
+/// for the admin API, the control socket and `portcullis vault` on a stopped gateway alike.
+pub fn dispatch(
+    vault: &Vault,
+    grace: Duration,
+    method: &str,
+    segments: &[&str],
+    raw: &[u8],
+    actor: &str,
+) -> AdminResponse {
+    match (method, segments) {
         ("GET", ["providers"]) => {
             let keys: Vec<Value> = vault
                 .provider_keys()
@@ -63,7 +83,7 @@ pub fn handle(
             }
             match body::<Add>(raw, "{\"key\": \"sk-...\"}") {
                 Err(r) => r,
-                Ok(add) => match vault.add_provider_key(provider, &add.key, ADMIN_ACTOR) {
+                Ok(add) => match vault.add_provider_key(provider, &add.key, actor) {
                     Ok((id, fingerprint)) => AdminResponse::json(
                         201,
                         &json!({ "provider": provider, "id": id, "fingerprint": fingerprint }),
@@ -73,7 +93,7 @@ pub fn handle(
             }
         }
         ("DELETE", ["providers", provider, "keys", id]) => {
-            match vault.remove_provider_key(provider, id, ADMIN_ACTOR) {
+            match vault.remove_provider_key(provider, id, actor) {
                 Ok(()) => AdminResponse::json(200, &json!({ "removed": id })),
                 Err(e) => refused(e),
             }
@@ -82,11 +102,11 @@ pub fn handle(
             let keys: Vec<Value> = vault.keys().iter().map(key_view).collect();
             AdminResponse::json(200, &json!({ "keys": keys }))
         }
-        ("POST", ["keys"]) => create(&vault, raw),
-        ("POST", ["keys", id, "rotate"]) => rotate(&vault, id, raw, grace),
+        ("POST", ["keys"]) => create(vault, raw, actor),
+        ("POST", ["keys", id, "rotate"]) => rotate(vault, id, raw, grace, actor),
         ("POST", ["keys", id, "budget"]) => match body::<BudgetIn>(raw, BUDGET_SHAPE) {
             Err(r) => r,
-            Ok(b) => match vault.set_key_budget(id, b.period, b.limit_micros, ADMIN_ACTOR) {
+            Ok(b) => match vault.set_key_budget(id, b.period, b.limit_micros, actor) {
                 Ok(()) => AdminResponse::json(
                     200,
                     &json!({ "id": id, "period": b.period, "limit_micros": b.limit_micros }),
@@ -106,7 +126,7 @@ pub fn handle(
                 Err(r) => r,
                 Ok(b) => {
                     let owner = b.owner.into_owner();
-                    match vault.set_owner_budget(&owner, b.period, b.limit_micros, ADMIN_ACTOR) {
+                    match vault.set_owner_budget(&owner, b.period, b.limit_micros, actor) {
                         Ok(()) => AdminResponse::json(
                             200,
                             &json!({ "owner": owner.scope(), "period": b.period, "limit_micros": b.limit_micros }),
@@ -133,12 +153,12 @@ pub fn handle(
                 .collect();
             AdminResponse::json(200, &json!({ "spend": counters }))
         }
-        ("POST", ["keys", id, "revoke"]) => match vault.revoke(id, ADMIN_ACTOR) {
+        ("POST", ["keys", id, "revoke"]) => match vault.revoke(id, actor) {
             Ok(()) => AdminResponse::json(200, &json!({ "id": id, "revoked": true })),
             Err(e) => refused(e),
         },
         _ => AdminResponse::error(404, "no such vault endpoint"),
-    })
+    }
 }
 
 fn key_view(k: &crate::vault::store::VirtualKeyRecord) -> Value {
@@ -185,7 +205,7 @@ struct BudgetIn {
     limit_micros: Option<u64>,
 }
 
-fn create(vault: &Vault, raw: &[u8]) -> AdminResponse {
+fn create(vault: &Vault, raw: &[u8], actor: &str) -> AdminResponse {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Create {
@@ -212,7 +232,7 @@ fn create(vault: &Vault, raw: &[u8]) -> AdminResponse {
             .map(|s| crate::vault::now_ms().saturating_add(s.saturating_mul(1000))),
         metadata: c.metadata,
     };
-    match vault.create_key(spec, ADMIN_ACTOR) {
+    match vault.create_key(spec, actor) {
         Ok((id, secret)) => AdminResponse::json(
             201,
             &json!({ "id": id, "key": secret, "note": "the key is shown this once; only its hash is kept" }),
@@ -221,7 +241,13 @@ fn create(vault: &Vault, raw: &[u8]) -> AdminResponse {
     }
 }
 
-fn rotate(vault: &Vault, id: &str, raw: &[u8], default_grace: Duration) -> AdminResponse {
+fn rotate(
+    vault: &Vault,
+    id: &str,
+    raw: &[u8],
+    default_grace: Duration,
+    actor: &str,
+) -> AdminResponse {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Rotate {
@@ -236,7 +262,7 @@ fn rotate(vault: &Vault, id: &str, raw: &[u8], default_grace: Duration) -> Admin
         Err(resp) => return resp,
     };
     let grace = r.grace_secs.map_or(default_grace, Duration::from_secs);
-    match vault.rotate(id, &r.rotation_id, grace, ADMIN_ACTOR) {
+    match vault.rotate(id, &r.rotation_id, grace, actor) {
         Ok(Rotated::New {
             secret,
             previous_until_ms,
