@@ -120,6 +120,65 @@ pub async fn relay_request_body<C: Transport, U: Transport>(
     }
 }
 
+/// How long, and how far, a response is read on for its usage after its client left.
+const READ_ON_FOR_USAGE: Duration = Duration::from_secs(15);
+const READ_ON_FOR_USAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Reads the rest of a response nobody receives any more, into `meter` only, until it ends
+/// (then the meter's usage is final) or [`READ_ON_FOR_USAGE`] or its byte bound passes.
+async fn read_on_for_usage<U: Transport>(
+    upstream: &U,
+    mut buf: Vec<u8>,
+    framing: BodyFraming,
+    decoder: &mut ChunkedDecoder,
+    mut remaining: u64,
+    meter: &mut crate::vault::usage::UsageMeter,
+    read_timeout: Duration,
+) -> Vec<u8> {
+    let deadline = Instant::now() + READ_ON_FOR_USAGE;
+    let mut read = 0;
+    loop {
+        buf.clear();
+        if read > READ_ON_FOR_USAGE_BYTES || Instant::now() >= deadline {
+            return buf;
+        }
+        let until = (Instant::now() + read_timeout).min(deadline);
+        let (res, b) = read_before(upstream, buf, until).await;
+        buf = b;
+        match res {
+            Ok(0) => {
+                if framing == BodyFraming::UntilClose && !upstream.truncated() {
+                    meter.mark_complete();
+                }
+                return buf;
+            }
+            Ok(n) => read += n,
+            Err(_) => return buf,
+        }
+        match framing {
+            BodyFraming::Chunked => match decoder.decode(&buf, |r| meter.feed(&buf[r])) {
+                Ok(p) if p.done => {
+                    meter.mark_complete();
+                    return buf;
+                }
+                Ok(_) => {}
+                Err(_) => return buf,
+            },
+            _ => {
+                let take = buf
+                    .len()
+                    .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                meter.feed(&buf[..take]);
+                remaining -= take as u64;
+                if remaining == 0 {
+                    meter.mark_complete();
+                    return buf;
+                }
+            }
+        }
+    }
+}
+
 /// How a response body is relayed.
 #[derive(Clone, Copy, Debug)]
 pub struct ResponseRelay {
@@ -226,6 +285,20 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
             write_pair_before(client, head, 0..head_len, buf, pos..send_end, deadline).await;
         (head, buf) = (h, b);
         if let Err(e) = res {
+            if let (Some(m), false) = (meter.as_deref_mut(), done) {
+                // The client left mid-response, but the provider bills the whole answer:
+                // read on (bounded) for the usage it reports at the end.
+                buf = read_on_for_usage(
+                    upstream,
+                    buf,
+                    framing,
+                    &mut decoder,
+                    remaining,
+                    m,
+                    read_timeout,
+                )
+                .await;
+            }
             return (Err(ResponseBodyError::Client(e)), buf, head);
         }
         *sent += (head_len + send_end - pos) as u64;

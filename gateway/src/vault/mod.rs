@@ -101,7 +101,9 @@ pub fn settle(
     let reported = usage
         .zip(request.price.as_ref())
         .map(|(u, price)| ledger::cost_of(price, u.input, u.output, u.cache_read, u.cache_write));
-    let cost = match (request.sent, request.complete, reported) {
+    // Read to its end (relayed whole, or read on after the client left): the usage is final.
+    let complete = request.complete || request.meter.complete();
+    let cost = match (request.sent, complete, reported) {
         (false, _, _) => None,
         (true, true, Some(cost)) => Some(cost),
         (true, true, None) => Some(reserved),

@@ -63,6 +63,8 @@ pub struct UsageMeter {
     output: Option<u64>,
     cache_read: Option<u64>,
     cache_write: Option<u64>,
+    /// The whole response was read (though maybe not delivered): the usage is final.
+    complete: bool,
 }
 
 impl Default for UsageMeter {
@@ -75,6 +77,7 @@ impl Default for UsageMeter {
             output: None,
             cache_read: None,
             cache_write: None,
+            complete: false,
         }
     }
 }
@@ -188,6 +191,16 @@ impl UsageMeter {
             .and_then(|d| d.cached_tokens);
         set(&mut self.cache_read, r.cache_read_input_tokens.or(cached));
         set(&mut self.cache_write, r.cache_creation_input_tokens);
+    }
+
+    /// Says the whole response was read.
+    pub fn mark_complete(&mut self) {
+        self.complete = true;
+    }
+
+    /// Whether the whole response was read.
+    pub fn complete(&self) -> bool {
+        self.complete
     }
 
     /// What the response reported, if it reported any usage.
