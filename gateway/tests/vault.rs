@@ -836,3 +836,65 @@ fn the_vault_cli_works_on_a_stopped_gateway_and_through_a_running_one() {
     );
     assert!(!audit.contains(OPENAI_KEY) && !audit.contains(&key));
 }
+
+/// Requests and tokens per minute: a key's fixed one-minute windows, counted across workers.
+#[test]
+fn requests_and_tokens_per_minute_are_limited_per_key() {
+    let s = Setup::new();
+    let up = Upstream::start(|_| usage_reply(Duration::ZERO, 10, 10));
+    let cfg = s
+        .config()
+        .replace(&s.up.addr.to_string(), &up.addr.to_string());
+    let gw = Gateway::start_with(&cfg, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
+    let (id, key) = provision(&gw);
+    // Far from a minute's end, so the window cannot turn during the test.
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if secs % 60 > 45 {
+        std::thread::sleep(Duration::from_secs(61 - secs % 60));
+    }
+    let (status, b) = admin(
+        &gw,
+        "POST",
+        &format!("/vault/keys/{id}/limits"),
+        r#"{"rpm": 3, "tpm": null}"#,
+    );
+    assert_eq!(status, 200, "{b}");
+    let statuses: Vec<u16> = (0..5)
+        .map(|_| call(&gw, "/openai/v1/x", &bearer(&key)).status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    let r = call(&gw, "/openai/v1/x", &bearer(&key));
+    let err: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(err["error"]["code"], "rate_limit_exceeded", "{err}");
+
+    // Tokens: each request reserves a token per 4 body bytes plus max_tokens, then settles at
+    // the 20 tokens it used.
+    let (status, _) = admin(
+        &gw,
+        "POST",
+        &format!("/vault/keys/{id}/limits"),
+        r#"{"rpm": null, "tpm": 100}"#,
+    );
+    assert_eq!(status, 200);
+    let body = r#"{"model": "gpt-test", "max_tokens": 40}"#;
+    let reserve = (body.len() as u64).div_ceil(4) + 40;
+    let mut admitted = 0;
+    for _ in 0..10 {
+        match call_body(&gw, "/openai/v1/chat/completions", &bearer(&key), body).status {
+            200 => admitted += 1,
+            429 => break,
+            other => panic!("{other}"),
+        }
+        // Each settles at the 20 tokens it used before the next is judged.
+        assert_eq!(settled_spend(&gw, &format!("tpm:key:{id}")), 20 * admitted);
+    }
+    // Admitted while what was used plus the next reservation fits in 100.
+    let expected = (0..).take_while(|k| 20 * k + reserve <= 100).count() as u64;
+    assert_eq!(
+        admitted, expected,
+        "tokens per minute admitted {admitted} (reserving {reserve})"
+    );
+}

@@ -25,6 +25,8 @@ pub enum ProviderKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BudgetPeriod {
+    /// A UTC minute (fixed windows), as requests- and tokens-per-minute limits count.
+    Minute,
     Day,
     Month,
     Total,

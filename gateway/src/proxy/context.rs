@@ -63,8 +63,8 @@ pub enum Caller {
     Virtual(VirtualCaller),
 }
 
-/// What a vault request under a budget carries to its settlement.
-#[derive(Debug)]
+/// What a vault request carries to its settlement.
+#[derive(Debug, Default)]
 pub struct VaultRequest {
     pub reservation: crate::vault::ledger::Reservation,
     /// The model's price, when it has one (a key under a budget always does).
@@ -75,6 +75,11 @@ pub struct VaultRequest {
     pub sent: bool,
     /// The whole response was relayed: its usage is final.
     pub complete: bool,
+    /// Prompt (a token per 4 body bytes) and output tokens the request may use.
+    pub estimated_tokens: u64,
+    /// Held against the key's requests and tokens per minute.
+    pub rpm: Option<crate::vault::ledger::Reservation>,
+    pub tpm: Option<crate::vault::ledger::Reservation>,
 }
 
 /// A caller admitted by a virtual key on a vault route.

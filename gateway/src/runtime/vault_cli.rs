@@ -55,6 +55,14 @@ pub enum VaultCommand {
         #[arg(long)]
         limit_micros: Option<u64>,
     },
+    /// Set key ID's requests- and tokens-per-minute limits (omitted: no limit).
+    KeyLimits {
+        id: String,
+        #[arg(long)]
+        rpm: Option<u64>,
+        #[arg(long)]
+        tpm: Option<u64>,
+    },
     /// Set an owner's budget (`consumer:ID` or `group:NAME`) over all its keys.
     BudgetOwner {
         owner: String,
@@ -141,6 +149,11 @@ fn request(command: VaultCommand) -> anyhow::Result<(&'static str, String, Strin
             "owners/budget".into(),
             json!({ "owner": owner_json(&owner)?, "period": period, "limit_micros": limit_micros })
                 .to_string(),
+        ),
+        KeyLimits { id, rpm, tpm } => (
+            "POST",
+            format!("keys/{id}/limits"),
+            json!({ "rpm": rpm, "tpm": tpm }).to_string(),
         ),
         Spend => ("GET", "spend".into(), String::new()),
     })

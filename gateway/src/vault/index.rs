@@ -81,12 +81,22 @@ pub struct KeyEntry {
     pub budgets: Vec<(crate::config::BudgetPeriod, u64)>,
     /// The owner's budgets, over all its keys.
     pub owner_budgets: Vec<(crate::config::BudgetPeriod, u64)>,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
 }
 
 impl KeyEntry {
     /// Whether any budget applies to the key's requests.
     pub fn has_budget(&self) -> bool {
         !self.budgets.is_empty() || !self.owner_budgets.is_empty()
+    }
+
+    /// The ledger scopes of the key's per-minute counts.
+    pub fn rpm_scope(&self) -> String {
+        format!("rpm:{}", self.scope)
+    }
+    pub fn tpm_scope(&self) -> String {
+        format!("tpm:{}", self.scope)
     }
 }
 
@@ -158,6 +168,8 @@ impl VaultIndex {
                     .get(&key.owner.scope())
                     .map(|list| list.iter().map(|b| (b.period, b.limit_micros)).collect())
                     .unwrap_or_default(),
+                rpm: key.rpm,
+                tpm: key.tpm,
             }));
             let secrets = std::iter::once((key.hash.as_str(), None)).chain(
                 key.previous

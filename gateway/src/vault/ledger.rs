@@ -57,6 +57,7 @@ pub fn instance(period: BudgetPeriod, unix_secs: u64) -> u32 {
     use crate::config::QuotaPeriod;
     match period {
         BudgetPeriod::Total => 0,
+        BudgetPeriod::Minute => (unix_secs / 60) as u32,
         BudgetPeriod::Day => crate::quotas::period_now(QuotaPeriod::Day, unix_secs).0,
         BudgetPeriod::Month => crate::quotas::period_now(QuotaPeriod::Month, unix_secs).0,
     }

@@ -110,6 +110,21 @@ pub fn settle(
         (true, false, seen) => Some(seen.unwrap_or(0).max(reserved)),
     };
     vault.ledger.settle(request.reservation, cost);
+    if let Some(rpm) = request.rpm {
+        // A request the provider had counts for its minute; one it never had does not.
+        let counted = request.sent.then_some(1);
+        vault.ledger.settle(rpm, counted);
+    }
+    if let Some(tpm) = request.tpm {
+        let reported = usage.map(|u| u.input + u.output);
+        let tokens = match (request.sent, complete, reported) {
+            (false, _, _) => None,
+            (true, true, Some(t)) => Some(t),
+            (true, true, None) => Some(request.estimated_tokens),
+            (true, false, seen) => Some(seen.unwrap_or(0).max(request.estimated_tokens)),
+        };
+        vault.ledger.settle(tpm, tokens);
+    }
     if let Some(cost) = cost {
         let u = usage.unwrap_or_default();
         if let Some(k) = key {
@@ -388,6 +403,8 @@ impl Vault {
                 revoked_at_ms: None,
                 rotations: Vec::new(),
                 budgets: Vec::new(),
+                rpm: None,
+                tpm: None,
             },
         );
         self.commit(&mut doc, next, actor, "key.create", &id)?;
@@ -487,6 +504,27 @@ impl Vault {
         set_budget(&mut key.budgets, period, limit_micros);
         let subject = format!("{id} {period:?} {limit_micros:?}");
         self.commit(&mut doc, next, actor, "key.budget", &subject)?;
+        Ok(())
+    }
+
+    /// Sets key `id`'s requests- and tokens-per-minute limits (`None`: no limit).
+    pub fn set_key_limits(
+        &self,
+        id: &str,
+        rpm: Option<u64>,
+        tpm: Option<u64>,
+        actor: &str,
+    ) -> Result<(), VaultError> {
+        let mut doc = self.lock();
+        let mut next = doc.clone();
+        let key = next
+            .keys
+            .get_mut(id)
+            .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
+        key.rpm = rpm;
+        key.tpm = tpm;
+        let subject = format!("{id} rpm={rpm:?} tpm={tpm:?}");
+        self.commit(&mut doc, next, actor, "key.limits", &subject)?;
         Ok(())
     }
 

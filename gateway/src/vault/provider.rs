@@ -90,10 +90,12 @@ pub enum VaultRefusal {
     ModelNotPriced,
     /// 429: the request's reservation would pass a budget of the key or its owner.
     BudgetExceeded,
+    /// 429: the key's requests or tokens per minute are used up.
+    RateLimited,
 }
 
 impl VaultRefusal {
-    pub const ALL: [VaultRefusal; 9] = [
+    pub const ALL: [VaultRefusal; 10] = [
         VaultRefusal::MissingKey,
         VaultRefusal::InvalidKey,
         VaultRefusal::ProviderNotAllowed,
@@ -103,6 +105,7 @@ impl VaultRefusal {
         VaultRefusal::LengthRequired,
         VaultRefusal::ModelNotPriced,
         VaultRefusal::BudgetExceeded,
+        VaultRefusal::RateLimited,
     ];
 
     /// The metric label.
@@ -117,6 +120,7 @@ impl VaultRefusal {
             VaultRefusal::LengthRequired => "length_required",
             VaultRefusal::ModelNotPriced => "model_not_priced",
             VaultRefusal::BudgetExceeded => "budget_exceeded",
+            VaultRefusal::RateLimited => "rate_limited",
         }
     }
 
@@ -130,7 +134,7 @@ impl VaultRefusal {
             VaultRefusal::ProviderNotAllowed
             | VaultRefusal::ModelNotAllowed
             | VaultRefusal::ModelNotPriced => 403,
-            VaultRefusal::BudgetExceeded => 429,
+            VaultRefusal::BudgetExceeded | VaultRefusal::RateLimited => 429,
             VaultRefusal::NoProviderKey => 503,
             VaultRefusal::BodyTooLarge => 413,
             VaultRefusal::LengthRequired => 411,
@@ -152,6 +156,9 @@ impl VaultRefusal {
             VaultRefusal::BudgetExceeded => {
                 "This request would exceed the budget of this key or its owner."
             }
+            VaultRefusal::RateLimited => {
+                "Rate limit reached for this key (requests or tokens per minute)."
+            }
         }
     }
 }
@@ -170,6 +177,7 @@ pub fn error_body(kind: ProviderKind, refusal: VaultRefusal) -> String {
                     ("invalid_request_error", "model_not_allowed")
                 }
                 VaultRefusal::BudgetExceeded => ("insufficient_quota", "insufficient_quota"),
+                VaultRefusal::RateLimited => ("requests", "rate_limit_exceeded"),
                 VaultRefusal::BodyTooLarge | VaultRefusal::LengthRequired => {
                     ("invalid_request_error", "invalid_request")
                 }
@@ -184,7 +192,7 @@ pub fn error_body(kind: ProviderKind, refusal: VaultRefusal) -> String {
                 VaultRefusal::ProviderNotAllowed
                 | VaultRefusal::ModelNotAllowed
                 | VaultRefusal::ModelNotPriced => "permission_error",
-                VaultRefusal::BudgetExceeded => "rate_limit_error",
+                VaultRefusal::BudgetExceeded | VaultRefusal::RateLimited => "rate_limit_error",
                 VaultRefusal::BodyTooLarge => "request_too_large",
                 VaultRefusal::LengthRequired => "invalid_request_error",
                 VaultRefusal::NoProviderKey => "api_error",

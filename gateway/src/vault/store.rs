@@ -88,6 +88,11 @@ pub struct VirtualKeyRecord {
     pub rotations: Vec<RotationRecord>,
     #[serde(default)]
     pub budgets: Vec<BudgetRecord>,
+    /// Requests per minute, and tokens (prompt and output) per minute.
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    #[serde(default)]
+    pub tpm: Option<u64>,
 }
 
 /// A spend budget: at most `limit_micros` per `period`.
@@ -209,6 +214,8 @@ mod tests {
                 revoked_at_ms: None,
                 rotations: vec![],
                 budgets: vec![],
+                rpm: None,
+                tpm: None,
             },
         );
         doc.save(dir.path()).unwrap();

@@ -148,9 +148,10 @@ fn admit_virtual_key(
     if !entry.providers.iter().any(|p| p == provider) {
         return Err(refuse(VaultRefusal::ProviderNotAllowed));
     }
-    // The model, and the body it came in: needed when the key is restricted to models or
-    // spends under a budget.
-    if !entry.models.is_empty() || entry.has_budget() {
+    // The model, and the body it came in: needed when the key is restricted to models,
+    // spends under a budget, or counts tokens per minute.
+    let mut metered = crate::proxy::context::VaultRequest::default();
+    if !entry.models.is_empty() || entry.has_budget() || entry.tpm.is_some() {
         let judged_body = match (kind, req.body) {
             (_, crate::http::BodyFraming::None | crate::http::BodyFraming::Length(0)) => &[][..],
             (_, crate::http::BodyFraming::Length(n)) => {
@@ -181,20 +182,20 @@ fn admit_virtual_key(
         {
             return Err(refuse(VaultRefusal::ModelNotAllowed));
         }
+        let (prices, default_output) = snapshot
+            .config
+            .vault
+            .as_ref()
+            .map(|v| (Some(&v.prices), v.default_output_tokens))
+            .unwrap_or((None, 0));
+        let max_output =
+            crate::vault::request::max_output_tokens(judged_body).unwrap_or(default_output);
+        metered.estimated_tokens = (judged_body.len() as u64).div_ceil(4) + max_output;
+        let price = model.as_deref().and_then(|m| prices.and_then(|p| p.get(m)));
+        metered.price = price.cloned();
+        metered.model = model.as_deref().unwrap_or("").into();
         if entry.has_budget() {
-            let prices = snapshot
-                .config
-                .vault
-                .as_ref()
-                .map(|v| (&v.prices, v.default_output_tokens));
-            let (Some(model), Some((prices, default_output))) = (model, prices) else {
-                return Err(refuse(VaultRefusal::ModelNotPriced));
-            };
-            let price = prices
-                .get(&*model)
-                .ok_or_else(|| refuse(VaultRefusal::ModelNotPriced))?;
-            let max_output =
-                crate::vault::request::max_output_tokens(judged_body).unwrap_or(default_output);
+            let price = price.ok_or_else(|| refuse(VaultRefusal::ModelNotPriced))?;
             let amount = crate::vault::ledger::estimate(price, judged_body.len(), max_output);
             let now = crate::vault::now_ms() / 1000;
             let ledger = &vault.ledger;
@@ -209,18 +210,32 @@ fn admit_virtual_key(
                         .map(|&(p, limit)| (ledger.counter(&entry.owner_scope, p, now), limit)),
                 )
                 .collect();
-            let reservation = ledger
+            metered.reservation = ledger
                 .reserve(amount, budgets)
                 .map_err(|_| refuse(VaultRefusal::BudgetExceeded))?;
-            ctx.vault = Some(crate::proxy::context::VaultRequest {
-                reservation,
-                price: Some(price.clone()),
-                model: model.into(),
-                meter: Default::default(),
-                sent: false,
-                complete: false,
-            });
         }
+    }
+    // In the context before anything else is taken: a later refusal gives it all back.
+    let metered = ctx.vault.insert(metered);
+    let now = crate::vault::now_ms() / 1000;
+    let minute = crate::config::BudgetPeriod::Minute;
+    if let Some(rpm) = entry.rpm {
+        let counter = vault.ledger.counter(&entry.rpm_scope(), minute, now);
+        metered.rpm = Some(
+            vault
+                .ledger
+                .reserve(1, vec![(counter, rpm)])
+                .map_err(|_| refuse(VaultRefusal::RateLimited))?,
+        );
+    }
+    if let Some(tpm) = entry.tpm {
+        let counter = vault.ledger.counter(&entry.tpm_scope(), minute, now);
+        metered.tpm = Some(
+            vault
+                .ledger
+                .reserve(metered.estimated_tokens, vec![(counter, tpm)])
+                .map_err(|_| refuse(VaultRefusal::RateLimited))?,
+        );
     }
     let keys = index
         .provider_keys
@@ -232,17 +247,6 @@ fn admit_virtual_key(
         provider_key: crate::vault::index::choose(keys, crate::vault::now_ms()).clone(),
         kind,
     }));
-    // Every vault request is metered, under a budget or not.
-    if ctx.vault.is_none() {
-        ctx.vault = Some(crate::proxy::context::VaultRequest {
-            reservation: Default::default(),
-            price: None,
-            model: "".into(),
-            meter: Default::default(),
-            sent: false,
-            complete: false,
-        });
-    }
     Ok(())
 }
 

@@ -114,6 +114,23 @@ pub fn dispatch(
                 Err(e) => refused(e),
             },
         },
+        ("POST", ["keys", id, "limits"]) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Limits {
+                rpm: Option<u64>,
+                tpm: Option<u64>,
+            }
+            match body::<Limits>(raw, "{\"rpm\": 60, \"tpm\": 100000} (null: no limit)") {
+                Err(r) => r,
+                Ok(l) => match vault.set_key_limits(id, l.rpm, l.tpm, actor) {
+                    Ok(()) => {
+                        AdminResponse::json(200, &json!({ "id": id, "rpm": l.rpm, "tpm": l.tpm }))
+                    }
+                    Err(e) => refused(e),
+                },
+            }
+        }
         ("POST", ["owners", "budget"]) => {
             #[derive(Deserialize)]
             #[serde(deny_unknown_fields)]
@@ -176,6 +193,9 @@ fn key_view(k: &crate::vault::store::VirtualKeyRecord) -> Value {
         "created_at_ms": k.created_at_ms,
         "revoked_at_ms": k.revoked_at_ms,
         "previous_secrets_valid_until_ms": k.previous.iter().map(|p| p.until_ms).collect::<Vec<_>>(),
+        "budgets": k.budgets.iter().map(|b| json!({ "period": b.period, "limit_micros": b.limit_micros })).collect::<Vec<_>>(),
+        "rpm": k.rpm,
+        "tpm": k.tpm,
     })
 }
 
