@@ -19,6 +19,8 @@ pub enum Action {
     Upstream(usize),
     /// Answer with a fixed response.
     Respond(StaticResponse),
+    /// The vault's self-service for the authenticated consumer.
+    VaultSelfService,
 }
 
 pub use crate::http::encode::StaticResponse;
@@ -266,6 +268,14 @@ impl Route {
     }
 
     /// Appends the path to forward for `path` (which this route matched) to `out`.
+    /// What of `path` follows the route's matched prefix (all of it for other matches).
+    pub fn after_prefix<'p>(&self, path: &'p [u8]) -> &'p [u8] {
+        match &self.path {
+            PathMatch::Prefix(p) => &path[p.len().min(path.len())..],
+            PathMatch::Exact(_) | PathMatch::Any => path,
+        }
+    }
+
     pub fn write_path(&self, path: &[u8], out: &mut Vec<u8>) {
         match &self.rewrite {
             PathRewrite::Keep => out.extend_from_slice(path),
@@ -334,6 +344,7 @@ fn compile_route(
         _ => PathRewrite::Keep,
     };
     let action = match (&r.upstream, &r.respond) {
+        _ if r.vault_self_service => Action::VaultSelfService,
         (Some(name), _) => Action::Upstream(
             upstream_names
                 .iter()

@@ -898,3 +898,103 @@ fn requests_and_tokens_per_minute_are_limited_per_key() {
         "tokens per minute admitted {admitted} (reserving {reserve})"
     );
 }
+
+/// Consumers manage their own keys on a self-service route, within the allowance: they see
+/// and touch only their own, get the per-key budget, and cannot ask for more.
+#[test]
+fn consumers_manage_their_own_keys_within_their_allowance() {
+    let s = Setup::new();
+    let (dana_key, dana_hash) = mint("dana");
+    let (erik_key, erik_hash) = mint("erik");
+    let cfg = s.config()
+        + &format!(
+            "\n[vault.self_service]\nproviders = [\"openai\"]\nmodels = [\"gpt-test\"]\nkey_budget = {{ period = \"month\", limit_micros = 5000 }}\nmax_keys = 2\n\n\
+             [[consumers]]\nid = \"dana\"\napi_keys = [\"{dana_hash}\"]\n\n\
+             [[consumers]]\nid = \"erik\"\napi_keys = [\"{erik_hash}\"]\n\n\
+             [[routes]]\nmatch = {{ path_prefix = \"/self/\" }}\nvault_self_service = true\nauth = {{ methods = [\"api_key\"] }}\n"
+        );
+    let gw = Gateway::start_with(&cfg, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
+    provision(&gw);
+    let me = |key: &str, method: &str, path: &str, body: &str| {
+        let r = request(
+            gw.addr,
+            &format!(
+                "{method} /self/{path} HTTP/1.1\r\nHost: gw\r\nX-API-Key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        let json: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        (r.status, json)
+    };
+    // Without credentials: the route's auth refuses.
+    let r = request(
+        gw.addr,
+        "GET /self/keys HTTP/1.1\r\nHost: gw\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 401);
+
+    let (status, created) = me(&dana_key, "POST", "keys", "{}");
+    assert_eq!(status, 201, "{created}");
+    let (id, vkey) = (
+        created["id"].as_str().unwrap().to_owned(),
+        created["key"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(
+        call_body(
+            &gw,
+            "/openai/v1/chat/completions",
+            &bearer(&vkey),
+            r#"{"model": "gpt-test", "max_tokens": 1}"#
+        )
+        .status,
+        200
+    );
+    // The allowance: other providers, other models, more keys than allowed.
+    let (status, _) = me(&dana_key, "POST", "keys", r#"{"providers": ["anthropic"]}"#);
+    assert_eq!(status, 403);
+    let (status, _) = me(&dana_key, "POST", "keys", r#"{"models": ["gpt-4o"]}"#);
+    assert_eq!(status, 403);
+    assert_eq!(me(&dana_key, "POST", "keys", "{}").0, 201);
+    assert_eq!(me(&dana_key, "POST", "keys", "{}").0, 409, "max_keys");
+
+    // Each sees only their own; erik cannot touch dana's key.
+    let (_, list) = me(&dana_key, "GET", "keys", "");
+    let keys = list["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(keys.iter().all(|k| k["owner"]["consumer"] == "dana"));
+    assert_eq!(keys[0]["budgets"][0]["limit_micros"], 5000, "{list}");
+    let (_, list) = me(&erik_key, "GET", "keys", "");
+    assert_eq!(list["keys"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        me(&erik_key, "POST", &format!("keys/{id}/revoke"), "").0,
+        404
+    );
+    assert_eq!(
+        call_body(
+            &gw,
+            "/openai/v1/chat/completions",
+            &bearer(&vkey),
+            r#"{"model": "gpt-test", "max_tokens": 1}"#
+        )
+        .status,
+        200
+    );
+
+    // Dana rotates (within the grace cap) and revokes her own key.
+    let (status, rotated) = me(
+        &dana_key,
+        "POST",
+        &format!("keys/{id}/rotate"),
+        r#"{"rotation_id": "r1"}"#,
+    );
+    assert_eq!(status, 200, "{rotated}");
+    let (status, _) = me(&dana_key, "POST", &format!("keys/{id}/revoke"), "");
+    assert_eq!(status, 200);
+    assert_eq!(call(&gw, "/openai/v1/x", &bearer(&vkey)).status, 401);
+    let audit = std::fs::read_to_string(s.dir.path().join("data/vault-audit.log")).unwrap();
+    assert!(audit.contains("\"actor\":\"consumer:dana\""), "{audit}");
+    assert!(
+        !audit.contains("consumer:erik"),
+        "erik changed nothing: {audit}"
+    );
+}

@@ -18,7 +18,10 @@ pub use upstream::{
     is_host_name, HostPolicy, ResolverConfig, ServerAddress, UpstreamConfig, UpstreamTlsConfig,
 };
 pub use validate::is_token_byte;
-pub use vault::{BudgetPeriod, ModelPrice, ProviderConfig, ProviderKind, VaultConfig};
+pub use vault::{
+    BudgetPeriod, ModelPrice, ProviderConfig, ProviderKind, SelfServiceBudget, SelfServiceConfig,
+    VaultConfig,
+};
 
 use std::{
     collections::BTreeMap,
@@ -473,6 +476,10 @@ pub struct RouteConfig {
     /// Callers present virtual keys of the vault, swapped for a key of this provider
     /// (`[vault.providers.NAME]`) on the way upstream.
     pub vault: Option<String>,
+    /// The gateway answers this route itself: authenticated consumers manage their own
+    /// virtual keys under it (`keys`, `keys/ID/rotate`, `keys/ID/revoke`).
+    #[serde(default)]
+    pub vault_self_service: bool,
     /// Rate limits counted before credentials are checked (keyed by "client" or
     /// "header:NAME"); default: `[server] pre_auth_limits`; `[]` for none.
     pub pre_auth_limits: Option<Vec<LimitConfig>>,

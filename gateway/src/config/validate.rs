@@ -275,7 +275,28 @@ impl Config {
 
     fn validate_route(&self, i: usize, route: &super::RouteConfig) -> Result<(), Invalid> {
         let at = || key_path("routes").index(i);
+        if route.vault_self_service {
+            if route.upstream.is_some() || route.respond.is_some() || route.vault.is_some() {
+                return Err(Invalid::new(
+                    at().key("vault_self_service"),
+                    "a self-service route is answered by the gateway: no upstream, respond or vault",
+                ));
+            }
+            if route.auth.is_none() {
+                return Err(Invalid::new(
+                    at().key("auth"),
+                    "a self-service route needs `auth`: consumers manage their own keys",
+                ));
+            }
+            if self.vault.is_none() {
+                return Err(Invalid::new(
+                    at().key("vault_self_service"),
+                    "needs a [vault]",
+                ));
+            }
+        }
         match (&route.upstream, &route.respond) {
+            _ if route.vault_self_service => {}
             (Some(_), Some(_)) => return Err(Invalid::new(at().key("respond"), "a route has exactly one of `upstream` and `respond`, not both")),
             (None, None) => return Err(Invalid::new(at(), "a route needs exactly one of `upstream = \"NAME\"` and `respond = { status = 200 }`")),
             (Some(name), None) if !self.upstreams.contains_key(name) => {

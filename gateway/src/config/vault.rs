@@ -78,6 +78,41 @@ pub struct VaultConfig {
     /// The output a request is reserved for when it names no `max_tokens`.
     #[serde(default = "default_output_tokens")]
     pub default_output_tokens: u64,
+    /// What consumers may do with their own keys on `vault_self_service` routes.
+    #[serde(default)]
+    pub self_service: SelfServiceConfig,
+}
+
+/// `[vault.self_service]`: the allowance of a consumer managing its own virtual keys.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SelfServiceConfig {
+    /// Providers its keys may call; a key asks for some of these (default: all of them).
+    pub providers: Vec<String>,
+    /// Models its keys may use; empty: any.
+    pub models: Vec<String>,
+    /// The budget every key it creates gets (it cannot ask for more).
+    pub key_budget: Option<SelfServiceBudget>,
+    /// Keys it may hold at once (revoked ones do not count).
+    pub max_keys: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfServiceBudget {
+    pub period: BudgetPeriod,
+    pub limit_micros: u64,
+}
+
+impl Default for SelfServiceConfig {
+    fn default() -> Self {
+        SelfServiceConfig {
+            providers: Vec::new(),
+            models: Vec::new(),
+            key_budget: None,
+            max_keys: 10,
+        }
+    }
 }
 
 fn default_output_tokens() -> u64 {
@@ -105,6 +140,14 @@ impl VaultConfig {
                 at().key("providers"),
                 "needs at least one provider, such as [vault.providers.openai] kind = \"openai\"",
             ));
+        }
+        for (i, p) in self.self_service.providers.iter().enumerate() {
+            if !self.providers.contains_key(p) {
+                return Err(Invalid::new(
+                    at().key("self_service").key("providers").index(i),
+                    format!("no provider named `{p}` in [vault.providers]"),
+                ));
+            }
         }
         for (name, p) in &self.providers {
             if name.is_empty()

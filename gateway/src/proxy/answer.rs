@@ -25,6 +25,8 @@ pub enum Answer {
         kind: crate::config::ProviderKind,
         refusal: crate::vault::provider::VaultRefusal,
     },
+    /// A vault self-service answer: this status, the JSON body in the context.
+    SelfService { status: u16 },
     /// A rate limit or quota of route `route` refused the request: 429, retry after that many
     /// seconds.
     TooMany {

@@ -214,6 +214,12 @@ impl<C: Transport> Connection<'_, C> {
                             self.await_keys(issuer).await;
                             continue;
                         }
+                        if let Err(Exit::SelfService) = flow {
+                            let request =
+                                self_service_request(&req, &self.inbuf, &self.ctx, snapshot);
+                            let deadline = started + server.request_timeout.get();
+                            return self.self_service(request, deadline).await;
+                        }
                         if let Err(Exit::AwaitBody(total)) = flow {
                             let deadline = started + server.request_timeout.get();
                             if let Err(answer) = self.buffer_body(total, deadline).await {
@@ -266,8 +272,8 @@ impl<C: Transport> Connection<'_, C> {
         } = match flow {
             Ok(forward) => forward,
             Err(Exit::Answer(answer)) => return self.answer(answer, request_deadline).await,
-            Err(Exit::AwaitKeys(_) | Exit::AwaitBody(_)) => {
-                unreachable!("the phases ran again above")
+            Err(Exit::AwaitKeys(_) | Exit::AwaitBody(_) | Exit::SelfService) => {
+                unreachable!("handled in the loop above")
             }
         };
         let Some(counter) = in_flight else {
@@ -355,6 +361,46 @@ impl<C: Transport> Connection<'_, C> {
             }
         }
         Ok(())
+    }
+
+    /// Runs a self-service request on a blocking thread (it writes the store, and a
+    /// revocation waits for the workers) and answers with its JSON.
+    async fn self_service(
+        &mut self,
+        request: Option<SelfServiceRequest>,
+        deadline: Instant,
+    ) -> Next {
+        let Some(request) = request else {
+            let answer = Answer::error(413, "self-service request body too large");
+            return self.answer(answer, deadline).await;
+        };
+        let snapshot = self.generation.snapshot.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let (Some(vault), Some(config)) = (&snapshot.vault, &snapshot.config.vault) else {
+                return (
+                    404,
+                    serde_json::json!({ "error": { "message": "no [vault]" } }),
+                );
+            };
+            crate::vault::self_service::handle(
+                vault,
+                &config.self_service,
+                config.rotation_grace.get(),
+                &request.consumer,
+                &request.method,
+                &request.rest,
+                &request.body,
+            )
+        })
+        .await;
+        let (status, body) = done.unwrap_or_else(|_| {
+            (
+                500,
+                serde_json::json!({ "error": { "message": "self-service failed" } }),
+            )
+        });
+        self.ctx.answer_body = serde_json::to_vec(&body).unwrap_or_default();
+        self.answer(Answer::SelfService { status }, deadline).await
     }
 
     async fn await_keys(&self, issuer: usize) {
@@ -500,6 +546,18 @@ impl<C: Transport> Connection<'_, C> {
                 );
                 refusal.status()
             }
+            Answer::SelfService { status } => {
+                let body = std::str::from_utf8(&self.ctx.answer_body).unwrap_or("{}");
+                encode::write_json(
+                    &mut self.out,
+                    status,
+                    body,
+                    keep_alive,
+                    facts.is_head,
+                    &self.ctx.correlation.response_fields,
+                );
+                status
+            }
             Answer::RedirectHttps => {
                 encode::write_redirect(
                     &mut self.out,
@@ -627,4 +685,38 @@ fn redirect_location(location: &mut Vec<u8>, req: &RequestHead, port: u16) -> An
 /// True when the client speaks HTTP/1.1 (and so understands chunked framing and 1xx).
 pub(super) fn is_http11(v: Version) -> bool {
     v == Version::Http11
+}
+
+/// A self-service request, owned, for the blocking thread.
+struct SelfServiceRequest {
+    consumer: String,
+    method: String,
+    rest: String,
+    body: Vec<u8>,
+}
+
+/// The self-service request in `req` (its body whole in `inbuf`: the phases waited for it),
+/// or `None` when its body is too large.
+fn self_service_request(
+    req: &crate::http::request::RequestHead,
+    inbuf: &[u8],
+    ctx: &RequestContext,
+    snapshot: &crate::proxy::snapshot::ConfigSnapshot,
+) -> Option<SelfServiceRequest> {
+    let n = match req.body {
+        BodyFraming::Length(n) => usize::try_from(n).ok()?,
+        BodyFraming::None => 0,
+        _ => return None,
+    };
+    if n > crate::vault::self_service::MAX_BODY_BYTES {
+        return None;
+    }
+    let route = snapshot.routes.route(ctx.route?);
+    let consumer = ctx.caller.as_ref()?.identity(snapshot).0.to_owned();
+    Some(SelfServiceRequest {
+        consumer,
+        method: req.method.to_owned(),
+        rest: String::from_utf8_lossy(route.after_prefix(req.path)).into_owned(),
+        body: inbuf.get(req.head_len..req.head_len + n)?.to_vec(),
+    })
 }

@@ -63,24 +63,7 @@ pub enum Caller {
     Virtual(VirtualCaller),
 }
 
-/// What a vault request carries to its settlement.
-#[derive(Debug, Default)]
-pub struct VaultRequest {
-    pub reservation: crate::vault::ledger::Reservation,
-    /// The model's price, when it has one (a key under a budget always does).
-    pub price: Option<crate::config::ModelPrice>,
-    pub model: Box<str>,
-    pub meter: crate::vault::usage::UsageMeter,
-    /// The provider received the request (from then on it is billed).
-    pub sent: bool,
-    /// The whole response was relayed: its usage is final.
-    pub complete: bool,
-    /// Prompt (a token per 4 body bytes) and output tokens the request may use.
-    pub estimated_tokens: u64,
-    /// Held against the key's requests and tokens per minute.
-    pub rpm: Option<crate::vault::ledger::Reservation>,
-    pub tpm: Option<crate::vault::ledger::Reservation>,
-}
+pub use crate::vault::VaultRequest;
 
 /// A caller admitted by a virtual key on a vault route.
 #[derive(Debug, Clone)]
@@ -205,9 +188,10 @@ pub struct RequestContext {
     pub https: bool,
     /// The connection's verified client certificate, when it presented one.
     pub client_cert: Option<Rc<ClientCert>>,
-    /// A vault request under a budget: its reservation, price and usage, settled by the log
-    /// phase.
+    /// A vault request: its reservations, price and usage, settled by the log phase.
     pub vault: Option<VaultRequest>,
+    /// The JSON body of a self-service answer.
+    pub answer_body: Vec<u8>,
     /// The method, as an index into [`crate::metrics::labels::METHODS`].
     pub method: usize,
     /// The matched route's index in the request's snapshot.
@@ -251,6 +235,7 @@ impl RequestContext {
             https: false,
             client_cert: None,
             vault: None,
+            answer_body: Vec::new(),
             method: crate::metrics::labels::METHODS.len() - 1,
             route: None,
             caller: None,

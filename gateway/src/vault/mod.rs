@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod provider;
 pub mod request;
 pub mod sealed;
+pub mod self_service;
 pub mod store;
 pub mod usage;
 pub mod virtual_key;
@@ -69,6 +70,29 @@ impl VaultError {
     }
 }
 
+/// A key as it may be shown (never a secret or its hash).
+pub fn view(k: &store::VirtualKeyRecord) -> serde_json::Value {
+    use serde_json::json;
+    let (kind, name) = match &k.owner {
+        Owner::Consumer(c) => ("consumer", c),
+        Owner::Group(g) => ("group", g),
+    };
+    json!({
+        "id": k.id,
+        "owner": { kind: name },
+        "providers": k.providers,
+        "models": k.models,
+        "expires_at_ms": k.expires_at_ms,
+        "metadata": k.metadata,
+        "created_at_ms": k.created_at_ms,
+        "revoked_at_ms": k.revoked_at_ms,
+        "previous_secrets_valid_until_ms": k.previous.iter().map(|p| p.until_ms).collect::<Vec<_>>(),
+        "budgets": k.budgets.iter().map(|b| json!({ "period": b.period, "limit_micros": b.limit_micros })).collect::<Vec<_>>(),
+        "rpm": k.rpm,
+        "tpm": k.tpm,
+    })
+}
+
 fn set_budget(
     list: &mut Vec<store::BudgetRecord>,
     period: crate::config::BudgetPeriod,
@@ -83,6 +107,25 @@ fn set_budget(
     }
 }
 
+/// What a vault request carries to its settlement.
+#[derive(Debug, Default)]
+pub struct VaultRequest {
+    pub reservation: ledger::Reservation,
+    /// The model's price, when it has one (a key under a budget always does).
+    pub price: Option<crate::config::ModelPrice>,
+    pub model: Box<str>,
+    pub meter: usage::UsageMeter,
+    /// The provider received the request (from then on it is billed).
+    pub sent: bool,
+    /// The whole response was relayed: its usage is final.
+    pub complete: bool,
+    /// Prompt (a token per 4 body bytes) and output tokens the request may use.
+    pub estimated_tokens: u64,
+    /// Held against the key's requests and tokens per minute.
+    pub rpm: Option<ledger::Reservation>,
+    pub tpm: Option<ledger::Reservation>,
+}
+
 /// Settles a vault request at its end: its real cost when the whole response was relayed
 /// and reported usage; its reservation when the provider had the request but reported none;
 /// at least its reservation when the response was cut short (the client left, the upstream
@@ -91,7 +134,7 @@ fn set_budget(
 /// per settled request.
 pub fn settle(
     vault: &Vault,
-    request: crate::proxy::context::VaultRequest,
+    request: VaultRequest,
     key: Option<&index::KeyEntry>,
     status: u16,
     latency: Duration,

@@ -62,6 +62,9 @@ pub enum Exit {
     /// The route judges the request by its body (a vault route reads the model): read until
     /// the buffer holds this many bytes of head and body, then run the phases again.
     AwaitBody(usize),
+    /// A vault self-service request of the authenticated consumer, answered by the gateway
+    /// off the worker's thread (it writes the store).
+    SelfService,
 }
 
 impl From<Answer> for Exit {
@@ -97,7 +100,7 @@ pub fn run(
     let route = route::find(snapshot, req, ctx)?;
     // A vault route reads its (bounded) body whole before any phase counts the request, so
     // running the phases again once it is in counts nothing twice.
-    if route.vault.is_some() {
+    if route.vault.is_some() || matches!(route.action, Action::VaultSelfService) {
         if let crate::http::BodyFraming::Length(n) = req.body {
             let n = usize::try_from(n).unwrap_or(usize::MAX);
             if n <= crate::vault::request::MAX_JUDGED_BODY_BYTES && body.len() < n {
@@ -119,6 +122,7 @@ pub fn run(
     body_limit::check(route, req, ctx)?;
     let group_index = match &route.action {
         Action::Respond(_) => return Err(Answer::Static { route: route.index }.into()),
+        Action::VaultSelfService => return Err(Exit::SelfService),
         Action::Upstream(group) => *group,
     };
     let group = &generation.upstreams[group_index];
@@ -196,8 +200,10 @@ mod tests {
             Err(Exit::Answer(Answer::Static { .. })) => 200,
             Err(Exit::Answer(Answer::RedirectHttps)) => 308,
             Err(Exit::Answer(Answer::Vault { refusal, .. })) => refusal.status(),
+            Err(Exit::Answer(Answer::SelfService { status })) => *status,
             Err(Exit::AwaitKeys(_)) => 1,
             Err(Exit::AwaitBody(_)) => 2,
+            Err(Exit::SelfService) => 3,
         }
     }
 

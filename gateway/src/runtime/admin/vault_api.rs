@@ -99,7 +99,7 @@ pub fn dispatch(
             }
         }
         ("GET", ["keys"]) => {
-            let keys: Vec<Value> = vault.keys().iter().map(key_view).collect();
+            let keys: Vec<Value> = vault.keys().iter().map(crate::vault::view).collect();
             AdminResponse::json(200, &json!({ "keys": keys }))
         }
         ("POST", ["keys"]) => create(vault, raw, actor),
@@ -176,27 +176,6 @@ pub fn dispatch(
         },
         _ => AdminResponse::error(404, "no such vault endpoint"),
     }
-}
-
-fn key_view(k: &crate::vault::store::VirtualKeyRecord) -> Value {
-    let (kind, name) = match &k.owner {
-        Owner::Consumer(c) => ("consumer", c),
-        Owner::Group(g) => ("group", g),
-    };
-    json!({
-        "id": k.id,
-        "owner": { kind: name },
-        "providers": k.providers,
-        "models": k.models,
-        "expires_at_ms": k.expires_at_ms,
-        "metadata": k.metadata,
-        "created_at_ms": k.created_at_ms,
-        "revoked_at_ms": k.revoked_at_ms,
-        "previous_secrets_valid_until_ms": k.previous.iter().map(|p| p.until_ms).collect::<Vec<_>>(),
-        "budgets": k.budgets.iter().map(|b| json!({ "period": b.period, "limit_micros": b.limit_micros })).collect::<Vec<_>>(),
-        "rpm": k.rpm,
-        "tpm": k.tpm,
-    })
 }
 
 #[derive(Deserialize)]
