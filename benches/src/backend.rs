@@ -1,21 +1,59 @@
 //! A fixed HTTP/1.1 backend: thread per core on io_uring, keep-alive, precomputed responses.
 //!
-//! Paths: `/1k` and `/64k` answer bodies of that size; any other path answers a short greeting.
-//! Request bodies framed by Content-Length are read and discarded. It is deliberately minimal
-//! so that it is never the bottleneck of a benchmark.
+//! Paths: `/1k` and `/64k` answer bodies of that size; a path ending in `/sse` (such as `/sse`
+//! or `/vault/v1/sse`) answers a stream of server-sent events, OpenAI-style (see [`SSE_EVENTS`]);
+//! any other path answers a short greeting. Request bodies framed by Content-Length are read and
+//! discarded. It is deliberately minimal so that it is never the bottleneck of a benchmark.
 
-use std::{net::SocketAddr, rc::Rc};
+use std::{net::SocketAddr, rc::Rc, time::Duration};
 
 use tokio_uring::{buf::BoundedBuf, net::TcpListener};
 
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 
+/// The stream a `/sse` path answers, one event per entry (one chunk each), as an OpenAI chat
+/// completion streams, in three writes: the head with the first event; [`SSE_EVENT_GAP`] later
+/// the other three content events; another gap later the final usage event, `[DONE]` and the
+/// end of the chunked body.
+pub const SSE_EVENTS: [&str; 6] = [
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hello\"}}]}\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" from\"}}]}\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" the\"}}]}\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" bench\"},\"finish_reason\":\"stop\"}]}\n\n",
+    "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":20}}\n\n",
+    "data: [DONE]\n\n",
+];
+
+/// The pause before each write of a `/sse` stream after the first (at least this; the timer
+/// may add up to a millisecond).
+pub const SSE_EVENT_GAP: Duration = Duration::from_millis(1);
+
 /// The precomputed responses.
 pub struct Responses {
     greeting: Vec<u8>,
     one_k: Vec<u8>,
     sixty_four_k: Vec<u8>,
+    /// The `/sse` stream: the head with the first event, then each later write.
+    sse: Vec<Vec<u8>>,
+}
+
+fn chunk(data: &str) -> Vec<u8> {
+    format!("{:x}\r\n{data}\r\n", data.len()).into_bytes()
+}
+
+fn sse_writes() -> Vec<Vec<u8>> {
+    let mut first = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    first.extend_from_slice(&chunk(SSE_EVENTS[0]));
+    let middle: Vec<u8> = SSE_EVENTS[1..4].iter().flat_map(|e| chunk(e)).collect();
+    let mut last = chunk(SSE_EVENTS[4]);
+    last.extend_from_slice(&chunk(SSE_EVENTS[5]));
+    last.extend_from_slice(b"0\r\n\r\n");
+    vec![first, middle, last]
+}
+
+fn is_sse(path: &str) -> bool {
+    path.split('?').next().unwrap_or(path).ends_with("/sse")
 }
 
 fn response(body: &[u8]) -> Vec<u8> {
@@ -34,6 +72,7 @@ impl Default for Responses {
             greeting: response(b"Hello from the Portcullis demo upstream.\n"),
             one_k: response(&[b'a'; 1024]),
             sixty_four_k: response(&vec![b'b'; 64 * 1024]),
+            sse: sse_writes(),
         }
     }
 }
@@ -90,19 +129,27 @@ async fn serve(stream: tokio_uring::net::TcpStream, responses: Rc<Responses>) {
     let mut buf = Vec::with_capacity(READ_BUFFER_BYTES);
     let mut out: Vec<u8> = Vec::with_capacity(64 * 1024 + 256);
     let mut skip_body: u64 = 0;
+    // False after a stream: requests may wait in `buf` already, parsed before the next read.
+    let mut need_read = true;
     loop {
-        if buf.len() == buf.capacity() {
-            return;
+        if need_read {
+            if buf.len() == buf.capacity() {
+                return;
+            }
+            let start = buf.len();
+            let (res, slice) = stream.read(buf.slice(start..)).await;
+            buf = slice.into_inner();
+            match res {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
         }
-        let start = buf.len();
-        let (res, slice) = stream.read(buf.slice(start..)).await;
-        buf = slice.into_inner();
-        match res {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
+        need_read = true;
         out.clear();
         let mut pos = 0;
+        // Set when a `/sse` request was parsed: its head and first event end `out`, the rest
+        // is written paced, and parsing goes on after it.
+        let mut streaming = false;
         loop {
             if skip_body > 0 {
                 let take = (buf.len() - pos).min(skip_body as usize);
@@ -122,9 +169,15 @@ async fn serve(stream: tokio_uring::net::TcpStream, responses: Rc<Responses>) {
                         .find(|h| h.name.eq_ignore_ascii_case("content-length"))
                         .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<u64>().ok())
                         .unwrap_or(0);
-                    out.extend_from_slice(responses.for_path(req.path.unwrap_or("/")));
+                    let path = req.path.unwrap_or("/");
                     pos += n;
                     skip_body = length;
+                    if is_sse(path) {
+                        out.extend_from_slice(&responses.sse[0]);
+                        streaming = true;
+                        break;
+                    }
+                    out.extend_from_slice(responses.for_path(path));
                 }
                 Ok(httparse::Status::Partial) => break,
                 Err(_) => return,
@@ -137,6 +190,16 @@ async fn serve(stream: tokio_uring::net::TcpStream, responses: Rc<Responses>) {
             if res.is_err() {
                 return;
             }
+        }
+        if streaming {
+            for write in &responses.sse[1..] {
+                tokio::time::sleep(SSE_EVENT_GAP).await;
+                let (res, _) = stream.write_all(write.clone()).await;
+                if res.is_err() {
+                    return;
+                }
+            }
+            need_read = false;
         }
     }
 }

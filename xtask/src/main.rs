@@ -11,12 +11,15 @@
 //! - `bench-observability`: the throughput and p99 cost of metrics and of the access log.
 //! - `bench-tls`: full and resumed handshakes per second and the server's CPU per handshake, and
 //!   1 KiB keep-alive requests per second over TLS, beside nginx.
+//! - `bench-vault`: the time to first byte the LLM key vault adds to a streamed (SSE) response,
+//!   a vault route against a plain route to the same upstream.
 
 mod bench;
 mod bench_auth;
 mod bench_observability;
 mod bench_reload;
 mod bench_tls;
+mod bench_vault;
 mod bench_xdp;
 mod ebpf;
 mod plot;
@@ -90,6 +93,14 @@ enum Task {
         #[arg(long, default_value_t = 5.0)]
         duration: f64,
     },
+    /// The time to first byte that the LLM key vault adds to a streamed (server-sent events)
+    /// response: a vault route against a plain route to the same upstream, and the backend
+    /// directly, interleaved in one run.
+    BenchVault {
+        /// Seconds of measured rounds (all three targets together, after a warm-up).
+        #[arg(long, default_value_t = 30.0)]
+        duration: f64,
+    },
     /// Run every test (as root: the privileged XDP tests too).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -113,6 +124,7 @@ fn main() -> ExitCode {
         } => bench_reload::run(duration, baseline_bin),
         Task::BenchObservability { duration } => bench_observability::run(duration),
         Task::BenchTls { duration } => bench_tls::run(duration),
+        Task::BenchVault { duration } => bench_vault::run(duration),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "A fixed HTTP/1.1 backend: /1k and /64k bodies, a greeting elsewhere")]
+#[command(
+    about = "A fixed HTTP/1.1 backend: /1k and /64k bodies, server-sent events on paths ending in /sse, a greeting elsewhere"
+)]
 struct Args {
     #[arg(long, default_value = "127.0.0.1:9001")]
     listen: SocketAddr,
