@@ -1,6 +1,6 @@
 //! A fixed HTTP/1.1 backend: thread per core on io_uring, keep-alive, precomputed responses.
 //!
-//! Paths: `/1k` and `/64k` answer bodies of that size; a path ending in `/sse` (such as `/sse`
+//! Paths: `/1k` and `/64k` answer bodies of that size; a path ending in `/sse` or `/sse/chat/completions` (such as `/sse`
 //! or `/vault/v1/sse`) answers a stream of server-sent events, OpenAI-style (see [`SSE_EVENTS`]);
 //! any other path answers a short greeting. Request bodies framed by Content-Length are read and
 //! discarded. It is deliberately minimal so that it is never the bottleneck of a benchmark.
@@ -53,7 +53,10 @@ fn sse_writes() -> Vec<Vec<u8>> {
 }
 
 fn is_sse(path: &str) -> bool {
-    path.split('?').next().unwrap_or(path).ends_with("/sse")
+    {
+        let p = path.split('?').next().unwrap_or(path);
+        p.ends_with("/sse") || p.ends_with("/sse/chat/completions")
+    }
 }
 
 fn response(body: &[u8]) -> Vec<u8> {

@@ -163,8 +163,14 @@ fn refusals_come_in_the_providers_error_shape() {
     assert_eq!(r.header("content-type"), Some("application/json"));
 
     let forged = format!("pcvk_{}", "0".repeat(64));
-    assert_eq!(call(&gw, "/openai/v1/x", &bearer(&forged)).status, 401);
-    assert_eq!(call(&gw, "/openai/v1/x", &bearer(OPENAI_KEY)).status, 401);
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(&forged)).status,
+        401
+    );
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(OPENAI_KEY)).status,
+        401
+    );
 
     // Not allowed on azure: 403 in Azure's shape.
     let r = call(
@@ -208,8 +214,14 @@ fn rotation_grace_is_exact_and_revocation_holds_when_it_returns() {
             .as_millis() as u64
     };
     // Both work during the grace.
-    assert_eq!(call(&gw, "/openai/v1/a", &bearer(&old)).status, 200);
-    assert_eq!(call(&gw, "/openai/v1/a", &bearer(&new)).status, 200);
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(&old)).status,
+        200
+    );
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(&new)).status,
+        200
+    );
     // A retried rotation changes nothing.
     let (status, body) = admin(
         &gw,
@@ -219,22 +231,37 @@ fn rotation_grace_is_exact_and_revocation_holds_when_it_returns() {
     );
     assert_eq!(status, 200);
     assert!(body["already_rotated_at_ms"].is_u64(), "{body}");
-    assert_eq!(call(&gw, "/openai/v1/a", &bearer(&new)).status, 200);
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(&new)).status,
+        200
+    );
     // The old secret works until the grace's end and not after it.
     while now_ms() + 300 < until_ms {
-        assert_eq!(call(&gw, "/openai/v1/b", &bearer(&old)).status, 200);
+        assert_eq!(
+            call(&gw, "/openai/v1/chat/completions", &bearer(&old)).status,
+            200
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     while now_ms() <= until_ms {
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(call(&gw, "/openai/v1/c", &bearer(&old)).status, 401);
-    assert_eq!(call(&gw, "/openai/v1/c", &bearer(&new)).status, 200);
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(&old)).status,
+        401
+    );
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(&new)).status,
+        200
+    );
 
     // Revocation: the first request after the call returns is refused.
     let (status, _) = admin(&gw, "POST", &format!("/vault/keys/{id}/revoke"), "");
     assert_eq!(status, 200);
-    assert_eq!(call(&gw, "/openai/v1/d", &bearer(&new)).status, 401);
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(&new)).status,
+        401
+    );
     let (_, list) = admin(&gw, "GET", "/vault/keys", "");
     assert!(list["keys"][0]["revoked_at_ms"].is_u64(), "{list}");
     let audit = std::fs::read_to_string(s.dir.path().join("data/vault-audit.log")).unwrap();
@@ -264,7 +291,10 @@ fn provider_keys_never_reach_logs_or_disk_and_the_store_needs_its_master_key() {
     let s = Setup::new();
     let mut gw = s.start();
     let (_, key) = provision(&gw);
-    assert_eq!(call(&gw, "/openai/v1/x", &bearer(&key)).status, 200);
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(&key)).status,
+        200
+    );
     let (_, listed) = admin(&gw, "GET", "/vault/providers", "");
     let (_, keys) = admin(&gw, "GET", "/vault/keys", "");
     let (_, config) = admin_request(gw.admin_addr(), "GET", "/config", Some(TOKEN), "");
@@ -286,7 +316,10 @@ fn provider_keys_never_reach_logs_or_disk_and_the_store_needs_its_master_key() {
 
     // Restarted after kill -9: the keys still work.
     let gw = s.start();
-    assert_eq!(call(&gw, "/openai/v1/y", &bearer(&key)).status, 200);
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(&key)).status,
+        200
+    );
     drop(gw);
 
     // Another master key: the gateway refuses to start, saying why.
@@ -357,14 +390,14 @@ fn a_provider_key_answered_429_rests_while_the_others_serve() {
     );
     let key = body["key"].as_str().unwrap().to_owned();
     let mut tries = 0;
-    while call(&gw, "/openai/v1/x", &bearer(&key)).status != 429 {
+    while call(&gw, "/openai/v1/chat/completions", &bearer(&key)).status != 429 {
         tries += 1;
         assert!(tries < 60, "the limited key was never chosen");
     }
     let rested_at = Instant::now();
     let mut served = 0;
     while rested_at.elapsed() < Duration::from_millis(1500) {
-        let r = call(&gw, "/openai/v1/y", &bearer(&key));
+        let r = call(&gw, "/openai/v1/chat/completions", &bearer(&key));
         assert_eq!(r.status, 200, "a resting key was chosen");
         served += 1;
     }
@@ -372,7 +405,7 @@ fn a_provider_key_answered_429_rests_while_the_others_serve() {
     std::thread::sleep(Duration::from_millis(700));
     let mut again = false;
     for _ in 0..60 {
-        if call(&gw, "/openai/v1/z", &bearer(&key)).status == 429 {
+        if call(&gw, "/openai/v1/chat/completions", &bearer(&key)).status == 429 {
             again = true;
             break;
         }
@@ -604,9 +637,9 @@ fn usage_settles_once_from_json_and_streams_and_never_at_zero() {
             format!("event: message_delta\ndata: {{\"type\":\"message_delta\",\"usage\":{{\"output_tokens\":{n}}}}}\n\n")
         };
         match r.target.as_str() {
-            "/openai/json" => usage_reply(Duration::ZERO, 100, 50),
-            "/openai/nousage" => Reply::Raw(ok_response("{\"choices\":[]}")),
-            "/anthropic/stream" => sse(&[(0, start), (10, &delta(20)), (10, &delta(40))]),
+            "/openai/json/chat/completions" => usage_reply(Duration::ZERO, 100, 50),
+            "/openai/nousage/chat/completions" => Reply::Raw(ok_response("{\"choices\":[]}")),
+            "/anthropic/stream/messages" => sse(&[(0, start), (10, &delta(20)), (10, &delta(40))]),
             _ => sse(&[(0, start), (1500, &delta(20)), (300, &delta(55))]),
         }
     });
@@ -628,7 +661,7 @@ fn usage_settles_once_from_json_and_streams_and_never_at_zero() {
     let reservation = (openai.len() as u64).div_ceil(4) + 64 * 2;
 
     assert_eq!(
-        call_body(&gw, "/openai/json", &bearer(&key), openai).status,
+        call_body(&gw, "/openai/json/chat/completions", &bearer(&key), openai).status,
         200
     );
     let mut spent = settled_spend(&gw, &scope);
@@ -641,7 +674,7 @@ fn usage_settles_once_from_json_and_streams_and_never_at_zero() {
     let anthropic = r#"{"model": "claude-test", "max_tokens": 100, "stream": true}"#;
     let r = call_body(
         &gw,
-        "/anthropic/stream",
+        "/anthropic/stream/messages",
         &format!("x-api-key: {key}\r\n"),
         anthropic,
     );
@@ -656,7 +689,13 @@ fn usage_settles_once_from_json_and_streams_and_never_at_zero() {
     spent = now;
 
     assert_eq!(
-        call_body(&gw, "/openai/nousage", &bearer(&key), openai).status,
+        call_body(
+            &gw,
+            "/openai/nousage/chat/completions",
+            &bearer(&key),
+            openai
+        )
+        .status,
         200
     );
     let now = settled_spend(&gw, &scope);
@@ -669,7 +708,7 @@ fn usage_settles_once_from_json_and_streams_and_never_at_zero() {
 
     // The client leaves after the first event of a stream.
     let head = format!(
-        "POST /anthropic/cut HTTP/1.1\r\nHost: gw\r\nx-api-key: {key}\r\ncontent-length: {}\r\n\r\n{anthropic}",
+        "POST /anthropic/cut/messages HTTP/1.1\r\nHost: gw\r\nx-api-key: {key}\r\ncontent-length: {}\r\n\r\n{anthropic}",
         anthropic.len()
     );
     let mut c = Client::connect(gw.addr);
@@ -801,7 +840,10 @@ fn the_vault_cli_works_on_a_stopped_gateway_and_through_a_running_one() {
         created["key"].as_str().unwrap().to_owned(),
     );
     let gw = s.start();
-    assert_eq!(call(&gw, "/openai/v1/x", &bearer(&key)).status, 200);
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(&key)).status,
+        200
+    );
     let seen = s.up.requests().pop().unwrap();
     assert_eq!(
         seen.header("authorization"),
@@ -811,7 +853,10 @@ fn the_vault_cli_works_on_a_stopped_gateway_and_through_a_running_one() {
     // Running: through the control socket; the revocation holds at once.
     let (ok, out) = cli(&config, &["key-revoke", &id], "");
     assert!(ok, "{out}");
-    assert_eq!(call(&gw, "/openai/v1/x", &bearer(&key)).status, 401);
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(&key)).status,
+        401
+    );
     let (ok, out) = cli(&config, &["key-list"], "");
     assert!(
         ok && out.contains("revoked_at_ms") && !out.contains(&key),
@@ -863,10 +908,10 @@ fn requests_and_tokens_per_minute_are_limited_per_key() {
     );
     assert_eq!(status, 200, "{b}");
     let statuses: Vec<u16> = (0..5)
-        .map(|_| call(&gw, "/openai/v1/x", &bearer(&key)).status)
+        .map(|_| call(&gw, "/openai/v1/chat/completions", &bearer(&key)).status)
         .collect();
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
-    let r = call(&gw, "/openai/v1/x", &bearer(&key));
+    let r = call(&gw, "/openai/v1/chat/completions", &bearer(&key));
     let err: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(err["error"]["code"], "rate_limit_exceeded", "{err}");
 
@@ -990,11 +1035,67 @@ fn consumers_manage_their_own_keys_within_their_allowance() {
     assert_eq!(status, 200, "{rotated}");
     let (status, _) = me(&dana_key, "POST", &format!("keys/{id}/revoke"), "");
     assert_eq!(status, 200);
-    assert_eq!(call(&gw, "/openai/v1/x", &bearer(&vkey)).status, 401);
+    assert_eq!(
+        call(&gw, "/openai/v1/chat/completions", &bearer(&vkey)).status,
+        401
+    );
     let audit = std::fs::read_to_string(s.dir.path().join("data/vault-audit.log")).unwrap();
     assert!(audit.contains("\"actor\":\"consumer:dana\""), "{audit}");
     assert!(
         !audit.contains("consumer:erik"),
         "erik changed nothing: {audit}"
+    );
+}
+
+/// A vault route opens the inference endpoints only: not the provider's files, batches or
+/// stored responses of the shared account, nor protocol upgrades; and the provider gets
+/// `Accept-Encoding: identity` (a compressed body would hide its usage) and no client choice
+/// of organisation.
+#[test]
+fn vault_routes_open_only_inference_endpoints() {
+    let s = Setup::new();
+    let gw = s.start();
+    let (_, key) = provision(&gw);
+    let before = s.up.requests().len();
+    for (method, path) in [
+        ("GET", "/openai/v1/files"),
+        ("GET", "/openai/v1/responses/resp_123"),
+        ("POST", "/openai/v1/batches"),
+        ("POST", "/openai/v1/realtime/sessions"),
+        ("DELETE", "/openai/v1/chat/completions"),
+        ("GET", "/anthropic/v1/messages/batches/x/results"),
+    ] {
+        let r = request(
+            gw.addr,
+            &format!("{method} {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nx-api-key: {key}\r\nconnection: close\r\n\r\n"),
+        );
+        assert_eq!(r.status, 404, "{method} {path}: {}", r.text());
+    }
+    let r = request(
+        gw.addr,
+        &format!("GET /openai/v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"),
+    );
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        s.up.requests().len(),
+        before,
+        "refused requests reached the provider"
+    );
+    let r = call(
+        &gw,
+        "/openai/v1/chat/completions",
+        &format!(
+            "{}Accept-Encoding: gzip, br\r\nOpenAI-Organization: org-other\r\n",
+            bearer(&key)
+        ),
+    );
+    assert_eq!(r.status, 200);
+    let seen = s.up.requests().pop().unwrap();
+    assert_eq!(seen.headers_named("accept-encoding"), vec!["identity"]);
+    assert!(seen.header("openai-organization").is_none());
+    assert_eq!(
+        call(&gw, "/openai/v1/models", &bearer(&key)).status,
+        404,
+        "GET-only endpoint asked with POST"
     );
 }

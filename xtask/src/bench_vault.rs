@@ -51,14 +51,17 @@ const COST_PER_REQUEST: u64 = 10 + 20 * 2;
 
 /// The targets in the order the client gets them: (name in the table, `NAME=ADDR/PATH`).
 const TARGETS: [(&str, &str); 3] = [
-    ("direct backend", "direct=127.0.0.1:19501/plain/v1/sse"),
+    (
+        "direct backend",
+        "direct=127.0.0.1:19501/plain/v1/sse/chat/completions",
+    ),
     (
         "portcullis plain route",
-        "plain=127.0.0.1:19580/plain/v1/sse",
+        "plain=127.0.0.1:19580/plain/v1/sse/chat/completions",
     ),
     (
         "portcullis vault route",
-        "vault=127.0.0.1:19580/vault/v1/sse",
+        "vault=127.0.0.1:19580/vault/v1/sse/chat/completions",
     ),
 ];
 const PERCENTILES: [&str; 4] = ["p50", "p90", "p99", "p99.9"];

@@ -108,7 +108,13 @@ pub async fn serve<C: Transport>(
     conn.ctx.client_cert = client_cert;
     let mut first = true;
     loop {
-        match conn.serve_one(first).await {
+        let next = conn.serve_one(first).await;
+        // A large body read whole (a vault route) leaves a large buffer: give it back.
+        let keep = conn.generation.snapshot.client_buffer_bytes;
+        if conn.inbuf.capacity() > keep.saturating_mul(4) && conn.inbuf.len() <= keep {
+            conn.inbuf.shrink_to(keep);
+        }
+        match next {
             Next::KeepAlive => first = false,
             Next::Close => {
                 conn.linger().await;

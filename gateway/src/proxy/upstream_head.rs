@@ -48,8 +48,8 @@ pub struct Identity<'a> {
     pub provider: Option<ProviderAuth<'a>>,
 }
 
-/// A provider key as it goes upstream.
-#[derive(Debug, Clone, Copy)]
+/// A provider key as it goes upstream. Its `Debug` never shows the key.
+#[derive(Clone, Copy)]
 pub struct ProviderAuth<'a> {
     /// The field (lower case) and the text before the key (`Bearer `).
     pub header: &'static str,
@@ -57,6 +57,15 @@ pub struct ProviderAuth<'a> {
     pub secret: &'a str,
     /// Sent as `anthropic-version` when the client sent none (Anthropic).
     pub anthropic_version: Option<&'a str>,
+}
+
+impl std::fmt::Debug for ProviderAuth<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderAuth")
+            .field("header", &self.header)
+            .field("anthropic_version", &self.anthropic_version)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The Host sent upstream: `value` when the client sent none, or always when `fixed` (the
@@ -204,6 +213,7 @@ pub fn write_upstream_request(
         write_field(out, name, subject.as_bytes())?;
     }
     if let Some(p) = identity.provider {
+        out.extend_from_slice(b"accept-encoding: identity\r\n");
         let secret = checked(p.header, p.secret.as_bytes())?;
         out.extend_from_slice(p.header.as_bytes());
         out.extend_from_slice(b": ");

@@ -191,8 +191,19 @@ fn hand_over(stream: &UnixStream, live: &Live, handover: &Handover) -> std::io::
         format!("listeners {workers} {per_worker}\n").as_bytes(),
         &fds,
     )?;
-    let store = live.snapshot().quota_store.clone();
-    store.hand_over()?;
+    let snapshot = live.snapshot();
+    let store = snapshot.quota_store.clone();
+    // The vault first: its spend written for the new process to load, and no more changes
+    // or writes from this one.
+    if let Some(vault) = &snapshot.vault {
+        vault.hand_over().map_err(std::io::Error::other)?;
+    }
+    if let Err(e) = store.hand_over() {
+        if let Some(vault) = &snapshot.vault {
+            vault.take_back();
+        }
+        return Err(e);
+    }
     // From here on, any failure takes the data directory back before giving up.
     let listening = (|| -> std::io::Result<bool> {
         (&*stream).write_all(b"handed-over\n")?;
@@ -206,7 +217,12 @@ fn hand_over(stream: &UnixStream, live: &Live, handover: &Handover) -> std::io::
         let deadline = std::time::Instant::now() + UPGRADE_TIMEOUT;
         loop {
             match store.take_back(&handover.data_dir) {
-                Ok(()) => break,
+                Ok(()) => {
+                    if let Some(vault) = &snapshot.vault {
+                        vault.take_back();
+                    }
+                    break;
+                }
                 Err(e) if std::time::Instant::now() >= deadline => {
                     return Err(std::io::Error::other(format!(
                         "the new process did not start listening, and the data directory could not be taken back: {e}"

@@ -43,18 +43,21 @@ impl ProviderSecret {
 /// A key of `keys` to use now: at random among those not resting (balanced without shared
 /// counters), else the one whose rest ends first. `keys` is not empty.
 pub fn choose(keys: &[Arc<ProviderSecret>], now_ms: u64) -> &Arc<ProviderSecret> {
-    let free = keys.iter().filter(|k| k.rested_until() <= now_ms).count();
-    if free == 0 {
-        return keys
-            .iter()
-            .min_by_key(|k| k.rested_until())
-            .expect("a provider with keys");
+    // One pass (another worker may rest a key meanwhile): each free key replaces the choice
+    // with probability 1/n, n counting the free keys seen, which picks uniformly.
+    let mut chosen = None;
+    let mut free = 0;
+    for k in keys {
+        if k.rested_until() <= now_ms {
+            free += 1;
+            if fastrand::usize(..free) == 0 {
+                chosen = Some(k);
+            }
+        }
     }
-    let pick = fastrand::usize(..free);
-    keys.iter()
-        .filter(|k| k.rested_until() <= now_ms)
-        .nth(pick)
-        .expect("pick < free")
+    chosen
+        .or_else(|| keys.iter().min_by_key(|k| k.rested_until()))
+        .unwrap_or(&keys[0])
 }
 
 impl std::fmt::Debug for ProviderSecret {

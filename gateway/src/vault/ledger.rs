@@ -89,11 +89,20 @@ pub struct KeyUsage {
     pub cost_micros: AtomicU64,
 }
 
-/// What one request reserved, to settle or give back.
+/// What one request reserved, to settle or give back. Dropped unsettled (its task ended
+/// without the log phase: a panic, a stop), it is given back rather than held forever.
 #[derive(Debug, Default)]
 pub struct Reservation {
     pub amount: u64,
     pub counters: Vec<Arc<Counter>>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        for c in self.counters.drain(..) {
+            c.committed.fetch_sub(self.amount, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Ledger {
@@ -199,8 +208,9 @@ impl Ledger {
 
     /// Replaces a reservation by the request's real `cost` (`None`: the request never reached
     /// the provider, nothing is spent).
-    pub fn settle(&self, reservation: Reservation, cost: Option<u64>) {
-        for c in &reservation.counters {
+    pub fn settle(&self, mut reservation: Reservation, cost: Option<u64>) {
+        let counters = std::mem::take(&mut reservation.counters);
+        for c in &counters {
             match cost {
                 Some(cost) => {
                     // committed += cost - amount, without going below zero on the way.
@@ -213,7 +223,7 @@ impl Ledger {
                 }
             }
         }
-        if cost.is_some() && !reservation.counters.is_empty() {
+        if cost.is_some() && !counters.is_empty() {
             self.dirty.store(true, Ordering::Release);
         }
     }
@@ -268,8 +278,8 @@ pub fn estimate(price: &crate::config::ModelPrice, body_bytes: usize, max_output
     cost_of(price, prompt, max_output, 0, 0)
 }
 
-/// What `input`, `output`, cached-read and cache-write tokens cost at `price` (per million
-/// tokens), rounded up: never less than the provider bills.
+/// What `input` (uncached prompt), `output`, cached-read and cache-write tokens cost at
+/// `price` (per million tokens), rounded up: never less than the provider bills.
 pub fn cost_of(
     price: &crate::config::ModelPrice,
     input: u64,
@@ -278,13 +288,13 @@ pub fn cost_of(
     cache_write: u64,
 ) -> u64 {
     let part = |tokens: u64, per_million: u64| {
-        (u128::from(tokens) * u128::from(per_million)).div_ceil(1_000_000) as u64
+        let micros = (u128::from(tokens) * u128::from(per_million)).div_ceil(1_000_000);
+        u64::try_from(micros).unwrap_or(u64::MAX)
     };
-    // Cached-read tokens are billed at their own rate instead of the input rate.
-    part(input.saturating_sub(cache_read), price.input)
-        + part(cache_read, price.cache_read.unwrap_or(price.input))
-        + part(cache_write, price.cache_write.unwrap_or(price.input))
-        + part(output, price.output)
+    part(input, price.input)
+        .saturating_add(part(cache_read, price.cache_read.unwrap_or(price.input)))
+        .saturating_add(part(cache_write, price.cache_write.unwrap_or(price.input)))
+        .saturating_add(part(output, price.output))
 }
 
 #[cfg(test)]
@@ -334,7 +344,7 @@ mod tests {
             "a fraction of a micro-unit is one"
         );
         assert_eq!(cost_of(&price, 1_000_000, 1_000_000, 0, 0), 750_000);
-        assert_eq!(cost_of(&price, 1_000_000, 0, 1_000_000, 0), 75_000);
+        assert_eq!(cost_of(&price, 0, 0, 1_000_000, 0), 75_000);
         assert_eq!(estimate(&price, 400, 100), 15 + 60);
     }
 }

@@ -57,6 +57,8 @@ pub enum VaultError {
     Revoked(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("this process handed the vault to the new process of an upgrade; ask again")]
+    HandedOver,
 }
 
 impl VaultError {
@@ -65,6 +67,7 @@ impl VaultError {
             VaultError::UnknownProvider(_) | VaultError::Invalid(_) => 400,
             VaultError::UnknownKey(_) => 404,
             VaultError::Revoked(_) => 409,
+            VaultError::HandedOver => 503,
             VaultError::Store(_) | VaultError::Unseal { .. } => 500,
         }
     }
@@ -146,8 +149,11 @@ pub fn settle(
         .map(|(u, price)| ledger::cost_of(price, u.input, u.output, u.cache_read, u.cache_write));
     // Read to its end (relayed whole, or read on after the client left): the usage is final.
     let complete = request.complete || request.meter.complete();
+    // A refusal the provider answered itself (4xx, 5xx) with no usage is not billed by it.
+    let refused_by_provider = complete && reported.is_none() && status >= 400;
     let cost = match (request.sent, complete, reported) {
         (false, _, _) => None,
+        (true, true, None) if refused_by_provider => Some(0),
         (true, true, Some(cost)) => Some(cost),
         (true, true, None) => Some(reserved),
         (true, false, seen) => Some(seen.unwrap_or(0).max(reserved)),
@@ -159,9 +165,15 @@ pub fn settle(
         vault.ledger.settle(rpm, counted);
     }
     if let Some(tpm) = request.tpm {
-        let reported = usage.map(|u| u.input + u.output);
+        let reported = usage.map(|u| {
+            u.input
+                .saturating_add(u.cache_read)
+                .saturating_add(u.cache_write)
+                .saturating_add(u.output)
+        });
         let tokens = match (request.sent, complete, reported) {
             (false, _, _) => None,
+            (true, true, None) if refused_by_provider => Some(0),
             (true, true, Some(t)) => Some(t),
             (true, true, None) => Some(request.estimated_tokens),
             (true, false, seen) => Some(seen.unwrap_or(0).max(request.estimated_tokens)),
@@ -177,7 +189,8 @@ pub fn settle(
             target: "portcullis::vault::usage",
             key = key.map_or("", |k| k.id.as_str()),
             owner = key.map_or("", |k| k.owner_scope.as_str()),
-            model = &*request.model,
+            // As the client wrote it, so escaped and cut short.
+            model = ?request.model.chars().take(64).collect::<String>(),
             input_tokens = u.input,
             output_tokens = u.output,
             cache_read_tokens = u.cache_read,
@@ -249,6 +262,9 @@ pub struct Vault {
     pub ledger: Arc<ledger::Ledger>,
     /// Requests refused, by [`provider::VaultRefusal::index`].
     pub refusals: [std::sync::atomic::AtomicU64; provider::VaultRefusal::ALL.len()],
+    /// Set once a binary upgrade handed the data directory to the new process: this one
+    /// changes and writes nothing of the vault any more.
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Vault {
@@ -272,6 +288,7 @@ impl Vault {
             audit: audit::AuditLog::open(dir)?,
             ledger: Arc::new(ledger::Ledger::open(dir)?),
             refusals: Default::default(),
+            handed_over: Default::default(),
             master,
             providers: Mutex::new(providers),
             doc: Mutex::new(doc),
@@ -288,6 +305,27 @@ impl Vault {
         self.doc.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Hands the vault to the new process of an upgrade: writes the spend settled so far and
+    /// stops changing or writing anything. Requests still draining here settle in memory only
+    /// (the new process counts from the written spend).
+    pub fn hand_over(&self) -> Result<(), StoreError> {
+        let _one_change_at_a_time = self.lock();
+        self.flush_spend()?;
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// After an upgrade that failed: this process owns the vault again.
+    pub fn take_back(&self) {
+        self.handed_over
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    fn is_handed_over(&self) -> bool {
+        self.handed_over.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Saves `next`, publishes its index, and writes the audit line: in that order, so what
     /// the workers admit is always what the disk holds.
     fn commit(
@@ -298,6 +336,9 @@ impl Vault {
         action: &str,
         subject: &str,
     ) -> Result<Arc<VaultIndex>, VaultError> {
+        if self.is_handed_over() {
+            return Err(VaultError::HandedOver);
+        }
         let index = VaultIndex::build(&next, &self.master)?;
         next.save(&self.dir)?;
         *doc = next;
@@ -481,7 +522,7 @@ impl Vault {
             return Ok(Rotated::Already { at_ms: r.at_ms });
         }
         let now = now_ms();
-        let until = now + grace.as_millis() as u64;
+        let until = now.saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
         let (secret, hash) = virtual_key::new_secret();
         key.previous.retain(|p| p.until_ms > now);
         key.previous.push(PreviousSecret {
@@ -596,6 +637,9 @@ impl Vault {
 
     /// Writes settled spend (the flusher thread, and a clean stop).
     pub fn flush_spend(&self) -> Result<(), StoreError> {
+        if self.is_handed_over() {
+            return Ok(());
+        }
         self.ledger.flush(now_ms() / 1000)
     }
 

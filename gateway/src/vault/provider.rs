@@ -14,9 +14,19 @@ pub fn credential_headers(kind: ProviderKind) -> &'static [&'static str] {
     }
 }
 
-/// Every header that may carry a provider credential: a client's copies never go upstream on
-/// a vault route.
-pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+/// Fields a client's copies of never go upstream on a vault route: every header that may carry
+/// a provider credential, the ones choosing which organisation or project the gateway's key
+/// acts for, and Accept-Encoding (the gateway asks for identity: a compressed body would hide
+/// its usage from the meter).
+pub const CREDENTIAL_HEADERS: [&str; 7] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "proxy-authorization",
+    "openai-organization",
+    "openai-project",
+    "accept-encoding",
+];
 
 /// The credential a client of `kind` presented, if any.
 pub fn presented<'a>(kind: ProviderKind, headers: &'a [httparse::Header<'a>]) -> Option<&'a [u8]> {
@@ -35,6 +45,38 @@ pub fn presented<'a>(kind: ProviderKind, headers: &'a [httparse::Header<'a>]) ->
         return Some(value);
     }
     None
+}
+
+/// The inference endpoints a vault route opens, by method and the path's last segments: a
+/// provider's other APIs (files, batches, stored responses, fine-tuning, realtime sessions
+/// that mint credentials of their own) act on the organisation's shared account and are not
+/// metered, so they are not reachable with a virtual key.
+pub fn endpoint_allowed(kind: ProviderKind, method: &str, path: &[u8]) -> bool {
+    const OPENAI: [(&str, &str); 6] = [
+        ("POST", "/chat/completions"),
+        ("POST", "/completions"),
+        ("POST", "/embeddings"),
+        ("POST", "/responses"),
+        ("POST", "/moderations"),
+        ("GET", "/models"),
+    ];
+    const ANTHROPIC: [(&str, &str); 3] = [
+        ("POST", "/messages"),
+        ("POST", "/messages/count_tokens"),
+        ("GET", "/models"),
+    ];
+    const AZURE: [(&str, &str); 3] = [
+        ("POST", "/chat/completions"),
+        ("POST", "/completions"),
+        ("POST", "/embeddings"),
+    ];
+    let list: &[(&str, &str)] = match kind {
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible => &OPENAI,
+        ProviderKind::Anthropic => &ANTHROPIC,
+        ProviderKind::Azure => &AZURE,
+    };
+    list.iter()
+        .any(|(m, suffix)| *m == method && path.ends_with(suffix.as_bytes()))
 }
 
 /// The header (name, value prefix) that carries the real key upstream.
@@ -92,10 +134,12 @@ pub enum VaultRefusal {
     BudgetExceeded,
     /// 429: the key's requests or tokens per minute are used up.
     RateLimited,
+    /// 404: not an inference endpoint (see [`endpoint_allowed`]), or a protocol upgrade.
+    EndpointNotAllowed,
 }
 
 impl VaultRefusal {
-    pub const ALL: [VaultRefusal; 10] = [
+    pub const ALL: [VaultRefusal; 11] = [
         VaultRefusal::MissingKey,
         VaultRefusal::InvalidKey,
         VaultRefusal::ProviderNotAllowed,
@@ -106,6 +150,7 @@ impl VaultRefusal {
         VaultRefusal::ModelNotPriced,
         VaultRefusal::BudgetExceeded,
         VaultRefusal::RateLimited,
+        VaultRefusal::EndpointNotAllowed,
     ];
 
     /// The metric label.
@@ -121,6 +166,7 @@ impl VaultRefusal {
             VaultRefusal::ModelNotPriced => "model_not_priced",
             VaultRefusal::BudgetExceeded => "budget_exceeded",
             VaultRefusal::RateLimited => "rate_limited",
+            VaultRefusal::EndpointNotAllowed => "endpoint_not_allowed",
         }
     }
 
@@ -135,6 +181,7 @@ impl VaultRefusal {
             | VaultRefusal::ModelNotAllowed
             | VaultRefusal::ModelNotPriced => 403,
             VaultRefusal::BudgetExceeded | VaultRefusal::RateLimited => 429,
+            VaultRefusal::EndpointNotAllowed => 404,
             VaultRefusal::NoProviderKey => 503,
             VaultRefusal::BodyTooLarge => 413,
             VaultRefusal::LengthRequired => 411,
@@ -159,6 +206,9 @@ impl VaultRefusal {
             VaultRefusal::RateLimited => {
                 "Rate limit reached for this key (requests or tokens per minute)."
             }
+            VaultRefusal::EndpointNotAllowed => {
+                "This endpoint is not available with a virtual key."
+            }
         }
     }
 }
@@ -178,6 +228,7 @@ pub fn error_body(kind: ProviderKind, refusal: VaultRefusal) -> String {
                 }
                 VaultRefusal::BudgetExceeded => ("insufficient_quota", "insufficient_quota"),
                 VaultRefusal::RateLimited => ("requests", "rate_limit_exceeded"),
+                VaultRefusal::EndpointNotAllowed => ("invalid_request_error", "unknown_url"),
                 VaultRefusal::BodyTooLarge | VaultRefusal::LengthRequired => {
                     ("invalid_request_error", "invalid_request")
                 }
@@ -193,6 +244,7 @@ pub fn error_body(kind: ProviderKind, refusal: VaultRefusal) -> String {
                 | VaultRefusal::ModelNotAllowed
                 | VaultRefusal::ModelNotPriced => "permission_error",
                 VaultRefusal::BudgetExceeded | VaultRefusal::RateLimited => "rate_limit_error",
+                VaultRefusal::EndpointNotAllowed => "not_found_error",
                 VaultRefusal::BodyTooLarge => "request_too_large",
                 VaultRefusal::LengthRequired => "invalid_request_error",
                 VaultRefusal::NoProviderKey => "api_error",

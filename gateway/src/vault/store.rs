@@ -165,7 +165,8 @@ impl Document {
 /// renamed over the old one, the directory fsynced. A crash leaves the old or the new file.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
     let path = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
+    // Per process: during an upgrade two processes may write here a moment apart.
+    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
     let io = |p: &Path| {
         let p = p.to_owned();
         move |source| StoreError::Io { path: p, source }

@@ -13,6 +13,7 @@ const KEY: &[u8] = b"\"usage\"";
 /// Tokens of one exchange, as far as the provider said.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// Prompt tokens not read from the provider's cache.
     pub input: u64,
     pub output: u64,
     pub cache_read: u64,
@@ -63,6 +64,9 @@ pub struct UsageMeter {
     output: Option<u64>,
     cache_read: Option<u64>,
     cache_write: Option<u64>,
+    /// OpenAI counts cached tokens inside its prompt tokens; Anthropic apart from its input
+    /// tokens.
+    input_includes_cache_read: bool,
     /// The whole response was read (though maybe not delivered): the usage is final.
     complete: bool,
 }
@@ -77,6 +81,7 @@ impl Default for UsageMeter {
             output: None,
             cache_read: None,
             cache_write: None,
+            input_includes_cache_read: false,
             complete: false,
         }
     }
@@ -189,6 +194,9 @@ impl UsageMeter {
             .prompt_tokens_details
             .or(r.input_tokens_details)
             .and_then(|d| d.cached_tokens);
+        if cached.is_some() {
+            self.input_includes_cache_read = true;
+        }
         set(&mut self.cache_read, r.cache_read_input_tokens.or(cached));
         set(&mut self.cache_write, r.cache_creation_input_tokens);
     }
@@ -208,10 +216,15 @@ impl UsageMeter {
         if self.input.is_none() && self.output.is_none() {
             return None;
         }
+        let cache_read = self.cache_read.unwrap_or(0);
+        let input = self.input.unwrap_or(0);
         Some(Usage {
-            input: self.input.unwrap_or(0),
+            input: match self.input_includes_cache_read {
+                true => input.saturating_sub(cache_read),
+                false => input,
+            },
             output: self.output.unwrap_or(0),
-            cache_read: self.cache_read.unwrap_or(0),
+            cache_read,
             cache_write: self.cache_write.unwrap_or(0),
         })
     }
@@ -238,12 +251,12 @@ mod tests {
             assert_eq!(
                 u,
                 Usage {
-                    input: 12,
+                    input: 8,
                     output: 30,
                     cache_read: 4,
                     cache_write: 0
                 },
-                "cut at {cut}"
+                "cut at {cut}: OpenAI's 12 prompt tokens hold the 4 cached"
             );
         }
         let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\

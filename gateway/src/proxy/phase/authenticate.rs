@@ -107,6 +107,27 @@ pub fn run(
     Err(denied(AuthError::Invalid))
 }
 
+/// Whether the request carries a virtual key that works now on the route of `provider` (a
+/// cheap look before the gateway reads a body for it).
+pub fn virtual_key_works(snapshot: &ConfigSnapshot, provider: &str, req: &RequestHead) -> bool {
+    let Some(config) = snapshot
+        .config
+        .vault
+        .as_ref()
+        .and_then(|v| v.providers.get(provider))
+    else {
+        return false;
+    };
+    let (Some(vault), Some(key)) = (
+        &snapshot.vault,
+        crate::vault::provider::presented(config.kind, req.headers),
+    ) else {
+        return false;
+    };
+    crate::vault::virtual_key::looks_like(key)
+        && vault.index().admit(key, crate::vault::now_ms()).is_ok()
+}
+
 /// A vault route: the caller's virtual key must work now and may call `provider`; a key of
 /// that provider is chosen to replace it upstream (at random: balanced without shared state).
 fn admit_virtual_key(
@@ -137,6 +158,11 @@ fn admit_virtual_key(
         .vault
         .as_ref()
         .ok_or_else(|| refuse(VaultRefusal::NoProviderKey))?;
+    if req.upgrade.is_some()
+        || !crate::vault::provider::endpoint_allowed(kind, req.method, req.path)
+    {
+        return Err(refuse(VaultRefusal::EndpointNotAllowed));
+    }
     let key = presented(kind, req.headers).ok_or_else(|| refuse(VaultRefusal::MissingKey))?;
     if !crate::vault::virtual_key::looks_like(key) {
         return Err(refuse(VaultRefusal::InvalidKey));
@@ -159,8 +185,10 @@ fn admit_virtual_key(
                 if n > crate::vault::request::MAX_JUDGED_BODY_BYTES {
                     return Err(refuse(VaultRefusal::BodyTooLarge));
                 }
+                // The route phase read it whole for a working key within the route's limit;
+                // short of it here, it is over that limit.
                 if body.len() < n {
-                    return Err(Exit::AwaitBody(req.head_len + n));
+                    return Err(refuse(VaultRefusal::BodyTooLarge));
                 }
                 &body[..n]
             }
@@ -190,7 +218,10 @@ fn admit_virtual_key(
             .unwrap_or((None, 0));
         let max_output =
             crate::vault::request::max_output_tokens(judged_body).unwrap_or(default_output);
-        metered.estimated_tokens = (judged_body.len() as u64).div_ceil(4) + max_output;
+        // Bounded: a client's max_tokens of u64::MAX reserves all, never wraps.
+        metered.estimated_tokens = (judged_body.len() as u64)
+            .div_ceil(4)
+            .saturating_add(max_output);
         let price = model.as_deref().and_then(|m| prices.and_then(|p| p.get(m)));
         metered.price = price.cloned();
         metered.model = model.as_deref().unwrap_or("").into();

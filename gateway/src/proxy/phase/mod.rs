@@ -100,12 +100,20 @@ pub fn run(
     let route = route::find(snapshot, req, ctx)?;
     // A vault route reads its (bounded) body whole before any phase counts the request, so
     // running the phases again once it is in counts nothing twice.
-    if route.vault.is_some() || matches!(route.action, Action::VaultSelfService) {
-        if let crate::http::BodyFraming::Length(n) = req.body {
-            let n = usize::try_from(n).unwrap_or(usize::MAX);
-            if n <= crate::vault::request::MAX_JUDGED_BODY_BYTES && body.len() < n {
-                return Err(Exit::AwaitBody(req.head_len + n));
+    // Only for a caller whose key works (a vault route), and within the route's body limit:
+    // strangers cannot make the gateway hold megabytes for them.
+    if let crate::http::BodyFraming::Length(n) = req.body {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        let cap = match (&route.vault, &route.action) {
+            (Some(provider), _) if authenticate::virtual_key_works(snapshot, provider, req) => {
+                crate::vault::request::MAX_JUDGED_BODY_BYTES
             }
+            (_, Action::VaultSelfService) => crate::vault::self_service::MAX_BODY_BYTES,
+            _ => 0,
+        };
+        let cap = route.max_body_bytes.map_or(cap, |m| cap.min(m as usize));
+        if n <= cap && body.len() < n {
+            return Err(Exit::AwaitBody(req.head_len + n));
         }
     }
     pre_auth_limit::check(snapshot, route, req, peer)?;

@@ -34,9 +34,11 @@ pub fn write(
         replaced: &snapshot.issuers.claim_header_names,
         strip,
         identity_headers: &snapshot.identity_headers,
+        // Nor is a provider told the client certificate's subject.
         client_cert: ctx
             .client_cert
             .as_ref()
+            .filter(|_| route.vault.is_none())
             .map(|c| (&*c.header, c.identity.header_value.as_str())),
         ..Identity::default()
     };
