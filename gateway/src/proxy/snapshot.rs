@@ -203,6 +203,11 @@ impl ConfigSnapshot {
     pub fn server(&self) -> &ServerConfig {
         &self.config.server
     }
+
+    /// `[vault.providers.NAME]`, when the vault is configured.
+    pub fn vault_provider(&self, name: &str) -> Option<&crate::config::ProviderConfig> {
+        self.config.vault.as_ref()?.providers.get(name)
+    }
 }
 
 /// The snapshot in force, published to every worker: workers compare the generation at each

@@ -571,6 +571,27 @@ impl Vault {
         Ok(())
     }
 
+    /// Changes key `id` with `change` in a copy of the store and commits it as `action`
+    /// (the audit line's subject: the key id and `detail`).
+    fn change_key(
+        &self,
+        id: &str,
+        actor: &str,
+        action: &str,
+        detail: &str,
+        change: impl FnOnce(&mut VirtualKeyRecord),
+    ) -> Result<(), VaultError> {
+        let mut doc = self.lock();
+        let mut next = doc.clone();
+        let key = next
+            .keys
+            .get_mut(id)
+            .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
+        change(key);
+        self.commit(&mut doc, next, actor, action, &format!("{id} {detail}"))?;
+        Ok(())
+    }
+
     /// Sets (or with `None` removes) key `id`'s budget for `period`.
     pub fn set_key_budget(
         &self,
@@ -579,16 +600,10 @@ impl Vault {
         limit_micros: Option<u64>,
         actor: &str,
     ) -> Result<(), VaultError> {
-        let mut doc = self.lock();
-        let mut next = doc.clone();
-        let key = next
-            .keys
-            .get_mut(id)
-            .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
-        set_budget(&mut key.budgets, period, limit_micros);
-        let subject = format!("{id} {period:?} {limit_micros:?}");
-        self.commit(&mut doc, next, actor, "key.budget", &subject)?;
-        Ok(())
+        let detail = format!("{period:?} {limit_micros:?}");
+        self.change_key(id, actor, "key.budget", &detail, |key| {
+            set_budget(&mut key.budgets, period, limit_micros)
+        })
     }
 
     /// Sets key `id`'s requests- and tokens-per-minute limits (`None`: no limit).
@@ -599,17 +614,11 @@ impl Vault {
         tpm: Option<u64>,
         actor: &str,
     ) -> Result<(), VaultError> {
-        let mut doc = self.lock();
-        let mut next = doc.clone();
-        let key = next
-            .keys
-            .get_mut(id)
-            .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
-        key.rpm = rpm;
-        key.tpm = tpm;
-        let subject = format!("{id} rpm={rpm:?} tpm={tpm:?}");
-        self.commit(&mut doc, next, actor, "key.limits", &subject)?;
-        Ok(())
+        let detail = format!("rpm={rpm:?} tpm={tpm:?}");
+        self.change_key(id, actor, "key.limits", &detail, |key| {
+            key.rpm = rpm;
+            key.tpm = tpm;
+        })
     }
 
     /// Sets (or removes) the budget for `period` over all keys of `owner`.

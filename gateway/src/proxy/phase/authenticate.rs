@@ -110,12 +110,7 @@ pub fn run(
 /// Whether the request carries a virtual key that works now on the route of `provider` (a
 /// cheap look before the gateway reads a body for it).
 pub fn virtual_key_works(snapshot: &ConfigSnapshot, provider: &str, req: &RequestHead) -> bool {
-    let Some(config) = snapshot
-        .config
-        .vault
-        .as_ref()
-        .and_then(|v| v.providers.get(provider))
-    else {
+    let Some(config) = snapshot.vault_provider(provider) else {
         return false;
     };
     let (Some(vault), Some(key)) = (
@@ -138,12 +133,7 @@ fn admit_virtual_key(
     ctx: &mut RequestContext,
 ) -> Result<(), Exit> {
     use crate::vault::provider::{presented, VaultRefusal};
-    let Some(config) = snapshot
-        .config
-        .vault
-        .as_ref()
-        .and_then(|v| v.providers.get(provider))
-    else {
+    let Some(config) = snapshot.vault_provider(provider) else {
         return Err(Answer::error(500, "vault route without its provider").into());
     };
     let kind = config.kind;
