@@ -3,4 +3,5 @@
 
 pub mod data_dir;
 pub mod journal;
+pub mod owner_only;
 pub mod subject;

@@ -12,7 +12,7 @@
 //! check a ticket's age). Nonces are random (96 bits): a key should seal well under 2^32
 //! tickets across all hosts sharing it, which rotating keys daily keeps far away.
 
-use std::{os::unix::fs::PermissionsExt, path::Path};
+use std::path::Path;
 
 use ring::{
     aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN},
@@ -33,10 +33,8 @@ const MAX_KEYS: usize = 16;
 /// Why a ticket key file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TicketKeyError {
-    #[error("cannot read {path}: {reason}")]
-    Read { path: String, reason: String },
-    #[error("{path} is readable by group or others (mode {mode:o}); make it 0600")]
-    Exposed { path: String, mode: u32 },
+    #[error("{0}")]
+    File(#[from] crate::state::owner_only::OwnerOnlyError),
     #[error("{path}, line {line}: a key is 64 hex digits (openssl rand -hex 32)")]
     Malformed { path: String, line: usize },
     #[error("{path} holds no key; put 64 hex digits (openssl rand -hex 32) on the first line")]
@@ -69,21 +67,7 @@ impl std::fmt::Debug for FileTicketer {
 impl FileTicketer {
     pub fn load(path: &Path) -> Result<FileTicketer, TicketKeyError> {
         let shown = || path.display().to_string();
-        let read_err = |e: std::io::Error| TicketKeyError::Read {
-            path: shown(),
-            reason: e.to_string(),
-        };
-        let mode = std::fs::metadata(path)
-            .map_err(read_err)?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(TicketKeyError::Exposed {
-                path: shown(),
-                mode: mode & 0o777,
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        let text = crate::state::owner_only::read_owner_only(path)?;
         let mut keys = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -195,6 +179,8 @@ impl FileTicketer {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use rustls::server::ProducesTickets;
 
     use super::*;

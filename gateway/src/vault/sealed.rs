@@ -3,7 +3,7 @@
 //! key cannot be moved to another provider or entry unnoticed. The master key comes from a
 //! file (mode 0600) or an environment variable, never from the config file.
 
-use std::{os::unix::fs::PermissionsExt, path::Path};
+use std::path::Path;
 
 use ring::{
     aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN},
@@ -14,12 +14,8 @@ use sha2::{Digest, Sha256};
 /// Why the master key cannot be had.
 #[derive(Debug, thiserror::Error)]
 pub enum MasterKeyError {
-    #[error("cannot read the vault master key {path}: {reason}")]
-    Read { path: String, reason: String },
-    #[error(
-        "the vault master key {path} is readable by group or others (mode {mode:o}); make it 0600"
-    )]
-    Exposed { path: String, mode: u32 },
+    #[error("the vault master key: {0}")]
+    File(#[from] crate::state::owner_only::OwnerOnlyError),
     #[error("the vault master key {source_name} must be 64 hex digits (openssl rand -hex 32)")]
     Malformed { source_name: String },
     #[error("the environment variable {0} that should hold the vault master key is not set")]
@@ -64,22 +60,8 @@ impl MasterKey {
 
     /// From a file of 64 hex digits that only its owner may read.
     pub fn from_file(path: &Path) -> Result<MasterKey, MasterKeyError> {
+        let text = crate::state::owner_only::read_owner_only(path)?;
         let shown = path.display().to_string();
-        let read_err = |e: std::io::Error| MasterKeyError::Read {
-            path: shown.clone(),
-            reason: e.to_string(),
-        };
-        let mode = std::fs::metadata(path)
-            .map_err(read_err)?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(MasterKeyError::Exposed {
-                path: shown,
-                mode: mode & 0o777,
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(read_err)?;
         MasterKey::from_hex(&text, &shown)
     }
 
