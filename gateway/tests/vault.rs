@@ -1099,3 +1099,45 @@ fn vault_routes_open_only_inference_endpoints() {
         "GET-only endpoint asked with POST"
     );
 }
+
+/// A budgeted key reserves for every choice and the largest output allowance, and a body it
+/// cannot read those from is refused rather than guessed at.
+#[test]
+fn reservations_count_choices_and_refuse_unreadable_bodies() {
+    let s = Setup::new();
+    let gw = s.start();
+    let (id, key) = provision(&gw);
+    let body = r#"{"model": "gpt-test", "max_tokens": 100, "n": 3}"#;
+    let reserve = (body.len() as u64).div_ceil(4) + 100 * 3 * 2;
+    // A budget for exactly one such reservation: the second cannot be admitted.
+    let (status, _) = admin(
+        &gw,
+        "POST",
+        &format!("/vault/keys/{id}/budget"),
+        &format!(
+            "{{\"period\": \"day\", \"limit_micros\": {}}}",
+            reserve + reserve / 2
+        ),
+    );
+    assert_eq!(status, 200);
+    let r = call_body(
+        &gw,
+        "/openai/v1/chat/completions",
+        &bearer(&key),
+        r#"{"model": "gpt-test", "max_tokens": 1, "max_tokens": 90000}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let err: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(err["error"]["code"], "invalid_request", "{err}");
+    // The mock answers without usage: the first settles at its reservation (3 choices), so
+    // the second no longer fits.
+    assert_eq!(
+        call_body(&gw, "/openai/v1/chat/completions", &bearer(&key), body).status,
+        200
+    );
+    assert_eq!(settled_spend(&gw, &format!("key:{id}")), reserve);
+    assert_eq!(
+        call_body(&gw, "/openai/v1/chat/completions", &bearer(&key), body).status,
+        429
+    );
+}

@@ -136,10 +136,12 @@ pub enum VaultRefusal {
     RateLimited,
     /// 404: not an inference endpoint (see [`endpoint_allowed`]), or a protocol upgrade.
     EndpointNotAllowed,
+    /// 400: a body whose output allowance cannot be read, on a key that reserves for it.
+    UnreadableBody,
 }
 
 impl VaultRefusal {
-    pub const ALL: [VaultRefusal; 11] = [
+    pub const ALL: [VaultRefusal; 12] = [
         VaultRefusal::MissingKey,
         VaultRefusal::InvalidKey,
         VaultRefusal::ProviderNotAllowed,
@@ -151,6 +153,7 @@ impl VaultRefusal {
         VaultRefusal::BudgetExceeded,
         VaultRefusal::RateLimited,
         VaultRefusal::EndpointNotAllowed,
+        VaultRefusal::UnreadableBody,
     ];
 
     /// The metric label.
@@ -167,6 +170,7 @@ impl VaultRefusal {
             VaultRefusal::BudgetExceeded => "budget_exceeded",
             VaultRefusal::RateLimited => "rate_limited",
             VaultRefusal::EndpointNotAllowed => "endpoint_not_allowed",
+            VaultRefusal::UnreadableBody => "unreadable_body",
         }
     }
 
@@ -182,6 +186,7 @@ impl VaultRefusal {
             | VaultRefusal::ModelNotPriced => 403,
             VaultRefusal::BudgetExceeded | VaultRefusal::RateLimited => 429,
             VaultRefusal::EndpointNotAllowed => 404,
+            VaultRefusal::UnreadableBody => 400,
             VaultRefusal::NoProviderKey => 503,
             VaultRefusal::BodyTooLarge => 413,
             VaultRefusal::LengthRequired => 411,
@@ -209,6 +214,9 @@ impl VaultRefusal {
             VaultRefusal::EndpointNotAllowed => {
                 "This endpoint is not available with a virtual key."
             }
+            VaultRefusal::UnreadableBody => {
+                "The request body must be a JSON object naming each field once."
+            }
         }
     }
 }
@@ -229,6 +237,7 @@ pub fn error_body(kind: ProviderKind, refusal: VaultRefusal) -> String {
                 VaultRefusal::BudgetExceeded => ("insufficient_quota", "insufficient_quota"),
                 VaultRefusal::RateLimited => ("requests", "rate_limit_exceeded"),
                 VaultRefusal::EndpointNotAllowed => ("invalid_request_error", "unknown_url"),
+                VaultRefusal::UnreadableBody => ("invalid_request_error", "invalid_request"),
                 VaultRefusal::BodyTooLarge | VaultRefusal::LengthRequired => {
                     ("invalid_request_error", "invalid_request")
                 }
@@ -245,6 +254,7 @@ pub fn error_body(kind: ProviderKind, refusal: VaultRefusal) -> String {
                 | VaultRefusal::ModelNotPriced => "permission_error",
                 VaultRefusal::BudgetExceeded | VaultRefusal::RateLimited => "rate_limit_error",
                 VaultRefusal::EndpointNotAllowed => "not_found_error",
+                VaultRefusal::UnreadableBody => "invalid_request_error",
                 VaultRefusal::BodyTooLarge => "request_too_large",
                 VaultRefusal::LengthRequired => "invalid_request_error",
                 VaultRefusal::NoProviderKey => "api_error",

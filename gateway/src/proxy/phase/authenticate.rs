@@ -206,8 +206,14 @@ fn admit_virtual_key(
             .as_ref()
             .map(|v| (Some(&v.prices), v.default_output_tokens))
             .unwrap_or((None, 0));
-        let max_output =
-            crate::vault::request::max_output_tokens(judged_body).unwrap_or(default_output);
+        let reserves = entry.has_budget() || entry.tpm.is_some();
+        let max_output = match crate::vault::request::output_allowance(judged_body, default_output)
+        {
+            Ok(tokens) => tokens,
+            // A key that reserves must know what it reserves for.
+            Err(_) if reserves => return Err(refuse(VaultRefusal::UnreadableBody)),
+            Err(_) => default_output,
+        };
         // Bounded: a client's max_tokens of u64::MAX reserves all, never wraps.
         metered.estimated_tokens = (judged_body.len() as u64)
             .div_ceil(4)
