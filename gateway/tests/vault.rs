@@ -64,6 +64,14 @@ impl Setup {
     fn start(&self) -> Gateway {
         Gateway::start_with(&self.config(), &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)])
     }
+
+    /// A gateway whose providers are `up` instead of the echoing upstream.
+    fn start_against(&self, up: &Upstream) -> Gateway {
+        let cfg = self
+            .config()
+            .replace(&self.up.addr.to_string(), &up.addr.to_string());
+        Gateway::start_with(&cfg, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)])
+    }
 }
 
 fn admin(gw: &Gateway, method: &str, path: &str, body: &str) -> (u16, Value) {
@@ -369,10 +377,7 @@ fn a_provider_key_answered_429_rests_while_the_others_serve() {
             Reply::Raw(ok_response("served"))
         }
     });
-    let cfg = s
-        .config()
-        .replace(&s.up.addr.to_string(), &limited.addr.to_string());
-    let gw = Gateway::start_with(&cfg, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
+    let gw = s.start_against(&limited);
     for key in ["sk-test-limited-aaaa", "sk-test-free-bbbb"] {
         let (status, body) = admin(
             &gw,
@@ -574,10 +579,7 @@ fn fifty_concurrent_requests_against_a_budget_for_ten_admit_ten() {
     let prompt = (body.len() as u64).div_ceil(4);
     let each = prompt + 10 * 2;
     let up = Upstream::start(move |_| usage_reply(Duration::from_millis(300), prompt, 10));
-    let cfg = s
-        .config()
-        .replace(&s.up.addr.to_string(), &up.addr.to_string());
-    let gw = Gateway::start_with(&cfg, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
+    let gw = s.start_against(&up);
     let (id, key) = provision(&gw);
     let (status, b) = admin(
         &gw,
@@ -643,10 +645,7 @@ fn usage_settles_once_from_json_and_streams_and_never_at_zero() {
             _ => sse(&[(0, start), (1500, &delta(20)), (300, &delta(55))]),
         }
     });
-    let cfg = s
-        .config()
-        .replace(&s.up.addr.to_string(), &up.addr.to_string());
-    let start = || Gateway::start_with(&cfg, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
+    let start = || s.start_against(&up);
     let mut gw = start();
     let (id, key) = provision(&gw);
     let (status, _) = admin(
@@ -740,10 +739,7 @@ fn usage_settles_once_from_json_and_streams_and_never_at_zero() {
 fn metrics_report_spend_usage_and_refusals_per_key() {
     let s = Setup::new();
     let up = Upstream::start(|_| usage_reply(Duration::ZERO, 11, 7));
-    let cfg = s
-        .config()
-        .replace(&s.up.addr.to_string(), &up.addr.to_string());
-    let gw = Gateway::start_with(&cfg, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
+    let gw = s.start_against(&up);
     let (id, key) = provision(&gw);
     let (status, _) = admin(
         &gw,
@@ -887,10 +883,7 @@ fn the_vault_cli_works_on_a_stopped_gateway_and_through_a_running_one() {
 fn requests_and_tokens_per_minute_are_limited_per_key() {
     let s = Setup::new();
     let up = Upstream::start(|_| usage_reply(Duration::ZERO, 10, 10));
-    let cfg = s
-        .config()
-        .replace(&s.up.addr.to_string(), &up.addr.to_string());
-    let gw = Gateway::start_with(&cfg, &[("PORTCULLIS_TEST_ADMIN_TOKEN", TOKEN)]);
+    let gw = s.start_against(&up);
     let (id, key) = provision(&gw);
     // Far from a minute's end, so the window cannot turn during the test.
     let secs = std::time::SystemTime::now()

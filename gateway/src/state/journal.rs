@@ -156,7 +156,7 @@ impl Journal {
         if file.metadata().map_err(io)?.len() == 0 {
             writeln!(file, "{JOURNAL_HEADER}").map_err(io)?;
             file.sync_all().map_err(io)?;
-            sync_dir(dir).map_err(io)?;
+            super::atomic_file::sync_dir(dir).map_err(io)?;
         }
         Ok((
             Journal {
@@ -197,15 +197,8 @@ impl Journal {
         for r in all {
             encode(r, &mut text);
         }
-        // A name no other process uses, so two writers can never interleave one file.
-        let tmp = self
-            .dir
-            .join(format!("{SNAPSHOT_FILE}.{}.tmp", std::process::id()));
-        let mut file = File::create(&tmp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE))?;
-        sync_dir(&self.dir)?;
+        // The mode File::create gives.
+        super::atomic_file::replace(&self.dir, SNAPSHOT_FILE, text.as_bytes(), 0o666)?;
         // Replaying the old journal over the new snapshot would change nothing (absolute
         // counts), so a crash before this point loses nothing either.
         self.file.set_len(0)?;
@@ -215,10 +208,6 @@ impl Journal {
         self.snapshot_lines = all.len() as u64;
         Ok(())
     }
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// Reads one state file (absent is empty) into `loaded`; returns its record count.

@@ -51,24 +51,18 @@ pub fn build(
     name: &str,
     config: &UpstreamTlsConfig,
 ) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
-    let mut roots = RootCertStore::empty();
-    match &config.ca {
-        Some(path) => {
-            let ca_err = |reason: String| UpstreamTlsError::Ca {
-                upstream: name.to_owned(),
-                path: path.display().to_string(),
-                reason,
-            };
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| ca_err(e.to_string()))?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(ca_err("no usable CERTIFICATE block in the file".to_owned()));
-            }
+    let roots = match &config.ca {
+        Some(path) => super::read_ca_file(path).map_err(|reason| UpstreamTlsError::Ca {
+            upstream: name.to_owned(),
+            path: path.display().to_string(),
+            reason,
+        })?,
+        None => {
+            let mut roots = RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            roots
         }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
+    };
     let builder = ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|reason| UpstreamTlsError::Config {

@@ -105,6 +105,20 @@ impl TlsProfile {
     }
 }
 
+/// The CAs of a PEM file, for verifying peers (clients here, servers in [`client`]); the
+/// reason when it cannot be read or holds no usable certificate.
+pub(crate) fn read_ca_file(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err("no usable CERTIFICATE block in the file".into());
+    }
+    Ok(roots)
+}
+
 /// Verifies client certificates against `c.ca` and its CRLs; optional unless `required`.
 fn client_verifier(
     profile: &str,
@@ -115,17 +129,7 @@ fn client_verifier(
         path: path.display().to_string(),
         reason,
     };
-    let certs = CertificateDer::pem_file_iter(&c.ca)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| read_err(&c.ca, e.to_string()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(read_err(
-            &c.ca,
-            "no usable CERTIFICATE block in the file".into(),
-        ));
-    }
+    let roots = read_ca_file(&c.ca).map_err(|reason| read_err(&c.ca, reason))?;
     let mut crls = Vec::new();
     for path in &c.crls {
         let list = CertificateRevocationListDer::pem_file_iter(path)

@@ -86,20 +86,15 @@ pub struct KeyEntry {
     pub owner_budgets: Vec<(crate::config::BudgetPeriod, u64)>,
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
+    /// The ledger scopes of the key's per-minute counts (made once, not per request).
+    pub rpm_scope: String,
+    pub tpm_scope: String,
 }
 
 impl KeyEntry {
     /// Whether any budget applies to the key's requests.
     pub fn has_budget(&self) -> bool {
         !self.budgets.is_empty() || !self.owner_budgets.is_empty()
-    }
-
-    /// The ledger scopes of the key's per-minute counts.
-    pub fn rpm_scope(&self) -> String {
-        format!("rpm:{}", self.scope)
-    }
-    pub fn tpm_scope(&self) -> String {
-        format!("tpm:{}", self.scope)
     }
 }
 
@@ -173,6 +168,8 @@ impl VaultIndex {
                     .unwrap_or_default(),
                 rpm: key.rpm,
                 tpm: key.tpm,
+                rpm_scope: format!("rpm:key:{}", key.id),
+                tpm_scope: format!("tpm:key:{}", key.id),
             }));
             let secrets = std::iter::once((key.hash.as_str(), None)).chain(
                 key.previous

@@ -6,7 +6,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write,
     path::{Path, PathBuf},
 };
 
@@ -161,33 +160,13 @@ impl Document {
     }
 }
 
-/// Replaces `dir/name` with `bytes` (mode 0600): written to a temporary file, fsynced,
-/// renamed over the old one, the directory fsynced. A crash leaves the old or the new file.
+/// Replaces `dir/name` with `bytes` crash-safely (see [`crate::state::atomic_file`]), mode
+/// 0600: only the gateway's user reads the vault's files.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-    let path = dir.join(name);
-    // Per process: during an upgrade two processes may write here a moment apart.
-    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
-    let io = |p: &Path| {
-        let p = p.to_owned();
-        move |source| StoreError::Io { path: p, source }
-    };
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        file.write_all(bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-    }
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
-    Ok(())
+    crate::state::atomic_file::replace(dir, name, bytes, 0o600).map_err(|source| StoreError::Io {
+        path: dir.join(name),
+        source,
+    })
 }
 
 #[cfg(test)]

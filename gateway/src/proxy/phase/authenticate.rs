@@ -247,7 +247,7 @@ fn admit_virtual_key(
     let now = crate::vault::now_ms() / 1000;
     let minute = crate::config::BudgetPeriod::Minute;
     if let Some(rpm) = entry.rpm {
-        let counter = vault.ledger.counter(&entry.rpm_scope(), minute, now);
+        let counter = vault.ledger.counter(&entry.rpm_scope, minute, now);
         metered.rpm = Some(
             vault
                 .ledger
@@ -256,7 +256,7 @@ fn admit_virtual_key(
         );
     }
     if let Some(tpm) = entry.tpm {
-        let counter = vault.ledger.counter(&entry.tpm_scope(), minute, now);
+        let counter = vault.ledger.counter(&entry.tpm_scope, minute, now);
         metered.tpm = Some(
             vault
                 .ledger

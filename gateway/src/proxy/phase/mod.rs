@@ -102,8 +102,13 @@ pub fn run(
     // running the phases again once it is in counts nothing twice.
     // Only for a caller whose key works (a vault route), and within the route's body limit:
     // strangers cannot make the gateway hold megabytes for them.
-    if let crate::http::BodyFraming::Length(n) = req.body {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
+    let unread_body = match req.body {
+        crate::http::BodyFraming::Length(n) => usize::try_from(n).ok().filter(|n| body.len() < *n),
+        _ => None,
+    };
+    // (The key is looked at only when there is a body to wait for: the authenticate phase
+    // looks again in any case.)
+    if let Some(n) = unread_body {
         let cap = match (&route.vault, &route.action) {
             (Some(provider), _) if authenticate::virtual_key_works(snapshot, provider, req) => {
                 crate::vault::request::MAX_JUDGED_BODY_BYTES
@@ -112,7 +117,7 @@ pub fn run(
             _ => 0,
         };
         let cap = route.max_body_bytes.map_or(cap, |m| cap.min(m as usize));
-        if n <= cap && body.len() < n {
+        if n <= cap {
             return Err(Exit::AwaitBody(req.head_len + n));
         }
     }
