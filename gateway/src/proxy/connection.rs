@@ -282,6 +282,9 @@ impl<C: Transport> Connection<'_, C> {
                 unreachable!("handled in the loop above")
             }
         };
+        if let Some(answer) = self.shared_vault_admission().await {
+            return self.answer(answer, request_deadline).await;
+        }
         let Some(counter) = in_flight else {
             return self.forward(group, server, request_deadline).await;
         };
@@ -296,6 +299,40 @@ impl<C: Transport> Connection<'_, C> {
             return self.answer(answer, request_deadline).await;
         };
         self.forward(group, server, request_deadline).await
+    }
+
+    /// With `[cluster]`, a vault request reserves in the shared counters too, after the host's
+    /// own ledger let it through; refused there, it is answered as over its budget or limit.
+    async fn shared_vault_admission(&mut self) -> Option<Answer> {
+        use crate::vault::{
+            cluster_ledger::{Measure, SharedAnswer},
+            provider::VaultRefusal,
+        };
+        let generation = self.generation.clone();
+        let vault = generation.snapshot.vault.as_ref()?;
+        let cluster = vault.cluster.as_ref()?;
+        let request = self.ctx.vault.as_mut()?;
+        if request.shared_claim.is_empty() {
+            return None;
+        }
+        let claim = std::mem::take(&mut request.shared_claim);
+        let (answer, reservation) = cluster.ledger.reserve(claim).await;
+        let refusal = match answer {
+            SharedAnswer::Reserved | SharedAnswer::Unavailable => {
+                request.shared = reservation;
+                return None;
+            }
+            SharedAnswer::Refused(Measure::Spend) => VaultRefusal::BudgetExceeded,
+            SharedAnswer::Refused(Measure::Requests | Measure::Tokens) => VaultRefusal::RateLimited,
+        };
+        let Some(crate::proxy::context::Caller::Virtual(caller)) = &self.ctx.caller else {
+            return None;
+        };
+        vault.refusals[refusal.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(Answer::Vault {
+            kind: caller.kind,
+            refusal,
+        })
     }
 
     /// A slot of `limit`, waiting up to its queue timeout (without blocking the worker).

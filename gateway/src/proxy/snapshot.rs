@@ -113,10 +113,14 @@ impl ConfigSnapshot {
         let vault = config
             .vault
             .as_ref()
-            .map(|v| crate::vault::open_configured(v, &config.quotas.data_dir).map(Arc::new))
+            .map(|v| {
+                crate::vault::open_configured(v, config.cluster.as_ref(), &config.quotas.data_dir)
+                    .map(Arc::new)
+            })
             .transpose()?;
         if let Some(v) = &vault {
             v.start_flusher()?;
+            v.start_cluster_sync()?;
         }
         let mut snapshot = Self::assemble(
             config,

@@ -169,7 +169,11 @@ pub fn run(config: &Config, command: VaultCommand) -> anyhow::Result<bool> {
     let (status, answer) = match DataDirLock::acquire(&config.quotas.data_dir) {
         Ok(_lock) => {
             // Stopped: the store itself, under the lock (held until this returns).
-            let vault = crate::vault::open_configured(vault_config, &config.quotas.data_dir)?;
+            let vault = crate::vault::open_configured(
+                vault_config,
+                config.cluster.as_ref(),
+                &config.quotas.data_dir,
+            )?;
             let segments: Vec<&str> = path.split('/').collect();
             let answer = super::admin::vault_api::dispatch(
                 &vault,

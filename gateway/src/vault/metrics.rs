@@ -7,7 +7,37 @@ use std::{fmt::Write, sync::atomic::Ordering};
 use super::{provider::VaultRefusal, Vault};
 
 pub fn render(vault: &Vault, out: &mut String) {
-    let counters = vault.ledger.snapshot();
+    let (minute, counters): (Vec<_>, Vec<_>) = vault
+        .ledger
+        .snapshot()
+        .into_iter()
+        .partition(|(k, _, _)| k.period == crate::config::BudgetPeriod::Minute);
+    // Per-minute counters count requests (`rpm:` scopes) or tokens (`tpm:`), not money.
+    for (prefix, name, help) in [
+        (
+            "rpm:",
+            "portcullis_vault_minute_requests",
+            "Requests counted against a per-minute limit this minute (settled and in flight).",
+        ),
+        (
+            "tpm:",
+            "portcullis_vault_minute_tokens",
+            "Tokens counted against a per-minute limit this minute (settled and in flight).",
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        let now =
+            super::ledger::instance(crate::config::BudgetPeriod::Minute, super::now_ms() / 1000);
+        for (k, _, committed) in minute.iter().filter(|(k, _, _)| k.instance == now) {
+            if let Some(scope) = k.scope.strip_prefix(prefix) {
+                let _ = writeln!(out, "{name}{{scope=\"{scope}\"}} {committed}");
+            }
+        }
+    }
+    if let Some(cluster) = &vault.cluster {
+        let _ = writeln!(out, "# HELP portcullis_vault_cluster_up Whether the cluster's Redis answered the vault's last exchange.\n# TYPE portcullis_vault_cluster_up gauge\nportcullis_vault_cluster_up {}", u8::from(cluster.ledger.healthy()));
+        let _ = writeln!(out, "# HELP portcullis_vault_cluster_fallbacks_total Vault requests admitted by this host's ledger alone, Redis not answering in time.\n# TYPE portcullis_vault_cluster_fallbacks_total counter\nportcullis_vault_cluster_fallbacks_total {}", cluster.ledger.fallbacks.load(Ordering::Relaxed));
+    }
     let _ = writeln!(out, "# HELP portcullis_vault_spend_micros Spend settled in the current period, in micro-units.\n# TYPE portcullis_vault_spend_micros gauge");
     for (k, settled, _) in &counters {
         let _ = writeln!(

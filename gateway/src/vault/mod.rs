@@ -8,6 +8,8 @@
 //! A revocation returns only once no worker still holds an index that admits the key.
 
 pub mod audit;
+pub mod cluster_ledger;
+pub mod cluster_store;
 pub mod index;
 pub mod ledger;
 pub mod metrics;
@@ -37,6 +39,10 @@ use store::{
 /// Longest a revocation waits for workers to let go of the index it replaced; requests hold
 /// it for one phase, microseconds.
 const REVOKE_SETTLE: Duration = Duration::from_secs(2);
+/// Times a change is tried again on a newer document another host published meanwhile.
+const MAX_CHANGE_ATTEMPTS: usize = 8;
+/// How long a retried rotation (same `rotation_id`) answers with the same new secret.
+pub const ROTATION_RETRY_WINDOW: Duration = Duration::from_secs(10 * 60);
 
 /// Why a vault operation was refused; the admin API answers with its status.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +65,18 @@ pub enum VaultError {
     Invalid(String),
     #[error("this process handed the vault to the new process of an upgrade; ask again")]
     HandedOver,
+    #[error("{0}")]
+    Cluster(#[from] cluster_store::SharedStoreError),
+    #[error("other hosts kept changing the vault meanwhile; ask again")]
+    Contended,
+    #[error("at most {0} keys at once; revoke one first")]
+    TooManyKeys(usize),
+    /// Internal: a rotation another host applied first (its position in the key's rotations).
+    #[error("rotation already applied")]
+    AlreadyRotated(usize),
+    /// Internal: a revocation of a key revoked already.
+    #[error("key already revoked")]
+    AlreadyRevoked,
 }
 
 impl VaultError {
@@ -66,8 +84,9 @@ impl VaultError {
         match self {
             VaultError::UnknownProvider(_) | VaultError::Invalid(_) => 400,
             VaultError::UnknownKey(_) => 404,
-            VaultError::Revoked(_) => 409,
-            VaultError::HandedOver => 503,
+            VaultError::Revoked(_) | VaultError::TooManyKeys(_) => 409,
+            VaultError::HandedOver | VaultError::Cluster(_) | VaultError::Contended => 503,
+            VaultError::AlreadyRotated(_) | VaultError::AlreadyRevoked => 409,
             VaultError::Store(_) | VaultError::Unseal { .. } => 500,
         }
     }
@@ -127,6 +146,10 @@ pub struct VaultRequest {
     /// Held against the key's requests and tokens per minute.
     pub rpm: Option<ledger::Reservation>,
     pub tpm: Option<ledger::Reservation>,
+    /// With `[cluster]`: what to reserve in the shared counters once the phases let the
+    /// request through, then what was reserved there.
+    pub shared_claim: Vec<cluster_ledger::SharedItem>,
+    pub shared: Option<cluster_ledger::SharedReservation>,
 }
 
 /// Settles a vault request at its end: its real cost when the whole response was relayed
@@ -159,26 +182,29 @@ pub fn settle(
         (true, false, seen) => Some(seen.unwrap_or(0).max(reserved)),
     };
     vault.ledger.settle(request.reservation, cost);
+    // A request the provider had counts for its minute; one it never had does not.
+    let counted = request.sent.then_some(1);
     if let Some(rpm) = request.rpm {
-        // A request the provider had counts for its minute; one it never had does not.
-        let counted = request.sent.then_some(1);
         vault.ledger.settle(rpm, counted);
     }
+    let reported_tokens = usage.map(|u| {
+        u.input
+            .saturating_add(u.cache_read)
+            .saturating_add(u.cache_write)
+            .saturating_add(u.output)
+    });
+    let tokens = match (request.sent, complete, reported_tokens) {
+        (false, _, _) => None,
+        (true, true, None) if refused_by_provider => Some(0),
+        (true, true, Some(t)) => Some(t),
+        (true, true, None) => Some(request.estimated_tokens),
+        (true, false, seen) => Some(seen.unwrap_or(0).max(request.estimated_tokens)),
+    };
     if let Some(tpm) = request.tpm {
-        let reported = usage.map(|u| {
-            u.input
-                .saturating_add(u.cache_read)
-                .saturating_add(u.cache_write)
-                .saturating_add(u.output)
-        });
-        let tokens = match (request.sent, complete, reported) {
-            (false, _, _) => None,
-            (true, true, None) if refused_by_provider => Some(0),
-            (true, true, Some(t)) => Some(t),
-            (true, true, None) => Some(request.estimated_tokens),
-            (true, false, seen) => Some(seen.unwrap_or(0).max(request.estimated_tokens)),
-        };
         vault.ledger.settle(tpm, tokens);
+    }
+    if let Some(shared) = request.shared {
+        shared.settle(cost, counted, tokens);
     }
     if let Some(cost) = cost {
         let u = usage.unwrap_or_default();
@@ -208,6 +234,7 @@ pub fn settle(
 /// Opens the vault `config` describes in `data_dir` (which the caller holds the lock of).
 pub fn open_configured(
     config: &crate::config::VaultConfig,
+    cluster: Option<&crate::config::ClusterConfig>,
     data_dir: &Path,
 ) -> Result<Vault, VaultError> {
     let master = match (&config.master_key_file, &config.master_key_env) {
@@ -216,7 +243,11 @@ pub fn open_configured(
         (None, None) => return Err(VaultError::Invalid("vault: no master key source".into())),
     }
     .map_err(|e| VaultError::Invalid(e.to_string()))?;
-    Vault::open(data_dir, master, config.providers.keys().cloned().collect())
+    let vault = Vault::open(data_dir, master, config.providers.keys().cloned().collect())?;
+    match cluster {
+        Some(cluster) => vault.join(cluster),
+        None => Ok(vault),
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -234,6 +265,8 @@ pub struct KeySpec {
     pub models: Vec<String>,
     pub expires_at_ms: Option<u64>,
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// Budgets the key is created with (one change with the key: never a key without them).
+    pub budgets: Vec<store::BudgetRecord>,
 }
 
 /// A rotation's outcome.
@@ -265,6 +298,15 @@ pub struct Vault {
     /// Set once a binary upgrade handed the data directory to the new process: this one
     /// changes and writes nothing of the vault any more.
     handed_over: std::sync::atomic::AtomicBool,
+    /// The other hosts, with `[cluster]`.
+    pub cluster: Option<VaultCluster>,
+}
+
+/// The vault's links to the hosts of a `[cluster]`: the shared document and shared counters.
+#[derive(Debug)]
+pub struct VaultCluster {
+    pub store: cluster_store::SharedStore,
+    pub ledger: cluster_ledger::SharedLedger,
 }
 
 impl std::fmt::Debug for Vault {
@@ -293,7 +335,20 @@ impl Vault {
             providers: Mutex::new(providers),
             doc: Mutex::new(doc),
             index: ArcSwap::from_pointee(index),
+            cluster: None,
         })
+    }
+
+    /// Shares this vault with the other hosts of `cluster`: its document (taken in when newer,
+    /// published when not) and its budget counters.
+    pub fn join(mut self, cluster: &crate::config::ClusterConfig) -> Result<Vault, VaultError> {
+        self.cluster = Some(VaultCluster {
+            store: cluster_store::SharedStore::new(&cluster.redis, cluster.sync_interval.get())?,
+            ledger: cluster_ledger::SharedLedger::start(&cluster.redis)
+                .map_err(|e| VaultError::Invalid(e.to_string()))?,
+        });
+        self.join_cluster()?;
+        Ok(self)
     }
 
     /// The index the request path reads.
@@ -326,25 +381,141 @@ impl Vault {
         self.handed_over.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Saves `next`, publishes its index, and writes the audit line: in that order, so what
-    /// the workers admit is always what the disk holds.
-    fn commit(
+    /// Makes one change: `edit` changes a copy of the newest document (and names the audit
+    /// line's subject), which is then published to the cluster (when there is one), saved, and
+    /// handed to the workers as a new index, then audited: in that order, so what the workers
+    /// admit is always what the disk holds. With a cluster, a change another host made first
+    /// is taken in and `edit` runs again on it. Returns `edit`'s value and the index replaced.
+    fn change<T>(
         &self,
-        doc: &mut Document,
-        next: Document,
         actor: &str,
         action: &str,
-        subject: &str,
-    ) -> Result<Arc<VaultIndex>, VaultError> {
-        if self.is_handed_over() {
-            return Err(VaultError::HandedOver);
+        mut edit: impl FnMut(&mut Document) -> Result<(T, String), VaultError>,
+    ) -> Result<(T, Arc<VaultIndex>), VaultError> {
+        let mut doc = self.lock();
+        for _ in 0..MAX_CHANGE_ATTEMPTS {
+            if self.is_handed_over() {
+                return Err(VaultError::HandedOver);
+            }
+            // The revision Redis holds (0: none, as after a restart without persistence): the
+            // change replaces exactly that one.
+            let mut stored = 0;
+            if let Some(cluster) = &self.cluster {
+                if let Some(shared) = cluster.store.fetch()? {
+                    stored = shared.revision;
+                    self.adopt(&mut doc, shared)?;
+                }
+            }
+            let mut next = doc.clone();
+            let (value, subject) = edit(&mut next)?;
+            next.version = store::FORMAT_VERSION;
+            next.revision = doc.revision.max(stored) + 1;
+            let index = VaultIndex::build(&next, &self.master)?;
+            if let Some(cluster) = &self.cluster {
+                if !cluster.store.publish(stored, &next)? {
+                    continue;
+                }
+            }
+            next.save(&self.dir)?;
+            *doc = next;
+            let old = self.index.swap(Arc::new(index));
+            self.audit.record(actor, action, &subject);
+            return Ok((value, old));
         }
-        let index = VaultIndex::build(&next, &self.master)?;
-        next.save(&self.dir)?;
-        *doc = next;
-        let old = self.index.swap(Arc::new(index));
-        self.audit.record(actor, action, subject);
-        Ok(old)
+        Err(VaultError::Contended)
+    }
+
+    /// Takes in `shared`, the cluster's document, when it differs from `doc` and is not older:
+    /// checked (every provider key opens with this host's master key), saved, handed to the
+    /// workers. Returns the index it replaced.
+    fn adopt(
+        &self,
+        doc: &mut Document,
+        shared: Document,
+    ) -> Result<Option<Arc<VaultIndex>>, VaultError> {
+        if shared.revision < doc.revision || shared == *doc {
+            return Ok(None);
+        }
+        let index = VaultIndex::build(&shared, &self.master)?;
+        shared.save(&self.dir)?;
+        *doc = shared;
+        Ok(Some(self.index.swap(Arc::new(index))))
+    }
+
+    /// Joins the cluster's shared document: takes it when it is newer than this host's, or
+    /// publishes this host's when Redis has none or an older one (the higher revision wins).
+    /// Redis unreachable: goes on with this host's document, and the sync thread joins later.
+    fn join_cluster(&self) -> Result<(), VaultError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        let mut doc = self.lock();
+        match cluster.store.fetch() {
+            Ok(Some(shared)) if shared.revision >= doc.revision => {
+                self.adopt(&mut doc, shared)?;
+            }
+            Ok(shared) => {
+                let expected = shared.map_or(0, |s| s.revision);
+                let mut mine = doc.clone();
+                mine.revision = mine.revision.max(expected + 1);
+                if cluster.store.publish(expected, &mine)? {
+                    mine.save(&self.dir)?;
+                    *doc = mine;
+                }
+            }
+            Err(e) => tracing::warn!("vault: {e}; going on with this host's keys until it answers"),
+        }
+        Ok(())
+    }
+
+    /// Takes in a newer document another host published, if there is one (the sync thread).
+    pub fn sync_from_cluster(&self) -> Result<bool, VaultError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(false);
+        };
+        if self.is_handed_over() {
+            return Ok(false);
+        }
+        let revision = cluster.store.revision()?;
+        let mut doc = self.lock();
+        if revision <= doc.revision {
+            return Ok(false);
+        }
+        match cluster.store.fetch()? {
+            Some(shared) => Ok(self.adopt(&mut doc, shared)?.is_some()),
+            None => Ok(false),
+        }
+    }
+
+    /// Starts the thread that takes in other hosts' changes every `[cluster] sync_interval`;
+    /// it ends with the vault.
+    pub fn start_cluster_sync(self: &Arc<Self>) -> std::io::Result<()> {
+        let Some(interval) = self.cluster.as_ref().map(|c| c.store.poll_interval) else {
+            return Ok(());
+        };
+        let vault = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("vault-sync".into())
+            .spawn(move || {
+                let mut failing = false;
+                loop {
+                    std::thread::sleep(interval);
+                    let Some(vault) = vault.upgrade() else { return };
+                    match vault.sync_from_cluster() {
+                        Ok(_) if failing => {
+                            failing = false;
+                            tracing::info!("vault: the cluster's document is read again");
+                        }
+                        Ok(_) => {}
+                        Err(e) if !failing => {
+                            failing = true;
+                            tracing::warn!("vault: cannot take in other hosts' changes: {e}");
+                        }
+                        Err(_) => {}
+                    }
+                }
+            })?;
+        Ok(())
     }
 
     /// Takes the provider names of a reloaded config.
@@ -391,31 +562,26 @@ impl Vault {
                 "a provider key is printable ASCII without spaces".into(),
             ));
         }
-        let mut doc = self.lock();
-        let mut next = doc.clone();
-        let keys = next.providers.entry(provider.to_owned()).or_default();
         let fp = fingerprint(secret.as_bytes());
-        if keys.iter().any(|k| k.fingerprint == fp) {
-            return Err(VaultError::Invalid(format!(
-                "{provider} already has the key {fp}"
-            )));
-        }
         let id = format!("pk_{}", &virtual_key::new_id()[3..]);
-        keys.push(ProviderKeyRecord {
-            id: id.clone(),
-            fingerprint: fp.clone(),
-            sealed: self
-                .master
-                .seal(secret.as_bytes(), &format!("{provider}/{id}")),
-            added_at_ms: now_ms(),
-        });
-        self.commit(
-            &mut doc,
-            next,
-            actor,
-            "provider_key.add",
-            &format!("{provider}/{id} {fp}"),
-        )?;
+        let sealed = self
+            .master
+            .seal(secret.as_bytes(), &format!("{provider}/{id}"));
+        let (_, _) = self.change(actor, "provider_key.add", |next| {
+            let keys = next.providers.entry(provider.to_owned()).or_default();
+            if keys.iter().any(|k| k.fingerprint == fp) {
+                return Err(VaultError::Invalid(format!(
+                    "{provider} already has the key {fp}"
+                )));
+            }
+            keys.push(ProviderKeyRecord {
+                id: id.clone(),
+                fingerprint: fp.clone(),
+                sealed: sealed.clone(),
+                added_at_ms: now_ms(),
+            });
+            Ok(((), format!("{provider}/{id} {fp}")))
+        })?;
         Ok((id, fp))
     }
 
@@ -426,24 +592,18 @@ impl Vault {
         id: &str,
         actor: &str,
     ) -> Result<(), VaultError> {
-        let mut doc = self.lock();
-        let mut next = doc.clone();
-        let keys = next
-            .providers
-            .get_mut(provider)
-            .ok_or_else(|| VaultError::UnknownProvider(provider.to_owned()))?;
-        let before = keys.len();
-        keys.retain(|k| k.id != id);
-        if keys.len() == before {
-            return Err(VaultError::UnknownKey(format!("{provider}/{id}")));
-        }
-        self.commit(
-            &mut doc,
-            next,
-            actor,
-            "provider_key.remove",
-            &format!("{provider}/{id}"),
-        )?;
+        self.change(actor, "provider_key.remove", |next| {
+            let keys = next
+                .providers
+                .get_mut(provider)
+                .ok_or_else(|| VaultError::UnknownProvider(provider.to_owned()))?;
+            let before = keys.len();
+            keys.retain(|k| k.id != id);
+            if keys.len() == before {
+                return Err(VaultError::UnknownKey(format!("{provider}/{id}")));
+            }
+            Ok(((), format!("{provider}/{id}")))
+        })?;
         Ok(())
     }
 
@@ -459,8 +619,15 @@ impl Vault {
             .collect()
     }
 
-    /// Creates a virtual key; returns its id and its secret (shown this once).
-    pub fn create_key(&self, spec: KeySpec, actor: &str) -> Result<(String, String), VaultError> {
+    /// Creates a virtual key; returns its id and its secret (shown this once). With
+    /// `max_held`, refused (409) when its owner already holds that many unrevoked keys: checked
+    /// in the same change that creates it, so concurrent creations cannot pass it.
+    pub fn create_key(
+        &self,
+        spec: KeySpec,
+        max_held: Option<usize>,
+        actor: &str,
+    ) -> Result<(String, String), VaultError> {
         if spec.providers.is_empty() {
             return Err(VaultError::Invalid(
                 "a key needs at least one provider".into(),
@@ -470,33 +637,51 @@ impl Vault {
         self.check_providers(&spec.providers)?;
         let (secret, hash) = virtual_key::new_secret();
         let id = virtual_key::new_id();
-        let mut doc = self.lock();
-        let mut next = doc.clone();
-        next.keys.insert(
-            id.clone(),
-            VirtualKeyRecord {
-                id: id.clone(),
-                owner: spec.owner,
-                hash: hex::encode(hash),
-                previous: Vec::new(),
-                providers: spec.providers,
-                models: spec.models,
-                expires_at_ms: spec.expires_at_ms,
-                metadata: spec.metadata,
-                created_at_ms: now_ms(),
-                revoked_at_ms: None,
-                rotations: Vec::new(),
-                budgets: Vec::new(),
-                rpm: None,
-                tpm: None,
-            },
-        );
-        self.commit(&mut doc, next, actor, "key.create", &id)?;
+        self.change(actor, "key.create", |next| {
+            if let Some(max) = max_held {
+                let held = next
+                    .keys
+                    .values()
+                    .filter(|k| k.owner == spec.owner && k.revoked_at_ms.is_none())
+                    .count();
+                if held >= max {
+                    return Err(VaultError::TooManyKeys(max));
+                }
+            }
+            next.keys.insert(
+                id.clone(),
+                VirtualKeyRecord {
+                    id: id.clone(),
+                    owner: spec.owner.clone(),
+                    hash: hex::encode(hash),
+                    previous: Vec::new(),
+                    providers: spec.providers.clone(),
+                    models: spec.models.clone(),
+                    expires_at_ms: spec.expires_at_ms,
+                    metadata: spec.metadata.clone(),
+                    created_at_ms: now_ms(),
+                    revoked_at_ms: None,
+                    rotations: Vec::new(),
+                    budgets: spec.budgets.clone(),
+                    rpm: None,
+                    tpm: None,
+                },
+            );
+            let budgets = spec
+                .budgets
+                .iter()
+                .map(|b| format!(" {:?}={}", b.period, b.limit_micros))
+                .collect::<String>();
+            Ok(((), format!("{id}{budgets}")))
+        })?;
         Ok((id, secret))
     }
 
     /// Gives key `id` a new secret; the current one keeps working for `grace` (both work during
-    /// it, the old one not from its end on). A `rotation_id` already applied changes nothing.
+    /// it, the old one not from its end on). A `rotation_id` already applied changes nothing:
+    /// retried within [`ROTATION_RETRY_WINDOW`] while it is the key's latest rotation, it
+    /// answers with the same secret (kept sealed under the master key for that window), so a
+    /// client whose answer was lost is not locked out; later, [`Rotated::Already`].
     pub fn rotate(
         &self,
         id: &str,
@@ -509,59 +694,135 @@ impl Vault {
                 "rotation_id: 1 to 128 characters, the client's own id for this rotation".into(),
             ));
         }
-        let mut doc = self.lock();
-        let mut next = doc.clone();
-        let key = next
-            .keys
-            .get_mut(id)
-            .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
-        if key.revoked_at_ms.is_some() {
-            return Err(VaultError::Revoked(id.to_owned()));
+        // A retry changes nothing: answered from the document as it is.
+        {
+            let doc = self.lock();
+            let key = doc
+                .keys
+                .get(id)
+                .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
+            if let Some(pos) = key
+                .rotations
+                .iter()
+                .position(|r| r.rotation_id == rotation_id)
+            {
+                return Ok(self.replay(key, pos));
+            }
         }
-        if let Some(r) = key.rotations.iter().find(|r| r.rotation_id == rotation_id) {
-            return Ok(Rotated::Already { at_ms: r.at_ms });
-        }
-        let now = now_ms();
-        let until = now.saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
-        let (secret, hash) = virtual_key::new_secret();
-        key.previous.retain(|p| p.until_ms > now);
-        key.previous.push(PreviousSecret {
-            hash: std::mem::replace(&mut key.hash, hex::encode(hash)),
-            until_ms: until,
-        });
-        if key.previous.len() > MAX_PREVIOUS_SECRETS {
-            let excess = key.previous.len() - MAX_PREVIOUS_SECRETS;
-            key.previous.drain(..excess);
-        }
-        key.rotations.push(RotationRecord {
-            rotation_id: rotation_id.to_owned(),
-            at_ms: now,
-        });
-        if key.rotations.len() > MAX_ROTATION_IDS {
-            key.rotations.remove(0);
-        }
-        self.commit(&mut doc, next, actor, "key.rotate", id)?;
-        Ok(Rotated::New {
-            secret,
-            previous_until_ms: until,
-        })
+        let context = format!("rotation/{id}/{rotation_id}");
+        let (rotated, _) = self
+            .change(actor, "key.rotate", |next| {
+                let key = next
+                    .keys
+                    .get_mut(id)
+                    .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
+                if key.revoked_at_ms.is_some() {
+                    return Err(VaultError::Revoked(id.to_owned()));
+                }
+                if let Some(pos) = key
+                    .rotations
+                    .iter()
+                    .position(|r| r.rotation_id == rotation_id)
+                {
+                    // Applied by another host meanwhile.
+                    return Err(VaultError::AlreadyRotated(pos));
+                }
+                let now = now_ms();
+                let until =
+                    now.saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
+                let (secret, hash) = virtual_key::new_secret();
+                key.previous.retain(|p| p.until_ms > now);
+                key.previous.push(PreviousSecret {
+                    hash: std::mem::replace(&mut key.hash, hex::encode(hash)),
+                    until_ms: until,
+                });
+                if key.previous.len() > MAX_PREVIOUS_SECRETS {
+                    let excess = key.previous.len() - MAX_PREVIOUS_SECRETS;
+                    key.previous.drain(..excess);
+                }
+                // Only the newest rotation may be answered again.
+                for r in &mut key.rotations {
+                    r.sealed_secret = None;
+                }
+                key.rotations.push(RotationRecord {
+                    rotation_id: rotation_id.to_owned(),
+                    at_ms: now,
+                    previous_until_ms: until,
+                    sealed_secret: Some(self.master.seal(secret.as_bytes(), &context)),
+                });
+                if key.rotations.len() > MAX_ROTATION_IDS {
+                    key.rotations.remove(0);
+                }
+                Ok((
+                    Rotated::New {
+                        secret,
+                        previous_until_ms: until,
+                    },
+                    id.to_owned(),
+                ))
+            })
+            .or_else(|e| match e {
+                VaultError::AlreadyRotated(pos) => {
+                    let doc = self.lock();
+                    let key = doc
+                        .keys
+                        .get(id)
+                        .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
+                    Ok((self.replay(key, pos), self.index.load_full()))
+                }
+                e => Err(e),
+            })?;
+        Ok(rotated)
     }
 
-    /// Revokes key `id` (every secret of it). Returns once no worker can admit it any more.
-    pub fn revoke(&self, id: &str, actor: &str) -> Result<(), VaultError> {
-        let old = {
-            let mut doc = self.lock();
-            let mut next = doc.clone();
-            let key = next
-                .keys
-                .get_mut(id)
-                .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
-            if key.revoked_at_ms.is_some() {
-                return Ok(());
+    /// The answer to a retried rotation: its secret again while it may be shown, else when it
+    /// was applied.
+    fn replay(&self, key: &VirtualKeyRecord, pos: usize) -> Rotated {
+        let r = &key.rotations[pos];
+        let latest = pos + 1 == key.rotations.len();
+        let fresh = now_ms()
+            < r.at_ms
+                .saturating_add(ROTATION_RETRY_WINDOW.as_millis() as u64);
+        let context = format!("rotation/{}/{}", key.id, r.rotation_id);
+        match &r.sealed_secret {
+            Some(sealed) if latest && fresh && key.revoked_at_ms.is_none() => {
+                match self.master.open(sealed, &context) {
+                    Ok(secret) => Rotated::New {
+                        secret: String::from_utf8_lossy(&secret).into_owned(),
+                        previous_until_ms: r.previous_until_ms,
+                    },
+                    Err(_) => Rotated::Already { at_ms: r.at_ms },
+                }
             }
-            key.revoked_at_ms = Some(now_ms());
-            self.commit(&mut doc, next, actor, "key.revoke", id)?
-        };
+            _ => Rotated::Already { at_ms: r.at_ms },
+        }
+    }
+
+    /// Revokes key `id` (every secret of it). Returns once no worker of this host can admit it
+    /// any more; other hosts of a cluster take it in within their sync interval.
+    pub fn revoke(&self, id: &str, actor: &str) -> Result<(), VaultError> {
+        let (changed, old) = self
+            .change(actor, "key.revoke", |next| {
+                let key = next
+                    .keys
+                    .get_mut(id)
+                    .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
+                if key.revoked_at_ms.is_some() {
+                    return Err(VaultError::AlreadyRevoked);
+                }
+                key.revoked_at_ms = Some(now_ms());
+                for r in &mut key.rotations {
+                    r.sealed_secret = None;
+                }
+                Ok((true, id.to_owned()))
+            })
+            .or_else(|e| match e {
+                VaultError::AlreadyRevoked => Ok((false, self.index.load_full())),
+                e => Err(e),
+            })?;
+        if !changed {
+            return Ok(());
+        }
         // The swap turned every worker's outstanding view of the old index into a counted
         // reference; once only ours is left, no request can be admitted by it.
         let until = std::time::Instant::now() + REVOKE_SETTLE;
@@ -579,16 +840,16 @@ impl Vault {
         actor: &str,
         action: &str,
         detail: &str,
-        change: impl FnOnce(&mut VirtualKeyRecord),
+        change: impl Fn(&mut VirtualKeyRecord),
     ) -> Result<(), VaultError> {
-        let mut doc = self.lock();
-        let mut next = doc.clone();
-        let key = next
-            .keys
-            .get_mut(id)
-            .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
-        change(key);
-        self.commit(&mut doc, next, actor, action, &format!("{id} {detail}"))?;
+        self.change(actor, action, |next| {
+            let key = next
+                .keys
+                .get_mut(id)
+                .ok_or_else(|| VaultError::UnknownKey(id.to_owned()))?;
+            change(key);
+            Ok(((), format!("{id} {detail}")))
+        })?;
         Ok(())
     }
 
@@ -630,17 +891,16 @@ impl Vault {
         actor: &str,
     ) -> Result<(), VaultError> {
         Self::check_owner(owner)?;
-        let mut doc = self.lock();
-        let mut next = doc.clone();
         let scope = owner.scope();
-        set_budget(
-            next.owner_budgets.entry(scope.clone()).or_default(),
-            period,
-            limit_micros,
-        );
-        next.owner_budgets.retain(|_, b| !b.is_empty());
-        let subject = format!("{scope} {period:?} {limit_micros:?}");
-        self.commit(&mut doc, next, actor, "owner.budget", &subject)?;
+        self.change(actor, "owner.budget", |next| {
+            set_budget(
+                next.owner_budgets.entry(scope.clone()).or_default(),
+                period,
+                limit_micros,
+            );
+            next.owner_budgets.retain(|_, b| !b.is_empty());
+            Ok(((), format!("{scope} {period:?} {limit_micros:?}")))
+        })?;
         Ok(())
     }
 
@@ -707,6 +967,7 @@ mod tests {
             models: vec!["gpt-4o-mini".into()],
             expires_at_ms: None,
             metadata: Default::default(),
+            budgets: Vec::new(),
         }
     }
 
@@ -743,7 +1004,7 @@ mod tests {
     fn rotation_keeps_the_old_secret_exactly_for_its_grace_and_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let v = vault(dir.path());
-        let (id, old) = v.create_key(spec(), "admin").unwrap();
+        let (id, old) = v.create_key(spec(), None, "admin").unwrap();
         let Rotated::New {
             secret: new,
             previous_until_ms: until,
@@ -761,12 +1022,32 @@ mod tests {
             "the old secret stops at the grace's end, exactly"
         );
         assert_eq!(index.admit(new.as_bytes(), until + 1).unwrap().id, id);
-        // A retried rotation changes nothing; the new secret keeps working.
+        // A retried rotation changes nothing and answers with the same secret; once another
+        // rotation followed, only when it was applied.
+        match v
+            .rotate(&id, "r-1", Duration::from_secs(60), "admin")
+            .unwrap()
+        {
+            Rotated::New { secret, .. } => assert_eq!(secret, new),
+            other => panic!("{other:?}"),
+        }
+        assert!(v.index().admit(new.as_bytes(), now_ms()).is_ok());
+        let Rotated::New { secret: newer, .. } = v
+            .rotate(&id, "r-2", Duration::from_secs(60), "admin")
+            .unwrap()
+        else {
+            panic!("a new rotation id rotates")
+        };
         assert!(matches!(
             v.rotate(&id, "r-1", Duration::from_secs(60), "admin")
                 .unwrap(),
             Rotated::Already { .. }
         ));
+        let text = std::fs::read_to_string(dir.path().join(store::FILE_NAME)).unwrap();
+        assert!(
+            !text.contains(&newer) && !text.contains(&new),
+            "secrets sealed on disk"
+        );
         assert!(v.index().admit(new.as_bytes(), now_ms()).is_ok());
         // The store round-trips through a restart.
         drop(index);
@@ -781,7 +1062,7 @@ mod tests {
     fn revoked_and_expired_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let v = vault(dir.path());
-        let (id, secret) = v.create_key(spec(), "admin").unwrap();
+        let (id, secret) = v.create_key(spec(), None, "admin").unwrap();
         v.revoke(&id, "admin").unwrap();
         assert_eq!(
             v.index().admit(secret.as_bytes(), now_ms()).unwrap_err(),
@@ -797,6 +1078,7 @@ mod tests {
                     expires_at_ms: Some(now_ms() - 1),
                     ..spec()
                 },
+                None,
                 "admin",
             )
             .unwrap();

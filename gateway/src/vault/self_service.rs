@@ -138,17 +138,6 @@ fn create(
         (false, false) if c.models.iter().all(|m| policy.models.contains(m)) => c.models,
         (false, false) => return error(403, &format!("keys may use only {:?}", policy.models)),
     };
-    let held = vault
-        .keys()
-        .iter()
-        .filter(|k| k.owner == *owner && k.revoked_at_ms.is_none())
-        .count();
-    if held >= policy.max_keys {
-        return error(
-            409,
-            &format!("at most {} keys at once; revoke one first", policy.max_keys),
-        );
-    }
     let spec = KeySpec {
         owner: owner.clone(),
         providers,
@@ -157,18 +146,19 @@ fn create(
             .expires_in_secs
             .map(|s| super::now_ms().saturating_add(s.saturating_mul(1000))),
         metadata: c.metadata,
+        budgets: policy
+            .key_budget
+            .iter()
+            .map(|b| super::store::BudgetRecord {
+                period: b.period,
+                limit_micros: b.limit_micros,
+            })
+            .collect(),
     };
-    let (id, secret) = match vault.create_key(spec, actor) {
+    let (id, secret) = match vault.create_key(spec, Some(policy.max_keys), actor) {
         Ok(created) => created,
         Err(e) => return refused(e),
     };
-    if let Some(b) = policy.key_budget {
-        if let Err(e) = vault.set_key_budget(&id, b.period, Some(b.limit_micros), actor) {
-            // Never a key without its budget.
-            let _ = vault.revoke(&id, actor);
-            return refused(e);
-        }
-    }
     (
         201,
         json!({ "id": id, "key": secret, "note": "the key is shown this once; only its hash is kept" }),

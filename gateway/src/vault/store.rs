@@ -12,7 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub const FILE_NAME: &str = "vault.json";
-const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 1;
 /// Earlier secrets of a key still in their grace period, at most.
 pub const MAX_PREVIOUS_SECRETS: usize = 4;
 /// Rotation ids remembered per key, for idempotent retries.
@@ -63,6 +63,13 @@ pub struct PreviousSecret {
 pub struct RotationRecord {
     pub rotation_id: String,
     pub at_ms: u64,
+    /// Until when the secret this rotation replaced works.
+    #[serde(default)]
+    pub previous_until_ms: u64,
+    /// The new secret sealed under the master key, for a retry of the newest rotation within
+    /// [`super::ROTATION_RETRY_WINDOW`]; dropped by the next rotation or a revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_secret: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +122,9 @@ impl Owner {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Document {
     pub version: u32,
+    /// Counts the changes; with `[cluster]`, the higher revision is the newer document.
+    #[serde(default)]
+    pub revision: u64,
     /// Provider name -> its keys.
     #[serde(default)]
     pub providers: BTreeMap<String, Vec<ProviderKeyRecord>>,

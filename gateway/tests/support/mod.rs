@@ -17,6 +17,7 @@ use std::{
 pub mod dns;
 pub mod netns;
 pub mod pki;
+pub mod redis_server;
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -269,12 +269,69 @@ fn admit_virtual_key(
         .get(provider)
         .filter(|k| !k.is_empty())
         .ok_or_else(|| refuse(VaultRefusal::NoProviderKey))?;
+    if vault.cluster.is_some() {
+        metered.shared_claim = shared_claim(entry, metered, now);
+    }
     ctx.caller = Some(Caller::Virtual(crate::proxy::context::VirtualCaller {
         key: entry.clone(),
         provider_key: crate::vault::index::choose(keys, crate::vault::now_ms()).clone(),
         kind,
     }));
     Ok(())
+}
+
+/// What a request reserves in the cluster's counters, the same as on this host's ledger: its
+/// estimate on every budget of the key and its owner, one request and its estimated tokens
+/// per minute.
+fn shared_claim(
+    entry: &crate::vault::index::KeyEntry,
+    metered: &crate::proxy::context::VaultRequest,
+    now: u64,
+) -> Vec<crate::vault::cluster_ledger::SharedItem> {
+    use crate::{
+        config::BudgetPeriod,
+        vault::cluster_ledger::{Measure, SharedItem},
+    };
+    let mut claim = Vec::new();
+    if entry.has_budget() {
+        let amount = metered.reservation.amount;
+        let budgets = entry.budgets.iter().map(|b| (&entry.scope, b));
+        let owner = entry.owner_budgets.iter().map(|b| (&entry.owner_scope, b));
+        for (scope, &(period, limit)) in budgets.chain(owner) {
+            claim.push(SharedItem::new(
+                scope,
+                period,
+                now,
+                amount,
+                limit,
+                Measure::Spend,
+            ));
+        }
+    }
+    if let Some(rpm) = entry.rpm {
+        let item = SharedItem::new(
+            &entry.rpm_scope,
+            BudgetPeriod::Minute,
+            now,
+            1,
+            rpm,
+            Measure::Requests,
+        );
+        claim.push(item);
+    }
+    if let Some(tpm) = entry.tpm {
+        let tokens = metered.estimated_tokens;
+        let item = SharedItem::new(
+            &entry.tpm_scope,
+            BudgetPeriod::Minute,
+            now,
+            tokens,
+            tpm,
+            Measure::Tokens,
+        );
+        claim.push(item);
+    }
+    claim
 }
 
 /// A JWT is three base64url parts; API keys never contain a dot.

@@ -230,8 +230,9 @@ fn create(vault: &Vault, raw: &[u8], actor: &str) -> AdminResponse {
             .expires_in_secs
             .map(|s| crate::vault::now_ms().saturating_add(s.saturating_mul(1000))),
         metadata: c.metadata,
+        budgets: Vec::new(),
     };
-    match vault.create_key(spec, actor) {
+    match vault.create_key(spec, None, actor) {
         Ok((id, secret)) => AdminResponse::json(
             201,
             &json!({ "id": id, "key": secret, "note": "the key is shown this once; only its hash is kept" }),
