@@ -1136,3 +1136,87 @@ fn reservations_count_choices_and_refuse_unreadable_bodies() {
         429
     );
 }
+
+/// An OpenAI stream whose client did not ask for usage is sent upstream with
+/// `stream_options.include_usage` (so it settles at what it used), and the usage event that
+/// adds is withheld from that client; a client that asked for it gets it.
+#[test]
+fn streams_get_usage_asked_for_and_the_extra_event_withheld() {
+    let s = Setup::new();
+    let up = Upstream::start(|r| {
+        let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        let asked = body["stream_options"]["include_usage"] == true;
+        let chunk = |event: &str| format!("{:x}\r\n{event}\r\n", event.len()).into_bytes();
+        let mut parts = vec![(
+            Duration::ZERO,
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
+        )];
+        let usage = if asked { "null" } else { "absent" };
+        for word in ["one", "two"] {
+            let event = format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{word}\"}}}}],\"usage\":{usage}}}\n\n"
+            )
+            .replace(",\"usage\":absent", "");
+            parts.push((Duration::from_millis(5), chunk(&event)));
+        }
+        if asked {
+            // Split across two chunks, as a provider may.
+            let event = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n";
+            parts.push((Duration::ZERO, chunk(&event[..20])));
+            parts.push((Duration::from_millis(5), chunk(&event[20..])));
+        }
+        parts.push((Duration::ZERO, chunk("data: [DONE]\n\n")));
+        parts.push((Duration::ZERO, b"0\r\n\r\n".to_vec()));
+        Reply::Paced(parts)
+    });
+    let gw = s.start_against(&up);
+    let (id, key) = provision(&gw);
+    let (status, _) = admin(
+        &gw,
+        "POST",
+        &format!("/vault/keys/{id}/budget"),
+        r#"{"period": "total", "limit_micros": 100000000}"#,
+    );
+    assert_eq!(status, 200);
+    let scope = format!("key:{id}");
+    let path = "/openai/v1/chat/completions";
+
+    let plain = r#"{"model": "gpt-test", "stream": true, "max_tokens": 100}"#;
+    let r = call_body(&gw, path, &bearer(&key), plain);
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(
+        text.contains("\"one\"") && text.contains("\"two\"") && text.contains("[DONE]"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("prompt_tokens"),
+        "the added usage event was withheld: {text}"
+    );
+    let sent: Value = serde_json::from_slice(&up.requests().last().unwrap().body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
+    assert_eq!(
+        sent["model"], "gpt-test",
+        "the rest of the body as the client wrote it"
+    );
+    assert_eq!(
+        settled_spend(&gw, &scope),
+        7 + 2 * 2,
+        "billed at the reported usage, not the reservation"
+    );
+
+    let asked =
+        r#"{"model": "gpt-test", "stream": true, "stream_options": {"include_usage": true}}"#;
+    let r = call_body(&gw, path, &bearer(&key), asked);
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains("prompt_tokens"),
+        "asked for, so relayed: {}",
+        r.text()
+    );
+    assert_eq!(
+        up.requests().last().unwrap().body,
+        asked.as_bytes(),
+        "a body that asks already goes as it is"
+    );
+}

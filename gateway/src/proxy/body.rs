@@ -179,6 +179,28 @@ async fn read_on_for_usage<U: Transport>(
     }
 }
 
+/// Appends what `fill` writes to `out` as one chunk (`chunked`), or as it is; nothing when it
+/// writes nothing (an empty chunk would end the body).
+fn frame_filtered(out: &mut Vec<u8>, chunked: bool, fill: impl FnOnce(&mut Vec<u8>)) {
+    // Eight hex digits, leading zeros allowed (RFC 9112 §7.1), written once the size is known.
+    const SIZE: usize = b"00000000\r\n".len();
+    let mark = out.len();
+    if chunked {
+        out.extend_from_slice(b"00000000\r\n");
+    }
+    fill(out);
+    let data = out.len() - mark - if chunked { SIZE } else { 0 };
+    if data == 0 {
+        out.truncate(mark);
+    } else if chunked {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, digit) in out[mark..mark + 8].iter_mut().rev().enumerate() {
+            *digit = HEX[(data >> (4 * i)) & 0xf];
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// How a response body is relayed.
 #[derive(Clone, Copy, Debug)]
 pub struct ResponseRelay {
@@ -197,6 +219,9 @@ pub struct ResponseRelay {
 /// true when the upstream sent nothing beyond the body, so its connection may be reused, and
 /// hands back both buffers as `(result, buf, head)`. Adds the bytes written to the client to
 /// `sent`. `meter`, when given, sees the body's bytes (transfer coding removed) as they pass.
+/// `filter`, when given, withholds the usage event the gateway asked for from a chunked body:
+/// what it lets through is framed anew (in the head buffer, once the head is out), since the
+/// upstream's chunks no longer fit.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay_response_body<U: Transport, C: Transport>(
     upstream: &U,
@@ -207,6 +232,7 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
     relay: ResponseRelay,
     sent: &mut u64,
     mut meter: Option<&mut crate::vault::usage::UsageMeter>,
+    mut filter: Option<&mut crate::vault::usage_event::UsageEventFilter>,
 ) -> (Result<bool, ResponseBodyError>, Vec<u8>, Vec<u8>) {
     let ResponseRelay {
         framing,
@@ -234,12 +260,15 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
     };
     let mut head_len = head.len();
     let mut pos = start;
+    if framing != BodyFraming::Chunked {
+        filter = None;
+    }
     loop {
         let len = buf.len();
         let (send_end, take, done) = match framing {
             BodyFraming::Chunked => {
                 let mut data_end = pos;
-                let progress = if dechunk {
+                let progress = if dechunk || filter.is_some() {
                     // Compact the data runs to the front of the unread part, in place.
                     let base = pos;
                     let mut runs = Vec::new();
@@ -259,9 +288,26 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
                         None => decoder.decode(data, |_| {}),
                     }
                 };
+                if let (Some(f), Ok(p)) = (filter.as_deref_mut(), &progress) {
+                    // What passes goes out after the head, in chunks of its own.
+                    head.truncate(head_len);
+                    frame_filtered(&mut head, !dechunk, |out| f.feed(&buf[pos..data_end], out));
+                    if p.done {
+                        frame_filtered(&mut head, !dechunk, |out| f.finish(out));
+                        if !dechunk {
+                            head.extend_from_slice(b"0\r\n\r\n");
+                        }
+                    }
+                    head_len = head.len();
+                    data_end = pos;
+                }
                 match progress {
                     Ok(p) => (
-                        if dechunk { data_end } else { pos + p.consumed },
+                        if dechunk || filter.is_some() {
+                            data_end
+                        } else {
+                            pos + p.consumed
+                        },
                         p.consumed,
                         p.done,
                     ),
@@ -308,6 +354,7 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
         }
         buf.clear();
         pos = 0;
+        head.clear();
         let (res, b) = read_before(upstream, buf, Instant::now() + read_timeout).await;
         buf = b;
         match res {

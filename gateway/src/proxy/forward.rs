@@ -71,8 +71,18 @@ impl<C: Transport> Connection<'_, C> {
             .metrics
             .as_ref()
             .map(|m| &m.upstreams[group_index].servers[server]);
-        let has_body = !matches!(facts.body, BodyFraming::None | BodyFraming::Length(0));
+        let mut has_body = !matches!(facts.body, BodyFraming::None | BodyFraming::Length(0));
         let mut consumed = facts.head_len;
+        if let Some((client_len, _)) = self
+            .ctx
+            .vault
+            .as_ref()
+            .and_then(|v| v.upstream_body.as_ref())
+        {
+            // The body went with the head, rewritten; the client's, buffered whole, is consumed.
+            has_body = false;
+            consumed += client_len;
+        }
         let mut retried = false;
         if facts.body == BodyFraming::Chunked {
             // Judge the part of a chunked body already received before anything goes upstream:
@@ -248,6 +258,10 @@ impl<C: Transport> Connection<'_, C> {
         let dechunk = response.body == BodyFraming::Chunked && !response.client.chunked;
         let server_config = snapshot.server();
         let mut sent = 0;
+        let (meter, usage_filter) = match self.ctx.vault.as_mut() {
+            Some(v) => (Some(&mut v.meter), v.usage_filter.as_mut()),
+            None => (None, None),
+        };
         let (res, buf, head) = relay_response_body(
             &conn.transport,
             &self.client,
@@ -261,7 +275,8 @@ impl<C: Transport> Connection<'_, C> {
                 write_timeout: server_config.body_timeout.get(),
             },
             &mut sent,
-            self.ctx.vault.as_mut().map(|v| &mut v.meter),
+            meter,
+            usage_filter,
         )
         .await;
         self.upbuf = buf;

@@ -57,6 +57,9 @@ pub struct ProviderAuth<'a> {
     pub secret: &'a str,
     /// Sent as `anthropic-version` when the client sent none (Anthropic).
     pub anthropic_version: Option<&'a str>,
+    /// The length of the body the gateway sends instead of the client's (with
+    /// `stream_options.include_usage` added), when it does.
+    pub body_length: Option<usize>,
 }
 
 impl std::fmt::Debug for ProviderAuth<'_> {
@@ -230,12 +233,16 @@ pub fn write_upstream_request(
             }
         }
     }
-    match req.body {
-        BodyFraming::Length(n) => {
+    let replaced_length = identity.provider.and_then(|p| p.body_length);
+    match (req.body, replaced_length) {
+        (BodyFraming::Length(_), Some(n)) => {
             let _ = write!(out, "content-length: {n}\r\n");
         }
-        BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        BodyFraming::None | BodyFraming::UntilClose => {}
+        (BodyFraming::Length(n), None) => {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        (BodyFraming::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        (BodyFraming::None | BodyFraming::UntilClose, _) => {}
     }
     if let Some(upgrade) = req.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");

@@ -19,6 +19,7 @@ pub mod sealed;
 pub mod self_service;
 pub mod store;
 pub mod usage;
+pub mod usage_event;
 pub mod virtual_key;
 
 use std::{
@@ -150,6 +151,11 @@ pub struct VaultRequest {
     /// request through, then what was reserved there.
     pub shared_claim: Vec<cluster_ledger::SharedItem>,
     pub shared: Option<cluster_ledger::SharedReservation>,
+    /// The body sent instead of the client's (which was `.0` bytes long): a stream the client
+    /// asked for without usage, with `stream_options.include_usage` added.
+    pub upstream_body: Option<(usize, Vec<u8>)>,
+    /// Then the usage event that adds, withheld from the client.
+    pub usage_filter: Option<usage_event::UsageEventFilter>,
 }
 
 /// Settles a vault request at its end: its real cost when the whole response was relayed

@@ -272,12 +272,43 @@ fn admit_virtual_key(
     if vault.cluster.is_some() {
         metered.shared_claim = shared_claim(entry, metered, now);
     }
+    ask_for_stream_usage(kind, req, body, metered);
     ctx.caller = Some(Caller::Virtual(crate::proxy::context::VirtualCaller {
         key: entry.clone(),
         provider_key: crate::vault::index::choose(keys, crate::vault::now_ms()).clone(),
         kind,
     }));
     Ok(())
+}
+
+/// An OpenAI-shaped streamed completion whose client did not ask for usage is sent with
+/// `stream_options.include_usage` (so it is billed at what it used, not at its reservation),
+/// and the usage event that adds is withheld from the client. Only for a body read whole.
+fn ask_for_stream_usage(
+    kind: crate::config::ProviderKind,
+    req: &RequestHead,
+    body: &[u8],
+    metered: &mut crate::proxy::context::VaultRequest,
+) {
+    use crate::config::ProviderKind;
+    let openai_shaped = matches!(
+        kind,
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Azure
+    );
+    if !openai_shaped || req.method != "POST" || !req.path.ends_with(b"/completions") {
+        return;
+    }
+    let crate::http::BodyFraming::Length(n) = req.body else {
+        return;
+    };
+    let Some(whole) = usize::try_from(n).ok().and_then(|n| body.get(..n)) else {
+        return;
+    };
+    let mut rewritten = Vec::new();
+    if crate::vault::usage_event::add_include_usage(whole, &mut rewritten) {
+        metered.upstream_body = Some((whole.len(), rewritten));
+        metered.usage_filter = Some(Default::default());
+    }
 }
 
 /// What a request reserves in the cluster's counters, the same as on this host's ledger: its

@@ -57,6 +57,11 @@ pub fn write(
                 prefix,
                 secret: v.provider_key.expose(),
                 anthropic_version,
+                body_length: ctx
+                    .vault
+                    .as_ref()
+                    .and_then(|r| r.upstream_body.as_ref())
+                    .map(|(_, body)| body.len()),
             });
         }
         Some(caller) => {
@@ -83,5 +88,10 @@ pub fn write(
         // A bug upstream of the encoder, never the client's doing: say which field.
         error!(route = %route.id, field = e.field, "{e}");
         Answer::error(500, "the gateway could not build the upstream request")
-    })
+    })?;
+    // A body the gateway rewrote leaves with the head, in one write.
+    if let Some((_, body)) = ctx.vault.as_ref().and_then(|r| r.upstream_body.as_ref()) {
+        out.extend_from_slice(body);
+    }
+    Ok(())
 }
