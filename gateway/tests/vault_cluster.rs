@@ -267,6 +267,28 @@ fn fifty_concurrent_requests_on_two_hosts_against_a_budget_for_ten_admit_ten() {
             .unwrap();
         settled == Some(each * 10) && reserved.unwrap_or(0) == 0
     });
+    // Each host's admin API reports the cluster's spend beside its own share of it.
+    let day = |gw: &Gateway| {
+        let (_, spend) = admin(gw, "GET", "/vault/spend", "");
+        spend["spend"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["scope"] == format!("key:{id}") && c["period"] == "day")
+            .cloned()
+            .unwrap_or_else(|| panic!("{spend}"))
+    };
+    let (on_a, on_b) = (day(&a), day(&b));
+    assert_eq!(
+        on_b["cluster"]["spent_micros"].as_u64(),
+        Some(each * 10),
+        "{on_b}"
+    );
+    assert_eq!(
+        on_a["spent_micros"].as_u64().unwrap() + on_b["spent_micros"].as_u64().unwrap(),
+        each * 10,
+        "the hosts' shares: {on_a} {on_b}"
+    );
     // Spent across the cluster: the next one is refused on either host.
     assert_eq!(call(&a, &key, body), 429);
     assert_eq!(call(&b, &key, body), 429);

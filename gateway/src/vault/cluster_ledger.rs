@@ -137,13 +137,18 @@ impl SharedItem {
     ) -> SharedItem {
         let instance = super::ledger::instance(period, unix_secs);
         SharedItem {
-            key: format!("{KEY_PREFIX}{scope}:{period:?}:{instance}"),
+            key: counter_key(scope, period, instance),
             amount: amount.min(LUA_EXACT),
             limit: limit.min(LUA_EXACT),
             ttl_secs: ttl_of(period),
             measure,
         }
     }
+}
+
+/// The Redis key of a ledger counter (the hash of its `settled` and `reserved` totals).
+pub fn counter_key(scope: &str, period: BudgetPeriod, instance: u32) -> String {
+    format!("{KEY_PREFIX}{scope}:{period:?}:{instance}")
 }
 
 /// How long Redis keeps a counter: past its period, with a margin for clock skew.

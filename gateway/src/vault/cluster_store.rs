@@ -127,6 +127,22 @@ impl SharedStore {
         Ok(Some(doc))
     }
 
+    /// The cluster's `(settled, reserved)` totals of the counters `keys` (see
+    /// [`super::cluster_ledger::counter_key`]), for the admin API.
+    pub fn counter_totals(&self, keys: &[String]) -> Result<Vec<(u64, u64)>, SharedStoreError> {
+        self.with(|c| {
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.cmd("HMGET").arg(k).arg("settled").arg("reserved");
+            }
+            let totals: Vec<(Option<u64>, Option<u64>)> = pipe.query(c)?;
+            Ok(totals
+                .into_iter()
+                .map(|(s, r)| (s.unwrap_or(0), r.unwrap_or(0)))
+                .collect())
+        })
+    }
+
     /// Publishes `doc` if the stored revision is still `expected`; `Ok(false)` when another
     /// host changed it first.
     pub fn publish(

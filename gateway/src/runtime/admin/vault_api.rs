@@ -154,18 +154,37 @@ pub fn dispatch(
             }
         }
         ("GET", ["spend"]) => {
-            let counters: Vec<Value> = vault
-                .ledger
-                .snapshot()
+            let snapshot = vault.ledger.snapshot();
+            // With a cluster, every host's spend as Redis holds it (null when unreachable).
+            let shared = vault.cluster.as_ref().map(|c| {
+                let keys: Vec<String> = snapshot
+                    .iter()
+                    .map(|(k, _, _)| {
+                        crate::vault::cluster_ledger::counter_key(&k.scope, k.period, k.instance)
+                    })
+                    .collect();
+                c.store.counter_totals(&keys).ok()
+            });
+            let counters: Vec<Value> = snapshot
                 .into_iter()
-                .map(|(k, settled, committed)| {
-                    json!({
+                .enumerate()
+                .map(|(i, (k, settled, committed))| {
+                    let mut counter = json!({
                         "scope": k.scope,
                         "period": k.period,
                         "instance": k.instance,
                         "spent_micros": settled,
                         "reserved_micros": committed.saturating_sub(settled),
-                    })
+                    });
+                    if let Some(shared) = &shared {
+                        counter["cluster"] = match shared.as_ref().and_then(|t| t.get(i)) {
+                            Some((spent, reserved)) => {
+                                json!({ "spent_micros": spent, "reserved_micros": reserved })
+                            }
+                            None => Value::Null,
+                        };
+                    }
+                    counter
                 })
                 .collect();
             AdminResponse::json(200, &json!({ "spend": counters }))
