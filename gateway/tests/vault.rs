@@ -1162,8 +1162,11 @@ fn streams_get_usage_asked_for_and_the_extra_event_withheld() {
         if asked {
             // Split across two chunks, as a provider may.
             let event = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n";
-            parts.push((Duration::ZERO, chunk(&event[..20])));
-            parts.push((Duration::from_millis(5), chunk(&event[20..])));
+            // Split across chunks arriving apart, as a provider may.
+            let end = event.len() - 1;
+            for piece in [&event[..20], &event[20..21], &event[21..end], &event[end..]] {
+                parts.push((Duration::from_millis(5), chunk(piece)));
+            }
         }
         parts.push((Duration::ZERO, chunk("data: [DONE]\n\n")));
         parts.push((Duration::ZERO, b"0\r\n\r\n".to_vec()));
@@ -1203,6 +1206,43 @@ fn streams_get_usage_asked_for_and_the_extra_event_withheld() {
         settled_spend(&gw, &scope),
         7 + 2 * 2,
         "billed at the reported usage, not the reservation"
+    );
+
+    // Twice on one kept-alive connection (the reframed body ends where it should, and the
+    // upstream connection is reused), then over HTTP/1.0 (the body framed by the close).
+    let mut c = Client::connect(gw.addr);
+    for _ in 0..2 {
+        c.send(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\ncontent-length: {}\r\n\r\n{plain}",
+                plain.len()
+            )
+            .as_bytes(),
+        );
+        let r = c
+            .read_response(false)
+            .expect("an answer on the same connection");
+        assert_eq!(r.status, 200);
+        assert!(r.chunked);
+        let text = r.text();
+        assert!(
+            text.ends_with("data: [DONE]\n\n") && !text.contains("prompt_tokens"),
+            "{text}"
+        );
+    }
+    drop(c);
+    let r = request(
+        gw.addr,
+        &format!(
+            "POST {path} HTTP/1.0\r\nHost: gw\r\nAuthorization: Bearer {key}\r\ncontent-length: {}\r\n\r\n{plain}",
+            plain.len()
+        ),
+    );
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(
+        text.ends_with("data: [DONE]\n\n") && !text.contains("prompt_tokens"),
+        "HTTP/1.0: {text}"
     );
 
     let asked =

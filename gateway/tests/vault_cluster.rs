@@ -172,6 +172,21 @@ fn keys_made_rotated_and_revoked_on_one_host_hold_on_the_other() {
         || call(&b, &new_key, body) == 200,
     );
     assert_eq!(call(&b, &key, body), 200, "the old secret is in its grace");
+    // The shared document holds hashes and sealed keys only (the rotation's secret too).
+    let stored = |c: &Cluster| -> (u64, String) {
+        let (rev, doc): (u64, Vec<u8>) = redis::cmd("HMGET")
+            .arg("portcullis:vault:document")
+            .arg("rev")
+            .arg("doc")
+            .query(&mut c.redis())
+            .unwrap();
+        (rev, String::from_utf8(doc).unwrap())
+    };
+    let (_, doc) = stored(&c);
+    assert!(doc.contains(&id));
+    for secret in [OPENAI_KEY, &key, &new_key] {
+        assert!(!doc.contains(secret), "a secret in Redis");
+    }
 
     // Revoked on b: refused by b when the call returns, and by a within the stated bound.
     let (status, _) = admin(&b, "POST", &format!("/vault/keys/{id}/revoke"), "");
@@ -187,17 +202,30 @@ fn keys_made_rotated_and_revoked_on_one_host_hold_on_the_other() {
     );
     assert_eq!(call(&a, &key, body), 401, "every secret of it");
 
-    // The shared document holds hashes and sealed keys only.
-    let doc: Vec<u8> = redis::cmd("HGET")
+    // Someone who can write to Redis but lacks the master key lifts the revocation: refused.
+    let (rev, doc) = stored(&c);
+    let mut forged: Value = serde_json::from_str(&doc).unwrap();
+    forged["keys"][&id]["revoked_at_ms"] = Value::Null;
+    forged["revision"] = (rev + 10).into();
+    let _: () = redis::cmd("HSET")
         .arg("portcullis:vault:document")
+        .arg("rev")
+        .arg(rev + 10)
         .arg("doc")
+        .arg(forged.to_string())
         .query(&mut c.redis())
         .unwrap();
-    let doc = String::from_utf8(doc).unwrap();
-    assert!(doc.contains(&id));
-    for secret in [OPENAI_KEY, &key, &new_key] {
-        assert!(!doc.contains(secret), "a secret in Redis");
-    }
+    std::thread::sleep(Duration::from_millis(10 * SYNC_MS));
+    assert_eq!(
+        call(&a, &new_key, body),
+        401,
+        "a forged document is not taken in"
+    );
+    assert_eq!(call(&b, &new_key, body), 401);
+    assert!(
+        a.log().contains("not signed with this master key"),
+        "and the log says why"
+    );
 }
 
 /// 50 requests at once, 25 on each host, against a budget that allows 10: exactly 10 are
@@ -231,6 +259,28 @@ fn fifty_concurrent_requests_on_two_hosts_against_a_budget_for_ten_admit_ten() {
             .iter()
             .any(|k| k["id"] == id.as_str() && !k["budgets"].as_array().unwrap().is_empty())
     });
+    // Each host's link connects to Redis and loads its scripts on its first reservation:
+    // done with another key first, so the burst is decided by Redis alone (no fallback).
+    let (status, warm) = admin(
+        &a,
+        "POST",
+        "/vault/keys",
+        r#"{"owner": {"consumer": "carol"}, "providers": ["openai"]}"#,
+    );
+    assert_eq!(status, 201, "{warm}");
+    let (warm_id, warm_key) = (warm["id"].as_str().unwrap(), warm["key"].as_str().unwrap());
+    let (status, _) = admin(
+        &a,
+        "POST",
+        &format!("/vault/keys/{warm_id}/budget"),
+        r#"{"period": "day", "limit_micros": 1000000000}"#,
+    );
+    assert_eq!(status, 200);
+    for host in [&a, &b] {
+        until(Duration::from_secs(3), "the warm-up key works", || {
+            call(host, warm_key, body) == 200
+        });
+    }
     let barrier = std::sync::Barrier::new(50);
     let statuses: Vec<u16> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..50)
@@ -248,6 +298,13 @@ fn fifty_concurrent_requests_on_two_hosts_against_a_budget_for_ten_admit_ten() {
     let refused = statuses.iter().filter(|s| **s == 429).count();
     eprintln!("two hosts, budget for 10: {admitted} admitted, {refused} refused of 50 concurrent");
     assert_eq!((admitted, refused), (10, 40), "{statuses:?}");
+    for gw in [&a, &b] {
+        let (_, metrics) = admin_request(gw.admin_addr(), "GET", "/metrics", Some(TOKEN), "");
+        assert!(
+            metrics.contains("portcullis_vault_cluster_fallbacks_total 0"),
+            "every admission was Redis's: {metrics}"
+        );
+    }
     // The shared counter: the spend of the ten, nothing reserved once they settled.
     let mut conn = c.redis();
     let pattern = format!("portcullis:vault:key:{id}:Day:*");
@@ -339,8 +396,39 @@ fn without_redis_hosts_admit_on_their_own_ledger_and_refuse_changes() {
         .parse()
         .unwrap();
     assert!(fallbacks >= 1, "{metrics}");
-    // Redis back on its port: changes go through again.
+    // Redis back on its port, empty (no persistence): the host gives it its document, the
+    // spend it made meanwhile is counted there, and changes go through again.
     let _back = Redis::start(port).unwrap();
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    until(Duration::from_secs(5), "the host refills Redis", || {
+        let rev: Option<u64> = redis::cmd("HGET")
+            .arg("portcullis:vault:document")
+            .arg("rev")
+            .query(&mut conn)
+            .unwrap();
+        rev.is_some_and(|r| r > 0)
+    });
+    until(
+        Duration::from_secs(5),
+        "the fallback's spend reaches Redis",
+        || {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("portcullis:vault:key:{id}:Day:*"))
+                .query(&mut conn)
+                .unwrap();
+            keys.iter().any(|k| {
+                let settled: Option<u64> = redis::cmd("HGET")
+                    .arg(k)
+                    .arg("settled")
+                    .query(&mut conn)
+                    .unwrap_or(None);
+                settled.is_some_and(|s| s > 0)
+            })
+        },
+    );
     until(Duration::from_secs(5), "changes go through again", || {
         admin(
             &a,
@@ -350,4 +438,5 @@ fn without_redis_hosts_admit_on_their_own_ledger_and_refuse_changes() {
         )
         .0 == 201
     });
+    assert_eq!(call(&a, &key, body), 200, "the key made before still works");
 }

@@ -53,6 +53,17 @@ pub struct ProviderConfig {
     /// Sent as `anthropic-version` when the client sends none (Anthropic only).
     #[serde(default = "default_anthropic_version")]
     pub anthropic_version: String,
+    /// Add `stream_options.include_usage` to streamed completions that lack it (and withhold
+    /// the usage event from the client). Default: on for `openai`, off for the others (older
+    /// Azure API versions and some compatible servers refuse the field).
+    pub stream_usage: Option<bool>,
+}
+
+impl ProviderConfig {
+    pub fn adds_stream_usage(&self) -> bool {
+        self.stream_usage
+            .unwrap_or(self.kind == ProviderKind::Openai)
+    }
 }
 
 fn default_anthropic_version() -> String {

@@ -260,7 +260,9 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
     };
     let mut head_len = head.len();
     let mut pos = start;
-    if framing != BodyFraming::Chunked {
+    // A body of declared length keeps it: what the filter withholds would break it. (Streams
+    // come chunked, or framed by the close.)
+    if matches!(framing, BodyFraming::Length(_)) {
         filter = None;
     }
     loop {
@@ -323,7 +325,15 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
                 if let Some(m) = meter.as_deref_mut() {
                     m.feed(&buf[pos..pos + take]);
                 }
-                (pos + take, take, remaining == 0)
+                match filter.as_deref_mut() {
+                    Some(f) => {
+                        head.truncate(head_len);
+                        f.feed(&buf[pos..pos + take], &mut head);
+                        head_len = head.len();
+                        (pos, take, remaining == 0)
+                    }
+                    None => (pos + take, take, remaining == 0),
+                }
             }
         };
         let deadline = Instant::now() + write_timeout;
@@ -361,7 +371,19 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
             // Over TLS a body framed by the close is whole only if the close was said
             // (close_notify): anyone on the path can cut the TCP stream.
             Ok(0) if framing == BodyFraming::UntilClose && !upstream.truncated() => {
-                return (Ok(false), buf, head)
+                if let Some(f) = filter.as_deref_mut() {
+                    // What the filter still holds ends the body.
+                    f.finish(&mut head);
+                    let len = head.len();
+                    let (res, h) =
+                        write_before(client, head, 0..len, Instant::now() + write_timeout).await;
+                    head = h;
+                    if let Err(e) = res {
+                        return (Err(ResponseBodyError::Client(e)), buf, head);
+                    }
+                    *sent += len as u64;
+                }
+                return (Ok(false), buf, head);
             }
             Ok(0) => return (Err(ResponseBodyError::UpstreamFraming), buf, head),
             Ok(_) => {}

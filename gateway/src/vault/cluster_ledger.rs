@@ -60,6 +60,9 @@ for i = 0, n - 1 do
     redis.call('HDEL', kr, r)
     redis.call('ZREM', ke, r)
   end
+  if redis.call('HEXISTS', kr, ARGV[1]) == 1 then
+    return -1
+  end
   local amount = tonumber(ARGV[3 + 3*i])
   local limit = tonumber(ARGV[4 + 3*i])
   local settled = tonumber(redis.call('HGET', k, 'settled') or '0')
@@ -85,23 +88,29 @@ return 0
 "#;
 
 /// Gives a reservation back and adds the request's real amount (`-1`: gives back only). A
-/// settlement sent twice (a reply lost with the connection) counts once: the reservation is
-/// marked `done` until its deadline.
+/// settlement sent twice (a reply lost with the connection) counts once: the id is marked
+/// `done` (until the lease's end), also when it held no reservation (one lapsed, or a request
+/// admitted while Redis did not answer, settled here afterwards).
 const SETTLE_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = #KEYS / 3
 for i = 0, n - 1 do
   local k, kr, ke = KEYS[3*i+1], KEYS[3*i+2], KEYS[3*i+3]
   local held = redis.call('HGET', kr, ARGV[1])
   if held ~= 'done' then
     local a = tonumber(held)
-    if a then
-      redis.call('HINCRBY', k, 'reserved', -a)
-      redis.call('HSET', kr, ARGV[1], 'done')
-    end
-    local amount = tonumber(ARGV[2 + 2*i])
+    if a then redis.call('HINCRBY', k, 'reserved', -a) end
+    redis.call('HSET', kr, ARGV[1], 'done')
+    redis.call('ZADD', ke, now + tonumber(ARGV[2]), ARGV[1])
+    local amount = tonumber(ARGV[3 + 2*i])
     if amount > 0 then redis.call('HINCRBY', k, 'settled', amount) end
-    local ttl = tonumber(ARGV[3 + 2*i])
-    if ttl > 0 then redis.call('EXPIRE', k, ttl) end
+    local ttl = tonumber(ARGV[4 + 2*i])
+    if ttl > 0 then
+      redis.call('EXPIRE', k, ttl)
+      redis.call('EXPIRE', kr, ttl)
+      redis.call('EXPIRE', ke, ttl)
+    end
   end
 end
 return 0
@@ -171,12 +180,15 @@ pub enum SharedAnswer {
     Unavailable,
 }
 
-/// A reservation held in Redis; settled by [`SharedLedger::settle`], or given back when dropped.
+/// A reservation held in Redis, settled with [`SharedReservation::settle`] or given back when
+/// dropped; or, for a request admitted while Redis did not answer, only what it spent, sent
+/// when it settles (`settle_only`), so the shared totals miss none of it.
 #[derive(Debug)]
 pub struct SharedReservation {
     id: String,
     items: Vec<SharedItem>,
     link: Sender<Message>,
+    settle_only: bool,
 }
 
 impl SharedReservation {
@@ -203,7 +215,7 @@ impl SharedReservation {
 
 impl Drop for SharedReservation {
     fn drop(&mut self) {
-        if self.items.is_empty() {
+        if self.items.is_empty() || self.settle_only {
             return;
         }
         let amounts = vec![-1; self.items.len()];
@@ -262,6 +274,7 @@ impl SharedLedger {
             conn: None,
             healthy: healthy.clone(),
             queued: VecDeque::new(),
+            server_errors: 0,
         };
         std::thread::Builder::new()
             .name("vault-cluster".into())
@@ -283,46 +296,63 @@ impl SharedLedger {
         if items.is_empty() {
             return (SharedAnswer::Reserved, None);
         }
-        if !self.healthy.load(Ordering::Acquire) {
-            self.fallbacks.fetch_add(1, Ordering::Relaxed);
-            return (SharedAnswer::Unavailable, None);
-        }
-        let id = format!(
-            "{}-{}",
-            self.host,
-            self.next_id.fetch_add(1, Ordering::Relaxed)
-        );
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let deadline = Instant::now() + RESERVE_WAIT;
-        let sent = self.link.send(Message::Reserve {
-            id: id.clone(),
-            items: items.clone(),
-            deadline,
-            reply,
-        });
-        let answer = match sent {
-            Ok(()) => tokio::time::timeout(RESERVE_WAIT, answer)
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or(SharedAnswer::Unavailable),
-            Err(_) => SharedAnswer::Unavailable,
-        };
-        match answer {
-            SharedAnswer::Reserved => (
-                answer,
-                Some(SharedReservation {
+        let answer = if self.healthy.load(Ordering::Acquire) {
+            let id = self.new_id();
+            let (reply, mut answer) = tokio::sync::oneshot::channel();
+            let deadline = Instant::now() + RESERVE_WAIT;
+            let sent = self.link.send(Message::Reserve {
+                id: id.clone(),
+                items: items.clone(),
+                deadline,
+                reply,
+            });
+            let answer = match sent {
+                Ok(()) => match tokio::time::timeout(RESERVE_WAIT, &mut answer).await {
+                    Ok(a) => a.unwrap_or(SharedAnswer::Unavailable),
+                    Err(_) => {
+                        // An answer sent as the wait ran out is taken, not lost (the link gives
+                        // back what it reserves for an asker that closed).
+                        answer.close();
+                        answer.try_recv().unwrap_or(SharedAnswer::Unavailable)
+                    }
+                },
+                Err(_) => SharedAnswer::Unavailable,
+            };
+            if answer == SharedAnswer::Reserved {
+                let held = SharedReservation {
                     id,
                     items,
                     link: self.link.clone(),
-                }),
-            ),
+                    settle_only: false,
+                };
+                return (answer, Some(held));
+            }
+            answer
+        } else {
+            SharedAnswer::Unavailable
+        };
+        match answer {
             SharedAnswer::Unavailable => {
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
-                (answer, None)
+                // Admitted by this host alone: what it spends still goes to the shared totals.
+                let spent_only = SharedReservation {
+                    id: self.new_id(),
+                    items,
+                    link: self.link.clone(),
+                    settle_only: true,
+                };
+                (answer, Some(spent_only))
             }
-            SharedAnswer::Refused(_) => (answer, None),
+            _ => (answer, None),
         }
+    }
+
+    fn new_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.host,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     /// Whether Redis answered the last exchange.
@@ -336,6 +366,8 @@ struct LinkThread {
     conn: Option<(redis::Connection, String, String)>,
     healthy: Arc<AtomicBool>,
     queued: VecDeque<Settlement>,
+    /// Exchanges Redis answered with an error in a row.
+    server_errors: u32,
 }
 
 /// How often the link retries Redis while it is unreachable.
@@ -359,7 +391,8 @@ impl LinkThread {
                     return;
                 }
             }
-            while reserves.len() + self.queued.len() < MAX_BATCH {
+            // Reserves wait on the request path: all that came are sent (settlements queue).
+            while reserves.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(m) => self.take(m, &mut reserves),
                     Err(_) => break,
@@ -367,16 +400,40 @@ impl LinkThread {
             }
             match self.exchange(&mut reserves) {
                 Ok(()) => {
+                    self.server_errors = 0;
                     if !self.healthy.swap(true, Ordering::AcqRel) {
                         info!("Redis reachable again: vault budgets shared again");
                     }
                 }
                 Err(e) => {
                     self.conn = None;
+                    let refused_by_redis = !(e.is_io_error()
+                        || e.is_timeout()
+                        || e.is_connection_dropped()
+                        || e.is_connection_refusal());
+                    if refused_by_redis {
+                        // A script Redis keeps refusing (a key of another type under its name)
+                        // must not hold up every settlement after it.
+                        self.server_errors += 1;
+                        if self.server_errors >= 3 {
+                            self.server_errors = 0;
+                            if self.queued.pop_front().is_some() {
+                                warn!(
+                                    "vault: Redis refused a settlement three times; dropped: {e}"
+                                );
+                            }
+                        }
+                    }
                     if self.healthy.swap(false, Ordering::AcqRel) {
                         warn!("Redis unreachable, vault budgets and limits are this host's alone until it answers: {e}");
                     }
-                    for (_, _, reply) in reserves {
+                    for (id, items, reply) in reserves {
+                        // It may have run before the failure: given back, to be sure.
+                        self.queued.push_back(Settlement {
+                            id,
+                            amounts: vec![-1; items.len()],
+                            items,
+                        });
                         let _ = reply.send(SharedAnswer::Unavailable);
                     }
                 }
@@ -464,7 +521,7 @@ impl LinkThread {
                     .arg(format!("{}:r", i.key))
                     .arg(format!("{}:e", i.key));
             }
-            cmd.arg(&s.id);
+            cmd.arg(&s.id).arg(RESERVATION_LEASE.as_millis() as u64);
             for (i, amount) in s.items.iter().zip(&s.amounts) {
                 cmd.arg(*amount).arg(i.ttl_secs);
             }
@@ -482,11 +539,13 @@ impl LinkThread {
                 cmd.arg(i.amount).arg(i.limit).arg(i.ttl_secs);
             }
         }
-        let answers: Vec<u64> = pipe.query(conn)?;
+        let answers: Vec<i64> = pipe.query(conn)?;
         self.queued.drain(..settling);
         for ((id, items, reply), answer) in reserves.drain(..).zip(answers) {
             let answer = match answer {
                 0 => SharedAnswer::Reserved,
+                // The id was used already: never twice.
+                n if n < 0 => SharedAnswer::Unavailable,
                 n => SharedAnswer::Refused(
                     items
                         .get(n as usize - 1)

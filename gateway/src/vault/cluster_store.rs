@@ -7,6 +7,10 @@
 //! document, so a revocation reaches every host within that interval and one Redis round trip
 //! (the host that revoked waits for its own workers before it answers).
 //!
+//! The document is stored with an HMAC under a key derived from the master key, and a host
+//! takes in only a document whose tag it verifies: whoever can write to Redis without the
+//! master key cannot add keys, lift revocations or drop budgets.
+//!
 //! While Redis is unreachable, changes are refused (503) rather than made on one host alone;
 //! the request path goes on with the last document each host has.
 
@@ -15,12 +19,12 @@ use std::{sync::Mutex, time::Duration};
 /// The Redis hash holding `rev` and `doc`.
 const DOCUMENT_KEY: &str = "portcullis:vault:document";
 
-/// Publishes `ARGV[3]` as revision `ARGV[2]` if the stored revision is `ARGV[1]`; returns -1,
-/// or the stored revision when it is not.
+/// Publishes `ARGV[3]` (tagged `ARGV[4]`) as revision `ARGV[2]` if the stored revision is
+/// `ARGV[1]`; returns -1, or the stored revision when it is not.
 const PUBLISH_SCRIPT: &str = r#"
 local current = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
 if current ~= tonumber(ARGV[1]) then return current end
-redis.call('HSET', KEYS[1], 'rev', ARGV[2], 'doc', ARGV[3])
+redis.call('HSET', KEYS[1], 'rev', ARGV[2], 'doc', ARGV[3], 'mac', ARGV[4])
 return -1
 "#;
 
@@ -34,6 +38,8 @@ pub enum SharedStoreError {
     },
     #[error("the vault document in the cluster's Redis is not one: {0}")]
     Corrupt(String),
+    #[error("the vault document in the cluster's Redis is not signed with this master key: refused (another cluster's, or written by someone without the key)")]
+    Unsigned,
 }
 
 /// This host's link to the shared document.
@@ -104,18 +110,25 @@ impl SharedStore {
         .map(Option::unwrap_or_default)
     }
 
-    /// The stored document, when there is one.
-    pub fn fetch(&self) -> Result<Option<super::store::Document>, SharedStoreError> {
-        let (rev, doc): (Option<u64>, Option<Vec<u8>>) = self.with(|c| {
+    /// The stored document, when there is one; refused unless `master` verifies its tag.
+    pub fn fetch(
+        &self,
+        master: &super::sealed::MasterKey,
+    ) -> Result<Option<super::store::Document>, SharedStoreError> {
+        let (rev, doc, mac): (Option<u64>, Option<Vec<u8>>, Option<Vec<u8>>) = self.with(|c| {
             redis::cmd("HMGET")
                 .arg(DOCUMENT_KEY)
                 .arg("rev")
                 .arg("doc")
+                .arg("mac")
                 .query(c)
         })?;
         let (Some(rev), Some(doc)) = (rev, doc) else {
             return Ok(None);
         };
+        if !mac.is_some_and(|m| master.verify_document(&doc, &m)) {
+            return Err(SharedStoreError::Unsigned);
+        }
         let doc: super::store::Document =
             serde_json::from_slice(&doc).map_err(|e| SharedStoreError::Corrupt(e.to_string()))?;
         if doc.revision != rev {
@@ -149,8 +162,10 @@ impl SharedStore {
         &self,
         expected: u64,
         doc: &super::store::Document,
+        master: &super::sealed::MasterKey,
     ) -> Result<bool, SharedStoreError> {
         let bytes = serde_json::to_vec(doc).expect("the document serialises");
+        let mac = master.sign_document(&bytes);
         let answer: i64 = self.with(|c| {
             redis::cmd("EVAL")
                 .arg(PUBLISH_SCRIPT)
@@ -159,6 +174,7 @@ impl SharedStore {
                 .arg(expected)
                 .arg(doc.revision)
                 .arg(&bytes)
+                .arg(&mac)
                 .query(c)
         })?;
         Ok(answer == -1)

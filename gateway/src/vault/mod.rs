@@ -391,7 +391,9 @@ impl Vault {
     /// line's subject), which is then published to the cluster (when there is one), saved, and
     /// handed to the workers as a new index, then audited: in that order, so what the workers
     /// admit is always what the disk holds. With a cluster, a change another host made first
-    /// is taken in and `edit` runs again on it. Returns `edit`'s value and the index replaced.
+    /// is taken in and `edit` runs again on it; a Redis that holds an older document (or none,
+    /// after a restart without persistence) is first given this host's. Returns `edit`'s value
+    /// and the index replaced.
     fn change<T>(
         &self,
         actor: &str,
@@ -403,26 +405,48 @@ impl Vault {
             if self.is_handed_over() {
                 return Err(VaultError::HandedOver);
             }
-            // The revision Redis holds (0: none, as after a restart without persistence): the
-            // change replaces exactly that one.
+            // The revision Redis holds: the change replaces exactly that one.
             let mut stored = 0;
             if let Some(cluster) = &self.cluster {
-                if let Some(shared) = cluster.store.fetch()? {
-                    stored = shared.revision;
-                    self.adopt(&mut doc, shared)?;
+                let shared = cluster.store.fetch(&self.master)?;
+                stored = shared.as_ref().map_or(0, |s| s.revision);
+                match shared {
+                    Some(shared) if shared.revision >= doc.revision => {
+                        self.adopt(&mut doc, shared)?;
+                    }
+                    // Behind this host: Redis gets this host's document first.
+                    _ => {
+                        cluster.store.publish(stored, &doc, &self.master)?;
+                        continue;
+                    }
                 }
             }
             let mut next = doc.clone();
             let (value, subject) = edit(&mut next)?;
             next.version = store::FORMAT_VERSION;
             next.revision = doc.revision.max(stored) + 1;
+            if next.lineage.is_empty() {
+                next.lineage = virtual_key::new_id()[3..].to_owned();
+            }
             let index = VaultIndex::build(&next, &self.master)?;
             if let Some(cluster) = &self.cluster {
-                if !cluster.store.publish(stored, &next)? {
-                    continue;
+                match cluster.store.publish(stored, &next, &self.master) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    // The answer was lost: it went through if Redis holds this very document.
+                    Err(e) => match cluster.store.fetch(&self.master) {
+                        Ok(Some(shared)) if shared == next => {}
+                        _ => return Err(e.into()),
+                    },
                 }
+                // Published: the change holds on the cluster, so it holds here whatever the
+                // disk says (the file is written again at the next change or sync).
+                if let Err(e) = next.save(&self.dir) {
+                    tracing::warn!("vault: the change is in effect but not saved here: {e}");
+                }
+            } else {
+                next.save(&self.dir)?;
             }
-            next.save(&self.dir)?;
             *doc = next;
             let old = self.index.swap(Arc::new(index));
             self.audit.record(actor, action, &subject);
@@ -433,17 +457,36 @@ impl Vault {
 
     /// Takes in `shared`, the cluster's document, when it differs from `doc` and is not older:
     /// checked (every provider key opens with this host's master key), saved, handed to the
-    /// workers. Returns the index it replaced.
+    /// workers. A key revoked here stays revoked whatever `shared` says. A document of another
+    /// history (this host's vault predates joining the cluster) replaces this host's only
+    /// after a copy of the file is kept beside it. Returns the index it replaced.
     fn adopt(
         &self,
         doc: &mut Document,
-        shared: Document,
+        mut shared: Document,
     ) -> Result<Option<Arc<VaultIndex>>, VaultError> {
         if shared.revision < doc.revision || shared == *doc {
             return Ok(None);
         }
+        for (id, key) in &doc.keys {
+            if let (Some(at), Some(theirs)) = (key.revoked_at_ms, shared.keys.get_mut(id)) {
+                theirs.revoked_at_ms.get_or_insert(at);
+            }
+        }
         let index = VaultIndex::build(&shared, &self.master)?;
-        shared.save(&self.dir)?;
+        let foreign = !doc.lineage.is_empty() && doc.lineage != shared.lineage;
+        let had_keys = !doc.keys.is_empty() || !doc.providers.is_empty();
+        if (foreign || doc.lineage.is_empty()) && had_keys {
+            let kept = format!("{}.before-cluster-{}", store::FILE_NAME, now_ms());
+            doc.save_as(&self.dir, &kept)?;
+            tracing::warn!(
+                "vault: this host's keys were replaced by the cluster's document; its own are kept in {}",
+                self.dir.join(&kept).display()
+            );
+        }
+        if let Err(e) = shared.save(&self.dir) {
+            tracing::warn!("vault: the cluster's document is in effect but not saved here: {e}");
+        }
         *doc = shared;
         Ok(Some(self.index.swap(Arc::new(index))))
     }
@@ -452,29 +495,18 @@ impl Vault {
     /// publishes this host's when Redis has none or an older one (the higher revision wins).
     /// Redis unreachable: goes on with this host's document, and the sync thread joins later.
     fn join_cluster(&self) -> Result<(), VaultError> {
-        let Some(cluster) = &self.cluster else {
-            return Ok(());
-        };
-        let mut doc = self.lock();
-        match cluster.store.fetch() {
-            Ok(Some(shared)) if shared.revision >= doc.revision => {
-                self.adopt(&mut doc, shared)?;
+        match self.sync_from_cluster() {
+            Ok(_) => {}
+            Err(VaultError::Cluster(e)) => {
+                tracing::warn!("vault: {e}; going on with this host's keys until it answers")
             }
-            Ok(shared) => {
-                let expected = shared.map_or(0, |s| s.revision);
-                let mut mine = doc.clone();
-                mine.revision = mine.revision.max(expected + 1);
-                if cluster.store.publish(expected, &mine)? {
-                    mine.save(&self.dir)?;
-                    *doc = mine;
-                }
-            }
-            Err(e) => tracing::warn!("vault: {e}; going on with this host's keys until it answers"),
+            Err(e) => return Err(e),
         }
         Ok(())
     }
 
-    /// Takes in a newer document another host published, if there is one (the sync thread).
+    /// Takes in a newer document another host published, if there is one, or gives Redis this
+    /// host's when it holds an older one or none (the sync thread, and joining).
     pub fn sync_from_cluster(&self) -> Result<bool, VaultError> {
         let Some(cluster) = &self.cluster else {
             return Ok(false);
@@ -484,13 +516,60 @@ impl Vault {
         }
         let revision = cluster.store.revision()?;
         let mut doc = self.lock();
-        if revision <= doc.revision {
+        if revision == doc.revision && revision > 0 {
             return Ok(false);
         }
-        match cluster.store.fetch()? {
-            Some(shared) => Ok(self.adopt(&mut doc, shared)?.is_some()),
-            None => Ok(false),
+        match cluster.store.fetch(&self.master)? {
+            Some(shared) if shared.revision >= doc.revision => {
+                Ok(self.adopt(&mut doc, shared)?.is_some())
+            }
+            shared => {
+                let stored = shared.map_or(0, |s| s.revision);
+                if doc.revision > 0 || !doc.keys.is_empty() || !doc.providers.is_empty() {
+                    if doc.lineage.is_empty() {
+                        doc.lineage = virtual_key::new_id()[3..].to_owned();
+                    }
+                    doc.revision = doc.revision.max(stored + 1);
+                    if cluster.store.publish(stored, &doc, &self.master)? {
+                        if let Err(e) = doc.save(&self.dir) {
+                            tracing::warn!("vault: cannot save the document here: {e}");
+                        }
+                    }
+                }
+                Ok(false)
+            }
         }
+    }
+
+    /// Clears the sealed secrets of rotations past [`ROTATION_RETRY_WINDOW`] (the flusher
+    /// thread): from then on only hashes of them are kept.
+    pub fn expire_rotation_secrets(&self) -> Result<(), VaultError> {
+        let now = now_ms();
+        let expired = |r: &RotationRecord| {
+            r.sealed_secret.is_some()
+                && now
+                    >= r.at_ms
+                        .saturating_add(ROTATION_RETRY_WINDOW.as_millis() as u64)
+        };
+        let any = self
+            .lock()
+            .keys
+            .values()
+            .any(|k| k.rotations.iter().any(expired));
+        if !any || self.is_handed_over() {
+            return Ok(());
+        }
+        self.change("gateway", "key.rotation_secret_dropped", |next| {
+            let mut ids = Vec::new();
+            for k in next.keys.values_mut() {
+                for r in k.rotations.iter_mut().filter(|r| expired(r)) {
+                    r.sealed_secret = None;
+                    ids.push(k.id.clone());
+                }
+            }
+            Ok(((), ids.join(" ")))
+        })?;
+        Ok(())
     }
 
     /// Starts the thread that takes in other hosts' changes every `[cluster] sync_interval`;
@@ -700,7 +779,11 @@ impl Vault {
                 "rotation_id: 1 to 128 characters, the client's own id for this rotation".into(),
             ));
         }
-        // A retry changes nothing: answered from the document as it is.
+        // A retry changes nothing: answered from the document as it is (the cluster's newest,
+        // when this host can read it).
+        if self.cluster.is_some() {
+            let _ = self.sync_from_cluster();
+        }
         {
             let doc = self.lock();
             let key = doc
@@ -929,6 +1012,9 @@ impl Vault {
                 let Some(vault) = vault.upgrade() else { return };
                 if let Err(e) = vault.flush_spend() {
                     tracing::warn!("cannot save vault spend (retried): {e}");
+                }
+                if let Err(e) = vault.expire_rotation_secrets() {
+                    tracing::warn!("cannot drop expired rotation secrets (retried): {e}");
                 }
             })?;
         Ok(())

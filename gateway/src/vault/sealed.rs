@@ -22,6 +22,20 @@ pub enum MasterKeyError {
     Unset(String),
 }
 
+impl MasterKey {
+    /// The tag (hex) that proves `document` was written by a holder of this master key.
+    pub fn sign_document(&self, document: &[u8]) -> String {
+        hex::encode(ring::hmac::sign(&self.document_mac, document))
+    }
+
+    /// Whether `tag` (hex) proves `document` (compared in constant time).
+    pub fn verify_document(&self, document: &[u8], tag: &[u8]) -> bool {
+        let mut raw = [0u8; 32];
+        hex::decode_to_slice(tag, &mut raw).is_ok()
+            && ring::hmac::verify(&self.document_mac, document, &raw).is_ok()
+    }
+}
+
 /// Why a sealed value does not open.
 #[derive(Debug, thiserror::Error)]
 pub enum UnsealError {
@@ -34,6 +48,8 @@ pub enum UnsealError {
 /// The master key; never printed.
 pub struct MasterKey {
     key: LessSafeKey,
+    /// Authenticates the document hosts share through Redis (derived from the master key).
+    document_mac: ring::hmac::Key,
     random: SystemRandom,
 }
 
@@ -52,8 +68,14 @@ impl MasterKey {
                 source_name: source_name.to_owned(),
             }
         })?;
+        let document_mac = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"portcullis vault")
+            .extract(&secret)
+            .expand(&[b"shared document mac"], ring::hmac::HMAC_SHA256)
+            .expect("one block of output")
+            .into();
         Ok(MasterKey {
             key: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &secret).expect("32-byte key")),
+            document_mac,
             random: SystemRandom::new(),
         })
     }

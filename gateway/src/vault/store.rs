@@ -125,6 +125,10 @@ pub struct Document {
     /// Counts the changes; with `[cluster]`, the higher revision is the newer document.
     #[serde(default)]
     pub revision: u64,
+    /// A random id given at the first change: documents of one history share it, so a host
+    /// can tell another cluster's document from a newer revision of its own.
+    #[serde(default)]
+    pub lineage: String,
     /// Provider name -> its keys.
     #[serde(default)]
     pub providers: BTreeMap<String, Vec<ProviderKeyRecord>>,
@@ -165,8 +169,13 @@ impl Document {
 
     /// Replaces the store in `dir` with this document, crash-safely.
     pub fn save(&self, dir: &Path) -> Result<(), StoreError> {
+        self.save_as(dir, FILE_NAME)
+    }
+
+    /// Writes this document to `dir/name`, crash-safely.
+    pub fn save_as(&self, dir: &Path, name: &str) -> Result<(), StoreError> {
         let text = serde_json::to_vec_pretty(self).expect("the document serialises");
-        write_atomically(dir, FILE_NAME, &text)
+        write_atomically(dir, name, &text)
     }
 }
 

@@ -43,7 +43,12 @@ pub fn add_include_usage(body: &[u8], out: &mut Vec<u8>) -> bool {
         }
         None => {
             // Inserted as the first member: the rest of the body is sent as the client wrote it.
-            let Some(open) = body.iter().position(|b| !b.is_ascii_whitespace()) else {
+            // An object: serde reads an array into a struct too.
+            let Some(open) = body
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .filter(|&i| body[i] == b'{')
+            else {
                 return false;
             };
             // (The object holds `stream`, so a member follows the one inserted.)
@@ -218,6 +223,7 @@ mod tests {
             "a field twice"
         );
         assert!(added("[1]").is_none());
+        assert!(added("[true]").is_none(), "an array is no request");
         let v = added(r#"{"stream": true, "stream_options": null}"#).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
     }

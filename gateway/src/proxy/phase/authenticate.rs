@@ -272,7 +272,9 @@ fn admit_virtual_key(
     if vault.cluster.is_some() {
         metered.shared_claim = shared_claim(entry, metered, now);
     }
-    ask_for_stream_usage(kind, req, body, metered);
+    if config.adds_stream_usage() {
+        ask_for_stream_usage(kind, req, body, metered);
+    }
     ctx.caller = Some(Caller::Virtual(crate::proxy::context::VirtualCaller {
         key: entry.clone(),
         provider_key: crate::vault::index::choose(keys, crate::vault::now_ms()).clone(),
