@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod auth;
+pub mod cache;
 pub mod cluster;
 pub mod config;
 pub mod http;

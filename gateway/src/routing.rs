@@ -67,6 +67,8 @@ pub struct Route {
     pub rate_limit_headers: bool,
     pub concurrency: Option<crate::limits::ConcurrencyLimit>,
     pub quotas: Vec<crate::quotas::Quota>,
+    /// The route's caching rules, when it caches.
+    pub cache: Option<crate::cache::policy::RouteCachePolicy>,
 }
 
 #[derive(Debug, Default)]
@@ -377,6 +379,24 @@ fn compile_route(
         max_body_bytes: r.max_body_bytes,
         auth: r.auth.clone(),
         vault: r.vault.clone(),
+        cache: r
+            .cache
+            .as_ref()
+            .map(|c| crate::cache::policy::RouteCachePolicy {
+                default_ttl: c.default_ttl.map(|d| d.get()),
+                key_headers: c
+                    .key_headers
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+                key_consumer: c.key_consumer,
+                sort_query: c.sort_query,
+                strip_set_cookie: c.strip_set_cookie,
+                stale_on_error: c
+                    .stale_on_error
+                    .map_or(std::time::Duration::ZERO, |d| d.get()),
+                lock_timeout: c.lock_timeout.get(),
+            }),
         pre_auth_limits: match &r.pre_auth_limits {
             Some(own) => own
                 .iter()

@@ -1,6 +1,7 @@
 //! The gateway's configuration: TOML parsed into serde structs (`deny_unknown_fields`), with
 //! defaults and one `validate()` that names the bad key.
 
+mod cache;
 mod duration;
 mod error;
 mod names;
@@ -9,6 +10,7 @@ mod tls;
 mod upstream;
 mod validate;
 mod vault;
+pub use cache::{CacheConfig, RouteCacheConfig};
 pub use names::valid_route_id;
 pub use observability::{AccessLogConfig, AccessLogTarget, AdminConfig, AdminListen};
 pub use tls::{
@@ -70,6 +72,9 @@ pub struct Config {
     pub tls: BTreeMap<String, TlsConfig>,
     /// The LLM key vault; off unless set.
     pub vault: Option<VaultConfig>,
+    /// The response cache routes with `cache` store in.
+    #[serde(default)]
+    pub cache: CacheConfig,
     /// SHA-256 of the file's text, in hex (set by [`Config::parse`]; compares hosts' configs).
     #[serde(skip)]
     pub source_sha256: String,
@@ -494,6 +499,8 @@ pub struct RouteConfig {
     /// Quotas over calendar periods, persisted under `[quotas].data_dir`.
     #[serde(default)]
     pub quotas: Vec<QuotaConfig>,
+    /// Cache the upstream's GET and HEAD answers (RFC 9111); off unless set.
+    pub cache: Option<RouteCacheConfig>,
 }
 
 /// A route's in-flight limit: beyond `max`, wait up to `queue_timeout` for a slot, then 503.

@@ -20,6 +20,7 @@ const RESPOND_RESERVED_HEADERS: [&str; 5] = [
 impl Config {
     /// Checks the rules that serde cannot; the error names the first key at fault.
     pub fn validate(&self) -> Result<(), Invalid> {
+        self.cache.validate()?;
         if let Some(admin) = &self.admin {
             admin.validate()?;
         }
@@ -275,6 +276,15 @@ impl Config {
 
     fn validate_route(&self, i: usize, route: &super::RouteConfig) -> Result<(), Invalid> {
         let at = || key_path("routes").index(i);
+        if let Some(cache) = &route.cache {
+            cache.validate(|| at().key("cache"))?;
+            if route.upstream.is_none() || route.vault.is_some() {
+                return Err(Invalid::new(
+                    at().key("cache"),
+                    "caches the answers of an `upstream` (not of `respond`, self-service or vault routes)",
+                ));
+            }
+        }
         if route.vault_self_service {
             if route.upstream.is_some() || route.respond.is_some() || route.vault.is_some() {
                 return Err(Invalid::new(

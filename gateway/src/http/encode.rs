@@ -103,6 +103,43 @@ pub fn write_client_response(
     Ok(())
 }
 
+/// Writes the head a cache keeps of `resp`: its status line and the fields a client would get
+/// (hop-by-hop, connection-nominated and per-request fields dropped, one Via with the
+/// gateway's entry), without framing or `Age` (written when it is served), and without
+/// `Set-Cookie` when `drop_set_cookie`.
+pub fn write_storable_head(
+    out: &mut Vec<u8>,
+    resp: &ResponseHead,
+    drop_set_cookie: bool,
+) -> Result<(), UnsafeFieldValue> {
+    let _ = write!(out, "HTTP/1.1 {} {}\r\n", resp.status, resp.reason);
+    let mut via_written = false;
+    for h in resp.headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("via") {
+            if !via_written {
+                via_written = true;
+                write_via(out, resp.headers)?;
+            }
+            continue;
+        }
+        if is_hop_by_hop(name)
+            || resp.connection.nominates(name)
+            || RESPONSE_OWNED.iter().any(|o| name.eq_ignore_ascii_case(o))
+            || name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("age")
+            || (drop_set_cookie && name.eq_ignore_ascii_case("set-cookie"))
+        {
+            continue;
+        }
+        write_field(out, name, h.value)?;
+    }
+    if !via_written {
+        let _ = write!(out, "via: {VIA}\r\n");
+    }
+    Ok(())
+}
+
 /// Ends a head of the gateway's own: the connection option, `extra` field lines, the blank line.
 fn end_head(out: &mut Vec<u8>, keep_alive: bool, client_version: Version, extra: &[u8]) {
     write_connection(out, keep_alive, client_version);

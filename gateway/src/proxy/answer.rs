@@ -27,6 +27,8 @@ pub enum Answer {
     },
     /// A vault self-service answer: this status, the JSON body in the context.
     SelfService { status: u16 },
+    /// An answer from the cache: the entry is in the context.
+    Cached,
     /// A rate limit or quota of route `route` refused the request: 429, retry after that many
     /// seconds.
     TooMany {

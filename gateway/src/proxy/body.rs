@@ -233,6 +233,7 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
     sent: &mut u64,
     mut meter: Option<&mut crate::vault::usage::UsageMeter>,
     mut filter: Option<&mut crate::vault::usage_event::UsageEventFilter>,
+    mut recorder: Option<&mut crate::cache::record::Recorder>,
 ) -> (Result<bool, ResponseBodyError>, Vec<u8>, Vec<u8>) {
     let ResponseRelay {
         framing,
@@ -282,12 +283,25 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
                     if let Some(m) = meter.as_deref_mut() {
                         m.feed(&buf[base..data_end]);
                     }
+                    if let Some(r) = recorder.as_deref_mut() {
+                        r.feed(&buf[base..data_end]);
+                    }
                     r
                 } else {
                     let data = &buf[pos..len];
-                    match meter.as_deref_mut() {
-                        Some(m) => decoder.decode(data, |range| m.feed(&data[range])),
-                        None => decoder.decode(data, |_| {}),
+                    match (meter.as_deref_mut(), recorder.as_deref_mut()) {
+                        (None, None) => decoder.decode(data, |_| {}),
+                        (m, r) => {
+                            let (mut m, mut r) = (m, r);
+                            decoder.decode(data, |range| {
+                                if let Some(m) = m.as_deref_mut() {
+                                    m.feed(&data[range.clone()]);
+                                }
+                                if let Some(r) = r.as_deref_mut() {
+                                    r.feed(&data[range]);
+                                }
+                            })
+                        }
                     }
                 };
                 if let (Some(f), Ok(p)) = (filter.as_deref_mut(), &progress) {
@@ -324,6 +338,9 @@ pub async fn relay_response_body<U: Transport, C: Transport>(
                 remaining -= take as u64;
                 if let Some(m) = meter.as_deref_mut() {
                     m.feed(&buf[pos..pos + take]);
+                }
+                if let Some(r) = recorder.as_deref_mut() {
+                    r.feed(&buf[pos..pos + take]);
                 }
                 match filter.as_deref_mut() {
                     Some(f) => {

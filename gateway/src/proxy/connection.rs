@@ -285,6 +285,9 @@ impl<C: Transport> Connection<'_, C> {
         if let Some(answer) = self.shared_vault_admission().await {
             return self.answer(answer, request_deadline).await;
         }
+        if let Some(answer) = self.await_cache_fill().await {
+            return self.answer(answer, request_deadline).await;
+        }
         let Some(counter) = in_flight else {
             return self.forward(group, server, request_deadline).await;
         };
@@ -333,6 +336,22 @@ impl<C: Transport> Connection<'_, C> {
             kind: caller.kind,
             refusal,
         })
+    }
+
+    /// A miss whose key another request is filling waits for it (up to the route's
+    /// `lock_timeout`), then answers from what it stored, or goes upstream itself.
+    async fn await_cache_fill(&mut self) -> Option<Answer> {
+        let fill = self.ctx.cache.as_mut()?.wait.take()?;
+        let limit = self.ctx.cache.as_ref()?.lock_timeout;
+        fill.wait(limit).await;
+        let generation = self.generation.clone();
+        let cache = generation.snapshot.cache.as_ref()?;
+        let head = &self.inbuf[..self.ctx.facts.head_len.min(self.inbuf.len())];
+        let state = self.ctx.cache.as_mut()?;
+        crate::cache::record::with_request_fields(head, |fields| {
+            phase::cache_lookup::after_wait(cache, state, fields)
+        })
+        .err()
     }
 
     /// A slot of `limit`, waiting up to its queue timeout (without blocking the worker).
@@ -599,6 +618,32 @@ impl<C: Transport> Connection<'_, C> {
                     facts.is_head,
                     &self.ctx.correlation.response_fields,
                 );
+                status
+            }
+            Answer::Cached => {
+                let Some(state) = &self.ctx.cache else {
+                    unreachable!("the cache phase sets its state before answering");
+                };
+                let Some(entry) = &state.entry else {
+                    unreachable!("a cached answer has its entry");
+                };
+                let params = crate::cache::serve::ServeParams {
+                    status: state.status,
+                    status_field: &snapshot.config.cache.status_header,
+                    age_secs: entry.age(std::time::Instant::now()).as_secs(),
+                    keep_alive,
+                    http10: facts.version == crate::http::Version::Http10,
+                    head_only: facts.is_head,
+                    range: state.range,
+                    extra: &self.ctx.correlation.response_fields,
+                };
+                let head = &self.inbuf[..facts.head_len.min(self.inbuf.len())];
+                let out = &mut self.out;
+                let status = crate::cache::record::with_request_fields(head, |fields| {
+                    crate::cache::serve::write(out, entry, fields, params)
+                });
+                // A hit is the service: the request's quotas count.
+                self.ctx.charges = QuotaCharges::default();
                 status
             }
             Answer::RedirectHttps => {

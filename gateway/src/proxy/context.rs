@@ -190,6 +190,10 @@ pub struct RequestContext {
     pub client_cert: Option<Rc<ClientCert>>,
     /// A vault request: its reservations, price and usage, settled by the log phase.
     pub vault: Option<VaultRequest>,
+    /// What the cache does with the request, on a route that caches.
+    pub cache: Option<crate::cache::CacheRequest>,
+    /// The buffer cache keys are built in (kept from one request to the next).
+    pub cache_key: Vec<u8>,
     /// The JSON body of a self-service answer.
     pub answer_body: Vec<u8>,
     /// The method, as an index into [`crate::metrics::labels::METHODS`].
@@ -235,6 +239,8 @@ impl RequestContext {
             https: false,
             client_cert: None,
             vault: None,
+            cache: None,
+            cache_key: Vec::new(),
             answer_body: Vec::new(),
             method: crate::metrics::labels::METHODS.len() - 1,
             route: None,
@@ -265,6 +271,12 @@ impl RequestContext {
         let mut log_method = std::mem::take(&mut self.log_method);
         let mut log_target = std::mem::take(&mut self.log_target);
         let mut redirect_location = std::mem::take(&mut self.redirect_location);
+        // The key buffer comes back from the cache state, if it took it.
+        let mut cache_key = match self.cache.take() {
+            Some(c) => c.key,
+            None => std::mem::take(&mut self.cache_key),
+        };
+        cache_key.clear();
         redirect_location.clear();
         correlation.clear();
         log_method.clear();
@@ -278,6 +290,7 @@ impl RequestContext {
         self.log_method = log_method;
         self.log_target = log_target;
         self.redirect_location = redirect_location;
+        self.cache_key = cache_key;
     }
 
     /// True once a request began arriving (an idle connection closing is no request).

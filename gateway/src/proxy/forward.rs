@@ -49,6 +49,8 @@ struct FinalResponse {
     body: BodyFraming,
     upstream_keep_alive: bool,
     client: ClientFraming,
+    /// The cache answers instead of this response (nothing of it was sent to the client).
+    cached_instead: bool,
 }
 
 impl<C: Transport> Connection<'_, C> {
@@ -95,6 +97,7 @@ impl<C: Transport> Connection<'_, C> {
                     .await;
             }
         }
+        self.add_revalidation_fields();
         let (conn, response) = loop {
             let attempt = if retried {
                 group.connect(server).await
@@ -227,12 +230,28 @@ impl<C: Transport> Connection<'_, C> {
                             throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_label(server), status, "{detail}")
                         }
                     }
+                    if self.stale_instead_of_error() {
+                        return self.answer(Answer::Cached, request_deadline).await;
+                    }
                     let answer = Answer::error_and_close(status, detail);
                     return self.answer(answer, request_deadline).await;
                 }
             }
         };
 
+        if response.cached_instead {
+            // A 304 to the gateway's own revalidation, or an error a stale entry answers for.
+            if response.status == 304
+                && response.upstream_keep_alive
+                && self.upbuf.len() == response.head_len
+            {
+                group.release(conn);
+            }
+            if let Some(c) = &mut self.ctx.cache {
+                c.fill = None;
+            }
+            return self.answer(Answer::Cached, request_deadline).await;
+        }
         // The response head is in `self.out`; it leaves with the start of the body.
         self.inbuf.drain(..consumed);
         self.ctx.bytes_in = consumed as u64;
@@ -262,6 +281,7 @@ impl<C: Transport> Connection<'_, C> {
             Some(v) => (Some(&mut v.meter), v.usage_filter.as_mut()),
             None => (None, None),
         };
+        let recorder = self.ctx.cache.as_mut().and_then(|c| c.recorder.as_mut());
         let (res, buf, head) = relay_response_body(
             &conn.transport,
             &self.client,
@@ -277,8 +297,19 @@ impl<C: Transport> Connection<'_, C> {
             &mut sent,
             meter,
             usage_filter,
+            recorder,
         )
         .await;
+        if let (Some(c), Some(cache)) = (&mut self.ctx.cache, &snapshot.cache) {
+            // Stored only when the body's framing completed; never in part.
+            if let Some(r) = c.recorder.take() {
+                match &res {
+                    Ok(_) => r.finish(cache),
+                    Err(_) => r.abandon(cache),
+                }
+            }
+            c.fill = None;
+        }
         self.upbuf = buf;
         self.out = head;
         self.ctx.bytes_out += sent;
@@ -413,6 +444,27 @@ impl<C: Transport> Connection<'_, C> {
                             .rest_for(crate::vault::provider::retry_after(resp.headers));
                     }
                 }
+                let snapshot = self.generation.snapshot.clone();
+                if super::cache_store::cache_response(
+                    &mut self.ctx,
+                    &snapshot,
+                    &self.inbuf,
+                    &resp,
+                    facts,
+                ) {
+                    return Ok(FinalResponse {
+                        status: resp.status,
+                        head_len: resp.head_len,
+                        body: resp.body,
+                        upstream_keep_alive: resp.keep_alive,
+                        client: ClientFraming {
+                            chunked: false,
+                            keep_alive: false,
+                            client_version: facts.version,
+                        },
+                        cached_instead: true,
+                    });
+                }
                 let client_chunked = resp.body == BodyFraming::Chunked && is_http11(facts.version);
                 // While draining every answer says `Connection: close`, so closing afterwards
                 // never cuts a request the client sent next.
@@ -427,13 +479,17 @@ impl<C: Transport> Connection<'_, C> {
                     client_version: facts.version,
                 };
                 self.out.clear();
-                encode::write_client_response(
+                // On a cached route the answer says what the cache did (MISS, BYPASS).
+                let mark = self.ctx.correlation.response_fields.len();
+                super::cache_store::write_cache_status_field(&mut self.ctx, &snapshot);
+                let written = encode::write_client_response(
                     &mut self.out,
                     &resp,
                     client,
                     &self.ctx.correlation.response_fields,
-                )
-                .map_err(|_| {
+                );
+                self.ctx.correlation.response_fields.truncate(mark);
+                written.map_err(|_| {
                     HeadFailure::Invalid(ResponseError::Malformed("unsafe field value"))
                 })?;
                 return Ok(FinalResponse {
@@ -442,6 +498,7 @@ impl<C: Transport> Connection<'_, C> {
                     body: resp.body,
                     upstream_keep_alive: resp.keep_alive,
                     client,
+                    cached_instead: false,
                 });
             }
         }
@@ -461,6 +518,9 @@ impl<C: Transport> Connection<'_, C> {
         };
         // The certificate's fault (expired, wrong name, unknown issuer) is named in the line.
         throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_label(server), error = %e, status, "cannot connect upstream");
+        if self.stale_instead_of_error() {
+            return self.answer(Answer::Cached, request_deadline).await;
+        }
         self.answer(Answer::error(status, detail), request_deadline)
             .await
     }

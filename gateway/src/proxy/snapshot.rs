@@ -41,6 +41,9 @@ pub struct ConfigSnapshot {
     pub upstream_parts: UpstreamParts,
     /// The LLM key vault, when `[vault]` is set; the same across reloads.
     pub vault: Option<Arc<crate::vault::Vault>>,
+    /// The response cache, when a route caches; kept across reloads while `[cache]` is
+    /// unchanged.
+    pub cache: Option<Arc<crate::cache::ResponseCache>>,
 }
 
 /// What every worker's upstream groups share: the resolver (kept across reloads), the entry
@@ -92,6 +95,26 @@ impl UpstreamParts {
     }
 }
 
+/// The cache for `config` when a route caches: the previous snapshot's while `[cache]` is the
+/// same (its entries stay), else a new one.
+fn new_cache(
+    config: &Config,
+    previous: Option<&ConfigSnapshot>,
+) -> Option<Arc<crate::cache::ResponseCache>> {
+    if !config.routes.iter().any(|r| r.cache.is_some()) {
+        return None;
+    }
+    if let Some(p) = previous.filter(|p| p.config.cache == config.cache) {
+        if let Some(c) = &p.cache {
+            return Some(c.clone());
+        }
+    }
+    Some(Arc::new(crate::cache::ResponseCache::new(
+        config.cache.max_bytes,
+        config.cache.max_entry_bytes as usize,
+    )))
+}
+
 impl ConfigSnapshot {
     /// Compiles `config`; opens the quota store and loads JWT keys (starting JWKS fetchers),
     /// which can fail.
@@ -132,6 +155,7 @@ impl ConfigSnapshot {
             upstream_parts,
         );
         snapshot.vault = vault;
+        snapshot.cache = new_cache(&snapshot.config, None);
         Ok(snapshot)
     }
 
@@ -161,6 +185,7 @@ impl ConfigSnapshot {
             upstream_parts,
         );
         snapshot.vault = previous.vault.clone();
+        snapshot.cache = new_cache(&snapshot.config, Some(previous));
         Ok(snapshot)
     }
 
@@ -200,6 +225,7 @@ impl ConfigSnapshot {
             tls,
             upstream_parts,
             vault: None,
+            cache: None,
             config,
         }
     }

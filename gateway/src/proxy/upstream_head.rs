@@ -160,6 +160,14 @@ pub fn write_upstream_request(
         {
             continue;
         }
+        // On a cached route, what could change the answer without being in the key.
+        if route.cache.is_some()
+            && crate::cache::key::UNKEYED_FIELDS
+                .iter()
+                .any(|u| same_cgi_name(name, u))
+        {
+            continue;
+        }
         // Identity fields the gateway writes: never a client's copy, in any spelling, also
         // the header a connection's certificate was given before a reload renamed it.
         if identity.provider.is_some()

@@ -12,14 +12,14 @@
 //! | 5 | authenticate | [`authenticate`] |
 //! | 6 | limits and quotas | [`limits_and_quotas`] |
 //! | 7 | body limit (declared size) | [`body_limit`] |
-//! | 8 | cache lookup | issue 16 |
+//! | 8 | cache lookup | [`cache_lookup`] |
 //! | 9 | `respond` routes answer here | [`run`] |
 //! | 10 | choose the upstream server | [`choose_upstream`] |
 //! | 11 | request head transforms: the upstream head is written | [`request_head`] |
 //! | 12 | request body filters (opt-in, bounded) | issues 15 and 17 |
 //! | 13 | send upstream: concurrency slot, connect, head and body | [`crate::proxy::forward`] |
 //! | 14 | upstream response filters: framing, hop-by-hop fields | [`crate::proxy::forward`] |
-//! | 15 | cache store | issue 16 |
+//! | 15 | cache store: the response recorded while it streams | [`crate::proxy::forward`], [`crate::cache::record`] |
 //! | 16 | client response filters: Via, Connection | [`crate::http::encode::write_client_response`] |
 //! | 17 | log | [`log`] |
 //!
@@ -31,6 +31,7 @@
 
 pub mod authenticate;
 pub mod body_limit;
+pub mod cache_lookup;
 pub mod choose_upstream;
 pub mod limits_and_quotas;
 pub mod log;
@@ -133,6 +134,7 @@ pub fn run(
     )?;
     limits_and_quotas::check(snapshot, route, req, peer, ctx)?;
     body_limit::check(route, req, ctx)?;
+    cache_lookup::run(snapshot, route, req, ctx)?;
     let group_index = match &route.action {
         Action::Respond(_) => return Err(Answer::Static { route: route.index }.into()),
         Action::VaultSelfService => return Err(Exit::SelfService),
@@ -217,6 +219,7 @@ mod tests {
             Err(Exit::AwaitKeys(_)) => 1,
             Err(Exit::AwaitBody(_)) => 2,
             Err(Exit::SelfService) => 3,
+            Err(Exit::Answer(Answer::Cached)) => 4,
         }
     }
 
