@@ -431,3 +431,41 @@ fn routes_without_a_default_store_only_what_says_how_long() {
         "the route's default applies"
     );
 }
+
+#[test]
+fn stale_while_revalidate_answers_at_once_and_refreshes_in_the_background() {
+    let version = Arc::new(AtomicUsize::new(0));
+    let v = version.clone();
+    let up = Upstream::start(move |_| {
+        let n = v.fetch_add(1, Ordering::SeqCst) + 1;
+        Reply::Delayed(
+            Duration::from_millis(if n == 1 { 0 } else { 300 }),
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=1, stale-while-revalidate=30\r\ncontent-length: 2\r\n\r\nv{n}"
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = gateway(&up, "");
+    assert_eq!(get(&gw, "/swr", "").text(), "v1");
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = get(&gw, "/swr", "");
+    assert_eq!(
+        (x_cache(&r), r.text().as_str()),
+        ("STALE", "v1"),
+        "answered from the stale entry"
+    );
+    // Meanwhile others are answered stale too, not sent upstream.
+    assert_eq!(x_cache(&get(&gw, "/swr", "")), "STALE");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = get(&gw, "/swr", "");
+        if r.text() == "v2" {
+            assert_eq!(x_cache(&r), "HIT", "refreshed in the background");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never refreshed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(up.requests().len(), 2, "one refresh");
+}

@@ -104,6 +104,27 @@ impl Entry {
         !self.must_revalidate && self.age(now) < self.fresh_for + self.stale_if_error.max(extra)
     }
 
+    /// A copy the upstream confirmed with a 304 whose fields are `confirmation`: fresh again
+    /// for what the 304 says, else for as long as before.
+    pub fn refreshed(&self, confirmation: &[Header]) -> Entry {
+        let d = directives::ResponseDirectives::of(confirmation);
+        Entry {
+            status: self.status,
+            head: self.head.clone(),
+            body: self.body.clone(),
+            stored_at: Instant::now(),
+            initial_age: Duration::ZERO,
+            fresh_for: d.freshness().unwrap_or(self.fresh_for),
+            stale_while_revalidate: self.stale_while_revalidate,
+            stale_if_error: self.stale_if_error,
+            must_revalidate: self.must_revalidate,
+            etag: self.etag.clone(),
+            last_modified: self.last_modified.clone(),
+            url: self.url.clone(),
+            tags: self.tags.clone(),
+        }
+    }
+
     pub fn has_validator(&self) -> bool {
         self.etag.is_some() || self.last_modified.is_some()
     }

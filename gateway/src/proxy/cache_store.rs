@@ -4,7 +4,7 @@
 //! a stale entry answer when it may; a storable response is recorded while it streams), and
 //! the cache status field on relayed answers.
 
-use std::{io::Write, sync::Arc, time::Instant};
+use std::{io::Write, sync::Arc};
 
 use tracing::debug;
 
@@ -15,10 +15,9 @@ use super::{
 };
 use crate::{
     cache::{
-        directives::ResponseDirectives,
         policy,
         record::{with_request_fields, Recorder},
-        CacheStatus, Entry,
+        CacheStatus, ResponseCache,
     },
     http::{encode, response::ResponseHead, BodyFraming},
     io::Transport,
@@ -46,19 +45,7 @@ impl<C: Transport> Connection<'_, C> {
         if clients_own {
             return;
         }
-        self.out.truncate(self.out.len() - 2);
-        // Validators were checked field values when stored.
-        if let Some(etag) = &entry.etag {
-            self.out.extend_from_slice(b"if-none-match: ");
-            self.out.extend_from_slice(etag);
-            self.out.extend_from_slice(b"\r\n");
-        }
-        if let Some(modified) = &entry.last_modified {
-            self.out.extend_from_slice(b"if-modified-since: ");
-            self.out.extend_from_slice(modified);
-            self.out.extend_from_slice(b"\r\n");
-        }
-        self.out.extend_from_slice(b"\r\n");
+        super::cache_refresh::add_validators(&mut self.out, entry);
         c.revalidating = true;
     }
 
@@ -95,27 +82,9 @@ pub(super) fn cache_response(
     let (Some(c), Some(cache)) = (&mut ctx.cache, &snapshot.cache) else {
         return false;
     };
-    let now = Instant::now();
     if c.revalidating && resp.status == 304 {
         if let Some(old) = &c.entry {
-            // Still good: fresh again for what the 304 says, else for as long as before.
-            let d = ResponseDirectives::of(resp.headers);
-            let entry = Entry {
-                status: old.status,
-                head: old.head.clone(),
-                body: old.body.clone(),
-                stored_at: now,
-                initial_age: std::time::Duration::ZERO,
-                fresh_for: d.freshness().unwrap_or(old.fresh_for),
-                stale_while_revalidate: old.stale_while_revalidate,
-                stale_if_error: old.stale_if_error,
-                must_revalidate: old.must_revalidate,
-                etag: old.etag.clone(),
-                last_modified: old.last_modified.clone(),
-                url: old.url.clone(),
-                tags: old.tags.clone(),
-            };
-            let entry = Arc::new(entry);
+            let entry = Arc::new(old.refreshed(resp.headers));
             cache.replace(&c.key, entry.clone());
             cache
                 .counters
@@ -136,42 +105,60 @@ pub(super) fn cache_response(
     }
     // Whatever else comes, a stale entry has done its part.
     c.entry = None;
-    if c.fill.is_none() || facts.is_head || resp.status == 206 {
+    if c.fill.is_none() || facts.is_head {
         return false;
     }
-    let Some(route) = ctx.route.map(|r| snapshot.routes.route(r)) else {
+    let Some(route) = ctx.route else {
         return false;
     };
-    let Some(rules) = &route.cache else {
-        return false;
-    };
-    let plan = match policy::plan(
-        resp,
+    let request_head = &inbuf[..facts.head_len.min(inbuf.len())];
+    c.recorder = start_recording(
+        snapshot,
+        cache,
+        route,
         c.credentials,
-        rules,
-        &snapshot.config.cache.tag_header,
-    ) {
+        &c.key[..c.primary_len],
+        request_head,
+        resp,
+    );
+    false
+}
+
+/// A recorder for `resp` to a request of route `route` (primary key `primary`, head as
+/// received `request_head`), when it may be stored.
+pub(super) fn start_recording(
+    snapshot: &ConfigSnapshot,
+    cache: &ResponseCache,
+    route: usize,
+    credentials: bool,
+    primary: &[u8],
+    request_head: &[u8],
+    resp: &ResponseHead,
+) -> Option<Recorder> {
+    let route = snapshot.routes.route(route);
+    let rules = route.cache.as_ref()?;
+    if resp.status == 206 {
+        return None;
+    }
+    let plan = match policy::plan(resp, credentials, rules, &snapshot.config.cache.tag_header) {
         Ok(mut plan) => {
-            plan.vary = cache.vary_rule(&c.key[..c.primary_len], plan.vary);
+            plan.vary = cache.vary_rule(primary, plan.vary);
             plan
         }
         Err(why) => {
             debug!(route = %route.id, status = resp.status, ?why, "response not stored");
-            return false;
+            return None;
         }
     };
     let mut head = Vec::new();
-    if encode::write_storable_head(&mut head, resp, plan.strip_set_cookie).is_err() {
-        return false;
-    }
+    encode::write_storable_head(&mut head, resp, plan.strip_set_cookie).ok()?;
     let declared = match resp.body {
         BodyFraming::Length(n) => Some(n),
         BodyFraming::None => Some(0),
         _ => None,
     };
-    let request_head = &inbuf[..facts.head_len.min(inbuf.len())];
-    c.recorder = Recorder::new(
-        &c.key[..c.primary_len],
+    let recorder = Recorder::new(
+        primary,
         request_head,
         resp.status,
         head.into(),
@@ -179,13 +166,13 @@ pub(super) fn cache_response(
         cache.max_entry_bytes,
         declared,
     );
-    if c.recorder.is_none() {
+    if recorder.is_none() {
         cache
             .counters
             .too_large
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    false
+    recorder
 }
 
 /// On a route that caches, `X-Cache: MISS` (or BYPASS) at the end of the gateway's own fields

@@ -288,6 +288,12 @@ impl<C: Transport> Connection<'_, C> {
         if let Some(answer) = self.await_cache_fill().await {
             return self.answer(answer, request_deadline).await;
         }
+        if let Some(next) = self
+            .serve_stale_and_refresh(group, server, request_deadline)
+            .await
+        {
+            return next;
+        }
         let Some(counter) = in_flight else {
             return self.forward(group, server, request_deadline).await;
         };

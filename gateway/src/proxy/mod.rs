@@ -5,6 +5,7 @@
 
 pub mod answer;
 pub mod body;
+mod cache_refresh;
 mod cache_store;
 pub mod connection;
 #[cfg(test)]

@@ -85,17 +85,26 @@ pub fn run(
         match entry.freshness(now) {
             Freshness::Fresh if !asks.revalidate => return hit(ctx, cache, state, entry),
             Freshness::StaleWhileRevalidate if !asks.revalidate => {
-                // Served stale at once; the first request to see it refreshes it upstream.
-                if let FillRole::Filler(guard) = cache.begin_fill(&state.key) {
-                    state.fill = Some(guard);
-                }
+                // Served stale at once; the first request to see it goes on through the
+                // phases, so the upstream head is written for the background refresh.
+                let refreshes = match cache.begin_fill(&state.key) {
+                    FillRole::Filler(guard) => {
+                        state.fill = Some(guard);
+                        true
+                    }
+                    FillRole::Waiter(_) => false,
+                };
                 state.entry = Some(entry);
                 state.status = CacheStatus::Stale;
                 counters
                     .stale
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 ctx.cache = Some(state);
-                return Err(Answer::Cached.into());
+                return if refreshes {
+                    Ok(())
+                } else {
+                    Err(Answer::Cached.into())
+                };
             }
             _ => state.entry = Some(entry),
         }
