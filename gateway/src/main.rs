@@ -64,6 +64,26 @@ enum Command {
         #[command(subcommand)]
         command: portcullis::runtime::vault_cli::VaultCommand,
     },
+    /// The running gateway's response cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Purge entries: of one resource (`--key https://host/path?query`), of every resource
+    /// under a prefix (`--prefix https://host/images/`), or tagged (`--tag product-42`); sent
+    /// to the other hosts with `[cluster]`.
+    Purge {
+        #[arg(long, conflicts_with_all = ["prefix", "tag"], required_unless_present_any = ["prefix", "tag"])]
+        key: Option<String>,
+        #[arg(long, conflicts_with = "tag")]
+        prefix: Option<String>,
+        #[arg(long)]
+        tag: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -230,6 +250,36 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Cache {
+            command: CacheCommand::Purge { key, prefix, tag },
+        } => {
+            let purge = match (key, prefix, tag) {
+                (Some(k), _, _) => portcullis::cache::Purge::Key(k),
+                (_, Some(p), _) => portcullis::cache::Purge::Prefix(p),
+                (_, _, Some(t)) => portcullis::cache::Purge::Tag(t),
+                _ => unreachable!("clap requires one"),
+            };
+            let body = serde_json::to_string(&purge).expect("a purge serialises");
+            let socket = portcullis::runtime::control::socket_path(&config);
+            match portcullis::runtime::control::send(&socket, &format!("cache purge {body}")) {
+                Ok(reply) => {
+                    let (status, json) = reply.split_once(' ').unwrap_or(("500", reply.as_str()));
+                    println!("{json}");
+                    if status == "200" {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot reach the gateway's control socket {}: {e}",
+                        socket.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Xdp { command } => match xdp_command(&config, command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

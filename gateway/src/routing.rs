@@ -91,6 +91,11 @@ struct Carried<'p> {
 }
 
 impl RouteTable {
+    /// Whether a route caches.
+    pub fn any_caches(&self) -> bool {
+        self.routes.iter().any(|r| r.cache.is_some())
+    }
+
     pub fn new(config: &Config) -> RouteTable {
         Self::succeeding(config, None)
     }

@@ -469,3 +469,148 @@ fn stale_while_revalidate_answers_at_once_and_refreshes_in_the_background() {
     }
     assert_eq!(up.requests().len(), 2, "one refresh");
 }
+
+const ADMIN_TOKEN: &str = "cache-admin-token-0123456789abcdef";
+
+fn admin_gateway(up: &Upstream, cluster: &str) -> Gateway {
+    let config = config_with(up.addr, "", &cached_route("")).replace(
+        "[upstreams.up]",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"PORTCULLIS_TEST_ADMIN_TOKEN\"\n\n{cluster}[upstreams.up]"),
+    );
+    Gateway::start_with(&config, &[("PORTCULLIS_TEST_ADMIN_TOKEN", ADMIN_TOKEN)])
+}
+
+fn purge(gw: &Gateway, body: &str) -> serde_json::Value {
+    let (status, text) = admin_request(
+        gw.admin_addr(),
+        "POST",
+        "/cache/purge",
+        Some(ADMIN_TOKEN),
+        body,
+    );
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn tagged_upstream() -> Upstream {
+    Upstream::start(|r| {
+        let tags = if r.target.starts_with("/img/") {
+            "images product-1"
+        } else {
+            "pages"
+        };
+        answer(
+            &format!("cache-control: max-age=60\r\nsurrogate-key: {tags}\r\n"),
+            &r.target,
+        )
+    })
+}
+
+#[test]
+fn purges_go_by_key_prefix_and_tag_through_the_api_and_the_cli() {
+    let up = tagged_upstream();
+    let gw = admin_gateway(&up, "");
+    let paths = ["/a", "/b?x=1", "/img/1.png", "/img/2.png"];
+    let fill = |gw: &Gateway| {
+        for p in paths {
+            get(gw, p, "");
+            assert_eq!(x_cache(&get(gw, p, "")), "HIT", "{p}");
+        }
+    };
+    fill(&gw);
+    assert_eq!(
+        purge(&gw, r#"{"key": "http://cache.test/b?x=1"}"#)["purged"],
+        1
+    );
+    assert_eq!(x_cache(&get(&gw, "/b?x=1", "")), "MISS");
+    assert_eq!(x_cache(&get(&gw, "/a", "")), "HIT", "only that resource");
+    assert_eq!(
+        purge(&gw, r#"{"prefix": "http://cache.test/img/"}"#)["purged"],
+        2
+    );
+    assert_eq!(x_cache(&get(&gw, "/img/1.png", "")), "MISS");
+    get(&gw, "/img/2.png", "");
+    assert_eq!(purge(&gw, r#"{"tag": "product-1"}"#)["purged"], 2);
+    assert_eq!(x_cache(&get(&gw, "/img/2.png", "")), "MISS");
+    assert_eq!(x_cache(&get(&gw, "/a", "")), "HIT", "untagged entries stay");
+    let (status, text) = admin_request(
+        gw.admin_addr(),
+        "POST",
+        "/cache/purge",
+        Some(ADMIN_TOKEN),
+        r#"{"url": "x"}"#,
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("expected"), "{text}");
+    let (status, _) = admin_request(
+        gw.admin_addr(),
+        "POST",
+        "/cache/purge",
+        None,
+        r#"{"tag": "pages"}"#,
+    );
+    assert_eq!(status, 401, "the admin token is needed");
+
+    // The CLI, through the running gateway's control socket.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .current_dir(gw.dir())
+        .args([
+            "cache",
+            "purge",
+            "--tag",
+            "pages",
+            "--config",
+            "gateway.toml",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("\"purged\":2"), "/a and /b?x=1 (filled again): {text}");
+    assert_eq!(x_cache(&get(&gw, "/a", "")), "MISS");
+
+    // Metrics count what happened.
+    let (_, metrics) = admin_request(gw.admin_addr(), "GET", "/metrics", Some(ADMIN_TOKEN), "");
+    for line in [
+        "portcullis_cache_requests_total{result=\"hit\"}",
+        "portcullis_cache_purged_total 7",
+        "portcullis_cache_entries",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+}
+
+#[test]
+fn purges_reach_every_host_of_a_cluster() {
+    if !support::redis_server::redis_available("cache cluster purge test") {
+        return;
+    }
+    let redis = support::redis_server::Redis::start(free_port()).unwrap();
+    let up = tagged_upstream();
+    let key = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key.path(), [9u8; 32]).unwrap();
+    let cluster = format!(
+        "[cluster]\nredis = \"redis://127.0.0.1:{}\"\n\n[quotas]\ndata_dir = \"DATA\"\nkey_file = \"{}\"\n\n",
+        redis.port,
+        key.path().display()
+    );
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = admin_gateway(&up, &cluster.replace("DATA", d1.path().to_str().unwrap()));
+    let b = admin_gateway(&up, &cluster.replace("DATA", d2.path().to_str().unwrap()));
+    for gw in [&a, &b] {
+        get(gw, "/img/1.png", "");
+        assert_eq!(x_cache(&get(gw, "/img/1.png", "")), "HIT");
+    }
+    std::thread::sleep(Duration::from_millis(300)); // both subscribed
+    let answer = purge(&a, r#"{"tag": "images"}"#);
+    assert_eq!(answer["sent_to_cluster"], true, "{answer}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while x_cache(&get(&b, "/img/1.png", "")) == "HIT" {
+        assert!(std::time::Instant::now() < deadline, "host b never purged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

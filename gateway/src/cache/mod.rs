@@ -7,8 +7,10 @@
 //! The store is moka's concurrent cache, weighed in bytes (head, body, key), evicting by its
 //! TinyLFU policy: its locks are sharded, and a hit takes one of them briefly.
 
+pub mod broadcast;
 pub mod directives;
 pub mod key;
+pub mod metrics;
 pub mod policy;
 pub mod record;
 pub mod serve;

@@ -101,9 +101,7 @@ pub(super) fn add_validators(head: &mut Vec<u8>, entry: &Entry) {
 impl Refresh {
     async fn run(self) {
         let snapshot = self.generation.snapshot.clone();
-        let Some(cache) = snapshot.cache.clone() else {
-            return;
-        };
+        let cache = snapshot.cache.clone();
         let group = &self.generation.upstreams[self.group];
         let deadline = || Instant::now() + group.read_timeout;
         let Ok(conn) = group.checkout(self.server).await else {

@@ -60,12 +60,12 @@ impl<C: Transport> Connection<'_, C> {
         }
         c.status = CacheStatus::Stale;
         c.fill = None;
-        if let Some(cache) = &self.generation.snapshot.cache {
-            cache
-                .counters
-                .stale
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.generation
+            .snapshot
+            .cache
+            .counters
+            .stale
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         true
     }
 }
@@ -79,7 +79,8 @@ pub(super) fn cache_response(
     resp: &ResponseHead,
     facts: &RequestFacts,
 ) -> bool {
-    let (Some(c), Some(cache)) = (&mut ctx.cache, &snapshot.cache) else {
+    let cache = &snapshot.cache;
+    let Some(c) = &mut ctx.cache else {
         return false;
     };
     if c.revalidating && resp.status == 304 {

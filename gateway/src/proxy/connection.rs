@@ -351,7 +351,7 @@ impl<C: Transport> Connection<'_, C> {
         let limit = self.ctx.cache.as_ref()?.lock_timeout;
         fill.wait(limit).await;
         let generation = self.generation.clone();
-        let cache = generation.snapshot.cache.as_ref()?;
+        let cache = &generation.snapshot.cache;
         let head = &self.inbuf[..self.ctx.facts.head_len.min(self.inbuf.len())];
         let state = self.ctx.cache.as_mut()?;
         crate::cache::record::with_request_fields(head, |fields| {

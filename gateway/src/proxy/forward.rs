@@ -300,7 +300,7 @@ impl<C: Transport> Connection<'_, C> {
             recorder,
         )
         .await;
-        if let (Some(c), Some(cache)) = (&mut self.ctx.cache, &snapshot.cache) {
+        if let (Some(c), cache) = (&mut self.ctx.cache, &snapshot.cache) {
             // Stored only when the body's framing completed; never in part.
             if let Some(r) = c.recorder.take() {
                 match &res {

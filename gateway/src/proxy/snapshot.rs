@@ -41,9 +41,10 @@ pub struct ConfigSnapshot {
     pub upstream_parts: UpstreamParts,
     /// The LLM key vault, when `[vault]` is set; the same across reloads.
     pub vault: Option<Arc<crate::vault::Vault>>,
-    /// The response cache, when a route caches; kept across reloads while `[cache]` is
-    /// unchanged.
-    pub cache: Option<Arc<crate::cache::ResponseCache>>,
+    /// The response cache (empty unless a route caches); the same across reloads.
+    pub cache: Arc<crate::cache::ResponseCache>,
+    /// With `[cluster]`: purges sent to and received from the other hosts.
+    pub purge_bus: Option<Arc<crate::cache::broadcast::PurgeBus>>,
 }
 
 /// What every worker's upstream groups share: the resolver (kept across reloads), the entry
@@ -95,26 +96,6 @@ impl UpstreamParts {
     }
 }
 
-/// The cache for `config` when a route caches: the previous snapshot's while `[cache]` is the
-/// same (its entries stay), else a new one.
-fn new_cache(
-    config: &Config,
-    previous: Option<&ConfigSnapshot>,
-) -> Option<Arc<crate::cache::ResponseCache>> {
-    if !config.routes.iter().any(|r| r.cache.is_some()) {
-        return None;
-    }
-    if let Some(p) = previous.filter(|p| p.config.cache == config.cache) {
-        if let Some(c) = &p.cache {
-            return Some(c.clone());
-        }
-    }
-    Some(Arc::new(crate::cache::ResponseCache::new(
-        config.cache.max_bytes,
-        config.cache.max_entry_bytes as usize,
-    )))
-}
-
 impl ConfigSnapshot {
     /// Compiles `config`; opens the quota store and loads JWT keys (starting JWKS fetchers),
     /// which can fail.
@@ -155,7 +136,13 @@ impl ConfigSnapshot {
             upstream_parts,
         );
         snapshot.vault = vault;
-        snapshot.cache = new_cache(&snapshot.config, None);
+        snapshot.purge_bus = snapshot
+            .config
+            .cluster
+            .as_ref()
+            .map(|c| crate::cache::broadcast::PurgeBus::start(&c.redis, snapshot.cache.clone()))
+            .transpose()?
+            .map(Arc::new);
         Ok(snapshot)
     }
 
@@ -185,7 +172,8 @@ impl ConfigSnapshot {
             upstream_parts,
         );
         snapshot.vault = previous.vault.clone();
-        snapshot.cache = new_cache(&snapshot.config, Some(previous));
+        snapshot.cache = previous.cache.clone();
+        snapshot.purge_bus = previous.purge_bus.clone();
         Ok(snapshot)
     }
 
@@ -225,7 +213,11 @@ impl ConfigSnapshot {
             tls,
             upstream_parts,
             vault: None,
-            cache: None,
+            cache: Arc::new(crate::cache::ResponseCache::new(
+                config.cache.max_bytes,
+                config.cache.max_entry_bytes as usize,
+            )),
+            purge_bus: None,
             config,
         }
     }

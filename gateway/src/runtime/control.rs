@@ -73,7 +73,14 @@ fn answer(live: &Live, command: &str) -> String {
             }
         },
         other if other.starts_with("vault ") => vault_command(live, &other["vault ".len()..]),
-        other => format!("error: unknown command {other:?}; known: reload, vault"),
+        other if other.starts_with("cache purge ") => {
+            let snapshot = live.snapshot();
+            let body = &other["cache purge ".len()..];
+            let answer =
+                super::admin::cache_api::dispatch(&snapshot, "POST", &["purge"], body.as_bytes());
+            format!("{} {}", answer.status, answer.compact_body())
+        }
+        other => format!("error: unknown command {other:?}; known: reload, vault, cache purge"),
     }
 }
 

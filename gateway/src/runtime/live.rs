@@ -209,6 +209,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.quotas != new.quotas {
         fixed.push("quotas");
     }
+    if old.cache != new.cache {
+        fixed.push("cache");
+    }
     if old.cluster != new.cluster {
         fixed.push("cluster");
     }

@@ -25,7 +25,8 @@ pub fn run(
     req: &RequestHead,
     ctx: &mut RequestContext,
 ) -> Result<(), Exit> {
-    let (Some(policy), Some(cache)) = (&route.cache, &snapshot.cache) else {
+    let cache = &snapshot.cache;
+    let Some(policy) = &route.cache else {
         return Ok(());
     };
     let consumer = match (&ctx.caller, policy.key_consumer) {

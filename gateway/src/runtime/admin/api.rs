@@ -100,6 +100,10 @@ pub fn handle(state: &AdminState, req: &AdminRequest) -> AdminResponse {
     if let Some(answer) = super::vault_api::handle(state, method, &segments, &req.body) {
         return answer;
     }
+    if segments.first() == Some(&"cache") {
+        let snapshot = state.live.snapshot();
+        return super::cache_api::dispatch(&snapshot, method, &segments[1..], &req.body);
+    }
     match (method, segments.as_slice()) {
         ("GET", ["metrics"]) => metrics(state),
         ("GET", ["healthz"]) => AdminResponse::json(200, &json!({ "status": "alive" })),
@@ -166,6 +170,9 @@ fn metrics(state: &AdminState) -> AdminResponse {
     let mut text = exposition::render(&state.metrics, &extra);
     if let Some(vault) = &snapshot.vault {
         crate::vault::metrics::render(vault, &mut text);
+    }
+    if snapshot.routes.any_caches() {
+        crate::cache::metrics::render(&snapshot.cache, &mut text);
     }
     AdminResponse {
         status: 200,

@@ -1,7 +1,8 @@
 //! The admin listener: Prometheus metrics, a JSON API (health, status, routes, upstreams,
-//! reload, XDP bans) and a live status page, on their own socket and threads, never a worker's.
+//! reload, XDP bans, vault, cache purges) and a live status page, on their own socket and threads, never a worker's.
 
 pub mod api;
+pub mod cache_api;
 pub mod page;
 pub mod server;
 pub mod token;
