@@ -570,7 +570,10 @@ fn purges_go_by_key_prefix_and_tag_through_the_api_and_the_cli() {
         "{text} {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("\"purged\":2"), "/a and /b?x=1 (filled again): {text}");
+    assert!(
+        text.contains("\"purged\":2"),
+        "/a and /b?x=1 (filled again): {text}"
+    );
     assert_eq!(x_cache(&get(&gw, "/a", "")), "MISS");
 
     // Metrics count what happened.
@@ -613,4 +616,40 @@ fn purges_reach_every_host_of_a_cluster() {
         assert!(std::time::Instant::now() < deadline, "host b never purged");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn a_route_may_serve_stale_when_the_upstream_fails() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let up = Upstream::start(move |_| {
+        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            answer("cache-control: max-age=1\r\n", "last good")
+        } else {
+            Reply::Raw(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 3\r\n\r\nbad".to_vec())
+        }
+    });
+    let gw = gateway(&up, "stale_on_error = \"60s\"");
+    assert_eq!(get(&gw, "/s", "").text(), "last good");
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = get(&gw, "/s", "");
+    assert_eq!(
+        (r.status, x_cache(&r), r.text().as_str()),
+        (200, "STALE", "last good"),
+        "the route's stale_on_error"
+    );
+    // Without it, the error goes through.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let up = Upstream::start(move |_| {
+        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            answer("cache-control: max-age=1\r\n", "last good")
+        } else {
+            Reply::Raw(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 3\r\n\r\nbad".to_vec())
+        }
+    });
+    let gw = gateway(&up, "");
+    get(&gw, "/s", "");
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(get(&gw, "/s", "").status, 502);
 }

@@ -144,6 +144,8 @@ pub(super) fn start_recording(
     let plan = match policy::plan(resp, credentials, rules, &snapshot.config.cache.tag_header) {
         Ok(mut plan) => {
             plan.vary = cache.vary_rule(primary, plan.vary);
+            // Kept in memory for as long as the route may answer with it on errors.
+            plan.stale_if_error = plan.stale_if_error.max(rules.stale_on_error);
             plan
         }
         Err(why) => {
