@@ -307,6 +307,11 @@ fn a_get_with_a_body_cannot_desynchronise_the_connection() {
     );
     let first = c.read_response(false).unwrap();
     assert_eq!(first.text(), "answer to /x");
+    assert_eq!(
+        x_cache(&first),
+        "BYPASS",
+        "a request with a body is not answered from the cache"
+    );
     let second = c.read_response(false).unwrap();
     assert_eq!(
         second.text(),
@@ -314,6 +319,15 @@ fn a_get_with_a_body_cannot_desynchronise_the_connection() {
         "the body was taken as a request"
     );
     assert!(up.requests().iter().all(|r| r.target != "/smuggled"));
+    let with_body = up
+        .requests()
+        .into_iter()
+        .filter(|r| r.target == "/x")
+        .count();
+    assert_eq!(
+        with_body, 2,
+        "the GET with a body went upstream, body and all"
+    );
 }
 
 #[test]
@@ -435,11 +449,22 @@ fn routes_without_a_default_store_only_what_says_how_long() {
 #[test]
 fn stale_while_revalidate_answers_at_once_and_refreshes_in_the_background() {
     let version = Arc::new(AtomicUsize::new(0));
-    let v = version.clone();
-    let up = Upstream::start(move |_| {
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (v, go) = (version.clone(), released.clone());
+    let up = Upstream::start(move |r| {
         let n = v.fetch_add(1, Ordering::SeqCst) + 1;
-        Reply::Delayed(
-            Duration::from_millis(if n == 1 { 0 } else { 300 }),
+        if n > 1 {
+            // The refresh waits until the test has seen the stale answers (bounded).
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while !go.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        assert!(
+            r.header("if-none-match").is_none(),
+            "no client conditional reaches the refresh"
+        );
+        Reply::Raw(
             format!(
                 "HTTP/1.1 200 OK\r\ncache-control: max-age=1, stale-while-revalidate=30\r\ncontent-length: 2\r\n\r\nv{n}"
             )
@@ -449,14 +474,21 @@ fn stale_while_revalidate_answers_at_once_and_refreshes_in_the_background() {
     let gw = gateway(&up, "");
     assert_eq!(get(&gw, "/swr", "").text(), "v1");
     std::thread::sleep(Duration::from_millis(1100));
-    let r = get(&gw, "/swr", "");
+    // The client's own conditional (which the upstream would answer 304) is not the refresh's.
+    let r = get(&gw, "/swr", "If-None-Match: *\r\n");
     assert_eq!(
         (x_cache(&r), r.text().as_str()),
         ("STALE", "v1"),
         "answered from the stale entry"
     );
-    // Meanwhile others are answered stale too, not sent upstream.
+    // Meanwhile others are answered stale too, not sent upstream; a HEAD starts no refresh.
     assert_eq!(x_cache(&get(&gw, "/swr", "")), "STALE");
+    let head = request(
+        gw.addr,
+        "HEAD /swr HTTP/1.1\r\nHost: cache.test\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!((head.status, x_cache(&head)), (200, "STALE"));
+    released.store(true, Ordering::SeqCst);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let r = get(&gw, "/swr", "");
@@ -608,7 +640,24 @@ fn purges_reach_every_host_of_a_cluster() {
         get(gw, "/img/1.png", "");
         assert_eq!(x_cache(&get(gw, "/img/1.png", "")), "HIT");
     }
-    std::thread::sleep(Duration::from_millis(300)); // both subscribed
+    // Both hosts subscribed to the purge channel.
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, n): (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("portcullis:cache:purge")
+            .query(&mut conn)
+            .unwrap();
+        if n >= 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "both hosts subscribe");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let answer = purge(&a, r#"{"tag": "images"}"#);
     assert_eq!(answer["sent_to_cluster"], true, "{answer}");
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
@@ -652,4 +701,40 @@ fn a_route_may_serve_stale_when_the_upstream_fails() {
     get(&gw, "/s", "");
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(get(&gw, "/s", "").status, 502);
+}
+
+#[test]
+fn no_cache_answers_are_revalidated_whatever_the_route_default() {
+    let up = Upstream::start(|r| match r.header("if-none-match") {
+        Some(_) => Reply::Raw(
+            b"HTTP/1.1 304 Not Modified\r\netag: \"e1\"\r\ncache-control: no-cache\r\n\r\n"
+                .to_vec(),
+        ),
+        None => answer(
+            "cache-control: no-cache\r\netag: \"e1\"\r\n",
+            "checked every time",
+        ),
+    });
+    let gw = gateway(&up, "default_ttl = \"30s\"");
+    assert_eq!(get(&gw, "/nc", "").text(), "checked every time");
+    let r = get(&gw, "/nc", "");
+    assert_eq!((r.status, r.text().as_str()), (200, "checked every time"));
+    let asked = up.requests();
+    assert_eq!(asked.len(), 2, "the second use went to the upstream first");
+    assert_eq!(asked[1].header("if-none-match"), Some("\"e1\""));
+}
+
+#[test]
+fn keying_by_consumer_needs_an_auth_policy() {
+    let config = config_with(
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+        &cached_route("key_consumer = true"),
+    );
+    let (ok, text) = check_config(&config);
+    assert!(!ok);
+    assert!(
+        text.contains("routes[0].cache.key_consumer") && text.contains("auth"),
+        "{text}"
+    );
 }

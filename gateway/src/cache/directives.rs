@@ -16,8 +16,11 @@ pub struct ResponseDirectives {
     /// For one user only: never in a shared cache.
     pub private: bool,
     pub public: bool,
-    /// `must-revalidate` or `proxy-revalidate`: never served stale.
+    /// Never served stale.
     pub must_revalidate: bool,
+    /// Never served stale by a shared cache; unlike `must-revalidate`, it does not let an
+    /// answer to a request with credentials be stored (RFC 9111 §3.5).
+    pub proxy_revalidate: bool,
     pub max_age: Option<u64>,
     pub s_maxage: Option<u64>,
     pub stale_while_revalidate: Option<u64>,
@@ -36,7 +39,8 @@ impl ResponseDirectives {
                 "no-cache" => d.no_cache = true,
                 "private" => d.private = true,
                 "public" => d.public = true,
-                "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
+                "must-revalidate" => d.must_revalidate = true,
+                "proxy-revalidate" => d.proxy_revalidate = true,
                 "max-age" => d.max_age = smallest(d.max_age, seconds(value)),
                 "s-maxage" => d.s_maxage = smallest(d.s_maxage, seconds(value)),
                 "stale-while-revalidate" => {
@@ -205,7 +209,7 @@ mod tests {
             "Cache-Control",
             "private, no-store, stale-while-revalidate=10, stale-if-error=20, proxy-revalidate",
         )]);
-        assert!(d.private && d.no_store && d.must_revalidate);
+        assert!(d.private && d.no_store && d.proxy_revalidate && !d.must_revalidate);
         assert_eq!(
             (d.stale_while_revalidate, d.stale_if_error),
             (Some(10), Some(20))

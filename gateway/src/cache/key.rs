@@ -12,7 +12,12 @@ use httparse::Header;
 
 /// Request fields never sent upstream on a cached route: each can change what an upstream
 /// answers (links, redirects) without being part of the key.
-pub const UNKEYED_FIELDS: [&str; 7] = [
+pub const UNKEYED_FIELDS: [&str; 12] = [
+    "forwarded",
+    "x-forwarded-prefix",
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
     "x-forwarded-host",
     "x-forwarded-server",
     "x-forwarded-port",
@@ -37,11 +42,14 @@ pub fn primary(
 ) {
     out.clear();
     out.extend_from_slice(if https { b"https://" } else { b"http://" });
-    out.extend_from_slice(host);
+    // The Host as forwarded, port included (case does not matter).
+    out.extend(host.iter().map(u8::to_ascii_lowercase));
     out.extend_from_slice(path);
     if sort_query && query.len() > 1 {
         let mut params: Vec<&[u8]> = query[1..].split(|b| *b == b'&').collect();
-        params.sort_unstable();
+        // By name only, stable: repeated parameters keep their order (`a=1&a=2` differs from
+        // `a=2&a=1` for an upstream that takes the first).
+        params.sort_by_key(|p| p.split(|c| *c == b'=').next().unwrap_or_default());
         out.push(b'?');
         for (i, p) in params.iter().enumerate() {
             if i > 0 {
@@ -185,7 +193,7 @@ mod tests {
         primary(
             &mut out,
             true,
-            b"api.example",
+            b"API.example:8443",
             b"/a",
             b"?b=2&a=1",
             true,
@@ -193,7 +201,22 @@ mod tests {
             &[],
             None,
         );
-        assert_eq!(out, b"https://api.example/a?a=1&b=2");
+        assert_eq!(out, b"https://api.example:8443/a?a=1&b=2");
+        primary(
+            &mut out,
+            true,
+            b"h",
+            b"/",
+            b"?a=2&b=1&a=1",
+            true,
+            &[],
+            &[],
+            None,
+        );
+        assert_eq!(
+            out, b"https://h/?a=2&a=1&b=1",
+            "repeated names keep their order"
+        );
         primary(
             &mut out,
             false,

@@ -28,8 +28,11 @@ use httparse::Header;
 /// Entries whose stale time ran out are forgotten after this much more (a validator may still
 /// save a full transfer meanwhile).
 const REVALIDATION_KEEP: Duration = Duration::from_secs(3600);
-/// Distinct resources whose `Vary` rule is remembered, at most.
-const MAX_VARY_RULES: u64 = 100_000;
+/// Resources whose invalidation is remembered, at most (entries beyond it are invalidated
+/// by a scan instead).
+const MAX_INVALIDATIONS: u64 = 100_000;
+/// How long an invalidation is remembered: longer than any entry is kept for it to matter.
+const INVALIDATION_KEEP: Duration = Duration::from_secs(2 * 86_400);
 
 /// What the cache did with a request, as its status field says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +160,13 @@ fn weigh(key: &Box<[u8]>, entry: &Arc<Entry>) -> u32 {
     entry.weight(key)
 }
 
+/// A `Vary` rule's weight in bytes.
+#[allow(clippy::borrowed_box)]
+fn weigh_rule(primary: &Box<[u8]>, names: &Arc<[Box<str>]>) -> u32 {
+    let names: usize = names.iter().map(|n| n.len() + 16).sum();
+    u32::try_from(primary.len() + names + 64).unwrap_or(u32::MAX)
+}
+
 struct KeepFor;
 
 impl moka::Expiry<Box<[u8]>, Arc<Entry>> for KeepFor {
@@ -212,8 +222,13 @@ pub enum Purge {
 /// The host's cache.
 pub struct ResponseCache {
     entries: moka::sync::Cache<Box<[u8]>, Arc<Entry>>,
-    /// Primary key -> the field names its responses vary on.
+    /// Primary key -> the field names its responses vary on (weighed in bytes).
     vary: moka::sync::Cache<Box<[u8]>, Arc<[Box<str>]>>,
+    /// Resources an unsafe method was sent for, and when: their entries stored before then
+    /// are gone (checked on lookup, so an invalidation costs no scan).
+    invalidated: moka::sync::Cache<Box<[u8]>, Instant>,
+    /// Set by the first invalidation: until then lookups skip that check.
+    any_invalidated: AtomicBool,
     fills: papaya::HashMap<Box<[u8]>, Arc<Fill>>,
     pub counters: Arc<CacheCounters>,
     pub max_entry_bytes: usize,
@@ -242,7 +257,15 @@ impl ResponseCache {
                     }
                 })
                 .build(),
-            vary: moka::sync::Cache::new(MAX_VARY_RULES),
+            vary: moka::sync::Cache::builder()
+                .max_capacity((max_bytes / 16).max(1 << 20))
+                .weigher(weigh_rule)
+                .build(),
+            invalidated: moka::sync::Cache::builder()
+                .max_capacity(MAX_INVALIDATIONS)
+                .time_to_live(INVALIDATION_KEEP)
+                .build(),
+            any_invalidated: AtomicBool::new(false),
             fills: papaya::HashMap::new(),
             counters,
             max_entry_bytes,
@@ -255,7 +278,16 @@ impl ResponseCache {
         if let Some(vary) = self.vary.get(&key[..]) {
             key::variant(key, &vary, headers);
         }
-        self.entries.get(&key[..])
+        let entry = self.entries.get(&key[..])?;
+        if self.any_invalidated.load(Ordering::Relaxed) {
+            if let Some(at) = self.invalidated.get(&entry.url[..]) {
+                if entry.stored_at <= at {
+                    self.entries.invalidate(&key[..]);
+                    return None;
+                }
+            }
+        }
+        Some(entry)
     }
 
     /// The fields responses of `primary` vary on: `names` (a new response's) and those its
@@ -288,10 +320,11 @@ impl ResponseCache {
         self.entries.insert(key.into(), entry);
     }
 
-    /// Removes every entry of the resource `url` (what an unsafe method on it does, RFC 9111
-    /// §4.4).
-    pub fn invalidate_resource(&self, url: &[u8]) -> usize {
-        self.purge(|e| &*e.url == url)
+    /// Makes every entry of the resource `url` stored until now unusable (what an unsafe
+    /// method on it does, RFC 9111 §4.4), without a scan.
+    pub fn invalidate_resource(&self, url: &[u8]) {
+        self.invalidated.insert(url.into(), Instant::now());
+        self.any_invalidated.store(true, Ordering::Relaxed);
     }
 
     /// Removes what `p` names; returns how many entries.
@@ -358,6 +391,8 @@ pub struct CacheRequest {
     pub revalidating: bool,
     /// The request carried credentials (see [`policy::plan`]).
     pub credentials: bool,
+    /// The key holds the authenticated consumer.
+    pub keyed_by_consumer: bool,
     /// A single byte range asked for, answered from a whole entry.
     pub range: serve::RangeAsk,
     pub stale_on_error: Duration,
@@ -376,6 +411,7 @@ impl CacheRequest {
             recorder: None,
             revalidating: false,
             credentials: false,
+            keyed_by_consumer: false,
             range: serve::RangeAsk::None,
             stale_on_error: Duration::ZERO,
             lock_timeout: Duration::ZERO,

@@ -40,6 +40,9 @@ pub enum NotStored {
     SetCookie,
     Credentials,
     VaryStar,
+    /// `Vary` names a field the gateway sets itself (X-Consumer-Id, X-Forwarded-For, ...):
+    /// the client's value is not what the upstream saw.
+    VaryOnGatewayField,
     NoFreshness,
 }
 
@@ -60,12 +63,17 @@ pub struct StorePlan {
 
 /// Decides whether `resp` (to a GET) may be stored. `credentials`: the request carried
 /// credentials (an Authorization field, or whatever the route authenticated it by);
-/// `tag_field`: the response field whose values tag the entry.
+/// `keyed_by_consumer`: the key holds the authenticated consumer; `tag_field`: the response
+/// field whose values tag the entry; `owned`: request fields the gateway sets or replaces
+/// itself, which a response may not vary on (the upstream saw other values than the client
+/// sent).
 pub fn plan(
     resp: &ResponseHead,
     credentials: bool,
+    keyed_by_consumer: bool,
     route: &RouteCachePolicy,
     tag_field: &str,
+    owned: &dyn Fn(&str) -> bool,
 ) -> Result<StorePlan, NotStored> {
     let d = ResponseDirectives::of(resp.headers);
     if d.no_store {
@@ -81,11 +89,11 @@ pub fn plan(
     if has_set_cookie && !route.strip_set_cookie {
         return Err(NotStored::SetCookie);
     }
-    if credentials && !(d.public || d.s_maxage.is_some() || d.must_revalidate || route.key_consumer)
+    if credentials && !(d.public || d.s_maxage.is_some() || d.must_revalidate || keyed_by_consumer)
     {
         return Err(NotStored::Credentials);
     }
-    let fresh_for = match d.freshness() {
+    let mut fresh_for = match d.freshness() {
         Some(f) if EXPLICITLY_CACHEABLE.contains(&resp.status) => f,
         Some(_) => return Err(NotStored::Status),
         None if HEURISTICALLY_CACHEABLE.contains(&resp.status) => {
@@ -93,6 +101,10 @@ pub fn plan(
         }
         None => return Err(NotStored::Status),
     };
+    if d.no_cache {
+        // Revalidated before every use, whatever a route default says (§5.2.2.4).
+        fresh_for = Duration::ZERO;
+    }
     let etag = super::directives::field(resp.headers, "etag").map(Box::from);
     let last_modified = super::directives::field(resp.headers, "last-modified").map(Box::from);
     if fresh_for.is_zero() && etag.is_none() && last_modified.is_none() {
@@ -100,6 +112,9 @@ pub fn plan(
         return Err(NotStored::NoFreshness);
     }
     let vary = key::vary_names(resp.headers).ok_or(NotStored::VaryStar)?;
+    if vary.iter().any(|name| owned(name)) {
+        return Err(NotStored::VaryOnGatewayField);
+    }
     let initial_age = super::directives::field(resp.headers, "age")
         .and_then(|a| std::str::from_utf8(a).ok()?.trim().parse::<u64>().ok())
         .map_or(Duration::ZERO, Duration::from_secs);
@@ -116,7 +131,7 @@ pub fn plan(
         fresh_for,
         stale_while_revalidate: Duration::from_secs(d.stale_while_revalidate.unwrap_or(0)),
         stale_if_error: Duration::from_secs(d.stale_if_error.unwrap_or(0)),
-        must_revalidate: d.must_revalidate || d.no_cache,
+        must_revalidate: d.must_revalidate || d.proxy_revalidate || d.no_cache,
         initial_age,
         vary,
         strip_set_cookie: has_set_cookie,

@@ -153,7 +153,18 @@ pub fn write(out: &mut Vec<u8>, entry: &Entry, request: &[Header], p: ServeParam
         416 => out.extend_from_slice(b"HTTP/1.1 416 Range Not Satisfiable\r\n"),
         _ => out.extend_from_slice(&entry.head[..fields_at]),
     }
-    out.extend_from_slice(&entry.head[fields_at..]);
+    // The stored fields, but for what this answer sets itself: the status field, and the
+    // gateway's own Strict-Transport-Security when it sends one.
+    let own_hsts = memchr::memmem::find(p.extra, b"strict-transport-security:").is_some();
+    for line in entry.head[fields_at..].split_inclusive(|b| *b == b'\n') {
+        let name = line.split(|b| *b == b':').next().unwrap_or_default();
+        if name.eq_ignore_ascii_case(p.status_field.as_bytes())
+            || (own_hsts && name.eq_ignore_ascii_case(b"strict-transport-security"))
+        {
+            continue;
+        }
+        out.extend_from_slice(line);
+    }
     let _ = write!(out, "age: {}\r\n", p.age_secs);
     let _ = write!(out, "{}: {}\r\n", p.status_field, p.status.as_str());
     match status {

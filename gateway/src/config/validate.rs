@@ -278,6 +278,12 @@ impl Config {
         let at = || key_path("routes").index(i);
         if let Some(cache) = &route.cache {
             cache.validate(|| at().key("cache"))?;
+            if cache.key_consumer && route.auth.is_none() {
+                return Err(Invalid::new(
+                    at().key("cache").key("key_consumer"),
+                    "keys by the consumer the route's `auth` establishes: set `auth`",
+                ));
+            }
             if route.upstream.is_none() || route.vault.is_some() {
                 return Err(Invalid::new(
                     at().key("cache"),

@@ -35,6 +35,7 @@ struct Refresh {
     request_head: Vec<u8>,
     route: usize,
     credentials: bool,
+    keyed_by_consumer: bool,
     key: Vec<u8>,
     primary_len: usize,
     stale: Arc<Entry>,
@@ -57,7 +58,11 @@ impl<C: Transport> Connection<'_, C> {
         }
         let fill = c.fill.take()?;
         let stale = c.entry.clone()?;
+        let route = self.ctx.route?;
         let mut head = std::mem::take(&mut self.out);
+        // The client's own conditionals and range are not the refresh's: a 304 or 206 to
+        // them would say nothing of the entry.
+        remove_fields(&mut head, &CLIENT_CONDITIONALS);
         add_validators(&mut head, &stale);
         let refresh = Refresh {
             generation: self.generation.clone(),
@@ -65,8 +70,9 @@ impl<C: Transport> Connection<'_, C> {
             server,
             head,
             request_head: self.inbuf[..self.ctx.facts.head_len.min(self.inbuf.len())].to_vec(),
-            route: self.ctx.route?,
+            route,
             credentials: c.credentials,
+            keyed_by_consumer: c.keyed_by_consumer,
             key: c.key.clone(),
             primary_len: c.primary_len,
             stale,
@@ -76,6 +82,30 @@ impl<C: Transport> Connection<'_, C> {
         tokio_uring::spawn(refresh.run());
         Some(next)
     }
+}
+
+/// Request fields that make an upstream answer 304, 206 or 412 for the client's reasons.
+const CLIENT_CONDITIONALS: [&[u8]; 6] = [
+    b"if-none-match",
+    b"if-modified-since",
+    b"if-match",
+    b"if-unmodified-since",
+    b"if-range",
+    b"range",
+];
+
+/// Removes the field lines named `names` (lower case) from `head`, a whole request head the
+/// gateway wrote.
+fn remove_fields(head: &mut Vec<u8>, names: &[&[u8]]) {
+    let mut out = Vec::with_capacity(head.len());
+    for (i, line) in head.split_inclusive(|b| *b == b'\n').enumerate() {
+        let name = line.split(|b| *b == b':').next().unwrap_or_default();
+        if i > 0 && names.iter().any(|n| name.eq_ignore_ascii_case(n)) {
+            continue;
+        }
+        out.extend_from_slice(line);
+    }
+    *head = out;
 }
 
 /// Adds the entry's validators at the end of `head` (a whole request head).
@@ -115,21 +145,23 @@ impl Refresh {
         let mut buf = Vec::with_capacity(UPSTREAM_BUFFER_BYTES);
         // The response head (interim ones skipped).
         let (head_len, framing, keep_alive, mut recorder) = loop {
-            if buf.len() == buf.capacity() {
-                if buf.len() > MAX_RESPONSE_HEAD_BYTES {
-                    return;
-                }
-                buf.reserve(UPSTREAM_BUFFER_BYTES);
-            }
-            let (res, b) = read_before(&conn.transport, buf, deadline()).await;
-            buf = b;
-            if !matches!(res, Ok(n) if n > 0) {
-                return;
-            }
             let mut fields = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
             let resp = match parse_response(&buf, &mut fields, false) {
                 Ok(Some(r)) => r,
-                Ok(None) => continue,
+                Ok(None) => {
+                    if buf.len() == buf.capacity() {
+                        if buf.len() > MAX_RESPONSE_HEAD_BYTES {
+                            return;
+                        }
+                        buf.reserve(UPSTREAM_BUFFER_BYTES);
+                    }
+                    let (res, b) = read_before(&conn.transport, buf, deadline()).await;
+                    buf = b;
+                    if !matches!(res, Ok(n) if n > 0) {
+                        return;
+                    }
+                    continue;
+                }
                 Err(_) => return,
             };
             if resp.is_interim() {
@@ -153,7 +185,7 @@ impl Refresh {
                 &snapshot,
                 &cache,
                 self.route,
-                self.credentials,
+                (self.credentials, self.keyed_by_consumer),
                 &self.key[..self.primary_len],
                 &self.request_head,
                 &resp,
@@ -170,28 +202,29 @@ impl Refresh {
             _ => u64::MAX,
         };
         loop {
-            let done = match framing {
-                BodyFraming::None => true,
+            // Done, and whether nothing followed the body (the connection may serve again).
+            let (done, clean) = match framing {
+                BodyFraming::None => (true, buf.is_empty()),
                 BodyFraming::Length(_) => {
                     let take = buf
                         .len()
                         .min(usize::try_from(remaining).unwrap_or(usize::MAX));
                     recorder.feed(&buf[..take]);
                     remaining -= take as u64;
-                    remaining == 0
+                    (remaining == 0, take == buf.len())
                 }
                 BodyFraming::Chunked => match decoder.decode(&buf, |r| recorder.feed(&buf[r])) {
-                    Ok(p) => p.done,
+                    Ok(p) => (p.done, p.consumed == buf.len()),
                     Err(_) => return,
                 },
                 BodyFraming::UntilClose => {
                     recorder.feed(&buf);
-                    false
+                    (false, false)
                 }
             };
             if done {
                 recorder.finish(&cache);
-                if keep_alive && framing != BodyFraming::UntilClose {
+                if keep_alive && clean {
                     group.release(conn);
                 }
                 return;

@@ -117,11 +117,15 @@ pub(super) fn cache_response(
         snapshot,
         cache,
         route,
-        c.credentials,
+        (c.credentials, c.keyed_by_consumer),
         &c.key[..c.primary_len],
         request_head,
         resp,
     );
+    if c.recorder.is_none() {
+        // Nothing will be stored: those waiting for it go upstream now, not after the body.
+        c.fill = None;
+    }
     false
 }
 
@@ -131,7 +135,7 @@ pub(super) fn start_recording(
     snapshot: &ConfigSnapshot,
     cache: &ResponseCache,
     route: usize,
-    credentials: bool,
+    (credentials, keyed_by_consumer): (bool, bool),
     primary: &[u8],
     request_head: &[u8],
     resp: &ResponseHead,
@@ -141,7 +145,21 @@ pub(super) fn start_recording(
     if resp.status == 206 {
         return None;
     }
-    let plan = match policy::plan(resp, credentials, rules, &snapshot.config.cache.tag_header) {
+    let owned = |name: &str| {
+        crate::proxy::upstream_head::gateway_owned_field(
+            name,
+            &snapshot.issuers.claim_header_names,
+            &snapshot.identity_headers,
+        )
+    };
+    let plan = match policy::plan(
+        resp,
+        credentials,
+        keyed_by_consumer,
+        rules,
+        &snapshot.config.cache.tag_header,
+        &owned,
+    ) {
         Ok(mut plan) => {
             plan.vary = cache.vary_rule(primary, plan.vary);
             // Kept in memory for as long as the route may answer with it on errors.

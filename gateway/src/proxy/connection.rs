@@ -34,6 +34,8 @@ use crate::{
 /// Largest request body the gateway reads and discards to keep a connection open after
 /// answering itself; a larger one closes the connection instead.
 pub const DRAIN_LIMIT_BYTES: u64 = 64 * 1024;
+/// The write buffer a connection keeps after an answer from the cache larger than this.
+const KEPT_ANSWER_BUFFER_BYTES: usize = 64 * 1024;
 /// After the last response on a connection, how long to keep reading (and discarding) what the
 /// client still sends, so closing does not reset the connection before it read the response.
 const LINGER: Duration = Duration::from_millis(500);
@@ -536,6 +538,8 @@ impl<C: Transport> Connection<'_, C> {
         }
         self.out.clear();
         let snapshot = &self.generation.snapshot;
+        // A cached body may be large: the buffer is not kept that large for an idle connection.
+        let mut large_answer = false;
         let status = match answer {
             Answer::Error { status, detail, .. } => {
                 encode::write_error(
@@ -650,6 +654,7 @@ impl<C: Transport> Connection<'_, C> {
                 });
                 // A hit is the service: the request's quotas count.
                 self.ctx.charges = QuotaCharges::default();
+                large_answer = true;
                 status
             }
             Answer::RedirectHttps => {
@@ -682,7 +687,11 @@ impl<C: Transport> Connection<'_, C> {
         self.ctx.status = status;
         self.ctx.outcome = Outcome::Answered(answer);
         self.ctx.bytes_in = self.ctx.bytes_in.max(consumed as u64);
-        if !self.send_out().await {
+        let sent = self.send_out().await;
+        if large_answer && self.out.capacity() > KEPT_ANSWER_BUFFER_BYTES {
+            self.out = Vec::with_capacity(KEPT_ANSWER_BUFFER_BYTES);
+        }
+        if !sent {
             return Next::Abort;
         }
         if keep_alive {

@@ -30,6 +30,22 @@ const REQUEST_REPLACED: [&str; 9] = [
     "tracestate",
 ];
 
+/// Whether the gateway sets or replaces request field `name` (lower case) itself, so what the
+/// upstream saw is not what the client sent: a response may not vary on it in the cache.
+pub fn gateway_owned_field(
+    name: &str,
+    claim_headers: &[String],
+    identity_headers: &[String],
+) -> bool {
+    REQUEST_REPLACED.contains(&name)
+        || name.starts_with("x-consumer-")
+        || claim_headers
+            .iter()
+            .chain(identity_headers)
+            .any(|h| h == name)
+        || crate::cache::key::UNKEYED_FIELDS.contains(&name)
+}
+
 /// Who called, as the authenticate phase established it, and which credential to strip.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Identity<'a> {

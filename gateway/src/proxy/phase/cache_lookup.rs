@@ -37,7 +37,7 @@ pub fn run(
     key::primary(
         &mut primary,
         ctx.https,
-        req.route_host.unwrap_or_default(),
+        req.host.unwrap_or_default(),
         req.path,
         req.query,
         policy.sort_query,
@@ -47,6 +47,7 @@ pub fn run(
     );
     let mut state = CacheRequest::new(CacheStatus::Bypass, primary);
     state.stale_on_error = policy.stale_on_error;
+    state.keyed_by_consumer = consumer.is_some();
     state.lock_timeout = policy.lock_timeout;
     state.credentials = ctx.caller.is_some()
         || req
@@ -77,7 +78,11 @@ pub fn run(
     }
     let asks = RequestDirectives::of(req.headers);
     state.range = serve::range_of(req.headers);
-    if asks.no_store || req.has_body() || state.range == serve::RangeAsk::Other {
+    if asks.no_store
+        || req.has_body()
+        || req.upgrade.is_some()
+        || state.range == serve::RangeAsk::Other
+    {
         return bypass(ctx, state);
     }
     let now = Instant::now();
@@ -88,13 +93,16 @@ pub fn run(
             Freshness::StaleWhileRevalidate if !asks.revalidate => {
                 // Served stale at once; the first request to see it goes on through the
                 // phases, so the upstream head is written for the background refresh.
-                let refreshes = match cache.begin_fill(&state.key) {
-                    FillRole::Filler(guard) => {
-                        state.fill = Some(guard);
-                        true
-                    }
-                    FillRole::Waiter(_) => false,
-                };
+                // Only a whole GET can refresh it (a HEAD or a range would not fetch the body).
+                let whole_get = !req.is_head() && state.range == serve::RangeAsk::None;
+                let refreshes = whole_get
+                    && match cache.begin_fill(&state.key) {
+                        FillRole::Filler(guard) => {
+                            state.fill = Some(guard);
+                            true
+                        }
+                        FillRole::Waiter(_) => false,
+                    };
                 state.entry = Some(entry);
                 state.status = CacheStatus::Stale;
                 counters
