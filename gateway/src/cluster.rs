@@ -33,6 +33,15 @@ use tracing::{info, warn};
 
 use crate::{config::ClusterConfig, log_throttle::redacted_url};
 
+/// A connection to the cluster's Redis for the gateway's own threads: at most 500 ms to
+/// connect and 2 s per reply, so a stalled Redis holds no caller for long.
+pub fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
+    let conn = client.get_connection_with_timeout(Duration::from_millis(500))?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+    Ok(conn)
+}
+
 /// Counters idle this long are forgotten locally (Redis expires its copy by itself).
 const IDLE_FORGET: Duration = Duration::from_secs(120);
 

@@ -222,26 +222,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Reload => {
-            let socket = portcullis::runtime::control::socket_path(&config);
-            match portcullis::runtime::control::send(&socket, "reload") {
-                Ok(reply) if reply.starts_with("ok") => {
-                    println!("{reply}");
-                    ExitCode::SUCCESS
-                }
-                Ok(reply) => {
-                    eprintln!("{reply}");
-                    ExitCode::FAILURE
-                }
-                Err(e) => {
-                    eprintln!(
-                        "error: cannot reach the gateway's control socket {}: {e}",
-                        socket.display()
-                    );
-                    ExitCode::FAILURE
-                }
+        Command::Reload => ask_gateway(&config, "reload", |reply| {
+            if reply.starts_with("ok") {
+                println!("{reply}");
+                true
+            } else {
+                eprintln!("{reply}");
+                false
             }
-        }
+        }),
         Command::Vault { command } => match portcullis::runtime::vault_cli::run(&config, command) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
@@ -260,25 +249,11 @@ fn main() -> ExitCode {
                 _ => unreachable!("clap requires one"),
             };
             let body = serde_json::to_string(&purge).expect("a purge serialises");
-            let socket = portcullis::runtime::control::socket_path(&config);
-            match portcullis::runtime::control::send(&socket, &format!("cache purge {body}")) {
-                Ok(reply) => {
-                    let (status, json) = reply.split_once(' ').unwrap_or(("500", reply.as_str()));
-                    println!("{json}");
-                    if status == "200" {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!(
-                        "error: cannot reach the gateway's control socket {}: {e}",
-                        socket.display()
-                    );
-                    ExitCode::FAILURE
-                }
-            }
+            ask_gateway(&config, &format!("cache purge {body}"), |reply| {
+                let (status, json) = reply.split_once(' ').unwrap_or(("500", reply));
+                println!("{json}");
+                status == "200"
+            })
         }
         Command::Xdp { command } => match xdp_command(&config, command) {
             Ok(()) => ExitCode::SUCCESS,
@@ -589,4 +564,25 @@ fn xdp_command(config: &Config, command: XdpCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sends `command` to the running gateway's control socket; `judge` prints the reply and says
+/// whether it succeeded.
+fn ask_gateway(
+    config: &portcullis::config::Config,
+    command: &str,
+    judge: impl FnOnce(&str) -> bool,
+) -> ExitCode {
+    let socket = portcullis::runtime::control::socket_path(config);
+    match portcullis::runtime::control::send(&socket, command) {
+        Ok(reply) if judge(&reply) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!(
+                "error: cannot reach the gateway's control socket {}: {e}",
+                socket.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
 }

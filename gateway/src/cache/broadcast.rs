@@ -70,13 +70,7 @@ impl PurgeBus {
         let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let sent = (|| {
             if slot.is_none() {
-                let conn = self
-                    .client
-                    .get_connection_with_timeout(Duration::from_millis(500))?;
-                // A stalled Redis must not hold the admin call (and the next purge) for long.
-                conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-                conn.set_write_timeout(Some(Duration::from_secs(2)))?;
-                *slot = Some(conn);
+                *slot = Some(crate::cluster::connect(&self.client)?);
             }
             let conn = slot.as_mut().expect("connected above");
             redis::cmd("PUBLISH")

@@ -170,12 +170,7 @@ pub fn http_date(value: &[u8]) -> Option<SystemTime> {
 mod tests {
     use super::*;
 
-    fn h<'a>(name: &'a str, value: &'a str) -> Header<'a> {
-        Header {
-            name,
-            value: value.as_bytes(),
-        }
-    }
+    use crate::cache::test_field as h;
 
     #[test]
     fn freshness_prefers_s_maxage_then_max_age_then_expires() {

@@ -180,12 +180,7 @@ pub fn vary_names(headers: &[Header]) -> Option<Vec<Box<str>>> {
 mod tests {
     use super::*;
 
-    fn h<'a>(name: &'a str, value: &'a str) -> Header<'a> {
-        Header {
-            name,
-            value: value.as_bytes(),
-        }
-    }
+    use crate::cache::test_field as h;
 
     #[test]
     fn primary_keys_name_the_resource_and_the_configured_parts() {

@@ -475,6 +475,15 @@ impl Drop for FillGuard {
     }
 }
 
+/// A request or response field, for tests.
+#[cfg(test)]
+pub(crate) fn test_field<'a>(name: &'a str, value: &'a str) -> Header<'a> {
+    Header {
+        name,
+        value: value.as_bytes(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

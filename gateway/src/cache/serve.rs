@@ -202,12 +202,7 @@ pub fn write(out: &mut Vec<u8>, entry: &Entry, request: &[Header], p: ServeParam
 mod tests {
     use super::*;
 
-    fn h<'a>(name: &'a str, value: &'a str) -> Header<'a> {
-        Header {
-            name,
-            value: value.as_bytes(),
-        }
-    }
+    use crate::cache::test_field as h;
 
     #[test]
     fn ranges_are_read_and_selected() {

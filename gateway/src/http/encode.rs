@@ -41,36 +41,15 @@ pub fn write_client_response(
     framing: ClientFraming,
     extra: &[u8],
 ) -> Result<(), UnsafeFieldValue> {
-    let _ = write!(out, "HTTP/1.1 {} {}\r\n", resp.status, resp.reason);
     let upgrade = resp.status == 101;
-    let mut via_written = false;
     // The gateway's own Strict-Transport-Security replaces an upstream's.
     let own_hsts = memchr::memmem::find(extra, b"strict-transport-security:").is_some();
-    for h in resp.headers {
-        let name = h.name;
+    write_status_and_fields(out, resp, |name| {
         if upgrade && name.eq_ignore_ascii_case("upgrade") {
-            write_field(out, name, h.value)?;
-            continue;
+            return Some(true);
         }
-        if name.eq_ignore_ascii_case("via") {
-            if !via_written {
-                via_written = true;
-                write_via(out, resp.headers)?;
-            }
-            continue;
-        }
-        if is_hop_by_hop(name)
-            || resp.connection.nominates(name)
-            || RESPONSE_OWNED.iter().any(|o| name.eq_ignore_ascii_case(o))
-            || (own_hsts && name.eq_ignore_ascii_case("strict-transport-security"))
-        {
-            continue;
-        }
-        write_field(out, name, h.value)?;
-    }
-    if !via_written {
-        let _ = write!(out, "via: {VIA}\r\n");
-    }
+        (own_hsts && name.eq_ignore_ascii_case("strict-transport-security")).then_some(false)
+    })?;
     match resp.body {
         BodyFraming::Length(n) => {
             let _ = write!(out, "content-length: {n}\r\n");
@@ -112,10 +91,33 @@ pub fn write_storable_head(
     resp: &ResponseHead,
     drop_set_cookie: bool,
 ) -> Result<(), UnsafeFieldValue> {
+    write_status_and_fields(out, resp, |name| {
+        let dropped = name.eq_ignore_ascii_case("age")
+            || (drop_set_cookie && name.eq_ignore_ascii_case("set-cookie"));
+        dropped.then_some(false)
+    })
+}
+
+/// The status line and the fields of `resp` a client may get: hop-by-hop, connection-nominated
+/// and per-request fields dropped, every Via merged into one with the gateway's entry.
+/// `decide` overrides for a field name: `Some(true)` keeps it, `Some(false)` drops it.
+fn write_status_and_fields(
+    out: &mut Vec<u8>,
+    resp: &ResponseHead,
+    decide: impl Fn(&str) -> Option<bool>,
+) -> Result<(), UnsafeFieldValue> {
     let _ = write!(out, "HTTP/1.1 {} {}\r\n", resp.status, resp.reason);
     let mut via_written = false;
     for h in resp.headers {
         let name = h.name;
+        match decide(name) {
+            Some(true) => {
+                write_field(out, name, h.value)?;
+                continue;
+            }
+            Some(false) => continue,
+            None => {}
+        }
         if name.eq_ignore_ascii_case("via") {
             if !via_written {
                 via_written = true;
@@ -126,9 +128,6 @@ pub fn write_storable_head(
         if is_hop_by_hop(name)
             || resp.connection.nominates(name)
             || RESPONSE_OWNED.iter().any(|o| name.eq_ignore_ascii_case(o))
-            || name.eq_ignore_ascii_case("content-length")
-            || name.eq_ignore_ascii_case("age")
-            || (drop_set_cookie && name.eq_ignore_ascii_case("set-cookie"))
         {
             continue;
         }

@@ -475,11 +475,7 @@ impl LinkThread {
         if self.conn.is_some() {
             return Ok(());
         }
-        let mut conn = self
-            .client
-            .get_connection_with_timeout(Duration::from_millis(500))?;
-        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-        conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+        let mut conn = crate::cluster::connect(&self.client)?;
         let reserve: String = redis::cmd("SCRIPT")
             .arg("LOAD")
             .arg(RESERVE_SCRIPT)

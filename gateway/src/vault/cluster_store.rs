@@ -81,12 +81,7 @@ impl SharedStore {
         let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let result = (|| {
             if slot.is_none() {
-                let conn = self
-                    .client
-                    .get_connection_with_timeout(Duration::from_millis(500))?;
-                conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-                conn.set_write_timeout(Some(Duration::from_secs(2)))?;
-                *slot = Some(conn);
+                *slot = Some(crate::cluster::connect(&self.client)?);
             }
             f(slot.as_mut().expect("connected above"))
         })();
