@@ -171,6 +171,9 @@ pub fn after_wait(
             state.entry = Some(entry);
             return Err(Answer::Cached);
         }
+        // Stored stale (no-cache, max-age=0): kept, as the lookup keeps it, to be revalidated
+        // or to answer for an upstream error.
+        state.entry = Some(entry);
     }
     if let FillRole::Filler(guard) = cache.begin_fill(&state.key) {
         state.fill = Some(guard);
