@@ -533,21 +533,6 @@ fn models_outside_a_keys_list_are_refused_with_403() {
     );
 }
 
-/// A JSON answer with usage, after `delay`.
-fn usage_reply(delay: Duration, prompt: u64, completion: u64) -> Reply {
-    let body = format!(
-        "{{\"id\":\"chatcmpl-1\",\"choices\":[{{\"message\":{{\"content\":\"ok\"}}}}],\"usage\":{{\"prompt_tokens\":{prompt},\"completion_tokens\":{completion}}}}}"
-    );
-    Reply::Delayed(
-        delay,
-        format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes(),
-    )
-}
-
 /// The key's spend as the admin API reports it, once nothing is reserved any more.
 fn settled_spend(gw: &Gateway, scope: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -85,21 +85,6 @@ fn call(gw: &Gateway, key: &str, body: &str) -> u16 {
     .status
 }
 
-/// A JSON answer with usage, after `delay`.
-fn usage_reply(delay: Duration, prompt: u64, completion: u64) -> Reply {
-    let body = format!(
-        "{{\"id\":\"chatcmpl-1\",\"choices\":[{{\"message\":{{\"content\":\"ok\"}}}}],\"usage\":{{\"prompt_tokens\":{prompt},\"completion_tokens\":{completion}}}}}"
-    );
-    Reply::Delayed(
-        delay,
-        format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes(),
-    )
-}
-
 /// Adds the provider key on `gw` and creates a key for alice; its id and secret.
 fn provision(gw: &Gateway) -> (String, String) {
     let (status, body) = admin(

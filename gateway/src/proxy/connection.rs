@@ -319,13 +319,13 @@ impl<C: Transport> Connection<'_, C> {
             cluster_ledger::{Measure, SharedAnswer},
             provider::VaultRefusal,
         };
+        if self.ctx.vault.as_ref()?.shared_claim.is_empty() {
+            return None;
+        }
         let generation = self.generation.clone();
         let vault = generation.snapshot.vault.as_ref()?;
         let cluster = vault.cluster.as_ref()?;
         let request = self.ctx.vault.as_mut()?;
-        if request.shared_claim.is_empty() {
-            return None;
-        }
         let claim = std::mem::take(&mut request.shared_claim);
         let (answer, reservation) = cluster.ledger.reserve(claim).await;
         let refusal = match answer {

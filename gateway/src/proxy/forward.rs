@@ -444,10 +444,12 @@ impl<C: Transport> Connection<'_, C> {
                             .rest_for(crate::vault::provider::retry_after(resp.headers));
                     }
                 }
-                let snapshot = self.generation.snapshot.clone();
+                // The worker's own handle (not the shared Arc, whose count every core touches).
+                let generation = self.generation.clone();
+                let snapshot = &*generation.snapshot;
                 if super::cache_store::cache_response(
                     &mut self.ctx,
-                    &snapshot,
+                    snapshot,
                     &self.inbuf,
                     &resp,
                     facts,
@@ -481,7 +483,7 @@ impl<C: Transport> Connection<'_, C> {
                 self.out.clear();
                 // On a cached route the answer says what the cache did (MISS, BYPASS).
                 let mark = self.ctx.correlation.response_fields.len();
-                super::cache_store::write_cache_status_field(&mut self.ctx, &snapshot);
+                super::cache_store::write_cache_status_field(&mut self.ctx, snapshot);
                 let written = encode::write_client_response(
                     &mut self.out,
                     &resp,

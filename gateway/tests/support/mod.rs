@@ -719,3 +719,18 @@ pub fn exited(child: &mut Child, within: Duration) -> std::process::ExitStatus {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// An OpenAI-shaped JSON answer with usage (a mock provider), after `delay`.
+pub fn usage_reply(delay: Duration, prompt: u64, completion: u64) -> Reply {
+    let body = format!(
+        "{{\"id\":\"chatcmpl-1\",\"choices\":[{{\"message\":{{\"content\":\"ok\"}}}}],\"usage\":{{\"prompt_tokens\":{prompt},\"completion_tokens\":{completion}}}}}"
+    );
+    Reply::Delayed(
+        delay,
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )
+}
