@@ -1,8 +1,9 @@
 //! The route table: compiled once from config, matched per request without allocation.
 //!
-//! Precedence, fixed: exact host over wildcard host over no host; then exact path over the
-//! longest prefix over shorter prefixes (over no path); then routes with `methods` over routes
-//! without; remaining ties go to the first in the file.
+//! Precedence, fixed: exact host over wildcard host over no host; then exact path over
+//! `path_regex` routes (in file order among themselves) over the longest prefix over shorter
+//! prefixes (over no path); then routes with `methods` over routes without; remaining ties go
+//! to the first in the file.
 //!
 //! Routes match the normalised path and host (see [`crate::http::target`]), never the raw
 //! target. Paths match case-sensitively (RFC 3986 §6.2.2.1) unless a route sets
@@ -25,10 +26,11 @@ pub enum Action {
 
 pub use crate::http::encode::StaticResponse;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 enum PathMatch {
     Any,
     Exact(Box<[u8]>),
+    Regex(crate::transform::path_regex::PathRegex),
     Prefix(Box<[u8]>),
 }
 
@@ -41,7 +43,53 @@ pub enum PathRewrite {
         matched: Box<[u8]>,
         replacement: Box<[u8]>,
     },
+    /// The path rendered from a template (`rewrite`), its captures from the route's regex.
+    Template(crate::transform::template::Template),
 }
+
+/// Whether a byte of a rendered path is percent-encoded (see [`PATH_ENCODED`]).
+fn needs_path_escape(b: u8) -> bool {
+    !b.is_ascii_graphic()
+        || matches!(
+            b,
+            b'"' | b'#'
+                | b'<'
+                | b'>'
+                | b'?'
+                | b'['
+                | b'\\'
+                | b']'
+                | b'^'
+                | b'`'
+                | b'{'
+                | b'|'
+                | b'}'
+        )
+}
+
+/// A rewritten path that cannot be sent: it would hold a `.` or `..` segment, which the
+/// upstream would resolve to somewhere the route does not name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the rewritten path holds a dot-segment")]
+pub struct DotSegmentInRewrite;
+
+/// Bytes a rendered path keeps as they are (RFC 3986 pchar and `/`, `%` of escapes the
+/// normalised path already holds); the rest are percent-encoded.
+const PATH_ENCODED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
 
 #[derive(Debug)]
 pub struct Route {
@@ -69,6 +117,17 @@ pub struct Route {
     pub quotas: Vec<crate::quotas::Quota>,
     /// The route's caching rules, when it caches.
     pub cache: Option<crate::cache::policy::RouteCachePolicy>,
+    /// Field rules for the request and the response (the route's, or its upstream's).
+    pub request_headers: crate::transform::headers::HeaderRules,
+    pub response_headers: crate::transform::headers::HeaderRules,
+    pub query: crate::transform::query::QueryRules,
+    pub request_json: Option<crate::transform::json_body::JsonRules>,
+    pub response_json: Option<crate::transform::json_body::JsonRules>,
+    /// Responses are never buffered.
+    pub stream: bool,
+    pub cors: Option<crate::cors::CorsPolicy>,
+    /// The route's own format for the gateway's answers, when it sets one.
+    pub error_format: Option<crate::config::ErrorFormat>,
 }
 
 #[derive(Debug, Default)]
@@ -139,7 +198,7 @@ impl RouteTable {
                 compile_route(
                     i,
                     r,
-                    &upstream_names,
+                    &config.upstreams,
                     &server_pre_auth_limits,
                     max_keys,
                     &carried_limit,
@@ -251,6 +310,7 @@ impl Route {
             (PathMatch::Any, _) => true,
             (PathMatch::Exact(p), false) => path == &p[..],
             (PathMatch::Exact(p), true) => path.eq_ignore_ascii_case(p),
+            (PathMatch::Regex(r), _) => r.is_match(path),
             (PathMatch::Prefix(p), false) => path.starts_with(p) && self.at_boundary(path, p),
             (PathMatch::Prefix(p), true) => {
                 path.len() >= p.len()
@@ -279,13 +339,45 @@ impl Route {
     pub fn after_prefix<'p>(&self, path: &'p [u8]) -> &'p [u8] {
         match &self.path {
             PathMatch::Prefix(p) => &path[p.len().min(path.len())..],
-            PathMatch::Exact(_) | PathMatch::Any => path,
+            PathMatch::Exact(_) | PathMatch::Regex(_) | PathMatch::Any => path,
         }
     }
 
-    pub fn write_path(&self, path: &[u8], out: &mut Vec<u8>) {
+    /// The route's path regex, on a regex route.
+    pub fn path_regex(&self) -> Option<&crate::transform::path_regex::PathRegex> {
+        match &self.path {
+            PathMatch::Regex(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Appends the path to forward for `path` (which this route matched) to `out`; a
+    /// template rewrite renders over `render`.
+    pub fn write_path(
+        &self,
+        path: &[u8],
+        render: &crate::transform::template::RenderContext,
+        out: &mut Vec<u8>,
+    ) -> Result<(), DotSegmentInRewrite> {
         match &self.rewrite {
             PathRewrite::Keep => out.extend_from_slice(path),
+            PathRewrite::Template(t) => {
+                let start = out.len();
+                t.render(render, out);
+                if out[start..].iter().any(|b| needs_path_escape(*b)) {
+                    // Only a path whose variables brought bytes a target may not hold is copied.
+                    let raw = out.split_off(start);
+                    for piece in percent_encoding::percent_encode(&raw, PATH_ENCODED) {
+                        out.extend_from_slice(piece.as_bytes());
+                    }
+                }
+                let has_dot_segment = out[start..]
+                    .split(|b| *b == b'/')
+                    .any(|seg| seg == b"." || seg == b"..");
+                if has_dot_segment {
+                    return Err(DotSegmentInRewrite);
+                }
+            }
             PathRewrite::ReplacePrefix {
                 matched,
                 replacement,
@@ -306,6 +398,7 @@ impl Route {
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -313,10 +406,15 @@ impl Route {
 fn precedence_key(route: &Route) -> (u8, std::cmp::Reverse<usize>, u8, usize) {
     let (path_class, len) = match &route.path {
         PathMatch::Exact(p) => (0, p.len()),
-        PathMatch::Prefix(p) => (1, p.len()),
-        PathMatch::Any => (2, 0),
+        PathMatch::Regex(_) => (1, 0),
+        PathMatch::Prefix(p) => (2, p.len()),
+        PathMatch::Any => (3, 0),
     };
-    let methods = if route.methods.is_some() { 0 } else { 1 };
+    // Regex routes keep file order among themselves, `methods` or not.
+    let methods = match (&route.path, route.methods.is_some()) {
+        (PathMatch::Regex(_), _) | (_, true) => 0,
+        _ => 1,
+    };
     (path_class, std::cmp::Reverse(len), methods, route.index)
 }
 
@@ -326,7 +424,8 @@ const PRE_AUTH_SCOPE: &str = "pre-auth";
 fn compile_route(
     index: usize,
     r: &RouteConfig,
-    upstream_names: &[String],
+    // In name order, as `RouteTable::upstream_names` indexes them.
+    upstreams: &std::collections::BTreeMap<String, crate::config::UpstreamConfig>,
     server_pre_auth_limits: &std::sync::Arc<[crate::limits::Limit]>,
     max_keys: usize,
     carried_limit: &dyn Fn(&[u8; 8]) -> Option<crate::limits::LimitState>,
@@ -334,12 +433,44 @@ fn compile_route(
 ) -> Route {
     let id = r.stable_id();
     let m = &r.matcher;
-    let path = match (&m.path, &m.path_prefix) {
-        (Some(p), _) => PathMatch::Exact(p.as_bytes().into()),
-        (None, Some(p)) => PathMatch::Prefix(p.as_bytes().into()),
-        (None, None) => PathMatch::Any,
+    let path = match (&m.path, &m.path_prefix, &m.path_regex) {
+        (Some(p), _, _) => PathMatch::Exact(p.as_bytes().into()),
+        (None, Some(p), _) => PathMatch::Prefix(p.as_bytes().into()),
+        (None, None, Some(pattern)) => PathMatch::Regex(
+            crate::transform::path_regex::PathRegex::compile(pattern)
+                .expect("validate() compiled the regex"),
+        ),
+        (None, None, None) => PathMatch::Any,
     };
+    // Templates name captures by group index from here on.
+    let regex = match &path {
+        PathMatch::Regex(re) => Some(re),
+        _ => None,
+    };
+    let resolve = |t: &crate::transform::template::Template| {
+        t.resolved(&|name| regex.and_then(|re| re.group(name)))
+            .expect("validate() checked every capture a template names")
+    };
+    let upstream_config = r.upstream.as_ref().and_then(|u| upstreams.get(u));
+    let header_rules = |own: &Option<crate::config::HeaderRulesConfig>,
+                        default: Option<&crate::config::HeaderRulesConfig>| {
+        own.as_ref()
+            .or(default)
+            .map(|c| crate::transform::headers::HeaderRules::compile(c, &resolve))
+            .unwrap_or_default()
+    };
+    let request_headers = header_rules(
+        &r.request_headers,
+        upstream_config.and_then(|u| u.request_headers.as_ref()),
+    );
+    let response_headers = header_rules(
+        &r.response_headers,
+        upstream_config.and_then(|u| u.response_headers.as_ref()),
+    );
     let rewrite = match (&m.path_prefix, r.strip_prefix, &r.rewrite_prefix) {
+        _ if r.rewrite.is_some() => {
+            PathRewrite::Template(resolve(r.rewrite.as_ref().expect("checked just now")))
+        }
         (Some(prefix), true, _) => PathRewrite::ReplacePrefix {
             matched: prefix.as_bytes().into(),
             replacement: b"/"[..].into(),
@@ -350,11 +481,24 @@ fn compile_route(
         },
         _ => PathRewrite::Keep,
     };
+    let query = r
+        .query
+        .as_ref()
+        .map(|q| crate::transform::query::QueryRules::compile(q, &resolve))
+        .unwrap_or_default();
+    let request_json = r
+        .request_json
+        .as_ref()
+        .map(|j| crate::transform::json_body::JsonRules::compile(j, &resolve));
+    let response_json = r
+        .response_json
+        .as_ref()
+        .map(|j| crate::transform::json_body::JsonRules::compile(j, &resolve));
     let action = match (&r.upstream, &r.respond) {
         _ if r.vault_self_service => Action::VaultSelfService,
         (Some(name), _) => Action::Upstream(
-            upstream_names
-                .iter()
+            upstreams
+                .keys()
                 .position(|n| n == name)
                 .expect("validate() checked the upstream exists"),
         ),
@@ -417,6 +561,14 @@ fn compile_route(
             .map(|l| crate::limits::Limit::new(&[&id], l, max_keys, carried_limit))
             .collect(),
         rate_limit_headers: r.rate_limit_headers,
+        request_headers,
+        response_headers,
+        query,
+        request_json,
+        response_json,
+        stream: r.stream,
+        cors: r.cors.as_ref().map(crate::cors::CorsPolicy::compile),
+        error_format: r.error_format,
         concurrency: r.concurrency.as_ref().map(|c| {
             crate::limits::ConcurrencyLimit::new(c, carried_concurrency.get(id.as_str()).copied())
         }),
@@ -536,7 +688,12 @@ strip_prefix = true
         let rewrite = |path: &str| {
             let r = t.find(None, path.as_bytes(), b"GET").unwrap();
             let mut out = Vec::new();
-            r.write_path(path.as_bytes(), &mut out);
+            r.write_path(
+                path.as_bytes(),
+                &crate::transform::template::RenderContext::for_tests(&[]),
+                &mut out,
+            )
+            .unwrap();
             String::from_utf8(out).unwrap()
         };
         assert_eq!(rewrite("/v1/users"), "/users");
@@ -547,5 +704,57 @@ strip_prefix = true
         // A rewriting prefix matches whole segments: the rest never becomes a dot-segment.
         assert!(t.find(None, b"/v3../admin", b"GET").is_none());
         assert!(t.find(None, b"/v3x", b"GET").is_none());
+    }
+
+    #[test]
+    fn regex_routes_sit_between_exact_paths_and_prefixes_in_file_order() {
+        let t = table(
+            r#"
+[[routes]]
+match = { path_prefix = "/users/" }
+upstream = "u"
+[[routes]]
+match = { path_regex = "/users/(?<id>[0-9]+)" }
+upstream = "u"
+rewrite = "/v2/accounts/{path.id}"
+[[routes]]
+match = { path_regex = "/users/(.+)", methods = ["GET"] }
+upstream = "u"
+rewrite = "/any/{path.1}"
+[[routes]]
+match = { path = "/users/7" }
+upstream = "u"
+"#,
+        );
+        let cases: &[(&str, &str, Option<usize>)] = &[
+            ("/users/7", "GET", Some(3)),
+            ("/users/42", "GET", Some(1)),
+            ("/users/ab", "GET", Some(2)),
+            ("/users/ab", "POST", Some(0)),
+            ("/users/42/x", "POST", Some(0)),
+        ];
+        for (path, method, want) in cases {
+            assert_eq!(found(&t, None, path, method), *want, "{method} {path}");
+        }
+        let rewrite = |path: &str| {
+            let r = t.find(None, path.as_bytes(), b"GET").unwrap();
+            let mut slots = Vec::new();
+            assert!(r
+                .path_regex()
+                .unwrap()
+                .captures(path.as_bytes(), &mut slots));
+            let render = crate::transform::template::RenderContext {
+                path: path.as_bytes(),
+                captures: &slots,
+                ..crate::transform::template::RenderContext::for_tests(&[])
+            };
+            let mut out = Vec::new();
+            r.write_path(path.as_bytes(), &render, &mut out)
+                .map(|()| String::from_utf8(out).unwrap())
+        };
+        assert_eq!(rewrite("/users/42").unwrap(), "/v2/accounts/42");
+        assert_eq!(rewrite("/users/a%20b").unwrap(), "/any/a%20b");
+        // A capture that would become a dot-segment upstream is refused.
+        assert!(rewrite("/users/..").is_err());
     }
 }

@@ -56,6 +56,11 @@ pub struct TokenIdentity {
 }
 
 impl TokenIdentity {
+    /// One of the token's claims (for templates).
+    pub fn claim(&self, name: &str) -> Option<&Value> {
+        self.claims.get(name)
+    }
+
     /// Checks a route's groups, scopes and claims.
     pub fn allowed_by(&self, policy: &RouteAuthConfig) -> bool {
         (policy.groups.is_empty() || policy.groups.iter().any(|g| self.groups.contains(g)))

@@ -7,6 +7,7 @@ mod error;
 mod names;
 mod observability;
 mod tls;
+mod transform;
 mod upstream;
 mod validate;
 mod vault;
@@ -15,6 +16,10 @@ pub use names::valid_route_id;
 pub use observability::{AccessLogConfig, AccessLogTarget, AdminConfig, AdminListen};
 pub use tls::{
     CertificateConfig, ClientCertificatesConfig, Listen, ListenMode, TlsConfig, TlsVersion,
+};
+pub use transform::{
+    check_template, CorsConfig, Direction, ErrorFormat, HeaderRulesConfig, JsonRulesConfig,
+    JsonValueConfig, QueryRulesConfig, MAX_JSON_BODY_BYTES,
 };
 pub use upstream::{
     is_host_name, HostPolicy, ResolverConfig, ServerAddress, UpstreamConfig, UpstreamTlsConfig,
@@ -352,6 +357,9 @@ pub struct ServerConfig {
     /// Source networks whose PROXY protocol headers are believed, on listeners with
     /// `proxy_protocol = true` (connections from elsewhere are served as they come).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The format of the gateway's own answers before a route is known, and on routes that
+    /// set none: "text" or "json".
+    pub error_format: ErrorFormat,
 }
 
 impl Default for ServerConfig {
@@ -379,6 +387,7 @@ impl Default for ServerConfig {
             control_socket: None,
             trust_request_id: false,
             trusted_proxies: Vec::new(),
+            error_format: ErrorFormat::Text,
         }
     }
 }
@@ -501,6 +510,26 @@ pub struct RouteConfig {
     pub quotas: Vec<QuotaConfig>,
     /// Cache the upstream's GET and HEAD answers (RFC 9111); off unless set.
     pub cache: Option<RouteCacheConfig>,
+    /// The path sent upstream, as a template (`/v2/accounts/{path.id}`, captures of
+    /// `match.path_regex`); instead of `strip_prefix` and `rewrite_prefix`.
+    pub rewrite: Option<crate::transform::template::Template>,
+    /// Rules for the request's fields; default: the upstream's `request_headers`.
+    pub request_headers: Option<HeaderRulesConfig>,
+    /// Rules for the response's fields; default: the upstream's `response_headers`.
+    pub response_headers: Option<HeaderRulesConfig>,
+    /// Rules for the forwarded query.
+    pub query: Option<QueryRulesConfig>,
+    /// Rules for JSON request bodies (buffered whole, up to `max_bytes`).
+    pub request_json: Option<JsonRulesConfig>,
+    /// Rules for JSON response bodies (buffered whole, up to `max_bytes`).
+    pub response_json: Option<JsonRulesConfig>,
+    /// The route streams its responses: never buffered, whatever their type.
+    #[serde(default)]
+    pub stream: bool,
+    /// CORS answered by the gateway: preflights before authentication, fields on every answer.
+    pub cors: Option<CorsConfig>,
+    /// The format of the gateway's own answers on this route; default: `[server] error_format`.
+    pub error_format: Option<ErrorFormat>,
 }
 
 /// A route's in-flight limit: beyond `max`, wait up to `queue_timeout` for a slot, then 503.
@@ -553,6 +582,9 @@ pub struct MatchConfig {
     pub host: Option<String>,
     pub path: Option<String>,
     pub path_prefix: Option<String>,
+    /// A regular expression (the `regex` crate's syntax) the whole normalised path must match;
+    /// after exact paths and before prefixes, in file order among themselves.
+    pub path_regex: Option<String>,
     pub methods: Option<Vec<String>>,
 }
 

@@ -25,7 +25,13 @@ impl RouteConfig {
                 id.push_str(p);
                 id.push('*');
             }
-            (None, None) => id.push('*'),
+            (None, None) => match &m.path_regex {
+                Some(r) => {
+                    id.push('~');
+                    id.push_str(r);
+                }
+                None => id.push('*'),
+            },
         }
         if let Some(methods) = &m.methods {
             let mut methods = methods.clone();

@@ -184,6 +184,10 @@ pub struct UpstreamConfig {
     /// The Host sent upstream; default: the client's for address servers, the server's name
     /// for named servers.
     pub host: Option<HostPolicy>,
+    /// Request field rules for routes to this upstream that set none of their own.
+    pub request_headers: Option<super::HeaderRulesConfig>,
+    /// Response field rules for routes to this upstream that set none of their own.
+    pub response_headers: Option<super::HeaderRulesConfig>,
 }
 
 fn default_connect_timeout() -> ConfigDuration {
@@ -204,6 +208,23 @@ fn default_max_idle() -> usize {
 impl UpstreamConfig {
     pub fn validate(&self, name: &str) -> Result<(), Invalid> {
         let at = || key_path("upstreams").key(name);
+        for (key, rules, direction) in [
+            (
+                "request_headers",
+                &self.request_headers,
+                super::Direction::Request,
+            ),
+            (
+                "response_headers",
+                &self.response_headers,
+                super::Direction::Response,
+            ),
+        ] {
+            if let Some(rules) = rules {
+                // An upstream's rules serve many routes: no route's captures.
+                rules.validate(&|| at().key(key), direction, &|_| false)?;
+            }
+        }
         if self.servers.is_empty() {
             return Err(Invalid::new(
                 at().key("servers"),

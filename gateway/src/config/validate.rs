@@ -439,6 +439,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_route_transforms(i, route)?;
         for (j, limit) in route.limits.iter().enumerate() {
             validate_limit(at().key("limits").index(j), limit, true)?;
         }
@@ -547,6 +548,112 @@ impl Config {
 }
 
 impl Config {
+    /// The route's regex, rewrite, header, query and JSON rules, and CORS.
+    fn validate_route_transforms(
+        &self,
+        i: usize,
+        route: &super::RouteConfig,
+    ) -> Result<(), Invalid> {
+        use super::Direction;
+        let at = || key_path("routes").index(i);
+        let m = &route.matcher;
+        let regex = match &m.path_regex {
+            None => None,
+            Some(_) if m.path.is_some() || m.path_prefix.is_some() => {
+                return Err(Invalid::new(
+                    at().key("match").key("path_regex"),
+                    "use one of `path`, `path_prefix` and `path_regex`",
+                ))
+            }
+            Some(pattern) => match crate::transform::path_regex::PathRegex::compile(pattern) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    return Err(Invalid::new(
+                        at().key("match").key("path_regex"),
+                        format!(
+                            "`{pattern}` is not a valid regex (the `regex` crate's syntax): {e}"
+                        ),
+                    ))
+                }
+            },
+        };
+        let captures = |name: &str| regex.as_ref().is_some_and(|r| r.group(name).is_some());
+        if let Some(rewrite) = &route.rewrite {
+            if route.strip_prefix || route.rewrite_prefix.is_some() {
+                return Err(Invalid::new(
+                    at().key("rewrite"),
+                    "use one of `rewrite`, `strip_prefix` and `rewrite_prefix`",
+                ));
+            }
+            let literal = rewrite.literal_prefix();
+            if !literal.starts_with('/')
+                || literal
+                    .bytes()
+                    .any(|b| b <= b' ' || b == 0x7f || b == b'?' || b == b'#')
+            {
+                return Err(Invalid::new(
+                    at().key("rewrite"),
+                    format!("`{}` must start with `/` (before any variable) and hold no spaces, controls, `?` or `#`", rewrite.source()),
+                ));
+            }
+            super::check_template(at().key("rewrite"), rewrite, &captures)?;
+        }
+        for (key, rules, direction) in [
+            (
+                "request_headers",
+                &route.request_headers,
+                Direction::Request,
+            ),
+            (
+                "response_headers",
+                &route.response_headers,
+                Direction::Response,
+            ),
+        ] {
+            if let Some(rules) = rules {
+                rules.validate(&|| at().key(key), direction, &captures)?;
+            }
+        }
+        if let Some(q) = &route.query {
+            q.validate(&|| at().key("query"), &captures)?;
+        }
+        for (key, rules) in [
+            ("request_json", &route.request_json),
+            ("response_json", &route.response_json),
+        ] {
+            let Some(rules) = rules else { continue };
+            rules.validate(&|| at().key(key), &captures)?;
+            if route.upstream.is_none() || route.vault.is_some() {
+                return Err(Invalid::new(
+                    at().key(key),
+                    "rewrites the bodies an `upstream` route exchanges (a vault route rewrites its own)",
+                ));
+            }
+            if key == "response_json" && route.cache.is_some() {
+                return Err(Invalid::new(
+                    at().key(key),
+                    "a cached route stores the upstream's answer as it is: use either `cache` or `response_json`",
+                ));
+            }
+            if key == "response_json" && route.stream {
+                return Err(Invalid::new(
+                    at().key(key),
+                    "a `stream = true` route is never buffered: remove one of them",
+                ));
+            }
+            if key == "request_json" && rules.decompress {
+                return Err(Invalid::new(
+                    at().key(key).key("decompress"),
+                    "applies to responses only",
+                ));
+            }
+        }
+        if let Some(cors) = &route.cors {
+            cors.validate(&|| at().key("cors"))?;
+        }
+        Ok(())
+    }
+
     fn validate_auth(&self) -> Result<(), Invalid> {
         let a = &self.auth;
         if a.api_key_header.is_empty() || !a.api_key_header.bytes().all(is_token_byte) {

@@ -5,7 +5,11 @@
 
 use std::io::Write;
 
-use super::{fields::is_hop_by_hop, response::ResponseHead, BodyFraming, Version};
+use super::{
+    fields::{is_hop_by_hop, FieldFate},
+    response::ResponseHead,
+    BodyFraming, Version,
+};
 
 /// The Via entry the gateway adds (RFC 9110 §7.6.3).
 pub const VIA: &str = "1.1 portcullis";
@@ -34,22 +38,29 @@ const RESPONSE_OWNED: [&str; 1] = ["x-request-id"];
 
 /// Writes the response head for the client from an upstream response head, with `extra` (the
 /// gateway's own field lines, each ending in CRLF, already checked) before its end; refuses
-/// (leaving `out` incomplete) a value with CR, LF or NUL.
-pub fn write_client_response(
+/// (leaving `out` incomplete) a value with CR, LF or NUL. `fate` says what becomes of each
+/// field the upstream sent that the gateway does not own (header rules).
+pub fn write_client_response<'f>(
     out: &mut Vec<u8>,
     resp: &ResponseHead,
     framing: ClientFraming,
     extra: &[u8],
+    fate: &dyn Fn(&str) -> FieldFate<'f>,
 ) -> Result<(), UnsafeFieldValue> {
     let upgrade = resp.status == 101;
     // The gateway's own Strict-Transport-Security replaces an upstream's.
     let own_hsts = memchr::memmem::find(extra, b"strict-transport-security:").is_some();
-    write_status_and_fields(out, resp, |name| {
-        if upgrade && name.eq_ignore_ascii_case("upgrade") {
-            return Some(true);
-        }
-        (own_hsts && name.eq_ignore_ascii_case("strict-transport-security")).then_some(false)
-    })?;
+    write_status_and_fields(
+        out,
+        resp,
+        |name| {
+            if upgrade && name.eq_ignore_ascii_case("upgrade") {
+                return Some(true);
+            }
+            (own_hsts && name.eq_ignore_ascii_case("strict-transport-security")).then_some(false)
+        },
+        fate,
+    )?;
     match resp.body {
         BodyFraming::Length(n) => {
             let _ = write!(out, "content-length: {n}\r\n");
@@ -91,20 +102,26 @@ pub fn write_storable_head(
     resp: &ResponseHead,
     drop_set_cookie: bool,
 ) -> Result<(), UnsafeFieldValue> {
-    write_status_and_fields(out, resp, |name| {
-        let dropped = name.eq_ignore_ascii_case("age")
-            || (drop_set_cookie && name.eq_ignore_ascii_case("set-cookie"));
-        dropped.then_some(false)
-    })
+    write_status_and_fields(
+        out,
+        resp,
+        |name| {
+            let dropped = name.eq_ignore_ascii_case("age")
+                || (drop_set_cookie && name.eq_ignore_ascii_case("set-cookie"));
+            dropped.then_some(false)
+        },
+        &|_| FieldFate::Keep,
+    )
 }
 
 /// The status line and the fields of `resp` a client may get: hop-by-hop, connection-nominated
 /// and per-request fields dropped, every Via merged into one with the gateway's entry.
 /// `decide` overrides for a field name: `Some(true)` keeps it, `Some(false)` drops it.
-fn write_status_and_fields(
+fn write_status_and_fields<'f>(
     out: &mut Vec<u8>,
     resp: &ResponseHead,
     decide: impl Fn(&str) -> Option<bool>,
+    fate: &dyn Fn(&str) -> FieldFate<'f>,
 ) -> Result<(), UnsafeFieldValue> {
     let _ = write!(out, "HTTP/1.1 {} {}\r\n", resp.status, resp.reason);
     let mut via_written = false;
@@ -131,7 +148,11 @@ fn write_status_and_fields(
         {
             continue;
         }
-        write_field(out, name, h.value)?;
+        match fate(name) {
+            FieldFate::Keep => write_field(out, name, h.value)?,
+            FieldFate::Rename(to) => write_field(out, to, h.value)?,
+            FieldFate::Drop => {}
+        }
     }
     if !via_written {
         let _ = write!(out, "via: {VIA}\r\n");
@@ -191,26 +212,67 @@ pub fn write_field(out: &mut Vec<u8>, name: &str, value: &[u8]) -> Result<(), Un
     Ok(())
 }
 
-/// Writes one of the gateway's own answers: a short plain-text body naming the problem.
+/// The body of one of the gateway's own answers: a line of text, or a JSON document rendered
+/// by the caller.
+#[derive(Debug, Clone, Copy)]
+pub enum Explanation<'a> {
+    Text(&'a str),
+    Json(&'a [u8]),
+}
+
+impl Explanation<'_> {
+    /// `content-type` and `content-length` lines.
+    fn write_fields(&self, out: &mut Vec<u8>) {
+        match self {
+            Explanation::Text(t) => {
+                let _ = write!(
+                    out,
+                    "content-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
+                    t.len() + 1
+                );
+            }
+            Explanation::Json(j) => {
+                let _ = write!(
+                    out,
+                    "content-type: application/json\r\ncontent-length: {}\r\n",
+                    j.len()
+                );
+            }
+        }
+    }
+
+    fn write_body(&self, out: &mut Vec<u8>) {
+        match self {
+            Explanation::Text(t) => {
+                out.extend_from_slice(t.as_bytes());
+                out.push(b'\n');
+            }
+            Explanation::Json(j) => out.extend_from_slice(j),
+        }
+    }
+}
+
+/// Writes one of the gateway's own answers, with a body naming the problem.
 pub fn write_error(
     out: &mut Vec<u8>,
     status: u16,
-    detail: &str,
+    body: Explanation,
     keep_alive: bool,
     head_only: bool,
     extra: &[u8],
 ) {
-    let _ = write!(
-        out,
-        "HTTP/1.1 {status} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
-        reason(status),
-        detail.len() + 1
-    );
+    let _ = write!(out, "HTTP/1.1 {status} {}\r\n", reason(status));
+    body.write_fields(out);
     end_head(out, keep_alive, Version::Http11, extra);
     if !head_only {
-        out.extend_from_slice(detail.as_bytes());
-        out.push(b'\n');
+        body.write_body(out);
     }
+}
+
+/// Writes a 204 without a body (an allowed CORS preflight; its fields are in `extra`).
+pub fn write_no_content(out: &mut Vec<u8>, keep_alive: bool, extra: &[u8]) {
+    out.extend_from_slice(b"HTTP/1.1 204 No Content\r\n");
+    end_head(out, keep_alive, Version::Http11, extra);
 }
 
 /// Writes one of the gateway's own answers with a JSON body (already rendered).
@@ -241,46 +303,42 @@ pub fn write_rate_limited(
     out: &mut Vec<u8>,
     retry_after_secs: u64,
     policy: Option<(&str, u64, u64)>,
+    body: Explanation,
     keep_alive: bool,
     head_only: bool,
     extra: &[u8],
 ) {
-    let detail = "rate limit exceeded";
-    let _ = write!(out, "HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nretry-after: {retry_after_secs}\r\n", detail.len() + 1);
+    out.extend_from_slice(b"HTTP/1.1 429 Too Many Requests\r\n");
+    body.write_fields(out);
+    let _ = write!(out, "retry-after: {retry_after_secs}\r\n");
     if let Some((name, quota, window)) = policy {
         let _ = write!(out, "ratelimit-policy: \"{name}\";q={quota};w={window}\r\nratelimit: \"{name}\";r=0;t={retry_after_secs}\r\n");
     }
     end_head(out, keep_alive, Version::Http11, extra);
     if !head_only {
-        out.extend_from_slice(detail.as_bytes());
-        out.push(b'\n');
+        body.write_body(out);
     }
 }
 
 /// Writes a refusal by an access policy: `status` (401 or 403), with `WWW-Authenticate` when
-/// given (its value), and `detail` as the body.
+/// given (its value).
 pub fn write_denied(
     out: &mut Vec<u8>,
     status: u16,
     www_authenticate: Option<&str>,
-    detail: &str,
+    body: Explanation,
     keep_alive: bool,
     head_only: bool,
     extra: &[u8],
 ) {
-    let _ = write!(
-        out,
-        "HTTP/1.1 {status} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
-        reason(status),
-        detail.len() + 1
-    );
+    let _ = write!(out, "HTTP/1.1 {status} {}\r\n", reason(status));
+    body.write_fields(out);
     if let Some(challenge) = www_authenticate {
         let _ = write!(out, "www-authenticate: {challenge}\r\n");
     }
     end_head(out, keep_alive, Version::Http11, extra);
     if !head_only {
-        out.extend_from_slice(detail.as_bytes());
-        out.push(b'\n');
+        body.write_body(out);
     }
 }
 

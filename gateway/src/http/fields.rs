@@ -173,6 +173,15 @@ pub fn same_cgi_name(name: &str, owned: &str) -> bool {
             .all(|(n, o)| n.to_ascii_lowercase() == o || (n == b'_' && o == b'-'))
 }
 
+/// What becomes of one field of a head being rebuilt, as a rule decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldFate<'n> {
+    Keep,
+    Drop,
+    /// Kept under this name (lower case).
+    Rename(&'n str),
+}
+
 pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }

@@ -272,6 +272,35 @@ pub fn render(metrics: &Metrics, extra: &Extra) -> String {
             t.concurrency_refusals,
         );
     }
+    w.family(
+        "portcullis_transform_dropped_values_total",
+        "counter",
+        "Header, query or rewrite values rendered from templates and dropped because they held CR, LF or NUL, by route id.",
+    );
+    for (route, t) in &routes {
+        w.sample(
+            "portcullis_transform_dropped_values_total",
+            &[("route", route)],
+            t.dropped_values,
+        );
+    }
+    w.family(
+        "portcullis_json_transform_skipped_total",
+        "counter",
+        "Responses a route's JSON rules passed untouched, by route id and reason (too_large, not_json, encoded).",
+    );
+    for (route, t) in &routes {
+        for (i, n) in t.json_skips.iter().enumerate() {
+            w.sample(
+                "portcullis_json_transform_skipped_total",
+                &[
+                    ("route", route),
+                    ("reason", crate::transform::json_body::JsonSkip::LABELS[i]),
+                ],
+                *n,
+            );
+        }
+    }
 
     let mut policies: BTreeMap<(String, PolicyKind, String), u64> = BTreeMap::new();
     for (_, c) in &workers {

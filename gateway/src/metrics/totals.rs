@@ -17,6 +17,8 @@ pub struct RouteTotals {
     pub auth_failures: [u64; AUTH_FAILURES.len()],
     pub concurrency_waits: u64,
     pub concurrency_refusals: u64,
+    pub dropped_values: u64,
+    pub json_skips: [u64; crate::transform::json_body::JsonSkip::LABELS.len()],
 }
 
 impl RouteTotals {
@@ -49,6 +51,10 @@ pub fn routes(metrics: &Metrics) -> BTreeMap<String, RouteTotals> {
             }
             t.concurrency_waits += r.concurrency_waits.get();
             t.concurrency_refusals += r.concurrency_refusals.get();
+            t.dropped_values += r.dropped_values.get();
+            for (i, n) in r.json_skips.iter().enumerate() {
+                t.json_skips[i] += n.get();
+            }
         }
     }
     out

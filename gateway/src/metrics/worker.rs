@@ -30,6 +30,11 @@ pub struct RouteCounters {
     /// Requests that waited for a concurrency slot, and those refused after waiting.
     pub concurrency_waits: LocalCounter,
     pub concurrency_refusals: LocalCounter,
+    /// Rendered rule values dropped because they held CR, LF or NUL.
+    pub dropped_values: LocalCounter,
+    /// Responses the route's JSON rules passed untouched, by reason (see
+    /// [`crate::transform::json_body::JsonSkip::LABELS`]).
+    pub json_skips: [LocalCounter; crate::transform::json_body::JsonSkip::LABELS.len()],
 }
 
 /// An upstream server's counters in one worker.

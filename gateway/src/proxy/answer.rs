@@ -29,6 +29,8 @@ pub enum Answer {
     SelfService { status: u16 },
     /// An answer from the cache: the entry is in the context.
     Cached,
+    /// An allowed CORS preflight: 204, its fields in the context's response fields.
+    Preflight,
     /// A rate limit or quota of route `route` refused the request: 429, retry after that many
     /// seconds.
     TooMany {

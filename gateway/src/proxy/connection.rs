@@ -69,7 +69,7 @@ pub(super) struct Connection<'w, C: Transport> {
     /// Bytes read from the upstream.
     pub(super) upbuf: Vec<u8>,
     /// The current request's normalised path and host.
-    normalized: Vec<u8>,
+    pub(super) normalized: Vec<u8>,
     /// The config generation the current request is served with.
     pub(super) generation: Rc<Generation>,
     /// The current request's context, reset for each request.
@@ -277,6 +277,8 @@ impl<C: Transport> Connection<'_, C> {
             group,
             server,
             in_flight,
+            strip,
+            rewrite_json_body,
         } = match flow {
             Ok(forward) => forward,
             Err(Exit::Answer(answer)) => return self.answer(answer, request_deadline).await,
@@ -284,6 +286,17 @@ impl<C: Transport> Connection<'_, C> {
                 unreachable!("handled in the loop above")
             }
         };
+        if rewrite_json_body {
+            if let Err(answer) = self
+                .rewrite_json_request(group, server, strip, request_deadline)
+                .await
+            {
+                return match answer {
+                    Some(answer) => self.answer(answer, request_deadline).await,
+                    None => Next::Abort,
+                };
+            }
+        }
         if let Some(answer) = self.shared_vault_admission().await {
             return self.answer(answer, request_deadline).await;
         }
@@ -395,7 +408,11 @@ impl<C: Transport> Connection<'_, C> {
     /// Reads until the buffer holds `total` bytes of head and body (a phase judges the body
     /// whole), saying 100 Continue first to a client that waits for it. `Err(None)`: the
     /// client left; `Err(Some(answer))`: the answer to give.
-    async fn buffer_body(&mut self, total: usize, deadline: Instant) -> Result<(), Option<Answer>> {
+    pub(super) async fn buffer_body(
+        &mut self,
+        total: usize,
+        deadline: Instant,
+    ) -> Result<(), Option<Answer>> {
         let facts = self.ctx.facts;
         if facts.expect_continue
             && self.inbuf.len() == facts.head_len
@@ -538,14 +555,33 @@ impl<C: Transport> Connection<'_, C> {
         }
         self.out.clear();
         let snapshot = &self.generation.snapshot;
+        let json_errors = self
+            .ctx
+            .route
+            .and_then(|r| snapshot.routes.route(r).error_format)
+            .unwrap_or(snapshot.server().error_format)
+            == crate::config::ErrorFormat::Json;
+        // The explanation of an answer, in the route's (or the server's) format.
+        let explain = |body: &'_ mut Vec<u8>, status: u16, text: &'static str, id: &[u8]| {
+            if json_errors {
+                super::error_body::render(body, status, text, id);
+            }
+            json_errors
+        };
         // A cached body may be large: the buffer is not kept that large for an idle connection.
         let mut large_answer = false;
         let status = match answer {
             Answer::Error { status, detail, .. } => {
+                let json = explain(
+                    &mut self.ctx.answer_body,
+                    status,
+                    detail,
+                    self.ctx.correlation.request_id(),
+                );
                 encode::write_error(
                     &mut self.out,
                     status,
-                    detail,
+                    explanation(json, &self.ctx.answer_body, detail),
                     keep_alive,
                     facts.is_head,
                     &self.ctx.correlation.response_fields,
@@ -576,10 +612,18 @@ impl<C: Transport> Connection<'_, C> {
                         r.quotas[i].window_secs(),
                     ),
                 });
+                let detail = "rate limit exceeded";
+                let json = explain(
+                    &mut self.ctx.answer_body,
+                    429,
+                    detail,
+                    self.ctx.correlation.request_id(),
+                );
                 encode::write_rate_limited(
                     &mut self.out,
                     retry_after_secs,
                     fields,
+                    explanation(json, &self.ctx.answer_body, detail),
                     keep_alive,
                     facts.is_head,
                     &self.ctx.correlation.response_fields,
@@ -595,11 +639,17 @@ impl<C: Transport> Connection<'_, C> {
                     }
                     AuthError::Forbidden => None,
                 };
+                let json = explain(
+                    &mut self.ctx.answer_body,
+                    e.status(),
+                    e.detail(),
+                    self.ctx.correlation.request_id(),
+                );
                 encode::write_denied(
                     &mut self.out,
                     e.status(),
                     challenge.as_deref(),
-                    e.detail(),
+                    explanation(json, &self.ctx.answer_body, e.detail()),
                     keep_alive,
                     facts.is_head,
                     &self.ctx.correlation.response_fields,
@@ -656,6 +706,14 @@ impl<C: Transport> Connection<'_, C> {
                 self.ctx.charges = QuotaCharges::default();
                 large_answer = true;
                 status
+            }
+            Answer::Preflight => {
+                encode::write_no_content(
+                    &mut self.out,
+                    keep_alive,
+                    &self.ctx.correlation.response_fields,
+                );
+                204
             }
             Answer::RedirectHttps => {
                 encode::write_redirect(
@@ -757,6 +815,15 @@ impl<C: Transport> Connection<'_, C> {
 }
 
 /// Adds the listener's Strict-Transport-Security to every answer, when it has one.
+/// The explanation to write: the JSON in `json_body` when it was rendered, else `text`.
+fn explanation<'a>(json: bool, json_body: &'a [u8], text: &'a str) -> encode::Explanation<'a> {
+    if json {
+        encode::Explanation::Json(json_body)
+    } else {
+        encode::Explanation::Text(text)
+    }
+}
+
 fn add_hsts(handle: &ConnHandle, correlation: &mut super::correlation::Correlation) {
     if let Some(hsts) = &handle.listener().hsts {
         let fields = &mut correlation.response_fields;

@@ -221,6 +221,17 @@ pub struct RequestContext {
     /// Response bytes written to the client (heads and body).
     pub bytes_out: u64,
     pub outcome: Outcome,
+    /// The capture spans of a regex route's match (kept from one request to the next).
+    pub captures: Vec<Option<regex_automata::util::primitives::NonMaxUsize>>,
+    /// The body sent upstream instead of the client's, rewritten by the route's JSON rules:
+    /// the client body's length, and the new body.
+    pub rewritten_body: Option<(usize, Vec<u8>)>,
+    /// Rendered rule values dropped because they held CR, LF or NUL.
+    pub dropped_values: u64,
+    /// Why the route's response JSON rules left the response untouched, when they did.
+    pub json_skip: Option<crate::transform::json_body::JsonSkip>,
+    /// The route's CORS fields are in the response fields already (phases may run twice).
+    pub cors_fields_added: bool,
 }
 
 impl RequestContext {
@@ -255,6 +266,11 @@ impl RequestContext {
             bytes_in: 0,
             bytes_out: 0,
             outcome: Outcome::Pending,
+            captures: Vec::new(),
+            rewritten_body: None,
+            dropped_values: 0,
+            json_skip: None,
+            cors_fields_added: false,
         }
     }
 
@@ -271,6 +287,7 @@ impl RequestContext {
         let mut log_method = std::mem::take(&mut self.log_method);
         let mut log_target = std::mem::take(&mut self.log_target);
         let mut redirect_location = std::mem::take(&mut self.redirect_location);
+        let captures = std::mem::take(&mut self.captures);
         // The key buffer comes back from the cache state, if it took it.
         let mut cache_key = match self.cache.take() {
             Some(c) => c.key,
@@ -291,6 +308,43 @@ impl RequestContext {
         self.log_target = log_target;
         self.redirect_location = redirect_location;
         self.cache_key = cache_key;
+        self.captures = captures;
+    }
+
+    /// The body sent upstream instead of the client's, when the gateway rewrote it: the
+    /// client body's length, and the new body.
+    pub fn replaced_body(&self) -> Option<(usize, &[u8])> {
+        self.vault
+            .as_ref()
+            .and_then(|v| v.upstream_body.as_ref())
+            .or(self.rewritten_body.as_ref())
+            .map(|(n, body)| (*n, &body[..]))
+    }
+
+    /// What templates see of this request; `req` is its head (the path the route matched).
+    pub fn render_context<'a>(
+        &'a self,
+        snapshot: &'a ConfigSnapshot,
+        route_id: &'a str,
+        req: &'a RequestHead,
+        peer: std::net::IpAddr,
+    ) -> crate::transform::template::RenderContext<'a> {
+        crate::transform::template::RenderContext {
+            client_ip: peer,
+            consumer: self.caller.as_ref().map(|c| c.identity(snapshot)),
+            token: match &self.caller {
+                Some(Caller::Token(t)) => Some(t),
+                _ => None,
+            },
+            request_id: self.correlation.request_id(),
+            route: route_id,
+            path: req.path,
+            captures: &self.captures,
+            host: req.host.unwrap_or(b""),
+            method: req.method,
+            headers: req.headers,
+            now: std::time::SystemTime::now(),
+        }
     }
 
     /// True once a request began arriving (an idle connection closing is no request).

@@ -75,12 +75,7 @@ impl<C: Transport> Connection<'_, C> {
             .map(|m| &m.upstreams[group_index].servers[server]);
         let mut has_body = !matches!(facts.body, BodyFraming::None | BodyFraming::Length(0));
         let mut consumed = facts.head_len;
-        if let Some((client_len, _)) = self
-            .ctx
-            .vault
-            .as_ref()
-            .and_then(|v| v.upstream_body.as_ref())
-        {
+        if let Some((client_len, _)) = self.ctx.replaced_body() {
             // The body went with the head, rewritten; the client's, buffered whole, is consumed.
             has_body = false;
             consumed += client_len;
@@ -252,10 +247,18 @@ impl<C: Transport> Connection<'_, C> {
             }
             return self.answer(Answer::Cached, request_deadline).await;
         }
+        self.ctx.status = response.status;
+        // A JSON body the route's rules rewrite is read whole and sent with its new length.
+        let conn = match self
+            .relay_json_response(conn, group, &facts, consumed)
+            .await
+        {
+            Ok(next) => return next,
+            Err(conn) => conn,
+        };
         // The response head is in `self.out`; it leaves with the start of the body.
         self.inbuf.drain(..consumed);
         self.ctx.bytes_in = consumed as u64;
-        self.ctx.status = response.status;
         if response.status == 101 {
             if !self.send_out().await {
                 self.ctx.outcome = Outcome::Cut(Side::Client);
@@ -420,6 +423,7 @@ impl<C: Transport> Connection<'_, C> {
                                 client_version: facts.version,
                             },
                             b"",
+                            &|_| crate::http::fields::FieldFate::Keep,
                         )
                         .map_err(|_| {
                             HeadFailure::Invalid(ResponseError::Malformed(
@@ -480,17 +484,19 @@ impl<C: Transport> Connection<'_, C> {
                     keep_alive,
                     client_version: facts.version,
                 };
-                self.out.clear();
-                // On a cached route the answer says what the cache did (MISS, BYPASS).
-                let mark = self.ctx.correlation.response_fields.len();
-                super::cache_store::write_cache_status_field(&mut self.ctx, snapshot);
-                let written = encode::write_client_response(
+                // On a cached route the answer says what the cache did (MISS, BYPASS); the
+                // route's field rules and CORS apply.
+                let written = super::json_exchange::write_client_head(
                     &mut self.out,
+                    &mut self.ctx,
+                    snapshot,
+                    &self.inbuf,
+                    &mut self.normalized,
+                    self.peer.ip(),
                     &resp,
                     client,
-                    &self.ctx.correlation.response_fields,
+                    false,
                 );
-                self.ctx.correlation.response_fields.truncate(mark);
                 written.map_err(|_| {
                     HeadFailure::Invalid(ResponseError::Malformed("unsafe field value"))
                 })?;

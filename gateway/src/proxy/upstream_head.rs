@@ -9,7 +9,7 @@ use crate::{
     config::AuthConfig,
     http::{
         encode::{checked, write_field, write_via, UnsafeFieldValue, VIA},
-        fields::{is_hop_by_hop, same_cgi_name},
+        fields::{is_hop_by_hop, same_cgi_name, FieldFate},
         request::RequestHead,
         BodyFraming,
     },
@@ -30,6 +30,12 @@ const REQUEST_REPLACED: [&str; 9] = [
     "tracestate",
 ];
 
+/// Whether the gateway writes request field `name` (lower case) itself on every forwarded
+/// request, whatever the client sent: forwarding, identity and correlation fields.
+pub fn written_by_gateway(name: &str) -> bool {
+    REQUEST_REPLACED.contains(&name) || name.starts_with("x-consumer-")
+}
+
 /// Whether the gateway sets or replaces request field `name` (lower case) itself, so what the
 /// upstream saw is not what the client sent: a response may not vary on it in the cache.
 pub fn gateway_owned_field(
@@ -37,8 +43,7 @@ pub fn gateway_owned_field(
     claim_headers: &[String],
     identity_headers: &[String],
 ) -> bool {
-    REQUEST_REPLACED.contains(&name)
-        || name.starts_with("x-consumer-")
+    written_by_gateway(name)
         || claim_headers
             .iter()
             .chain(identity_headers)
@@ -62,6 +67,20 @@ pub struct Identity<'a> {
     pub client_cert: Option<(&'a str, &'a str)>,
     /// On a vault route: the provider's credential, which replaces every client credential.
     pub provider: Option<ProviderAuth<'a>>,
+    /// The length of the body the gateway sends instead of the client's (a vault route's with
+    /// `stream_options.include_usage` added, or one rewritten by JSON rules), when it does.
+    pub replaced_body_length: Option<usize>,
+}
+
+/// Why no upstream head could be written.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamHeadError {
+    /// A bug upstream of the encoder, never the client's doing: a value with CR, LF or NUL.
+    #[error(transparent)]
+    Field(#[from] UnsafeFieldValue),
+    /// The route's rewrite made a path with a dot-segment out of the client's path.
+    #[error(transparent)]
+    Path(#[from] crate::routing::DotSegmentInRewrite),
 }
 
 /// A provider key as it goes upstream. Its `Debug` never shows the key.
@@ -73,9 +92,6 @@ pub struct ProviderAuth<'a> {
     pub secret: &'a str,
     /// Sent as `anthropic-version` when the client sent none (Anthropic).
     pub anthropic_version: Option<&'a str>,
-    /// The length of the body the gateway sends instead of the client's (with
-    /// `stream_options.include_usage` added), when it does.
-    pub body_length: Option<usize>,
 }
 
 impl std::fmt::Debug for ProviderAuth<'_> {
@@ -101,8 +117,11 @@ pub struct UpstreamHost<'a> {
 /// when the client sent no Host (HTTP/1.0, since the upstream request is HTTP/1.1) or when the
 /// upstream's policy fixes it;
 /// `correlation` holds the request id and trace context field lines.
+/// The route's request field rules are applied to the client's fields (never to the ones the
+/// gateway owns), and its query rules to the query; `render` is what their templates see.
 /// Every value is checked for CR, LF and NUL whatever its source; on such a value the head
-/// in `out` is incomplete and must not be sent.
+/// in `out` is incomplete and must not be sent, except for a rule's rendered value, which is
+/// dropped (and counted in the returned number) instead.
 #[allow(clippy::too_many_arguments)]
 pub fn write_upstream_request(
     out: &mut Vec<u8>,
@@ -114,13 +133,26 @@ pub fn write_upstream_request(
     proto: &str,
     host: UpstreamHost,
     correlation: &[u8],
-) -> Result<(), UnsafeFieldValue> {
+    render: &crate::transform::template::RenderContext,
+) -> Result<u64, UpstreamHeadError> {
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
-    route.write_path(req.path, out);
-    match (identity.strip, auth.api_key_query.as_deref()) {
-        (Some(CredentialSource::Query), Some(name)) => write_query_without(out, req.query, name),
-        _ => out.extend_from_slice(req.query),
+    // `OPTIONS *` (asterisk-form) names the server, not a resource: no path or query to edit.
+    let asterisk = req.path == b"*";
+    if asterisk {
+        out.push(b'*');
+    } else {
+        route.write_path(req.path, render, out)?;
+    }
+    let strip_query = match (identity.strip, auth.api_key_query.as_deref()) {
+        (Some(CredentialSource::Query), Some(name)) => Some(name),
+        _ => None,
+    };
+    match strip_query {
+        _ if asterisk => out.extend_from_slice(req.query),
+        _ if !route.query.is_empty() => route.query.write(out, req.query, strip_query, render),
+        Some(name) => write_query_without(out, req.query, name),
+        None => out.extend_from_slice(req.query),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
@@ -213,8 +245,16 @@ pub fn write_upstream_request(
             }
             _ => {}
         }
-        write_field(out, name, h.value)?;
+        match route.request_headers.fate(name) {
+            FieldFate::Keep => write_field(out, name, h.value)?,
+            FieldFate::Rename(to) => write_field(out, to, h.value)?,
+            FieldFate::Drop => {}
+        }
     }
+    let dropped =
+        route
+            .request_headers
+            .write_added(req.headers.iter().map(|h| h.name), render, out);
     if !host_written {
         let value = match host.fixed {
             true => host.value.as_bytes(),
@@ -257,8 +297,7 @@ pub fn write_upstream_request(
             }
         }
     }
-    let replaced_length = identity.provider.and_then(|p| p.body_length);
-    match (req.body, replaced_length) {
+    match (req.body, identity.replaced_body_length) {
         (BodyFraming::Length(_), Some(n)) => {
             let _ = write!(out, "content-length: {n}\r\n");
         }
@@ -275,7 +314,7 @@ pub fn write_upstream_request(
     // X-Request-Id and traceparent, rendered by the gateway from checked values.
     out.extend_from_slice(correlation);
     out.extend_from_slice(b"\r\n");
-    Ok(())
+    Ok(dropped)
 }
 
 /// Writes `query` (`?a=1&b=2`, or empty) without parameter `name`.

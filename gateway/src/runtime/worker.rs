@@ -477,7 +477,14 @@ async fn read_proxy_header(
 async fn refuse(stream: TcpStream) {
     let transport = TcpTransport::new(stream);
     let mut out = Vec::with_capacity(160);
-    encode::write_error(&mut out, 503, "connection limit reached", false, false, b"");
+    encode::write_error(
+        &mut out,
+        503,
+        encode::Explanation::Text("connection limit reached"),
+        false,
+        false,
+        b"",
+    );
     let len = out.len();
     let _ = tokio::time::timeout(Duration::from_secs(1), transport.write_all(out, 0..len)).await;
     let _ = transport.shutdown(std::net::Shutdown::Both);

@@ -1,5 +1,6 @@
 //! Body limit phase: a declared request body over the route's limit is refused before any of
-//! it is read; the relay enforces the same limit on chunked bodies as they arrive.
+//! it is read; the relay enforces the same limit on chunked bodies as they arrive. A JSON body
+//! the route's `request_json` rules rewrite must declare its length within their bound.
 
 use crate::{
     http::{request::RequestHead, BodyFraming},
@@ -7,13 +8,45 @@ use crate::{
     routing::Route,
 };
 
+/// Whether the route's JSON rules rewrite this request's body (it has one, declared JSON).
+pub fn rewrites_json(route: &Route, req: &RequestHead) -> bool {
+    route.request_json.is_some()
+        && req.has_body()
+        && req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-type"))
+            .is_some_and(|h| crate::transform::json_body::is_json_media_type(h.value))
+}
+
 pub fn check(route: &Route, req: &RequestHead, ctx: &mut RequestContext) -> Result<(), Answer> {
     ctx.facts.max_body_bytes = route.max_body_bytes;
     match (route.max_body_bytes, req.body) {
-        (Some(limit), BodyFraming::Length(n)) if n > limit => Err(Answer::error_and_close(
-            413,
-            "request body exceeds the route's limit",
-        )),
-        _ => Ok(()),
+        (Some(limit), BodyFraming::Length(n)) if n > limit => {
+            return Err(Answer::error_and_close(
+                413,
+                "request body exceeds the route's limit",
+            ))
+        }
+        _ => {}
     }
+    if let (Some(rules), true) = (&route.request_json, rewrites_json(route, req)) {
+        match req.body {
+            BodyFraming::Length(n) if n > rules.max_bytes as u64 => {
+                return Err(Answer::error_and_close(
+                    413,
+                    "JSON request body exceeds the route's request_json.max_bytes",
+                ))
+            }
+            BodyFraming::Length(_) => {}
+            // The body is rewritten whole, and its new length leads it: it must be known.
+            _ => {
+                return Err(Answer::error_and_close(
+                    411,
+                    "a JSON body this route rewrites needs a Content-Length",
+                ))
+            }
+        }
+    }
+    Ok(())
 }

@@ -96,6 +96,10 @@ fn record(m: &GenerationMetrics, ctx: &RequestContext, now: Instant) {
     let Some(route) = route else {
         return;
     };
+    counters.dropped_values.add(ctx.dropped_values);
+    if let Some(skip) = ctx.json_skip {
+        counters.json_skips[skip.index()].inc();
+    }
     match ctx.outcome {
         Outcome::Answered(Answer::Denied(e)) => counters.auth_failures[auth_failure_index(e)].inc(),
         Outcome::Answered(Answer::TooMany {

@@ -6,8 +6,8 @@
 //! | # | phase | where |
 //! |---|---|---|
 //! | 1 | normalise: parse the head, normalise path and host (strict RFC 9112 framing) | [`crate::http::request::parse_request`] |
-//! | 2 | route | [`route`] |
-//! | 3 | CORS preflight answered at the edge | issue 17 |
+//! | 2 | CORS preflight answered at the edge, matched by the method it asks for | [`cors`] |
+//! | 3 | route (regex captures kept in the context; CORS fields added) | [`route`] |
 //! | 4 | pre-auth limit | [`pre_auth_limit`] |
 //! | 5 | authenticate | [`authenticate`] |
 //! | 6 | limits and quotas | [`limits_and_quotas`] |
@@ -15,10 +15,10 @@
 //! | 8 | cache lookup | [`cache_lookup`] |
 //! | 9 | `respond` routes answer here | [`run`] |
 //! | 10 | choose the upstream server | [`choose_upstream`] |
-//! | 11 | request head transforms: the upstream head is written | [`request_head`] |
-//! | 12 | request body filters (opt-in, bounded) | issues 15 and 17 |
+//! | 11 | request head transforms (path rewrite, header and query rules): the upstream head is written | [`request_head`] |
+//! | 12 | request body filters (opt-in, bounded): vault usage, JSON rules | [`crate::vault`], [`crate::proxy::json_exchange`] |
 //! | 13 | send upstream: concurrency slot, connect, head and body | [`crate::proxy::forward`] |
-//! | 14 | upstream response filters: framing, hop-by-hop fields | [`crate::proxy::forward`] |
+//! | 14 | upstream response filters: framing, hop-by-hop fields, header rules, JSON rules | [`crate::proxy::forward`], [`crate::proxy::json_exchange`] |
 //! | 15 | cache store: the response recorded while it streams | [`crate::proxy::forward`], [`crate::cache::record`] |
 //! | 16 | client response filters: Via, Connection | [`crate::http::encode::write_client_response`] |
 //! | 17 | log | [`log`] |
@@ -33,6 +33,7 @@ pub mod authenticate;
 pub mod body_limit;
 pub mod cache_lookup;
 pub mod choose_upstream;
+pub mod cors;
 pub mod limits_and_quotas;
 pub mod log;
 pub mod pre_auth_limit;
@@ -82,6 +83,10 @@ pub struct Forward {
     pub server: usize,
     /// The concurrency count this request is held against, when the route has a limit.
     pub in_flight: Option<Arc<AtomicUsize>>,
+    /// The credential stripped from the upstream head (for writing it again).
+    pub strip: Option<crate::auth::CredentialSource>,
+    /// The route's JSON rules rewrite the body: read it whole, then write the head again.
+    pub rewrite_json_body: bool,
 }
 
 /// Runs phases 2 to 11 for `req` from `peer`, with the part of its body already read in
@@ -98,7 +103,9 @@ pub fn run(
     may_await_keys: bool,
 ) -> Result<Forward, Exit> {
     let snapshot = &*generation.snapshot;
+    cors::preflight(snapshot, req, ctx)?;
     let route = route::find(snapshot, req, ctx)?;
+    cors::add_fields(route, req, ctx);
     // A vault route reads its (bounded) body whole before any phase counts the request, so
     // running the phases again once it is in counts nothing twice.
     // Only for a caller whose key works (a vault route), and within the route's body limit:
@@ -143,7 +150,7 @@ pub fn run(
     let group = &generation.upstreams[group_index];
     let server = choose_upstream::pick(group, group_index, ctx);
     let (host, fixed) = group.host_value(server);
-    request_head::write(
+    let dropped = request_head::write(
         snapshot,
         route,
         req,
@@ -153,11 +160,14 @@ pub fn run(
         crate::proxy::upstream_head::UpstreamHost { value: host, fixed },
         out,
     )?;
+    ctx.dropped_values += dropped;
     let consumer = ctx.caller.as_ref().map(|c| c.identity(snapshot).0);
     Ok(Forward {
         group: group_index,
         server,
         in_flight: route.concurrency.as_ref().map(|c| c.counter(consumer)),
+        strip,
+        rewrite_json_body: body_limit::rewrites_json(route, req),
     })
 }
 
@@ -220,6 +230,7 @@ mod tests {
             Err(Exit::AwaitBody(_)) => 2,
             Err(Exit::SelfService) => 3,
             Err(Exit::Answer(Answer::Cached)) => 4,
+            Err(Exit::Answer(Answer::Preflight)) => 204,
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use tracing::error;
+use tracing::{debug, error};
 
 use crate::{
     auth::CredentialSource,
@@ -13,12 +13,15 @@ use crate::{
         answer::Answer,
         context::{Caller, RequestContext},
         snapshot::ConfigSnapshot,
-        upstream_head::{write_upstream_request, Identity, ProviderAuth, UpstreamHost},
+        upstream_head::{
+            write_upstream_request, Identity, ProviderAuth, UpstreamHeadError, UpstreamHost,
+        },
     },
     routing::Route,
 };
 
 /// Writes the upstream head for `req` to `out`; `host` is the chosen server's Host value.
+/// Returns how many rendered rule values were dropped (they held CR, LF or NUL).
 #[allow(clippy::too_many_arguments)]
 pub fn write(
     snapshot: &ConfigSnapshot,
@@ -29,8 +32,9 @@ pub fn write(
     strip: Option<CredentialSource>,
     host: UpstreamHost,
     out: &mut Vec<u8>,
-) -> Result<(), Answer> {
+) -> Result<u64, Answer> {
     let mut identity = Identity {
+        replaced_body_length: ctx.replaced_body().map(|(_, body)| body.len()),
         replaced: &snapshot.issuers.claim_header_names,
         strip,
         identity_headers: &snapshot.identity_headers,
@@ -57,11 +61,6 @@ pub fn write(
                 prefix,
                 secret: v.provider_key.expose(),
                 anthropic_version,
-                body_length: ctx
-                    .vault
-                    .as_ref()
-                    .and_then(|r| r.upstream_body.as_ref())
-                    .map(|(_, body)| body.len()),
             });
         }
         Some(caller) => {
@@ -73,7 +72,8 @@ pub fn write(
         None => {}
     }
     out.clear();
-    write_upstream_request(
+    let render = ctx.render_context(snapshot, &route.id, req, peer);
+    let written = write_upstream_request(
         out,
         req,
         route,
@@ -83,15 +83,29 @@ pub fn write(
         if ctx.https { "https" } else { "http" },
         host,
         &ctx.correlation.upstream_fields,
-    )
-    .map_err(|e| {
-        // A bug upstream of the encoder, never the client's doing: say which field.
-        error!(route = %route.id, field = e.field, "{e}");
-        Answer::error(500, "the gateway could not build the upstream request")
-    })?;
+        &render,
+    );
+    let dropped = match written {
+        Ok(dropped) => dropped,
+        Err(UpstreamHeadError::Field(e)) => {
+            // A bug upstream of the encoder, never the client's doing: say which field.
+            error!(route = %route.id, field = e.field, "{e}");
+            return Err(Answer::error(
+                500,
+                "the gateway could not build the upstream request",
+            ));
+        }
+        Err(UpstreamHeadError::Path(e)) => {
+            debug!(route = %route.id, "{e}");
+            return Err(Answer::error(
+                400,
+                "the route's rewrite of this path would hold a dot-segment",
+            ));
+        }
+    };
     // A body the gateway rewrote leaves with the head, in one write.
-    if let Some((_, body)) = ctx.vault.as_ref().and_then(|r| r.upstream_body.as_ref()) {
+    if let Some((_, body)) = ctx.replaced_body() {
         out.extend_from_slice(body);
     }
-    Ok(())
+    Ok(dropped)
 }

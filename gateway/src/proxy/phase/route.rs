@@ -1,4 +1,5 @@
-//! Route phase: the route the normalised host, path and method select, or 404.
+//! Route phase: the route the normalised host, path and method select, or 404; a regex
+//! route's captures are kept in the context for its templates.
 
 use crate::{
     http::request::RequestHead,
@@ -16,5 +17,9 @@ pub fn find<'s>(
         .find(req.route_host, req.path, req.method.as_bytes())
         .ok_or(Answer::error(404, "no route matches this request"))?;
     ctx.route = Some(route.index);
+    if let Some(regex) = route.path_regex() {
+        // The spans templates name; the path matched, so it has them.
+        regex.captures(req.path, &mut ctx.captures);
+    }
     Ok(route)
 }
