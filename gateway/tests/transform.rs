@@ -448,13 +448,18 @@ request_json = { max_bytes = 256, remove = ["/internal", "/items/0/cost"], set =
     let mut c = Client::connect(gw.addr);
     c.send(b"POST /orders HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nconnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n");
     assert_eq!(c.read_response(false).unwrap().status, 411);
-    // Other media types pass untouched.
+    // Other media types, and encoded bodies, pass untouched.
     let r = post(&gw, "/orders", "text/plain", "{\"internal\":true}");
     assert_eq!(r.text(), "{\"internal\":true}");
+    let r = request(
+        gw.addr,
+        "POST /orders HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Encoding: br\r\nContent-Length: 4\r\nconnection: close\r\n\r\nzzzz",
+    );
+    assert_eq!((r.status, r.text().as_str()), (200, "zzzz"));
     assert_eq!(
         up.requests().len(),
-        2,
-        "only the first and the text body went upstream"
+        3,
+        "the first, the text and the encoded body went upstream"
     );
     // Expect: 100-continue is honoured while the body is read whole.
     let mut c = Client::connect(gw.addr);

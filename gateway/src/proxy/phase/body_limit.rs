@@ -8,15 +8,20 @@ use crate::{
     routing::Route,
 };
 
-/// Whether the route's JSON rules rewrite this request's body (it has one, declared JSON).
+/// Whether the route's JSON rules rewrite this request's body: it has one, declared JSON and
+/// not encoded (an encoded body passes untouched).
 pub fn rewrites_json(route: &Route, req: &RequestHead) -> bool {
+    let field = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.trim_ascii())
+    };
     route.request_json.is_some()
         && req.has_body()
-        && req
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-type"))
-            .is_some_and(|h| crate::transform::json_body::is_json_media_type(h.value))
+        && field("content-type").is_some_and(crate::transform::json_body::is_json_media_type)
+        && field("content-encoding")
+            .is_none_or(|e| e.is_empty() || e.eq_ignore_ascii_case(b"identity"))
 }
 
 pub fn check(route: &Route, req: &RequestHead, ctx: &mut RequestContext) -> Result<(), Answer> {
