@@ -93,6 +93,66 @@ fn bench(c: &mut Criterion) {
                     fixed: false,
                 },
                 b"x-request-id: 0123456789abcdef0123456789abcdef\r\n",
+                &portcullis::transform::template::RenderContext::of_request(
+                    &req,
+                    peer,
+                    &route.id,
+                    b"0123456789abcdef0123456789abcdef",
+                ),
+            )
+            .unwrap();
+            black_box(out.len())
+        })
+    });
+    // The same with a regex route, its rewrite and five header rules (issue 17's figure).
+    let rules_routes = RouteTable::new(
+        &Config::parse(
+            Path::new("rules.toml"),
+            "[upstreams.api]\nservers = [\"127.0.0.1:9001\"]\n[[routes]]\n\
+             match = { path_regex = \"/v1/users/(?<id>[0-9]+)\" }\nupstream = \"api\"\n\
+             rewrite = \"/accounts/{path.id}\"\n\
+             request_headers = { set = { \"x-user-id\" = \"{path.id}\", \"x-route\" = \"{route}\" }, add = { \"x-rid\" = \"{request_id}\" }, remove = [\"x-debug\"], rename = { \"accept-language\" = \"x-lang\" } }\n",
+        )
+        .expect("valid bench config"),
+    );
+    let mut slots = Vec::new();
+    group.bench_function("parse_route_and_rewrite_head_with_rules", |b| {
+        b.iter(|| {
+            let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS_CEILING];
+            let req = parse_request(black_box(REQUEST), &mut headers, &limits, &mut normalized)
+                .unwrap()
+                .unwrap();
+            let route = rules_routes
+                .find(req.route_host, req.path, req.method.as_bytes())
+                .unwrap();
+            route
+                .path_regex()
+                .expect("a regex route")
+                .captures(req.path, &mut slots);
+            let render = portcullis::transform::template::RenderContext {
+                captures: &slots,
+                ..portcullis::transform::template::RenderContext::of_request(
+                    &req,
+                    peer,
+                    &route.id,
+                    b"0123456789abcdef0123456789abcdef",
+                )
+            };
+            out.clear();
+            portcullis::proxy::upstream_head::write_upstream_request(
+                &mut out,
+                &req,
+                route,
+                &portcullis::proxy::upstream_head::Identity::default(),
+                &AuthConfig::default(),
+                peer,
+                "http",
+                portcullis::proxy::upstream_head::UpstreamHost {
+                    value: "127.0.0.1:9001",
+                    fixed: false,
+                },
+                b"x-request-id: 0123456789abcdef0123456789abcdef\r\n",
+                &render,
             )
             .unwrap();
             black_box(out.len())

@@ -70,19 +70,12 @@ pub fn request_head(data: &[u8]) {
             fixed: false,
         },
         b"x-request-id: 0123456789abcdef0123456789abcdef\r\n",
-        &portcullis::transform::template::RenderContext {
-            client_ip: IpAddr::from([203, 0, 113, 7]),
-            consumer: None,
-            token: None,
-            request_id: b"0123456789abcdef0123456789abcdef",
-            route: &route.id,
-            path: req.path,
-            captures: &[],
-            host: req.host.unwrap_or(b""),
-            method: req.method,
-            headers: req.headers,
-            now: std::time::SystemTime::UNIX_EPOCH,
-        },
+        &portcullis::transform::template::RenderContext::of_request(
+            &req,
+            IpAddr::from([203, 0, 113, 7]),
+            &route.id,
+            b"0123456789abcdef0123456789abcdef",
+        ),
     );
     // Every value came through the decoder, which refuses CR, LF and NUL.
     assert!(written.is_ok(), "{written:?}");

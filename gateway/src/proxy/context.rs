@@ -330,20 +330,18 @@ impl RequestContext {
         peer: std::net::IpAddr,
     ) -> crate::transform::template::RenderContext<'a> {
         crate::transform::template::RenderContext {
-            client_ip: peer,
             consumer: self.caller.as_ref().map(|c| c.identity(snapshot)),
             token: match &self.caller {
                 Some(Caller::Token(t)) => Some(t),
                 _ => None,
             },
-            request_id: self.correlation.request_id(),
-            route: route_id,
-            path: req.path,
             captures: &self.captures,
-            host: req.host.unwrap_or(b""),
-            method: req.method,
-            headers: req.headers,
-            now: std::time::SystemTime::now(),
+            ..crate::transform::template::RenderContext::of_request(
+                req,
+                peer,
+                route_id,
+                self.correlation.request_id(),
+            )
         }
     }
 

@@ -240,6 +240,29 @@ pub struct RenderContext<'a> {
 }
 
 impl<'a> RenderContext<'a> {
+    /// What templates see of `req` from `client_ip` on route `route`, before any caller is
+    /// known (no consumer, no claims, no captures).
+    pub fn of_request(
+        req: &'a crate::http::request::RequestHead<'a, 'a>,
+        client_ip: IpAddr,
+        route: &'a str,
+        request_id: &'a [u8],
+    ) -> RenderContext<'a> {
+        RenderContext {
+            client_ip,
+            consumer: None,
+            token: None,
+            request_id,
+            route,
+            path: req.path,
+            captures: &[],
+            host: req.host.unwrap_or(b""),
+            method: req.method,
+            headers: req.headers,
+            now: std::time::SystemTime::now(),
+        }
+    }
+
     /// A context for tests: client 198.51.100.4, no consumer, route `r`, path `/`, `headers`.
     #[cfg(test)]
     pub fn for_tests(headers: &'a [httparse::Header<'a>]) -> RenderContext<'a> {
