@@ -1,9 +1,12 @@
 //! A fixed HTTP/1.1 backend: thread per core on io_uring, keep-alive, precomputed responses.
 //!
-//! Paths: `/1k` and `/64k` answer bodies of that size; a path ending in `/sse` or `/sse/chat/completions` (such as `/sse`
-//! or `/vault/v1/sse`) answers a stream of server-sent events, OpenAI-style (see [`SSE_EVENTS`]);
-//! any other path answers a short greeting. Request bodies framed by Content-Length are read and
-//! discarded. It is deliberately minimal so that it is never the bottleneck of a benchmark.
+//! Paths: `/1k` and `/64k` answer bodies of that size; `/json/4096` answers a JSON object of
+//! exactly 4096 bytes with `content-type: application/json` (see [`json_body`]; for
+//! `cargo xtask bench-transform`); a path ending in `/sse` or `/sse/chat/completions` (such as
+//! `/sse` or `/vault/v1/sse`) answers a stream of server-sent events, OpenAI-style (see
+//! [`SSE_EVENTS`]); any other path answers a short greeting. Request bodies framed by
+//! Content-Length are read and discarded. It is deliberately minimal so that it is never the
+//! bottleneck of a benchmark.
 
 use std::{net::SocketAddr, rc::Rc, time::Duration};
 
@@ -34,6 +37,7 @@ pub struct Responses {
     greeting: Vec<u8>,
     one_k: Vec<u8>,
     sixty_four_k: Vec<u8>,
+    json_4k: Vec<u8>,
     /// The `/sse` stream: the head with the first event, then each later write.
     sse: Vec<Vec<u8>>,
 }
@@ -60,13 +64,47 @@ fn is_sse(path: &str) -> bool {
 }
 
 fn response(body: &[u8]) -> Vec<u8> {
+    typed_response("text/plain", body)
+}
+
+fn typed_response(content_type: &str, body: &[u8]) -> Vec<u8> {
     let mut r = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
         body.len()
     )
     .into_bytes();
     r.extend_from_slice(body);
     r
+}
+
+/// The body of `/json/<size>`: `{"items":[{"id":0,"name":"item-0000","active":true,"score":0},
+/// ...],"pad":"xx..."}`, as many items as fit and a `pad` string that makes it exactly `size`
+/// bytes (at least 21). Compact, ASCII, no whitespace.
+pub fn json_body(size: usize) -> Vec<u8> {
+    const HEAD: &str = "{\"items\":[";
+    const TAIL: &str = "],\"pad\":\"\"}";
+    assert!(
+        size >= HEAD.len() + TAIL.len(),
+        "a JSON body needs at least 21 bytes"
+    );
+    let mut s = String::from(HEAD);
+    for id in 0usize.. {
+        let item = format!(
+            "{}{{\"id\":{id},\"name\":\"item-{id:04}\",\"active\":{},\"score\":{}}}",
+            if id == 0 { "" } else { "," },
+            id % 2 == 0,
+            id * 37 % 100
+        );
+        if s.len() + item.len() + TAIL.len() > size {
+            break;
+        }
+        s.push_str(&item);
+    }
+    let pad = size - s.len() - TAIL.len();
+    s.push_str("],\"pad\":\"");
+    s.push_str(&"x".repeat(pad));
+    s.push_str("\"}");
+    s.into_bytes()
 }
 
 impl Default for Responses {
@@ -75,6 +113,7 @@ impl Default for Responses {
             greeting: response(b"Hello from the Portcullis demo upstream.\n"),
             one_k: response(&[b'a'; 1024]),
             sixty_four_k: response(&vec![b'b'; 64 * 1024]),
+            json_4k: typed_response("application/json", &json_body(4096)),
             sse: sse_writes(),
         }
     }
@@ -85,6 +124,7 @@ impl Responses {
         match path {
             "/1k" => &self.one_k,
             "/64k" => &self.sixty_four_k,
+            "/json/4096" => &self.json_4k,
             _ => &self.greeting,
         }
     }
@@ -204,5 +244,30 @@ async fn serve(stream: tokio_uring::net::TcpStream, responses: Rc<Responses>) {
             }
             need_read = false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_body_is_exactly_its_size_and_valid_json() {
+        for size in [21, 100, 4096] {
+            let body = json_body(size);
+            assert_eq!(body.len(), size);
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(v["items"].is_array());
+        }
+        let v: serde_json::Value = serde_json::from_slice(&json_body(4096)).unwrap();
+        assert_eq!(v["items"][0]["name"], "item-0000");
+        assert!(v["items"].as_array().unwrap().len() > 50);
+    }
+
+    #[test]
+    fn json_path_is_served_as_json() {
+        let r = Responses::default();
+        let head = String::from_utf8_lossy(r.for_path("/json/4096"));
+        assert!(head.contains("content-type: application/json\r\ncontent-length: 4096\r\n\r\n"));
     }
 }

@@ -8,6 +8,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
+    io::{Read, Write},
     net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -20,7 +21,7 @@ use crate::{is_root, run_checked, workspace_root};
 
 const BACKEND_PORT: u16 = 19001;
 /// Connections for the maximum-throughput runs.
-const MAX_CONNECTIONS: usize = 64;
+pub(crate) const MAX_CONNECTIONS: usize = 64;
 /// Connections for the fixed-rate runs.
 const RATE_CONNECTIONS: usize = 32;
 /// Fixed rates, as fractions of nginx's maximum.
@@ -143,6 +144,7 @@ impl LoadgenRun<'_> {
 pub(crate) struct LoadSummary {
     pub rps: f64,
     pub errors: u64,
+    pub p50_us: u64,
     pub p99_us: u64,
 }
 
@@ -162,7 +164,74 @@ pub(crate) fn load_summary(child: Child) -> anyhow::Result<LoadSummary> {
     Ok(LoadSummary {
         rps: field("rps").parse().context("rps")?,
         errors: field("errors").parse().unwrap_or(0),
+        p50_us: field("p50_us").parse().unwrap_or(0),
         p99_us: field("p99_us").parse().unwrap_or(0),
+    })
+}
+
+/// The answer to one request sent on a fresh connection, read to its end.
+pub(crate) struct Reply {
+    pub status: u16,
+    /// The status line and header lines.
+    pub head: String,
+    /// Everything after the head, as received (framing included when chunked).
+    pub body: String,
+}
+
+impl Reply {
+    /// The first value of header `name` (case-insensitive), trimmed.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        header_value(&self.head, name)
+    }
+}
+
+/// The first value of header `name` (case-insensitive, trimmed) in a response head.
+fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Where a response in `raw` ends, once all of it is there and it has a Content-Length.
+fn framed_end(raw: &[u8]) -> Option<usize> {
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&raw[..head_end]).ok()?;
+    let length: usize = header_value(head, "content-length")?.parse().ok()?;
+    (raw.len() >= head_end + length).then_some(head_end + length)
+}
+
+/// Sends `request` (whole, asking for `Connection: close`) to `127.0.0.1:port` and reads the
+/// answer: to its Content-Length, or else until the server closes.
+pub(crate) fn http_once(port: u16, request: &str) -> anyhow::Result<Reply> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("cannot connect to 127.0.0.1:{port}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request.as_bytes())?;
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = framed_end(&raw) {
+            raw.truncate(end);
+            break;
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok(Reply {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
     })
 }
 

@@ -19,7 +19,6 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     io::{Read, Write},
-    net::TcpStream,
     os::unix::fs::OpenOptionsExt,
     path::Path,
     process::{Command, Stdio},
@@ -30,7 +29,8 @@ use anyhow::{bail, Context};
 
 use crate::{
     bench::{
-        ensure_commands, layout, machine, spawn_pinned, start_backend, timestamp, wait_for_port,
+        ensure_commands, http_once, layout, machine, spawn_pinned, start_backend, timestamp,
+        wait_for_port,
     },
     workspace_root,
 };
@@ -98,26 +98,15 @@ fn write_master_key(path: &Path) -> anyhow::Result<()> {
 
 /// One admin API call: its status and body.
 fn admin(method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", ADMIN_PORT)).context("admin listener")?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Ok((status, body))
+    let reply = http_once(
+        ADMIN_PORT,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .context("admin listener")?;
+    Ok((reply.status, reply.body))
 }
 
 fn admin_expect(method: &str, path: &str, body: &str, want: u16) -> anyhow::Result<String> {

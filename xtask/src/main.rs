@@ -13,12 +13,15 @@
 //!   1 KiB keep-alive requests per second over TLS, beside nginx.
 //! - `bench-vault`: the time to first byte the LLM key vault adds to a streamed (SSE) response,
 //!   a vault route against a plain route to the same upstream.
+//! - `bench-transform`: the throughput cost of header rules with a regex rewrite, and of a JSON
+//!   body transform, against plain routes to the same backend resources.
 
 mod bench;
 mod bench_auth;
 mod bench_observability;
 mod bench_reload;
 mod bench_tls;
+mod bench_transform;
 mod bench_vault;
 mod bench_xdp;
 mod ebpf;
@@ -101,6 +104,20 @@ enum Task {
         #[arg(long, default_value_t = 30.0)]
         duration: f64,
     },
+    /// Throughput of a plain route against one with five header rules and a regex rewrite, and
+    /// of a 4 KiB JSON response untouched against the same enriched by a JSON body transform,
+    /// interleaved in one run.
+    BenchTransform {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// Measured rounds (each runs every target once); the table has the median.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Load generator connections (closed loop).
+        #[arg(long, default_value_t = bench::MAX_CONNECTIONS)]
+        connections: usize,
+    },
     /// Run every test (as root: the privileged XDP tests too).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -125,6 +142,11 @@ fn main() -> ExitCode {
         Task::BenchObservability { duration } => bench_observability::run(duration),
         Task::BenchTls { duration } => bench_tls::run(duration),
         Task::BenchVault { duration } => bench_vault::run(duration),
+        Task::BenchTransform {
+            duration,
+            repeats,
+            connections,
+        } => bench_transform::run(duration, repeats, connections),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,7 @@ use clap::Parser;
 
 #[derive(Parser)]
 #[command(
-    about = "A fixed HTTP/1.1 backend: /1k and /64k bodies, server-sent events on paths ending in /sse, a greeting elsewhere"
+    about = "A fixed HTTP/1.1 backend: /1k and /64k bodies, a 4096-byte JSON object on /json/4096, server-sent events on paths ending in /sse, a greeting elsewhere"
 )]
 struct Args {
     #[arg(long, default_value = "127.0.0.1:9001")]
