@@ -260,6 +260,19 @@ impl JsonRulesConfig {
                 }
             }
         }
+        let pointers: Vec<&str> = self
+            .remove
+            .iter()
+            .chain(self.set.keys())
+            .chain(self.add.keys())
+            .map(String::as_str)
+            .collect();
+        if let Some((outer, inner)) = crate::transform::json_body::nested_pointers(&pointers) {
+            return Err(Invalid::new(
+                at(),
+                format!("`{inner}` lies inside `{outer}`: one rule's path may not be inside another's (set the whole value at `{outer}` instead)"),
+            ));
+        }
         if self.max_bytes == 0 || self.max_bytes > MAX_JSON_BODY_BYTES {
             return Err(Invalid::new(
                 at().key("max_bytes"),

@@ -144,9 +144,12 @@ fn plan<'r>(
 
 /// A response body read whole.
 enum Buffered {
-    /// The body's bytes (decoded from chunks when chunked), and where its framing ended in
-    /// the upstream buffer.
-    Complete { body: Vec<u8>, end: usize },
+    /// Where the body's framing ended in the upstream buffer, and its bytes: decoded from
+    /// chunks when chunked, else `head_len..end` of the buffer.
+    Complete {
+        dechunked: Option<Vec<u8>>,
+        end: usize,
+    },
     /// Over the bound: pass it on untouched.
     TooLarge,
     /// The upstream failed; the response cannot be given.
@@ -172,7 +175,7 @@ async fn read_whole<T: Transport>(
                 let end = head_len + n as usize;
                 if buf.len() >= end {
                     return Buffered::Complete {
-                        body: buf[head_len..end].to_vec(),
+                        dechunked: None,
                         end,
                     };
                 }
@@ -182,7 +185,7 @@ async fn read_whole<T: Transport>(
                 match decoder.decode(input, |r| decoded.extend_from_slice(&input[r])) {
                     Ok(p) if p.done => {
                         return Buffered::Complete {
-                            body: decoded,
+                            dechunked: Some(decoded),
                             end: scanned + p.consumed,
                         }
                     }
@@ -215,7 +218,7 @@ async fn read_whole<T: Transport>(
         match res {
             Ok(0) | Err(IoFailure::Closed) if framing == BodyFraming::UntilClose => {
                 return Buffered::Complete {
-                    body: buf[head_len..].to_vec(),
+                    dechunked: None,
                     end: buf.len(),
                 }
             }
@@ -227,11 +230,11 @@ async fn read_whole<T: Transport>(
 }
 
 /// `body` decoded from `coding`, within `max_bytes`; `None` when it cannot be (or is larger).
-fn decode(body: Vec<u8>, coding: Coding, max_bytes: usize) -> Option<Vec<u8>> {
+fn decode(body: &[u8], coding: Coding, max_bytes: usize) -> Option<std::borrow::Cow<'_, [u8]>> {
     let mut out = Vec::new();
     let limit = max_bytes as u64 + 1;
     let read = match coding {
-        Coding::Identity => return Some(body),
+        Coding::Identity => return Some(std::borrow::Cow::Borrowed(body)),
         Coding::Gzip => flate2::read::GzDecoder::new(&body[..])
             .take(limit)
             .read_to_end(&mut out),
@@ -249,7 +252,7 @@ fn decode(body: Vec<u8>, coding: Coding, max_bytes: usize) -> Option<Vec<u8>> {
             }
         },
     };
-    (read.is_ok() && out.len() <= max_bytes).then_some(out)
+    (read.is_ok() && out.len() <= max_bytes).then_some(std::borrow::Cow::Owned(out))
 }
 
 impl<C: Transport> Connection<'_, C> {
@@ -355,8 +358,8 @@ impl<C: Transport> Connection<'_, C> {
         )
         .await;
         self.upbuf = buf;
-        let (body, end) = match buffered {
-            Buffered::Complete { body, end } => (body, end),
+        let (dechunked, end) = match buffered {
+            Buffered::Complete { dechunked, end } => (dechunked, end),
             Buffered::TooLarge => {
                 self.ctx.json_skip = Some(JsonSkip::TooLarge);
                 return Err(conn);
@@ -367,6 +370,10 @@ impl<C: Transport> Connection<'_, C> {
                 let answer = Answer::error_and_close(502, "upstream failed during the response");
                 return Ok(self.answer(answer, Instant::now()).await);
             }
+        };
+        let body = match &dechunked {
+            Some(b) => &b[..],
+            None => &self.upbuf[head_len..end],
         };
         let Some(decoded) = decode(body, coding, rules.max_bytes) else {
             self.ctx.json_skip = Some(JsonSkip::Encoded);
