@@ -235,18 +235,18 @@ fn decode(body: &[u8], coding: Coding, max_bytes: usize) -> Option<std::borrow::
     let limit = max_bytes as u64 + 1;
     let read = match coding {
         Coding::Identity => return Some(std::borrow::Cow::Borrowed(body)),
-        Coding::Gzip => flate2::read::GzDecoder::new(&body[..])
+        Coding::Gzip => flate2::read::GzDecoder::new(body)
             .take(limit)
             .read_to_end(&mut out),
         // RFC 9110 `deflate` is zlib; some servers send raw deflate.
-        Coding::Deflate => match flate2::read::ZlibDecoder::new(&body[..])
+        Coding::Deflate => match flate2::read::ZlibDecoder::new(body)
             .take(limit)
             .read_to_end(&mut out)
         {
             Ok(n) => Ok(n),
             Err(_) => {
                 out.clear();
-                flate2::read::DeflateDecoder::new(&body[..])
+                flate2::read::DeflateDecoder::new(body)
                     .take(limit)
                     .read_to_end(&mut out)
             }
