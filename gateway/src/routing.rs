@@ -67,11 +67,12 @@ fn needs_path_escape(b: u8) -> bool {
         )
 }
 
-/// A rewritten path that cannot be sent: it would hold a `.` or `..` segment, which the
-/// upstream would resolve to somewhere the route does not name.
+/// A rewritten path that cannot be sent: it would hold a `.` or `..` segment, or a value
+/// from the request (a field, a claim) that is not one plain segment, which the upstream could
+/// resolve to somewhere the route does not name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the rewritten path holds a dot-segment")]
-pub struct DotSegmentInRewrite;
+#[error("the rewritten path would hold a dot-segment, or a value that is not one plain segment")]
+pub struct UnsafeRewrite;
 
 /// Bytes a rendered path keeps as they are (RFC 3986 pchar and `/`, `%` of escapes the
 /// normalised path already holds); the rest are percent-encoded.
@@ -358,12 +359,12 @@ impl Route {
         path: &[u8],
         render: &crate::transform::template::RenderContext,
         out: &mut Vec<u8>,
-    ) -> Result<(), DotSegmentInRewrite> {
+    ) -> Result<(), UnsafeRewrite> {
         match &self.rewrite {
             PathRewrite::Keep => out.extend_from_slice(path),
             PathRewrite::Template(t) => {
                 let start = out.len();
-                t.render(render, out);
+                t.render_path(render, out).map_err(|_| UnsafeRewrite)?;
                 if out[start..].iter().any(|b| needs_path_escape(*b)) {
                     // Only a path whose variables brought bytes a target may not hold is copied.
                     let raw = out.split_off(start);
@@ -375,7 +376,7 @@ impl Route {
                     .split(|b| *b == b'/')
                     .any(|seg| seg == b"." || seg == b"..");
                 if has_dot_segment {
-                    return Err(DotSegmentInRewrite);
+                    return Err(UnsafeRewrite);
                 }
             }
             PathRewrite::ReplacePrefix {

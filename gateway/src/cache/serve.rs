@@ -123,8 +123,24 @@ pub struct ServeParams<'a> {
     pub http10: bool,
     pub head_only: bool,
     pub range: RangeAsk,
-    /// The gateway's own field lines (request id, HSTS), each ending in CRLF.
+    /// The gateway's own field lines (request id, HSTS, the route's rule fields), each
+    /// ending in CRLF.
     pub extra: &'a [u8],
+    /// What becomes of each stored field (the route's response rules and CORS).
+    pub fate: &'a dyn Fn(&str) -> crate::http::fields::FieldFate<'a>,
+}
+
+/// The names of the fields an entry's head stores.
+pub fn field_names(entry: &Entry) -> impl Iterator<Item = &str> + Clone {
+    let fields_at = entry
+        .head
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map_or(0, |i| i + 2);
+    entry.head[fields_at..]
+        .split(|b| *b == b'\n')
+        .filter_map(|line| std::str::from_utf8(line.split(|b| *b == b':').next()?).ok())
+        .filter(|name| !name.is_empty() && !name.starts_with('\r'))
 }
 
 /// Writes the answer from `entry` to `out`; returns its status.
@@ -163,7 +179,14 @@ pub fn write(out: &mut Vec<u8>, entry: &Entry, request: &[Header], p: ServeParam
         {
             continue;
         }
-        out.extend_from_slice(line);
+        match std::str::from_utf8(name).map(|n| (p.fate)(n)) {
+            Ok(crate::http::fields::FieldFate::Drop) => continue,
+            Ok(crate::http::fields::FieldFate::Rename(to)) => {
+                out.extend_from_slice(to.as_bytes());
+                out.extend_from_slice(&line[name.len()..]);
+            }
+            _ => out.extend_from_slice(line),
+        }
     }
     let _ = write!(out, "age: {}\r\n", p.age_secs);
     let _ = write!(out, "{}: {}\r\n", p.status_field, p.status.as_str());

@@ -44,11 +44,23 @@ pub struct QueryRulesConfig {
 
 /// A value a JSON rule writes: a TOML string is a template (rendered to a JSON string); any
 /// other TOML value is written as the JSON it maps to.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum JsonValueConfig {
     Template(Template),
     Literal(serde_json::Value),
+}
+
+impl<'de> Deserialize<'de> for JsonValueConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Not `untagged`: a string that is not a valid template is an error, never a literal.
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(s) => Template::parse(&s)
+                .map(JsonValueConfig::Template)
+                .map_err(|e| serde::de::Error::custom(format!("template `{s}`: {e}"))),
+            other => Ok(JsonValueConfig::Literal(other)),
+        }
+    }
 }
 
 /// JSON body rules for one direction, keyed by JSON Pointer.

@@ -107,9 +107,10 @@ pub async fn relay_request_body<C: Transport, U: Transport>(
         if done {
             return (Ok(pos), buf);
         }
-        // Everything in the buffer was body: reuse it whole for the next read.
-        buf.clear();
-        pos = 0;
+        // Everything after the head was body: reuse that part for the next read. The head
+        // stays, for what the response phases read of the request (templates, the cache).
+        buf.truncate(start);
+        pos = start;
         let (res, b) = read_before(client, buf, deadlines.next_read()).await;
         buf = b;
         match res {

@@ -681,13 +681,29 @@ impl<C: Transport> Connection<'_, C> {
                 status
             }
             Answer::Cached => {
+                let Some(entry) = self.ctx.cache.as_ref().and_then(|s| s.entry.clone()) else {
+                    unreachable!("the cache phase sets its entry before answering");
+                };
+                // The route's response rules and CORS apply to a hit as to a miss.
+                let route = self.ctx.route.map(|r| snapshot.routes.route(r));
+                let mark = self.ctx.correlation.response_fields.len();
+                if let Some(route) = route {
+                    super::json_exchange::add_rule_fields(
+                        &mut self.ctx,
+                        snapshot,
+                        &self.inbuf,
+                        &mut self.normalized,
+                        self.peer.ip(),
+                        route,
+                        crate::cache::serve::field_names(&entry),
+                    );
+                }
                 let Some(state) = &self.ctx.cache else {
                     unreachable!("the cache phase sets its state before answering");
                 };
-                let Some(entry) = &state.entry else {
-                    unreachable!("a cached answer has its entry");
-                };
+                let fate = |name: &str| super::json_exchange::response_fate(route, name);
                 let params = crate::cache::serve::ServeParams {
+                    fate: &fate,
                     status: state.status,
                     status_field: &snapshot.config.cache.status_header,
                     age_secs: entry.age(std::time::Instant::now()).as_secs(),
@@ -700,8 +716,9 @@ impl<C: Transport> Connection<'_, C> {
                 let head = &self.inbuf[..facts.head_len.min(self.inbuf.len())];
                 let out = &mut self.out;
                 let status = crate::cache::record::with_request_fields(head, |fields| {
-                    crate::cache::serve::write(out, entry, fields, params)
+                    crate::cache::serve::write(out, &entry, fields, params)
                 });
+                self.ctx.correlation.response_fields.truncate(mark);
                 // A hit is the service: the request's quotas count.
                 self.ctx.charges = QuotaCharges::default();
                 large_answer = true;

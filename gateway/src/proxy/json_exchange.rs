@@ -40,7 +40,7 @@ fn is_cors_field(name: &str) -> bool {
 }
 
 /// What becomes of an upstream response field on `route`.
-fn response_fate<'r>(route: Option<&'r Route>, name: &str) -> FieldFate<'r> {
+pub(super) fn response_fate<'r>(route: Option<&'r Route>, name: &str) -> FieldFate<'r> {
     match route {
         Some(r) if r.cors.is_some() && is_cors_field(name) => FieldFate::Drop,
         Some(r) => r.response_headers.fate(name),
@@ -67,19 +67,16 @@ pub(super) fn write_client_head(
     let route = ctx.route.map(|r| snapshot.routes.route(r));
     let mark = ctx.correlation.response_fields.len();
     super::cache_store::write_cache_status_field(ctx, snapshot);
-    if let Some(route) = route.filter(|r| !r.response_headers.is_empty()) {
-        let mut fields = take(&mut ctx.correlation.response_fields);
-        let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS_CEILING];
-        if let Ok(Some(req)) = parse_request(inbuf, &mut headers, &snapshot.limits, normalized) {
-            let render = ctx.render_context(snapshot, &route.id, &req, peer);
-            let dropped = route.response_headers.write_added(
-                resp.headers.iter().map(|h| h.name),
-                &render,
-                &mut fields,
-            );
-            ctx.dropped_values += dropped;
-        }
-        ctx.correlation.response_fields = fields;
+    if let Some(route) = route {
+        add_rule_fields(
+            ctx,
+            snapshot,
+            inbuf,
+            normalized,
+            peer,
+            route,
+            resp.headers.iter().map(|h| h.name),
+        );
     }
     let fate = |name: &str| {
         if drop_encoding && name.eq_ignore_ascii_case("content-encoding") {
@@ -92,6 +89,31 @@ pub(super) fn write_client_head(
         encode::write_client_response(out, resp, client, &ctx.correlation.response_fields, &fate);
     ctx.correlation.response_fields.truncate(mark);
     written
+}
+
+/// Adds the route's response rule fields (set, add, append) for a response that arrived with
+/// the fields named by `arrived` to the context's response fields. Their templates see the
+/// request, decoded again from `inbuf`, where its head still is.
+pub(super) fn add_rule_fields<'n>(
+    ctx: &mut RequestContext,
+    snapshot: &ConfigSnapshot,
+    inbuf: &[u8],
+    normalized: &mut Vec<u8>,
+    peer: IpAddr,
+    route: &Route,
+    arrived: impl Iterator<Item = &'n str> + Clone,
+) {
+    if route.response_headers.is_empty() {
+        return;
+    }
+    let mut fields = take(&mut ctx.correlation.response_fields);
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS_CEILING];
+    if let Ok(Some(req)) = parse_request(inbuf, &mut headers, &snapshot.limits, normalized) {
+        let render = ctx.render_context(snapshot, &route.id, &req, peer);
+        let dropped = route.response_headers.write_added(arrived, &render, &mut fields);
+        ctx.dropped_values += dropped;
+    }
+    ctx.correlation.response_fields = fields;
 }
 
 /// How a response body is decoded before the rules see it.
@@ -287,7 +309,11 @@ impl<C: Transport> Connection<'_, C> {
             &snapshot.limits,
             &mut self.normalized,
         ) else {
-            unreachable!("the head was decoded once from the same bytes");
+            // The head was decoded from these bytes once; not again would be a bug here.
+            return Err(Some(Answer::error_and_close(
+                500,
+                "the gateway lost the request head",
+            )));
         };
         let render = self
             .ctx
@@ -387,7 +413,8 @@ impl<C: Transport> Connection<'_, C> {
                 &snapshot.limits,
                 &mut self.normalized,
             ) else {
-                unreachable!("the head was decoded once from the same bytes");
+                // Not the request's head any more (a bug): pass the response untouched.
+                return Err(conn);
             };
             let render = self
                 .ctx
@@ -406,6 +433,8 @@ impl<C: Transport> Connection<'_, C> {
         };
         let mut out = take(&mut self.out);
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+        // The head is written again: its rule values were counted the first time.
+        let dropped_before = self.ctx.dropped_values;
         let written = match parse_response(&self.upbuf, &mut fields, facts.is_head) {
             Ok(Some(mut resp)) => {
                 resp.body = BodyFraming::Length(rewritten.len() as u64);
@@ -421,8 +450,11 @@ impl<C: Transport> Connection<'_, C> {
                     coding != Coding::Identity,
                 )
             }
-            _ => unreachable!("the head was decoded once from the same bytes"),
+            _ => Err(UnsafeFieldValue {
+                field: "(the response head, decoded once already)".into(),
+            }),
         };
+        self.ctx.dropped_values = dropped_before;
         self.out = out;
         if written.is_err() {
             let answer = Answer::error_and_close(502, "invalid response from upstream");
@@ -431,12 +463,11 @@ impl<C: Transport> Connection<'_, C> {
         self.out.extend_from_slice(&rewritten);
         self.inbuf.drain(..consumed);
         self.ctx.bytes_in = consumed as u64;
-        let sent = self.out.len() as u64;
+        // (send_out counts the bytes written.)
         if !self.send_out().await {
             self.ctx.outcome = Outcome::Cut(super::context::Side::Client);
             return Ok(Next::Abort);
         }
-        self.ctx.bytes_out += sent;
         self.ctx.outcome = Outcome::Relayed;
         let whole_framed = framing != BodyFraming::UntilClose && end == self.upbuf.len();
         if upstream_keep_alive && whole_framed {

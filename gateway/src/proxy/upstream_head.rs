@@ -78,9 +78,10 @@ pub enum UpstreamHeadError {
     /// A bug upstream of the encoder, never the client's doing: a value with CR, LF or NUL.
     #[error(transparent)]
     Field(#[from] UnsafeFieldValue),
-    /// The route's rewrite made a path with a dot-segment out of the client's path.
+    /// The route's rewrite made a path with a dot-segment, or a value that is not a plain
+    /// segment, out of what the client sent.
     #[error(transparent)]
-    Path(#[from] crate::routing::DotSegmentInRewrite),
+    Path(#[from] crate::routing::UnsafeRewrite),
 }
 
 /// A provider key as it goes upstream. Its `Debug` never shows the key.
@@ -156,6 +157,48 @@ pub fn write_upstream_request(
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
+    // The client's fields the gateway never forwards (the rules see the others).
+    let dropped_by_gateway = |name: &str| {
+        if is_hop_by_hop(name)
+            || req.connection.nominates(name)
+            || REQUEST_REPLACED.iter().any(|r| same_cgi_name(name, r))
+        {
+            return true;
+        }
+        // On a cached route, what could change the answer without being in the key.
+        if route.cache.is_some()
+            && crate::cache::key::UNKEYED_FIELDS
+                .iter()
+                .any(|u| same_cgi_name(name, u))
+        {
+            return true;
+        }
+        // Identity fields the gateway writes: never a client's copy, in any spelling, also
+        // the header a connection's certificate was given before a reload renamed it.
+        if identity.provider.is_some()
+            && crate::vault::provider::CREDENTIAL_HEADERS
+                .iter()
+                .any(|c| same_cgi_name(name, c))
+        {
+            return true;
+        }
+        if identity
+            .replaced
+            .iter()
+            .chain(identity.identity_headers)
+            .any(|r| same_cgi_name(name, r))
+            || identity
+                .client_cert
+                .is_some_and(|(header, _)| same_cgi_name(name, header))
+        {
+            return true;
+        }
+        match identity.strip {
+            Some(CredentialSource::Header) => name.eq_ignore_ascii_case(&auth.api_key_header),
+            Some(CredentialSource::Bearer) => name.eq_ignore_ascii_case("authorization"),
+            _ => false,
+        }
+    };
     let mut forwarded_for_written = false;
     let mut via_written = false;
     let mut host_written = false;
@@ -202,48 +245,8 @@ pub fn write_upstream_request(
             }
             continue;
         }
-        if is_hop_by_hop(name)
-            || req.connection.nominates(name)
-            || REQUEST_REPLACED.iter().any(|r| same_cgi_name(name, r))
-        {
+        if dropped_by_gateway(name) {
             continue;
-        }
-        // On a cached route, what could change the answer without being in the key.
-        if route.cache.is_some()
-            && crate::cache::key::UNKEYED_FIELDS
-                .iter()
-                .any(|u| same_cgi_name(name, u))
-        {
-            continue;
-        }
-        // Identity fields the gateway writes: never a client's copy, in any spelling, also
-        // the header a connection's certificate was given before a reload renamed it.
-        if identity.provider.is_some()
-            && crate::vault::provider::CREDENTIAL_HEADERS
-                .iter()
-                .any(|c| same_cgi_name(name, c))
-        {
-            continue;
-        }
-        if identity
-            .replaced
-            .iter()
-            .chain(identity.identity_headers)
-            .any(|r| same_cgi_name(name, r))
-            || identity
-                .client_cert
-                .is_some_and(|(header, _)| same_cgi_name(name, header))
-        {
-            continue;
-        }
-        match identity.strip {
-            Some(CredentialSource::Header) if name.eq_ignore_ascii_case(&auth.api_key_header) => {
-                continue
-            }
-            Some(CredentialSource::Bearer) if name.eq_ignore_ascii_case("authorization") => {
-                continue
-            }
-            _ => {}
         }
         match route.request_headers.fate(name) {
             FieldFate::Keep => write_field(out, name, h.value)?,
@@ -251,10 +254,14 @@ pub fn write_upstream_request(
             FieldFate::Drop => {}
         }
     }
-    let dropped =
-        route
-            .request_headers
-            .write_added(req.headers.iter().map(|h| h.name), render, out);
+    let dropped = route.request_headers.write_added(
+        req.headers
+            .iter()
+            .map(|h| h.name)
+            .filter(|n| !dropped_by_gateway(n)),
+        render,
+        out,
+    );
     if !host_written {
         let value = match host.fixed {
             true => host.value.as_bytes(),

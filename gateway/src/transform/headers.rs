@@ -7,7 +7,10 @@
 
 use crate::{
     config::HeaderRulesConfig,
-    http::{encode::checked, fields::FieldFate},
+    http::{
+        encode::checked,
+        fields::{same_cgi_name, FieldFate},
+    },
 };
 
 use super::template::{RenderContext, Template};
@@ -70,12 +73,14 @@ impl HeaderRules {
             .map(|(_, t)| t)
     }
 
+    // Names compare as CGI does (`X_User_Id` is `x-user-id`): a copy under another spelling
+    // would reach a CGI, WSGI or Rack upstream as the same variable.
     fn sets(&self, name: &str) -> bool {
-        self.set.iter().any(|(n, _)| name.eq_ignore_ascii_case(n))
+        self.set.iter().any(|(n, _)| same_cgi_name(name, n))
     }
 
     fn removes(&self, name: &str) -> bool {
-        self.remove.iter().any(|n| name.eq_ignore_ascii_case(n))
+        self.remove.iter().any(|n| same_cgi_name(name, n))
     }
 
     /// What becomes of a field `name` that arrived.
@@ -83,11 +88,7 @@ impl HeaderRules {
         if self.removes(name) || self.sets(name) {
             return FieldFate::Drop;
         }
-        match self
-            .rename
-            .iter()
-            .find(|(from, _)| name.eq_ignore_ascii_case(from))
-        {
+        match self.rename.iter().find(|(from, _)| same_cgi_name(name, from)) {
             // A copy renamed onto a name that is removed or set goes the way of that name.
             Some((_, to)) if self.removes(to) || self.sets(to) => FieldFate::Drop,
             Some((_, to)) => FieldFate::Rename(to),
@@ -95,9 +96,10 @@ impl HeaderRules {
         }
     }
 
-    /// Writes the rules' own fields after the arrived ones (`arrived`: their names, as they
-    /// came): set, add where no copy is left after remove and rename, append. A rendered
-    /// value holding CR, LF or NUL is not written; returns how many were dropped so.
+    /// Writes the rules' own fields after the arrived ones (`arrived`: the names of those the
+    /// message keeps, as they came): set, add where no copy is left after remove and rename,
+    /// append. A rendered value holding CR, LF or NUL is not written; returns how many were
+    /// dropped so.
     pub fn write_added<'n>(
         &self,
         arrived: impl Iterator<Item = &'n str> + Clone,
@@ -108,8 +110,8 @@ impl HeaderRules {
         let present = |name: &str| {
             self.sets(name)
                 || arrived.clone().any(|a| match self.fate(a) {
-                    FieldFate::Keep => a.eq_ignore_ascii_case(name),
-                    FieldFate::Rename(to) => to == name,
+                    FieldFate::Keep => same_cgi_name(a, name),
+                    FieldFate::Rename(to) => same_cgi_name(to, name),
                     FieldFate::Drop => false,
                 })
         };

@@ -68,7 +68,14 @@ impl QueryRules {
             return None;
         }
         match self.rename.iter().find(|(from, _)| named(raw, from)) {
-            Some((_, to)) if self.set.iter().any(|(n, _)| n == to) => None,
+            // Renamed onto a name that is set, removed or stripped: gone as that name would be.
+            Some((_, to))
+                if self.set.iter().any(|(n, _)| n == to)
+                    || self.remove.iter().any(|n| n == to)
+                    || strip == Some(&**to) =>
+            {
+                None
+            }
             Some((_, to)) => Some(Some(to)),
             None => Some(None),
         }
@@ -174,5 +181,8 @@ add = { "page" = "1", "search" = "none" }
             apply(rules, "?page=3&key=secret", Some("key")),
             "?page=3&who=al%20ice&search=none"
         );
+        // A rename onto a removed (or stripped) name does not bring it back.
+        let onto_removed = "remove = [\"debug\"]\nrename = { \"dbg\" = \"debug\", \"k\" = \"key\" }";
+        assert_eq!(apply(onto_removed, "?dbg=1&k=s&x=1", Some("key")), "?x=1");
     }
 }

@@ -31,6 +31,11 @@ pub enum TemplateError {
     TooLong,
 }
 
+/// A variable of a path template rendered as more (or less) than one plain segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a value in the rewritten path is not one plain path segment")]
+pub struct NotASegment;
+
 /// One variable of a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Variable {
@@ -155,6 +160,37 @@ impl Template {
             source: self.source.clone(),
             parts: parts.into(),
         })
+    }
+
+    /// Appends the template rendered as a path to `out`. `{path}` and captures come from the
+    /// normalised path as they are; every other variable must render as one plain segment
+    /// (RFC 3986 unreserved characters, sub-delimiters but `;`, `:` and `@`; not `.` or
+    /// `..`), since an upstream that decodes `%2F` or `%2e` or splits at `;` would otherwise
+    /// see segments no route matched. `Err` (with `out` holding part of it) when one does not.
+    pub fn render_path(&self, ctx: &RenderContext, out: &mut Vec<u8>) -> Result<(), NotASegment> {
+        for part in self.parts.iter() {
+            match part {
+                Part::Literal(l) => out.extend_from_slice(l.as_bytes()),
+                Part::Variable(v @ (Variable::Path | Variable::Group(_))) => ctx.write(v, out),
+                Part::Variable(v) => {
+                    let start = out.len();
+                    ctx.write(v, out);
+                    let value = &out[start..];
+                    let plain = value.iter().all(|b| {
+                        b.is_ascii_alphanumeric()
+                            || matches!(
+                                b,
+                                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\''
+                                    | b'(' | b')' | b'*' | b'+' | b',' | b'=' | b':' | b'@'
+                            )
+                    });
+                    if !plain || value == b"." || value == b".." {
+                        return Err(NotASegment);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Appends the rendered value to `out`. The caller checks what was appended for CR, LF

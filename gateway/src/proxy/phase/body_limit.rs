@@ -8,20 +8,18 @@ use crate::{
     routing::Route,
 };
 
-/// Whether the route's JSON rules rewrite this request's body: it has one, declared JSON and
-/// not encoded (an encoded body passes untouched).
+/// Whether the route's JSON rules rewrite this request's body: it has one, declared JSON.
 pub fn rewrites_json(route: &Route, req: &RequestHead) -> bool {
-    let field = |name: &str| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.trim_ascii())
-    };
     route.request_json.is_some()
         && req.has_body()
-        && field("content-type").is_some_and(crate::transform::json_body::is_json_media_type)
-        && field("content-encoding")
-            .is_none_or(|e| e.is_empty() || e.eq_ignore_ascii_case(b"identity"))
+        && field(req, "content-type").is_some_and(crate::transform::json_body::is_json_media_type)
+}
+
+fn field<'r>(req: &RequestHead<'r, '_>, name: &str) -> Option<&'r [u8]> {
+    req.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value.trim_ascii())
 }
 
 pub fn check(route: &Route, req: &RequestHead, ctx: &mut RequestContext) -> Result<(), Answer> {
@@ -36,6 +34,16 @@ pub fn check(route: &Route, req: &RequestHead, ctx: &mut RequestContext) -> Resu
         _ => {}
     }
     if let (Some(rules), true) = (&route.request_json, rewrites_json(route, req)) {
+        // An encoded JSON body cannot be rewritten, and passing it on would let a client skip
+        // the rules by naming any coding.
+        if field(req, "content-encoding")
+            .is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case(b"identity"))
+        {
+            return Err(Answer::error_and_close(
+                415,
+                "this route rewrites JSON request bodies: send them without a Content-Encoding",
+            ));
+        }
         match req.body {
             BodyFraming::Length(n) if n > rules.max_bytes as u64 => {
                 return Err(Answer::error_and_close(

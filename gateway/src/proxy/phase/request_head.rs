@@ -99,7 +99,7 @@ pub fn write(
             debug!(route = %route.id, "{e}");
             return Err(Answer::error(
                 400,
-                "the route's rewrite of this path would hold a dot-segment",
+                "the route's rewrite of this request would make an unsafe path",
             ));
         }
     };
