@@ -920,7 +920,9 @@ request_headers = {{ set = {{ "x-user-id" = "{{consumer}}" }}, add = {{ "x-sourc
     let tenant = |value: &str| {
         request(
             gw.addr,
-            &format!("GET /t/x HTTP/1.1\r\nHost: t\r\nX-Tenant: {value}\r\nconnection: close\r\n\r\n"),
+            &format!(
+                "GET /t/x HTTP/1.1\r\nHost: t\r\nX-Tenant: {value}\r\nconnection: close\r\n\r\n"
+            ),
         )
     };
     assert_eq!(tenant("acme").text(), "/tenants/acme/data");
@@ -931,10 +933,16 @@ request_headers = {{ set = {{ "x-user-id" = "{{consumer}}" }}, add = {{ "x-sourc
     let get = |origin: &str| {
         request(
             gw.addr,
-            &format!("GET /c/a HTTP/1.1\r\nHost: t\r\nOrigin: {origin}\r\nconnection: close\r\n\r\n"),
+            &format!(
+                "GET /c/a HTTP/1.1\r\nHost: t\r\nOrigin: {origin}\r\nconnection: close\r\n\r\n"
+            ),
         )
     };
-    for (round, origin) in [("miss", "https://app.example.com"), ("hit", "https://app.example.com"), ("hit, other origin", "https://evil.example")] {
+    for (round, origin) in [
+        ("miss", "https://app.example.com"),
+        ("hit", "https://app.example.com"),
+        ("hit, other origin", "https://evil.example"),
+    ] {
         let r = get(origin);
         assert_eq!(r.header("server"), None, "{round}");
         assert_eq!(r.header("x-rid"), r.header("x-request-id"), "{round}");
@@ -944,17 +952,28 @@ request_headers = {{ set = {{ "x-user-id" = "{{consumer}}" }}, add = {{ "x-sourc
             .filter(|(n, _)| n.eq_ignore_ascii_case("access-control-allow-origin"))
             .map(|(_, v)| v.as_str())
             .collect();
-        let want: &[&str] = if origin == "https://evil.example" { &[] } else { &["https://app.example.com"] };
+        let want: &[&str] = if origin == "https://evil.example" {
+            &[]
+        } else {
+            &["https://app.example.com"]
+        };
         assert_eq!(allow, want, "{round}");
     }
-    assert_eq!(up.requests().iter().filter(|r| r.target == "/c/a").count(), 1);
+    assert_eq!(
+        up.requests().iter().filter(|r| r.target == "/c/a").count(),
+        1
+    );
     // Rules compare names as CGI does, and `add` sees only what is forwarded.
     let r = request(
         gw.addr,
         &format!("GET /i/x HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}\r\nX_User_Id: forged\r\nX-Source: x\r\nConnection: x-source\r\nconnection: close\r\n\r\n"),
     );
     assert_eq!(r.status, 200);
-    let seen = up.requests().into_iter().find(|r| r.target == "/i/x").unwrap();
+    let seen = up
+        .requests()
+        .into_iter()
+        .find(|r| r.target == "/i/x")
+        .unwrap();
     assert_eq!(seen.headers_named("x-user-id"), ["dora"]);
     assert_eq!(seen.header("x_user_id"), None);
     assert_eq!(seen.headers_named("x-source"), ["gateway"]);

@@ -110,7 +110,9 @@ pub(super) fn add_rule_fields<'n>(
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS_CEILING];
     if let Ok(Some(req)) = parse_request(inbuf, &mut headers, &snapshot.limits, normalized) {
         let render = ctx.render_context(snapshot, &route.id, &req, peer);
-        let dropped = route.response_headers.write_added(arrived, &render, &mut fields);
+        let dropped = route
+            .response_headers
+            .write_added(arrived, &render, &mut fields);
         ctx.dropped_values += dropped;
     }
     ctx.correlation.response_fields = fields;

@@ -88,7 +88,11 @@ impl HeaderRules {
         if self.removes(name) || self.sets(name) {
             return FieldFate::Drop;
         }
-        match self.rename.iter().find(|(from, _)| same_cgi_name(name, from)) {
+        match self
+            .rename
+            .iter()
+            .find(|(from, _)| same_cgi_name(name, from))
+        {
             // A copy renamed onto a name that is removed or set goes the way of that name.
             Some((_, to)) if self.removes(to) || self.sets(to) => FieldFate::Drop,
             Some((_, to)) => FieldFate::Rename(to),

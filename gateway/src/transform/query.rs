@@ -182,7 +182,8 @@ add = { "page" = "1", "search" = "none" }
             "?page=3&who=al%20ice&search=none"
         );
         // A rename onto a removed (or stripped) name does not bring it back.
-        let onto_removed = "remove = [\"debug\"]\nrename = { \"dbg\" = \"debug\", \"k\" = \"key\" }";
+        let onto_removed =
+            "remove = [\"debug\"]\nrename = { \"dbg\" = \"debug\", \"k\" = \"key\" }";
         assert_eq!(apply(onto_removed, "?dbg=1&k=s&x=1", Some("key")), "?x=1");
     }
 }

@@ -180,8 +180,21 @@ impl Template {
                         b.is_ascii_alphanumeric()
                             || matches!(
                                 b,
-                                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\''
-                                    | b'(' | b')' | b'*' | b'+' | b',' | b'=' | b':' | b'@'
+                                b'-' | b'.'
+                                    | b'_'
+                                    | b'~'
+                                    | b'!'
+                                    | b'$'
+                                    | b'&'
+                                    | b'\''
+                                    | b'('
+                                    | b')'
+                                    | b'*'
+                                    | b'+'
+                                    | b','
+                                    | b'='
+                                    | b':'
+                                    | b'@'
                             )
                     });
                     if !plain || value == b"." || value == b".." {
