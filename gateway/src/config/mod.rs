@@ -22,7 +22,8 @@ pub use transform::{
     JsonValueConfig, QueryRulesConfig, MAX_JSON_BODY_BYTES,
 };
 pub use upstream::{
-    is_host_name, HostPolicy, ResolverConfig, ServerAddress, UpstreamConfig, UpstreamTlsConfig,
+    is_host_name, Balance, HashKey, HostPolicy, OutlierConfig, ResolverConfig, ServerAddress,
+    UpstreamConfig, UpstreamTlsConfig, MAX_SERVER_WEIGHT,
 };
 pub use validate::is_token_byte;
 pub use vault::{

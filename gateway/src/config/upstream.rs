@@ -188,7 +188,116 @@ pub struct UpstreamConfig {
     pub request_headers: Option<super::HeaderRulesConfig>,
     /// Response field rules for routes to this upstream that set none of their own.
     pub response_headers: Option<super::HeaderRulesConfig>,
+    /// How a server is chosen (see [`crate::upstream::balance`]).
+    #[serde(default)]
+    pub balance: Balance,
+    /// With `balance = "hash"`: what is hashed.
+    pub hash_key: Option<HashKey>,
+    /// The hash's key: hosts that share it map every key alike; a new seed remaps.
+    #[serde(default)]
+    pub hash_seed: u64,
+    /// Each server's weight, in `servers` order (default 1 each).
+    #[serde(default)]
+    pub weights: Vec<u32>,
+    /// Passive health: servers that fail in a row are taken out for a while.
+    #[serde(default)]
+    pub outlier: OutlierConfig,
 }
+
+/// Outlier ejection (Envoy's consecutive-5xx detector, with its defaults).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    pub enabled: bool,
+    /// Answers of 5xx, connect failures, resets and timeouts in a row that eject a server.
+    pub consecutive_failures: u32,
+    /// How long the first ejection lasts; each further one lasts one more `base_ejection`,
+    /// up to `max_ejection`.
+    pub base_ejection: ConfigDuration,
+    pub max_ejection: ConfigDuration,
+    /// At most this share of the servers is ejected at once (at least one server always may
+    /// be).
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            enabled: true,
+            consecutive_failures: 5,
+            base_ejection: ConfigDuration::from_secs(30),
+            max_ejection: ConfigDuration::from_secs(300),
+            max_ejected_percent: 10,
+        }
+    }
+}
+
+/// How an upstream chooses its server for a request.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Smooth weighted round robin (nginx's).
+    #[default]
+    RoundRobin,
+    /// The power of two choices on requests in flight (Envoy's least-request).
+    LeastRequest,
+    /// The power of two choices on peak-EWMA latency times requests in flight.
+    PeakEwma,
+    /// Consistent hashing (Maglev) of `hash_key`.
+    Hash,
+}
+
+/// What `balance = "hash"` hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's address.
+    Client,
+    /// The authenticated consumer's id.
+    Consumer,
+    /// A request field (lower case).
+    Header(String),
+    /// A cookie, by name.
+    Cookie(String),
+}
+
+impl std::str::FromStr for HashKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let invalid = || {
+            format!("`{s}` is not a hash key: use \"client\", \"consumer\", \"header:NAME\" or \"cookie:NAME\"")
+        };
+        let token = |name: &str| !name.is_empty() && name.bytes().all(super::is_token_byte);
+        match s.split_once(':') {
+            None if s == "client" => Ok(HashKey::Client),
+            None if s == "consumer" => Ok(HashKey::Consumer),
+            Some(("header", name)) if token(name) => Ok(HashKey::Header(name.to_ascii_lowercase())),
+            Some(("cookie", name)) if token(name) => Ok(HashKey::Cookie(name.to_owned())),
+            _ => Err(invalid()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HashKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HashKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HashKey::Client => s.serialize_str("client"),
+            HashKey::Consumer => s.serialize_str("consumer"),
+            HashKey::Header(n) => s.collect_str(&format_args!("header:{n}")),
+            HashKey::Cookie(n) => s.collect_str(&format_args!("cookie:{n}")),
+        }
+    }
+}
+
+/// The most weight one server may have.
+pub const MAX_SERVER_WEIGHT: u32 = 1000;
 
 fn default_connect_timeout() -> ConfigDuration {
     ConfigDuration::from_secs(5)
@@ -206,8 +315,70 @@ fn default_max_idle() -> usize {
 }
 
 impl UpstreamConfig {
+    /// Server `i`'s weight.
+    pub fn weight(&self, i: usize) -> u32 {
+        self.weights.get(i).copied().unwrap_or(1)
+    }
+
     pub fn validate(&self, name: &str) -> Result<(), Invalid> {
         let at = || key_path("upstreams").key(name);
+        if !self.weights.is_empty() && self.weights.len() != self.servers.len() {
+            return Err(Invalid::new(
+                at().key("weights"),
+                format!(
+                    "lists {} weights for {} servers: give one per server, in the order of `servers`",
+                    self.weights.len(),
+                    self.servers.len()
+                ),
+            ));
+        }
+        if let Some(j) = self
+            .weights
+            .iter()
+            .position(|w| *w == 0 || *w > MAX_SERVER_WEIGHT)
+        {
+            return Err(Invalid::new(
+                at().key("weights").index(j),
+                format!(
+                    "{} is not valid: use 1 to {MAX_SERVER_WEIGHT}",
+                    self.weights[j]
+                ),
+            ));
+        }
+        let o = &self.outlier;
+        if o.consecutive_failures == 0 {
+            return Err(Invalid::new(
+                at().key("outlier").key("consecutive_failures"),
+                "must be at least 1 (or set `enabled = false`)",
+            ));
+        }
+        if o.base_ejection.get().is_zero() || o.max_ejection.get() < o.base_ejection.get() {
+            return Err(Invalid::new(
+                at().key("outlier").key("base_ejection"),
+                "must be longer than zero and not longer than max_ejection",
+            ));
+        }
+        if o.max_ejected_percent > 100 {
+            return Err(Invalid::new(
+                at().key("outlier").key("max_ejected_percent"),
+                format!("{} is not valid: use 0 to 100", o.max_ejected_percent),
+            ));
+        }
+        match (self.balance, &self.hash_key) {
+            (Balance::Hash, None) => {
+                return Err(Invalid::new(
+                    at().key("hash_key"),
+                    "`balance = \"hash\"` needs `hash_key`: \"client\", \"consumer\", \"header:NAME\" or \"cookie:NAME\"",
+                ))
+            }
+            (Balance::Hash, Some(_)) | (_, None) => {}
+            (_, Some(_)) => {
+                return Err(Invalid::new(
+                    at().key("hash_key"),
+                    "is used only with `balance = \"hash\"`",
+                ))
+            }
+        }
         for (key, rules, direction) in [
             (
                 "request_headers",

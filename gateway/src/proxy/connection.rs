@@ -132,6 +132,8 @@ impl<C: Transport> Connection<'_, C> {
     async fn serve_one(&mut self, first: bool) -> Next {
         self.ctx.reset();
         let next = self.exchange(first).await;
+        // The exchange is over: the server no longer has the request in flight.
+        self.ctx.server_load = None;
         if self.ctx.started() {
             let generation = self.generation.clone();
             phase::log::finish(&mut self.ctx, &generation, self.worker, self.peer);

@@ -232,6 +232,8 @@ pub struct RequestContext {
     pub json_skip: Option<crate::transform::json_body::JsonSkip>,
     /// The route's CORS fields are in the response fields already (phases may run twice).
     pub cors_fields_added: bool,
+    /// The request counted in flight to its upstream server, until its exchange ends.
+    pub server_load: Option<crate::upstream::balance::InFlight>,
 }
 
 impl RequestContext {
@@ -271,6 +273,7 @@ impl RequestContext {
             dropped_values: 0,
             json_skip: None,
             cors_fields_added: false,
+            server_load: None,
         }
     }
 

@@ -108,6 +108,7 @@ impl<C: Transport> Connection<'_, C> {
                             c.timeouts.inc();
                         }
                     }
+                    self.server_outcome(group, server, false);
                     return self
                         .upstream_unavailable(group, server, e, request_deadline)
                         .await;
@@ -209,6 +210,7 @@ impl<C: Transport> Connection<'_, C> {
                     if let (HeadFailure::TimedOut, Some(c)) = (&failure, server_counters) {
                         c.timeouts.inc();
                     }
+                    self.server_outcome(group, server, false);
                     let (status, detail) = match &failure {
                         HeadFailure::TimedOut => (504, "upstream timed out"),
                         HeadFailure::Invalid(_) => (502, "invalid response from upstream"),
@@ -234,6 +236,8 @@ impl<C: Transport> Connection<'_, C> {
             }
         };
 
+        // What passive health counts: a 5xx is the server failing, anything else is not.
+        self.server_outcome(group, server, response.status < 500);
         if response.cached_instead {
             // A 304 to the gateway's own revalidation, or an error a stale entry answers for.
             if response.status == 304
@@ -388,7 +392,13 @@ impl<C: Transport> Connection<'_, C> {
                 Ok(0) => return Err(HeadFailure::Io(IoFailure::Closed)),
                 Ok(_) => {
                     if !received_any {
-                        self.ctx.timings.first_response_byte = Some(Instant::now());
+                        let now = Instant::now();
+                        self.ctx.timings.first_response_byte = Some(now);
+                        if let (Some(load), Some(connected)) =
+                            (&self.ctx.server_load, self.ctx.timings.upstream_connected)
+                        {
+                            load.observe(now.duration_since(connected));
+                        }
                     }
                     received_any = true;
                 }
@@ -531,6 +541,24 @@ impl<C: Transport> Connection<'_, C> {
         }
         self.answer(Answer::error(status, detail), request_deadline)
             .await
+    }
+
+    /// Counts how `server` did for outlier ejection, and logs when that ejects it or it
+    /// returns.
+    fn server_outcome(&self, group: &UpstreamGroup, server: usize, ok: bool) {
+        use crate::upstream::balance::Verdict;
+        let Some(load) = &self.ctx.server_load else {
+            return;
+        };
+        match load.outcome(ok) {
+            Verdict::Unchanged => {}
+            Verdict::Ejected(time) => {
+                tracing::warn!(upstream = %group.name, server = %group.server_label(server), seconds = time.as_secs_f64(), "upstream server ejected after failures in a row");
+            }
+            Verdict::Returned => {
+                tracing::info!(upstream = %group.name, server = %group.server_label(server), "ejected upstream server answers again");
+            }
+        }
     }
 
     /// Answers after part of the request body was consumed: the rest cannot be skipped.

@@ -56,6 +56,17 @@ pub struct UpstreamParts {
         Arc<crate::upstream::resolve::ResolvedName>,
     >,
     pub tls: std::collections::BTreeMap<String, Arc<rustls::ClientConfig>>,
+    /// Each upstream's server loads (kept across reloads that keep its servers) and Maglev
+    /// table (when it hashes).
+    pub balancing: std::collections::BTreeMap<
+        String,
+        (
+            Arc<crate::upstream::balance::ServerLoads>,
+            Option<Arc<crate::upstream::balance::Maglev>>,
+        ),
+    >,
+    /// Each upstream's server labels, to tell whether a reload kept them.
+    servers: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl UpstreamParts {
@@ -63,6 +74,7 @@ impl UpstreamParts {
     fn build(
         config: &Config,
         resolver: Arc<crate::upstream::resolve::NameResolver>,
+        previous: Option<&UpstreamParts>,
     ) -> anyhow::Result<UpstreamParts> {
         resolver.configure(&config.resolver);
         let mut tls = std::collections::BTreeMap::new();
@@ -80,10 +92,47 @@ impl UpstreamParts {
             }
         }
         resolver.await_first_answers(&names.values().collect::<Vec<_>>());
+        let balancing = config
+            .upstreams
+            .iter()
+            .map(|(name, u)| {
+                let labels: Vec<String> = u.servers.iter().map(|s| s.to_string()).collect();
+                // Requests in flight during a reload are still counted where they started.
+                let loads = previous
+                    .and_then(|p| {
+                        p.balancing
+                            .get(name)
+                            .filter(|_| p.servers.get(name) == Some(&labels))
+                    })
+                    .map(|(l, _)| l.clone())
+                    .unwrap_or_else(|| crate::upstream::balance::ServerLoads::new(labels.len()));
+                let weights: Vec<u32> = (0..labels.len()).map(|i| u.weight(i)).collect();
+                let maglev = (u.balance == crate::config::Balance::Hash).then(|| {
+                    Arc::new(crate::upstream::balance::Maglev::new(
+                        &labels,
+                        &weights,
+                        u.hash_seed,
+                    ))
+                });
+                (name.clone(), (loads, maglev))
+            })
+            .collect();
+        let servers = config
+            .upstreams
+            .iter()
+            .map(|(name, u)| {
+                (
+                    name.clone(),
+                    u.servers.iter().map(|s| s.to_string()).collect(),
+                )
+            })
+            .collect();
         Ok(UpstreamParts {
             resolver,
             names,
             tls,
+            balancing,
+            servers,
         })
     }
 
@@ -92,6 +141,8 @@ impl UpstreamParts {
         crate::upstream::GroupShared {
             names: &self.names,
             tls: self.tls.get(name).map(|c| &**c),
+            loads: self.balancing[name].0.clone(),
+            maglev: self.balancing[name].1.clone(),
         }
     }
 }
@@ -112,7 +163,7 @@ impl ConfigSnapshot {
         let resolver = Arc::new(crate::upstream::resolve::NameResolver::new(
             &config.resolver,
         ));
-        let upstream_parts = UpstreamParts::build(&config, resolver)?;
+        let upstream_parts = UpstreamParts::build(&config, resolver, None)?;
         // After the quota store: it holds the data directory's lock.
         let vault = config
             .vault
@@ -156,8 +207,11 @@ impl ConfigSnapshot {
             Arc::new(crate::auth::Issuers::start(&config.auth).map_err(anyhow::Error::msg)?)
         };
         let tls = crate::tls::build_all(&config.tls, Some(&previous.tls))?;
-        let upstream_parts =
-            UpstreamParts::build(&config, previous.upstream_parts.resolver.clone())?;
+        let upstream_parts = UpstreamParts::build(
+            &config,
+            previous.upstream_parts.resolver.clone(),
+            Some(&previous.upstream_parts),
+        )?;
         previous.quota_store.register_names(&config);
         if let (Some(vault), Some(v)) = (&previous.vault, &config.vault) {
             vault.set_providers(v.providers.keys().cloned().collect());

@@ -1,7 +1,9 @@
-//! Upstream groups as one worker sees them: round-robin server choice, a keep-alive pool per
-//! server, servers by address or by a host name the resolver thread keeps resolved, and TLS to
-//! them. Each worker owns its own groups (no lock, no sharing across cores).
+//! Upstream groups as one worker sees them: the server choice (see [`balance`]), a keep-alive
+//! pool per server, servers by address or by a host name the resolver thread keeps resolved,
+//! and TLS to them. Each worker owns its own groups (no lock; only the servers' load counts
+//! are shared across cores).
 
+pub mod balance;
 pub mod resolve;
 mod transport;
 
@@ -94,7 +96,7 @@ pub struct UpstreamGroup {
     /// Whether `host_values` replace the client's Host, per server.
     host_fixed: Vec<bool>,
     tls: Vec<Option<ServerTls>>,
-    next: Cell<usize>,
+    balancer: balance::Balancer,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     idle_timeout: Duration,
@@ -109,6 +111,10 @@ pub struct GroupShared<'a> {
     pub names: &'a std::collections::BTreeMap<ServerAddress, Arc<ResolvedName>>,
     /// The upstream's TLS config, when `tls` is set.
     pub tls: Option<&'a ClientConfig>,
+    /// The servers' loads, shared by the workers.
+    pub loads: Arc<balance::ServerLoads>,
+    /// The Maglev table, when the upstream hashes.
+    pub maglev: Option<Arc<balance::Maglev>>,
 }
 
 /// The Host value of `server`, and whether it replaces the client's.
@@ -170,7 +176,7 @@ impl UpstreamGroup {
             host_values: hosts.iter().map(|(h, _)| h.clone()).collect(),
             host_fixed: hosts.iter().map(|(_, f)| *f).collect(),
             tls,
-            next: Cell::new(0),
+            balancer: balance::Balancer::new(config, shared.loads.clone(), shared.maglev.clone()),
             connect_timeout: config.connect_timeout.get(),
             read_timeout: config.read_timeout.get(),
             idle_timeout: config.idle_timeout.get(),
@@ -202,11 +208,20 @@ impl UpstreamGroup {
         }
     }
 
-    /// The next server in round-robin order.
-    pub fn pick(&self) -> usize {
-        let i = self.next.get();
-        self.next.set((i + 1) % self.servers.len());
-        i
+    /// The server for the next request; `key` is its hash key when the group hashes.
+    pub fn pick(&self, rng: &mut fastrand::Rng, key: Option<&[u8]>) -> usize {
+        self.balancer.pick(rng, key)
+    }
+
+    /// Counts a request to `server` in flight (for least-request and the admin API) until the
+    /// guard is dropped.
+    pub fn start_request(&self, server: usize) -> balance::InFlight {
+        self.balancer.start(server)
+    }
+
+    /// The servers' loads, shared by the workers.
+    pub fn loads(&self) -> &Arc<balance::ServerLoads> {
+        self.balancer.loads()
     }
 
     /// How many servers the group has.

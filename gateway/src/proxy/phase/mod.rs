@@ -148,7 +148,15 @@ pub fn run(
         Action::Upstream(group) => *group,
     };
     let group = &generation.upstreams[group_index];
-    let server = choose_upstream::pick(group, group_index, ctx);
+    let server = choose_upstream::pick(
+        snapshot,
+        group,
+        group_index,
+        req,
+        peer,
+        ctx,
+        &mut worker.rng.borrow_mut(),
+    );
     let (host, fixed) = group.host_value(server);
     let dropped = request_head::write(
         snapshot,

@@ -380,10 +380,16 @@ fn upstreams(state: &AdminState) -> AdminResponse {
         .upstreams
         .iter()
         .map(|(name, u)| {
+            let loads = snapshot
+                .upstream_parts
+                .balancing
+                .get(name)
+                .map(|(l, _)| l.clone());
             let servers: Vec<Value> = u
                 .servers
                 .iter()
-                .map(|s| {
+                .enumerate()
+                .map(|(i, s)| {
                     let (requests, connect_failures, timeouts) = counts
                         .get(&(name.clone(), s.to_string()))
                         .copied()
@@ -399,10 +405,14 @@ fn upstreams(state: &AdminState) -> AdminResponse {
                         "requests": requests,
                         "connect_failures": connect_failures,
                         "timeouts": timeouts,
+                        "weight": u.weight(i),
+                        "in_flight": loads.as_ref().map(|l| l.in_flight(i)),
+                        "latency_ewma_ms": loads.as_ref().map(|l| l.latency(i).as_secs_f64() * 1e3),
+                        "ejected_for_ms": loads.as_ref().and_then(|l| l.ejected_for(i)).map(|d| d.as_millis() as u64),
                     })
                 })
                 .collect();
-            json!({ "name": name, "servers": servers })
+            json!({ "name": name, "balance": u.balance, "servers": servers })
         })
         .collect();
     AdminResponse::json(200, &json!({ "upstreams": list }))

@@ -1,0 +1,237 @@
+//! Load balancing end to end, with real upstream servers on loopback: least-request sends less
+//! to a slow server than round robin does; weights are honoured; consistent hashing sends one
+//! key to one server, the same after a restart, and moves between 0.5/N and 1.5/N of the keys
+//! when one of N servers is removed.
+
+mod support;
+
+use std::{collections::HashMap, thread, time::Duration};
+
+use support::*;
+
+/// An upstream that answers with its own name, after `delay`.
+fn named(name: &'static str, delay: Duration) -> Upstream {
+    Upstream::start(move |_| {
+        let body = name;
+        let raw = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes();
+        if delay.is_zero() {
+            Reply::Raw(raw)
+        } else {
+            Reply::Delayed(delay, raw)
+        }
+    })
+}
+
+fn gateway(servers: &[&Upstream], workers: usize, upstream_extra: &str) -> Gateway {
+    let list: Vec<String> = servers.iter().map(|u| format!("\"{}\"", u.addr)).collect();
+    Gateway::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = {workers}\n\n\
+         [upstreams.up]\nservers = [{}]\n{upstream_extra}\n\n\
+         [[routes]]\nmatch = {{ path_prefix = \"/\" }}\nupstream = \"up\"\n",
+        list.join(", ")
+    ))
+}
+
+/// Sends `per_thread` requests from each of `threads` keep-alive clients at once; returns how
+/// many each upstream (by name) answered.
+fn load(gw: &Gateway, threads: usize, per_thread: usize) -> HashMap<String, usize> {
+    let addr = gw.addr;
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                let mut seen = Vec::new();
+                for _ in 0..per_thread {
+                    c.send(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+                    let r = c.read_response(false).expect("a response");
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    seen.push(r.text());
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut counts = HashMap::new();
+    for h in handles {
+        for name in h.join().unwrap() {
+            *counts.entry(name).or_default() += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn least_request_sends_less_to_a_slow_server_than_round_robin() {
+    let slow = named("slow", Duration::from_millis(100));
+    let fast = named("fast", Duration::ZERO);
+    let round_robin = gateway(&[&slow, &fast], 1, "");
+    let least = gateway(&[&slow, &fast], 1, "balance = \"least_request\"");
+    let rr = load(&round_robin, 8, 12);
+    let lr = load(&least, 8, 12);
+    let share = |c: &HashMap<String, usize>| {
+        *c.get("slow").unwrap_or(&0) as f64 / c.values().sum::<usize>() as f64
+    };
+    eprintln!(
+        "slow server's share: round robin {:.2}, least request {:.2}",
+        share(&rr),
+        share(&lr)
+    );
+    assert!(
+        (share(&rr) - 0.5).abs() < 0.05,
+        "round robin alternates: {rr:?}"
+    );
+    assert!(
+        share(&lr) < 0.25,
+        "least request keeps most requests off the slow server: {lr:?}"
+    );
+}
+
+#[test]
+fn weights_are_honoured_in_smooth_order() {
+    let a = named("a", Duration::ZERO);
+    let b = named("b", Duration::ZERO);
+    let gw = gateway(&[&a, &b], 1, "weights = [3, 1]");
+    let mut c = Client::connect(gw.addr);
+    let order: String = (0..8)
+        .map(|_| {
+            c.send(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+            c.read_response(false).unwrap().text()
+        })
+        .collect();
+    assert_eq!(order, "aabaaaba");
+}
+
+/// Which server answered each of `keys` (sent as `X-User`), each asked twice.
+fn mapping(gw: &Gateway, keys: &[String]) -> HashMap<String, String> {
+    let mut c = Client::connect(gw.addr);
+    let mut out = HashMap::new();
+    for key in keys {
+        let mut ask = || {
+            c.send(format!("GET /x HTTP/1.1\r\nHost: t\r\nX-User: {key}\r\n\r\n").as_bytes());
+            c.read_response(false).unwrap().text()
+        };
+        let first = ask();
+        assert_eq!(ask(), first, "one key, one server: {key}");
+        out.insert(key.clone(), first);
+    }
+    out
+}
+
+#[test]
+fn consistent_hashing_keeps_keys_across_restarts_and_moves_few_when_a_server_goes() {
+    let servers = [
+        named("s0", Duration::ZERO),
+        named("s1", Duration::ZERO),
+        named("s2", Duration::ZERO),
+        named("s3", Duration::ZERO),
+    ];
+    let all: Vec<&Upstream> = servers.iter().collect();
+    let hash = "balance = \"hash\"\nhash_key = \"header:x-user\"\nhash_seed = 7";
+    let keys: Vec<String> = (0..400).map(|k| format!("user-{k}")).collect();
+    let before = mapping(&gateway(&all, 2, hash), &keys);
+    // Every server has a share.
+    for s in ["s0", "s1", "s2", "s3"] {
+        let n = before.values().filter(|v| *v == s).count();
+        assert!((60..=140).contains(&n), "{s}: {n} of 400");
+    }
+    // A restart (a new process, the other worker count) maps every key alike.
+    assert_eq!(mapping(&gateway(&all, 1, hash), &keys), before);
+    // One of the four removed: its keys move, and few others.
+    let after = mapping(&gateway(&all[..3], 2, hash), &keys);
+    let moved = keys.iter().filter(|k| before[*k] != after[*k]).count();
+    let share = moved as f64 / keys.len() as f64;
+    eprintln!("removing 1 of 4 servers moved {moved} of 400 keys ({share:.3}; 1/N = 0.25)");
+    assert!((0.125..=0.375).contains(&share), "{share}");
+    // Every key of the removed server moved; of the others, few did.
+    let stayed_put = keys
+        .iter()
+        .filter(|k| before[*k] != "s3")
+        .filter(|k| after[*k] == before[*k])
+        .count();
+    let others = keys.iter().filter(|k| before[*k] != "s3").count();
+    assert!(
+        stayed_put * 100 >= others * 90,
+        "{stayed_put} of {others} stayed"
+    );
+}
+
+#[test]
+fn hash_keys_and_weights_are_checked_at_load() {
+    for (extra, says) in [
+        ("balance = \"hash\"", "needs `hash_key`"),
+        (
+            "hash_key = \"client\"",
+            "only with `balance = \\\"hash\\\"`",
+        ),
+        ("balance = \"hash\"\nhash_key = \"ip\"", "is not a hash key"),
+        ("weights = [1]", "1 weights for 2 servers"),
+        ("weights = [1, 0]", "use 1 to 1000"),
+        ("balance = \"fastest\"", "unknown variant"),
+    ] {
+        let (ok, text) = check_config(&format!(
+            "[upstreams.up]\nservers = [\"127.0.0.1:9\", \"127.0.0.1:10\"]\n{extra}\n\n[[routes]]\nupstream = \"up\"\n"
+        ));
+        assert!(!ok, "{extra}: {text}");
+        assert!(
+            text.contains(&says.replace("\\\"", "\"")),
+            "{extra}: {text}"
+        );
+    }
+}
+
+#[test]
+fn a_failing_server_is_ejected_and_comes_back_after_its_time() {
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = failing.clone();
+    let sick = Upstream::start(move |_| {
+        let (status, body) = if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            ("503 Service Unavailable", "sick")
+        } else {
+            ("200 OK", "sick")
+        };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let well = named("well", Duration::ZERO);
+    let gw = gateway(
+        &[&sick, &well],
+        1,
+        "[upstreams.up.outlier]\nconsecutive_failures = 3\nbase_ejection = \"1s\"\nmax_ejected_percent = 50",
+    );
+    let mut c = Client::connect(gw.addr);
+    let mut ask = || {
+        c.send(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+        let r = c.read_response(false).unwrap();
+        (r.status, r.text())
+    };
+    // Round robin alternates until the third 503 in a row ejects the sick server.
+    let first: Vec<(u16, String)> = (0..6).map(|_| ask()).collect();
+    assert_eq!(
+        first.iter().filter(|(s, _)| *s == 503).count(),
+        3,
+        "{first:?}"
+    );
+    // While ejected, every request goes to the well one.
+    for _ in 0..10 {
+        assert_eq!(ask(), (200, "well".to_owned()));
+    }
+    // After its time it is asked again; healed, it keeps its share.
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    thread::sleep(Duration::from_millis(1100));
+    let later: Vec<(u16, String)> = (0..6).map(|_| ask()).collect();
+    assert_eq!(
+        later.iter().filter(|(_, b)| b == "sick").count(),
+        3,
+        "{later:?}"
+    );
+    assert!(gw.log().contains("upstream server ejected"), "{}", gw.log());
+}
