@@ -22,8 +22,9 @@ pub use transform::{
     JsonValueConfig, QueryRulesConfig, MAX_JSON_BODY_BYTES,
 };
 pub use upstream::{
-    is_host_name, Balance, HashKey, HostPolicy, OutlierConfig, ResolverConfig, ServerAddress,
-    UpstreamConfig, UpstreamTlsConfig, MAX_SERVER_WEIGHT,
+    is_host_name, Balance, CircuitBreakerConfig, HashKey, HealthCheckConfig, HostPolicy,
+    OutlierConfig, ResolverConfig, ServerAddress, UpstreamConfig, UpstreamTlsConfig,
+    MAX_SERVER_WEIGHT,
 };
 pub use validate::is_token_byte;
 pub use vault::{

@@ -202,6 +202,69 @@ pub struct UpstreamConfig {
     /// Passive health: servers that fail in a row are taken out for a while.
     #[serde(default)]
     pub outlier: OutlierConfig,
+    /// Active health: a path asked on an interval; off unless set.
+    pub health_check: Option<HealthCheckConfig>,
+    /// Limits over every route to this upstream, on this host: beyond them, 503 at once.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
+}
+
+/// An upstream's circuit breaker (Envoy's thresholds); each limit is off unless set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Connections open to the upstream's servers, pooled ones included.
+    pub max_connections: Option<usize>,
+    /// Connects in progress to them.
+    pub max_pending: Option<usize>,
+    /// Requests in flight to them.
+    pub max_requests: Option<usize>,
+}
+
+/// Active health checks of an upstream's servers, run once per host.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// The path (and query) asked with GET.
+    pub path: String,
+    #[serde(default = "default_check_interval")]
+    pub interval: ConfigDuration,
+    /// Longest a check may take, connect and answer together.
+    #[serde(default = "default_check_timeout")]
+    pub timeout: ConfigDuration,
+    /// Good checks in a row that make an unhealthy server healthy again.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Failed checks in a row that make a server unhealthy.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Statuses that count as healthy; default: any 2xx or 3xx.
+    #[serde(default)]
+    pub expected_statuses: Vec<u16>,
+}
+
+fn default_check_interval() -> ConfigDuration {
+    ConfigDuration::from_secs(5)
+}
+fn default_check_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(1)
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+
+impl HealthCheckConfig {
+    /// Whether `status` counts as healthy.
+    pub fn expects(&self, status: u16) -> bool {
+        if self.expected_statuses.is_empty() {
+            (200..400).contains(&status)
+        } else {
+            self.expected_statuses.contains(&status)
+        }
+    }
 }
 
 /// Outlier ejection (Envoy's consecutive-5xx detector, with its defaults).
@@ -344,6 +407,42 @@ impl UpstreamConfig {
                     self.weights[j]
                 ),
             ));
+        }
+        if let Some(h) = &self.health_check {
+            let at = || at().key("health_check");
+            if !h.path.starts_with('/')
+                || h.path.bytes().any(|b| b <= b' ' || b == 0x7f || b == b'#')
+            {
+                return Err(Invalid::new(
+                    at().key("path"),
+                    format!(
+                        "`{}` must start with `/` and hold no spaces, controls or `#`",
+                        h.path
+                    ),
+                ));
+            }
+            if h.interval.get().is_zero() || h.timeout.get().is_zero() {
+                return Err(Invalid::new(
+                    at().key("interval"),
+                    "interval and timeout must be longer than zero, such as \"5s\" and \"1s\"",
+                ));
+            }
+            if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+                return Err(Invalid::new(
+                    at().key("healthy_threshold"),
+                    "thresholds must be at least 1",
+                ));
+            }
+            if let Some(s) = h
+                .expected_statuses
+                .iter()
+                .find(|s| !(100..=599).contains(*s))
+            {
+                return Err(Invalid::new(
+                    at().key("expected_statuses"),
+                    format!("{s} is not an HTTP status (100 to 599)"),
+                ));
+            }
         }
         let o = &self.outlier;
         if o.consecutive_failures == 0 {

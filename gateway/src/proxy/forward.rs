@@ -101,6 +101,13 @@ impl<C: Transport> Connection<'_, C> {
             };
             let conn = match attempt {
                 Ok(c) => c,
+                Err(ConnectError::CircuitOpen(limit)) => {
+                    // The gateway's own limit, not the server's failure.
+                    debug!(upstream = %group.name, limit, "circuit breaker open");
+                    let answer =
+                        Answer::error(503, "the upstream is at its circuit breaker's limit");
+                    return self.answer(answer, request_deadline).await;
+                }
                 Err(e) => {
                     if let Some(c) = server_counters {
                         c.connect_failures.inc();
@@ -533,6 +540,7 @@ impl<C: Transport> Connection<'_, C> {
             ConnectError::TimedOut => (504, "upstream connect timed out"),
             ConnectError::Failed(_) | ConnectError::Unresolved => (502, "upstream unavailable"),
             ConnectError::Tls(_) => (502, "upstream TLS handshake failed"),
+            ConnectError::CircuitOpen(_) => (503, "the upstream is at its circuit breaker's limit"),
         };
         // The certificate's fault (expired, wrong name, unknown issuer) is named in the line.
         throttled_warn!(Noisy::Upstream, upstream = %group.name, server = %group.server_label(server), error = %e, status, "cannot connect upstream");

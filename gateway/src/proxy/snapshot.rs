@@ -67,6 +67,8 @@ pub struct UpstreamParts {
     >,
     /// Each upstream's server labels, to tell whether a reload kept them.
     servers: std::collections::BTreeMap<String, Vec<String>>,
+    /// The active health checkers of this config (stopped when it is dropped).
+    _checkers: Vec<crate::upstream::health_check::HealthChecker>,
 }
 
 impl UpstreamParts {
@@ -92,7 +94,7 @@ impl UpstreamParts {
             }
         }
         resolver.await_first_answers(&names.values().collect::<Vec<_>>());
-        let balancing = config
+        let balancing: std::collections::BTreeMap<String, (Arc<_>, Option<Arc<_>>)> = config
             .upstreams
             .iter()
             .map(|(name, u)| {
@@ -127,12 +129,34 @@ impl UpstreamParts {
                 )
             })
             .collect();
+        let mut checkers = Vec::new();
+        for (name, u) in &config.upstreams {
+            let Some(check) = &u.health_check else {
+                continue;
+            };
+            let targets = u
+                .servers
+                .iter()
+                .map(|s| crate::upstream::health_check::CheckTarget {
+                    label: s.to_string(),
+                    address: s.clone(),
+                    name: names.get(s).cloned(),
+                    host: crate::upstream::host_of(u, s).0,
+                    tls: tls.get(name).cloned().zip(crate::upstream::tls_name(u, s)),
+                })
+                .collect();
+            let loads = balancing[name].0.clone();
+            checkers.push(crate::upstream::health_check::HealthChecker::start(
+                name, check, targets, loads,
+            )?);
+        }
         Ok(UpstreamParts {
             resolver,
             names,
             tls,
             balancing,
             servers,
+            _checkers: checkers,
         })
     }
 

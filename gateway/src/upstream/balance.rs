@@ -46,6 +46,8 @@ pub struct ServerLoad {
     ejected_until_us: AtomicU64,
     /// Ejections not yet forgiven: each lengthens the next (one `base_ejection` each).
     ejections: AtomicU32,
+    /// The active health checks found the server unhealthy.
+    unhealthy: std::sync::atomic::AtomicBool,
 }
 
 /// An upstream's outlier settings, in the units the counters use.
@@ -86,6 +88,33 @@ pub enum Verdict {
 pub struct ServerLoads {
     servers: Box<[ServerLoad]>,
     epoch: Instant,
+    /// Requests in flight to the upstream, connections open to it and connects in progress,
+    /// from every worker (what its circuit breaker limits).
+    requests: AtomicUsize,
+    connections: AtomicUsize,
+    pending: AtomicUsize,
+}
+
+/// What a [`Counted`] guard counts.
+#[derive(Debug, Clone, Copy)]
+enum Counter {
+    Connection,
+    Pending,
+}
+
+/// A connection open to an upstream, or a connect in progress, counted until dropped.
+#[derive(Debug)]
+pub struct Counted {
+    loads: Arc<ServerLoads>,
+    counter: Counter,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.loads
+            .counter(self.counter)
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ServerLoads {
@@ -93,7 +122,50 @@ impl ServerLoads {
         Arc::new(ServerLoads {
             servers: (0..servers).map(|_| ServerLoad::default()).collect(),
             epoch: Instant::now(),
+            requests: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
         })
+    }
+
+    fn counter(&self, c: Counter) -> &AtomicUsize {
+        match c {
+            Counter::Connection => &self.connections,
+            Counter::Pending => &self.pending,
+        }
+    }
+
+    /// Requests in flight to the upstream, from every worker.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Connections open to the upstream, from every worker.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Connects in progress to the upstream, from every worker.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Counts an open connection until the guard drops.
+    pub fn count_connection(self: &Arc<Self>) -> Counted {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        Counted {
+            loads: self.clone(),
+            counter: Counter::Connection,
+        }
+    }
+
+    /// Counts a connect in progress until the guard drops.
+    pub fn count_pending(self: &Arc<Self>) -> Counted {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        Counted {
+            loads: self.clone(),
+            counter: Counter::Pending,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -121,6 +193,7 @@ impl ServerLoads {
         self.servers[server]
             .in_flight
             .fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
         InFlight {
             loads: self.clone(),
             server,
@@ -147,6 +220,22 @@ impl ServerLoads {
             .ejected_until_us
             .load(Ordering::Relaxed)
             > now
+    }
+
+    /// Whether the active health checks (if any) last found `server` healthy.
+    pub fn is_healthy(&self, server: usize) -> bool {
+        !self.servers[server].unhealthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, server: usize, healthy: bool) {
+        self.servers[server]
+            .unhealthy
+            .store(!healthy, Ordering::Relaxed);
+    }
+
+    /// Whether requests may go to `server`: healthy and not ejected.
+    fn usable_at(&self, server: usize, now: u64) -> bool {
+        self.is_healthy(server) && !self.ejected_at(server, now)
     }
 
     /// Counts a request's outcome on `server`: a failure in a row too many ejects it, within
@@ -235,6 +324,7 @@ impl Drop for InFlight {
         self.loads.servers[self.server]
             .in_flight
             .fetch_sub(1, Ordering::Relaxed);
+        self.loads.requests.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -360,9 +450,9 @@ impl Balancer {
             return 0;
         }
         let now = self.loads.now_us();
-        // Panic mode: with every server ejected, every server is a candidate again.
-        let panic = (0..n).all(|i| self.loads.ejected_at(i, now));
-        let usable = |i: usize| panic || !self.loads.ejected_at(i, now);
+        // Panic mode: with every server unhealthy or ejected, every server is a candidate.
+        let panic = (0..n).all(|i| !self.loads.usable_at(i, now));
+        let usable = |i: usize| panic || self.loads.usable_at(i, now);
         match self.balance {
             Balance::Hash => match (&self.maglev, key) {
                 (Some(table), Some(key)) => table.lookup(key, usable),

@@ -4,6 +4,7 @@
 //! are shared across cores).
 
 pub mod balance;
+pub mod health_check;
 pub mod resolve;
 mod transport;
 
@@ -50,6 +51,10 @@ pub enum ConnectError {
     /// (answered 502; never retried in plaintext).
     #[error("TLS handshake failed: {0}")]
     Tls(HandshakeError),
+    /// The upstream's circuit breaker allows no more connections or connects (answered 503
+    /// at once; not the server's failure).
+    #[error("the upstream's circuit breaker is open: {0}")]
+    CircuitOpen(&'static str),
 }
 
 /// One server of a group as a worker connects to it.
@@ -77,12 +82,15 @@ pub struct UpstreamConn {
     /// Taken from the keep-alive pool rather than freshly connected: a failure before any
     /// response byte may be the server having closed it while idle.
     pub reused: bool,
+    /// Counted among the upstream's open connections while it lives.
+    counted: balance::Counted,
 }
 
 struct IdleConn {
     transport: UpstreamTransport,
     addr: SocketAddr,
     since: Instant,
+    counted: balance::Counted,
 }
 
 /// One upstream group, per worker.
@@ -118,7 +126,7 @@ pub struct GroupShared<'a> {
 }
 
 /// The Host value of `server`, and whether it replaces the client's.
-fn host_of(config: &UpstreamConfig, server: &ServerAddress) -> (String, bool) {
+pub fn host_of(config: &UpstreamConfig, server: &ServerAddress) -> (String, bool) {
     let default_port = if config.tls.is_some() { 443 } else { 80 };
     let name_of = || match server {
         ServerAddress::Name { host, port } if *port == default_port => host.clone(),
@@ -133,6 +141,16 @@ fn host_of(config: &UpstreamConfig, server: &ServerAddress) -> (String, bool) {
         HostPolicy::Server => (name_of(), true),
         HostPolicy::Literal(v) => (v, true),
     }
+}
+
+/// The name a TLS connection to `server` verifies, when the upstream uses TLS.
+pub fn tls_name(config: &UpstreamConfig, server: &ServerAddress) -> Option<ServerName<'static>> {
+    let config_tls = config.tls.as_ref()?;
+    Some(match (&config_tls.server_name, server) {
+        (Some(n), _) => ServerName::try_from(n.clone()).ok()?,
+        (None, ServerAddress::Name { host, .. }) => ServerName::try_from(host.clone()).ok()?,
+        (None, ServerAddress::Ip(a)) => ServerName::IpAddress(a.ip().into()),
+    })
 }
 
 impl UpstreamGroup {
@@ -153,17 +171,9 @@ impl UpstreamGroup {
             .servers
             .iter()
             .map(|s| {
-                let config_tls = config.tls.as_ref()?;
-                let name = match (&config_tls.server_name, s) {
-                    (Some(n), _) => ServerName::try_from(n.clone()).ok()?,
-                    (None, ServerAddress::Name { host, .. }) => {
-                        ServerName::try_from(host.clone()).ok()?
-                    }
-                    (None, ServerAddress::Ip(a)) => ServerName::IpAddress(a.ip().into()),
-                };
                 Some(ServerTls {
                     config: worker_tls.clone()?,
-                    name,
+                    name: tls_name(config, s)?,
                 })
             })
             .collect();
@@ -245,12 +255,13 @@ impl UpstreamGroup {
 
     /// A pooled connection to `server` if one is fresh enough, else a new one.
     pub async fn checkout(&self, server: usize) -> Result<UpstreamConn, ConnectError> {
-        if let Some((transport, addr)) = self.take_idle(server) {
+        if let Some((transport, addr, counted)) = self.take_idle(server) {
             return Ok(UpstreamConn {
                 transport,
                 server,
                 addr,
                 reused: true,
+                counted,
             });
         }
         self.connect(server).await
@@ -289,6 +300,19 @@ impl UpstreamGroup {
     /// and the handshake together. A named server's next address is tried when one refuses
     /// or is unreachable (an AAAA record on a host without IPv6, a dead instance).
     pub async fn connect(&self, server: usize) -> Result<UpstreamConn, ConnectError> {
+        let limits = &self.config.circuit_breaker;
+        let loads = self.balancer.loads();
+        // Connects in progress count: they become connections.
+        if limits
+            .max_connections
+            .is_some_and(|m| loads.connections() + loads.pending() >= m)
+        {
+            return Err(ConnectError::CircuitOpen("circuit_breaker.max_connections"));
+        }
+        if limits.max_pending.is_some_and(|m| loads.pending() >= m) {
+            return Err(ConnectError::CircuitOpen("circuit_breaker.max_pending"));
+        }
+        let _pending = loads.count_pending();
         let (candidates, count) = self.addresses(server)?;
         let deadline = Instant::now() + self.connect_timeout;
         let mut connected = None;
@@ -342,10 +366,14 @@ impl UpstreamGroup {
             server,
             addr,
             reused: false,
+            counted: loads.count_connection(),
         })
     }
 
-    fn take_idle(&self, server: usize) -> Option<(UpstreamTransport, SocketAddr)> {
+    fn take_idle(
+        &self,
+        server: usize,
+    ) -> Option<(UpstreamTransport, SocketAddr, balance::Counted)> {
         let mut idle = self.idle[server].borrow_mut();
         let now = Instant::now();
         // Most recently used first: it is the least likely to have been closed by the server.
@@ -364,10 +392,10 @@ impl UpstreamGroup {
             // pause shorter than any server's idle close: the look is a system call, and busy
             // pools hand connections back and forth every millisecond.
             if now.duration_since(conn.since) < PEEK_AFTER_IDLE {
-                return Some((conn.transport, conn.addr));
+                return Some((conn.transport, conn.addr, conn.counted));
             }
             match peek_idle(conn.transport.raw_fd()) {
-                IdleSocket::Quiet => return Some((conn.transport, conn.addr)),
+                IdleSocket::Quiet => return Some((conn.transport, conn.addr, conn.counted)),
                 IdleSocket::Closed | IdleSocket::StrayBytes => {}
             }
         }
@@ -387,6 +415,7 @@ impl UpstreamGroup {
                 transport: conn.transport,
                 addr: conn.addr,
                 since: now,
+                counted: conn.counted,
             });
         }
     }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use crate::{
     config::HashKey,
     http::request::RequestHead,
-    proxy::{context::RequestContext, snapshot::ConfigSnapshot},
+    proxy::{answer::Answer, context::RequestContext, snapshot::ConfigSnapshot},
     upstream::UpstreamGroup,
 };
 
@@ -33,7 +33,15 @@ pub fn pick(
     peer: IpAddr,
     ctx: &mut RequestContext,
     rng: &mut fastrand::Rng,
-) -> usize {
+) -> Result<usize, Answer> {
+    let limit = group.config().circuit_breaker.max_requests;
+    if limit.is_some_and(|m| group.loads().requests() >= m) {
+        // Every route to the upstream together: beyond its limit, at once.
+        return Err(Answer::error(
+            503,
+            "the upstream is at its circuit breaker's limit of requests in flight",
+        ));
+    }
     let address = match peer {
         IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
         IpAddr::V6(a) => a.octets(),
@@ -55,5 +63,5 @@ pub fn pick(
     let server = group.pick(rng, key);
     ctx.upstream = Some((group_index, server));
     ctx.server_load = Some(group.start_request(server));
-    server
+    Ok(server)
 }

@@ -156,7 +156,7 @@ pub fn run(
         peer,
         ctx,
         &mut worker.rng.borrow_mut(),
-    );
+    )?;
     let (host, fixed) = group.host_value(server);
     let dropped = request_head::write(
         snapshot,

@@ -408,11 +408,18 @@ fn upstreams(state: &AdminState) -> AdminResponse {
                         "weight": u.weight(i),
                         "in_flight": loads.as_ref().map(|l| l.in_flight(i)),
                         "latency_ewma_ms": loads.as_ref().map(|l| l.latency(i).as_secs_f64() * 1e3),
+                        "healthy": loads.as_ref().map(|l| l.is_healthy(i)),
                         "ejected_for_ms": loads.as_ref().and_then(|l| l.ejected_for(i)).map(|d| d.as_millis() as u64),
                     })
                 })
                 .collect();
-            json!({ "name": name, "balance": u.balance, "servers": servers })
+            json!({
+                "name": name,
+                "balance": u.balance,
+                "requests_in_flight": loads.as_ref().map(|l| l.requests()),
+                "connections": loads.as_ref().map(|l| l.connections()),
+                "servers": servers,
+            })
         })
         .collect();
     AdminResponse::json(200, &json!({ "upstreams": list }))
