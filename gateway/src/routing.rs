@@ -129,6 +129,10 @@ pub struct Route {
     pub cors: Option<crate::cors::CorsPolicy>,
     /// The route's own format for the gateway's answers, when it sets one.
     pub error_format: Option<crate::config::ErrorFormat>,
+    /// The longest the upstream may take to start answering, over every try.
+    pub timeout: Option<std::time::Duration>,
+    pub retry: crate::config::RetryConfig,
+    pub retry_non_idempotent: bool,
 }
 
 #[derive(Debug, Default)]
@@ -570,6 +574,9 @@ fn compile_route(
         stream: r.stream,
         cors: r.cors.as_ref().map(crate::cors::CorsPolicy::compile),
         error_format: r.error_format,
+        timeout: r.timeout.map(|t| t.get()),
+        retry: r.retry.clone(),
+        retry_non_idempotent: r.retry_non_idempotent,
         concurrency: r.concurrency.as_ref().map(|c| {
             crate::limits::ConcurrencyLimit::new(c, carried_concurrency.get(id.as_str()).copied())
         }),

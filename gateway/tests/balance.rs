@@ -349,3 +349,116 @@ fn the_circuit_breaker_answers_503_at_once_beyond_its_limits() {
         );
     }
 }
+
+fn gateway_with_route(servers: &[String], upstream_extra: &str, route_extra: &str) -> Gateway {
+    let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    Gateway::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n\n\
+         [upstreams.up]\nservers = [{}]\noutlier = {{ enabled = false }}\n{upstream_extra}\n\n\
+         [[routes]]\nmatch = {{ path_prefix = \"/\" }}\nupstream = \"up\"\n{route_extra}\n",
+        list.join(", ")
+    ))
+}
+
+#[test]
+fn retries_reach_another_server_but_never_resend_a_sent_post() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let well = named("well", Duration::ZERO);
+    // A connect failure is retried elsewhere, whatever the method.
+    let gw = gateway_with_route(&[dead.clone(), well.addr.to_string()], "", "");
+    for method in ["GET", "POST"] {
+        for _ in 0..4 {
+            let r = request(
+                gw.addr,
+                &format!("{method} /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nconnection: close\r\n\r\nhi"),
+            );
+            assert_eq!((r.status, r.text().as_str()), (200, "well"), "{method}");
+        }
+    }
+    // A server that takes the request and resets: a GET goes to the other server, a POST
+    // whose body was sent does not (unless the route opts in).
+    let resets = Upstream::start(|_| Reply::Close);
+    let well = named("well", Duration::ZERO);
+    let servers = [resets.addr.to_string(), well.addr.to_string()];
+    let gw = gateway_with_route(&servers, "", "");
+    let send = |gw: &Gateway, method: &str| {
+        // The first request of a fresh gateway goes to the first server (round robin).
+        request(
+            gw.addr,
+            &format!("{method} /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nconnection: close\r\n\r\nhi"),
+        )
+    };
+    assert_eq!(send(&gw, "GET").text(), "well");
+    let gw = gateway_with_route(&servers, "", "");
+    assert_eq!(send(&gw, "POST").status, 502);
+    assert!(
+        !well.requests().iter().any(|r| r.method == "POST"),
+        "the POST reached one server only"
+    );
+    let gw = gateway_with_route(&servers, "", "retry_non_idempotent = true");
+    assert_eq!(send(&gw, "POST").text(), "well");
+    // A status the route retries.
+    let busy = Upstream::start(|_| {
+        Reply::Raw(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy".to_vec())
+    });
+    let gw = gateway_with_route(
+        &[busy.addr.to_string(), well.addr.to_string()],
+        "",
+        "retry = { statuses = [503] }",
+    );
+    for _ in 0..4 {
+        assert_eq!(send(&gw, "GET").text(), "well");
+    }
+}
+
+#[test]
+fn the_retry_budget_caps_retries_during_an_outage_of_every_server() {
+    let hits = |budget: &str| {
+        let down: Vec<Upstream> = (0..3)
+            .map(|_| {
+                Upstream::start(|_| {
+                    Reply::Delayed(
+                        Duration::from_millis(150),
+                        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\ndown"
+                            .to_vec(),
+                    )
+                })
+            })
+            .collect();
+        let servers: Vec<String> = down.iter().map(|u| u.addr.to_string()).collect();
+        let gw = gateway_with_route(
+            &servers,
+            budget,
+            "retry = { retries = 3, statuses = [503], backoff = \"1ms\", max_backoff = \"2ms\" }",
+        );
+        let results = at_once(&gw, 10);
+        assert!(results.iter().all(|(s, _)| *s == 503), "{results:?}");
+        down.iter().map(|u| u.requests().len()).sum::<usize>()
+    };
+    let unbounded = hits("retry_budget = { percent = 100, min_concurrent = 100 }");
+    let bounded = hits("retry_budget = { percent = 0, min_concurrent = 2 }");
+    eprintln!(
+        "upstream requests for 10 client requests: unbounded {unbounded}, budget of 2: {bounded}"
+    );
+    assert_eq!(unbounded, 40, "each request tried four times");
+    assert!(bounded <= 10 + 2 * 3 + 2, "{bounded}");
+}
+
+#[test]
+fn a_route_timeout_caps_every_try() {
+    let slow = named("slow", Duration::from_millis(1500));
+    let slow2 = named("slow", Duration::from_millis(1500));
+    let gw = gateway_with_route(
+        &[slow.addr.to_string(), slow2.addr.to_string()],
+        "",
+        "timeout = \"300ms\"",
+    );
+    let started = std::time::Instant::now();
+    let r = request(
+        gw.addr,
+        "GET /x HTTP/1.1\r\nHost: t\r\nconnection: close\r\n\r\n",
+    );
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(took < Duration::from_millis(1000), "{took:?}");
+}

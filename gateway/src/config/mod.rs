@@ -23,8 +23,8 @@ pub use transform::{
 };
 pub use upstream::{
     is_host_name, Balance, CircuitBreakerConfig, HashKey, HealthCheckConfig, HostPolicy,
-    OutlierConfig, ResolverConfig, ServerAddress, UpstreamConfig, UpstreamTlsConfig,
-    MAX_SERVER_WEIGHT,
+    OutlierConfig, ResolverConfig, RetryBudgetConfig, ServerAddress, UpstreamConfig,
+    UpstreamTlsConfig, MAX_SERVER_WEIGHT,
 };
 pub use validate::is_token_byte;
 pub use vault::{
@@ -532,6 +532,44 @@ pub struct RouteConfig {
     pub cors: Option<CorsConfig>,
     /// The format of the gateway's own answers on this route; default: `[server] error_format`.
     pub error_format: Option<ErrorFormat>,
+    /// The longest the upstream may take to start answering, over every try together
+    /// (`[server] request_timeout` is the time to receive the client's request).
+    pub timeout: Option<ConfigDuration>,
+    /// Retries to another server (see [`RetryConfig`]).
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Also retry requests that are not idempotent, once sent (their body must still be held).
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+}
+
+/// What may be sent again, to another server.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Tries after the first; 0 for none.
+    pub retries: u32,
+    /// Upstream statuses that are tried again (idempotent requests, or with
+    /// `retry_non_idempotent`); connect failures and resets before any response byte always
+    /// are.
+    pub statuses: Vec<u16>,
+    /// Longest wait for one try's response head; default: the upstream's `read_timeout`.
+    pub per_try_timeout: Option<ConfigDuration>,
+    /// Wait before a retry: random, up to this doubled per retry, at most `max_backoff`.
+    pub backoff: ConfigDuration,
+    pub max_backoff: ConfigDuration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            retries: 1,
+            statuses: Vec::new(),
+            per_try_timeout: None,
+            backoff: ConfigDuration::from_millis(25),
+            max_backoff: ConfigDuration::from_millis(250),
+        }
+    }
 }
 
 /// A route's in-flight limit: beyond `max`, wait up to `queue_timeout` for a slot, then 503.

@@ -207,6 +207,27 @@ pub struct UpstreamConfig {
     /// Limits over every route to this upstream, on this host: beyond them, 503 at once.
     #[serde(default)]
     pub circuit_breaker: CircuitBreakerConfig,
+    /// How many retries may be under way to this upstream at once, on this host.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetConfig,
+}
+
+/// Envoy's retry budget: retries under way at most `percent` of the requests in flight, or
+/// `min_concurrent` when that is more, so retries cannot multiply an outage.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudgetConfig {
+    pub percent: u32,
+    pub min_concurrent: usize,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            percent: 20,
+            min_concurrent: 3,
+        }
+    }
 }
 
 /// An upstream's circuit breaker (Envoy's thresholds); each limit is off unless set.

@@ -17,6 +17,8 @@ const RESPOND_RESERVED_HEADERS: [&str; 5] = [
     "x-request-id",
 ];
 
+/// Most retries a route may ask for.
+const MAX_RETRIES: u32 = 10;
 impl Config {
     /// Checks the rules that serde cannot; the error names the first key at fault.
     pub fn validate(&self) -> Result<(), Invalid> {
@@ -440,6 +442,36 @@ impl Config {
             }
         }
         self.validate_route_transforms(i, route)?;
+        let r = &route.retry;
+        if r.retries > MAX_RETRIES {
+            return Err(Invalid::new(
+                at().key("retry").key("retries"),
+                format!("{} is not valid: use 0 to {MAX_RETRIES}", r.retries),
+            ));
+        }
+        if let Some(s) = r.statuses.iter().find(|s| !(400..=599).contains(*s)) {
+            return Err(Invalid::new(
+                at().key("retry").key("statuses"),
+                format!("{s} is not an error status (400 to 599)"),
+            ));
+        }
+        if r.backoff.get() > r.max_backoff.get() {
+            return Err(Invalid::new(
+                at().key("retry").key("backoff"),
+                "must not be longer than max_backoff",
+            ));
+        }
+        for (key, d) in [
+            ("timeout", route.timeout),
+            ("retry.per_try_timeout", r.per_try_timeout),
+        ] {
+            if d.is_some_and(|d| d.get().is_zero()) {
+                return Err(Invalid::new(
+                    at().key(key),
+                    "must be longer than zero, such as \"10s\"",
+                ));
+            }
+        }
         for (j, limit) in route.limits.iter().enumerate() {
             validate_limit(at().key("limits").index(j), limit, true)?;
         }

@@ -312,7 +312,7 @@ impl<C: Transport> Connection<'_, C> {
             return next;
         }
         let Some(counter) = in_flight else {
-            return self.forward(group, server, request_deadline).await;
+            return self.forward(group, server, strip, request_deadline).await;
         };
         let generation = self.generation.clone();
         let snapshot = &*generation.snapshot;
@@ -324,7 +324,7 @@ impl<C: Transport> Connection<'_, C> {
             let answer = Answer::error(503, "too many requests in flight for this route");
             return self.answer(answer, request_deadline).await;
         };
-        self.forward(group, server, request_deadline).await
+        self.forward(group, server, strip, request_deadline).await
     }
 
     /// With `[cluster]`, a vault request reserves in the shared counters too, after the host's

@@ -42,6 +42,17 @@ enum HeadFailure {
     ClientGone,
 }
 
+/// A request's retries so far.
+struct RetryState {
+    /// Retries the route still allows.
+    left: u32,
+    /// The servers tried (by index, modulo 64).
+    tried: u64,
+    done: u32,
+    /// The budget's count of this request's retry, held to its end.
+    _budget: Option<crate::upstream::balance::Counted>,
+}
+
 /// What is known of the final response once its head went to the client.
 struct FinalResponse {
     status: u16,
@@ -60,8 +71,10 @@ impl<C: Transport> Connection<'_, C> {
         &mut self,
         group_index: usize,
         server: usize,
+        strip: Option<crate::auth::CredentialSource>,
         request_deadline: Instant,
     ) -> Next {
+        let mut server = server;
         let generation = self.generation.clone();
         let snapshot = &*generation.snapshot;
         let facts = self.ctx.facts;
@@ -69,10 +82,13 @@ impl<C: Transport> Connection<'_, C> {
         // context, and the log phase gives them back.
         let charges = self.ctx.charges;
         let group = &generation.upstreams[group_index];
-        let server_counters = generation
-            .metrics
-            .as_ref()
-            .map(|m| &m.upstreams[group_index].servers[server]);
+        let counters_of = |server: usize| {
+            generation
+                .metrics
+                .as_ref()
+                .map(|m| &m.upstreams[group_index].servers[server])
+        };
+        let mut server_counters = counters_of(server);
         let mut has_body = !matches!(facts.body, BodyFraming::None | BodyFraming::Length(0));
         let mut consumed = facts.head_len;
         if let Some((client_len, _)) = self.ctx.replaced_body() {
@@ -81,6 +97,27 @@ impl<C: Transport> Connection<'_, C> {
             consumed += client_len;
         }
         let mut retried = false;
+        // Retries to another server: what may be sent again, and until when.
+        let route = snapshot
+            .routes
+            .route(self.ctx.route.expect("the route phase ran"));
+        let started = Instant::now();
+        let head_deadline = route.timeout.map(|t| started + t);
+        let body_held = match facts.body {
+            BodyFraming::None | BodyFraming::Length(0) => true,
+            BodyFraming::Length(n) => self.inbuf.len() >= facts.head_len + n as usize,
+            _ => false,
+        } || self.ctx.replaced_body().is_some();
+        // A provider bills what it received: a vault request is sent again only if it was not.
+        let may_resend = (facts.idempotent || route.retry_non_idempotent)
+            && body_held
+            && self.ctx.vault.is_none();
+        let mut retry = RetryState {
+            left: route.retry.retries,
+            tried: 1u64 << (server % 64),
+            done: 0,
+            _budget: None,
+        };
         if facts.body == BodyFraming::Chunked {
             // Judge the part of a chunked body already received before anything goes upstream:
             // a message refused half-way would reach the upstream truncated.
@@ -116,6 +153,16 @@ impl<C: Transport> Connection<'_, C> {
                         }
                     }
                     self.server_outcome(group, server, false);
+                    // Nothing of the request was sent: another server may always have it.
+                    if let Some(next) = self
+                        .retry_elsewhere(group_index, strip, &mut retry, head_deadline)
+                        .await
+                    {
+                        server = next;
+                        server_counters = counters_of(server);
+                        retried = false;
+                        continue;
+                    }
                     return self
                         .upstream_unavailable(group, server, e, request_deadline)
                         .await;
@@ -198,7 +245,36 @@ impl<C: Transport> Connection<'_, C> {
                     }
                 }
             }
-            match self.read_response_head(&conn, &facts, group).await {
+            let try_deadline = match (route.retry.per_try_timeout, head_deadline) {
+                (Some(t), Some(d)) => Some(d.min(Instant::now() + t.get())),
+                (Some(t), None) => Some(Instant::now() + t.get()),
+                (None, d) => d,
+            };
+            match self
+                .read_response_head(&conn, &facts, group, try_deadline)
+                .await
+            {
+                Ok(r)
+                    if may_resend
+                        && !r.cached_instead
+                        && route.retry.statuses.contains(&r.status) =>
+                {
+                    // A status the route retries: the answer is dropped with its connection.
+                    self.server_outcome(group, server, r.status < 500);
+                    self.ctx.charges = charges;
+                    if let Some(next) = self
+                        .retry_elsewhere(group_index, strip, &mut retry, head_deadline)
+                        .await
+                    {
+                        drop(conn);
+                        server = next;
+                        server_counters = counters_of(server);
+                        retried = false;
+                        continue;
+                    }
+                    // No retry left: this answer is the client's after all.
+                    break (conn, r);
+                }
                 Ok(r) => break (conn, r),
                 Err(HeadFailure::ClosedEarly)
                     if conn.reused && !retried && !has_body && facts.idempotent =>
@@ -218,6 +294,24 @@ impl<C: Transport> Connection<'_, C> {
                         c.timeouts.inc();
                     }
                     self.server_outcome(group, server, false);
+                    // No response byte came: an idempotent request whose body is still here
+                    // may go to another server.
+                    let before_any_byte = matches!(
+                        failure,
+                        HeadFailure::ClosedEarly | HeadFailure::TimedOut | HeadFailure::Io(_)
+                    ) && self.ctx.timings.first_response_byte.is_none();
+                    if may_resend && before_any_byte {
+                        self.ctx.charges = charges;
+                        if let Some(next) = self
+                            .retry_elsewhere(group_index, strip, &mut retry, head_deadline)
+                            .await
+                        {
+                            server = next;
+                            server_counters = counters_of(server);
+                            retried = false;
+                            continue;
+                        }
+                    }
                     let (status, detail) = match &failure {
                         HeadFailure::TimedOut => (504, "upstream timed out"),
                         HeadFailure::Invalid(_) => (502, "invalid response from upstream"),
@@ -368,6 +462,7 @@ impl<C: Transport> Connection<'_, C> {
         conn: &UpstreamConn,
         facts: &RequestFacts,
         group: &UpstreamGroup,
+        deadline: Option<Instant>,
     ) -> Result<FinalResponse, HeadFailure> {
         self.upbuf.clear();
         let mut received_any = false;
@@ -380,10 +475,11 @@ impl<C: Transport> Connection<'_, C> {
                         .min(UPSTREAM_BUFFER_BYTES),
                 );
             }
+            let until = Instant::now() + group.read_timeout;
             let (res, buf) = read_before(
                 &conn.transport,
                 take(&mut self.upbuf),
-                Instant::now() + group.read_timeout,
+                deadline.map_or(until, |d| d.min(until)),
             )
             .await;
             self.upbuf = buf;
@@ -549,6 +645,92 @@ impl<C: Transport> Connection<'_, C> {
         }
         self.answer(Answer::error(status, detail), request_deadline)
             .await
+    }
+
+    /// Gets ready to send the request to another server of the group: when the route has a
+    /// retry left, the upstream's budget allows one more and the deadline is not past, picks a
+    /// server not tried yet, writes the upstream head for it again and waits the backoff.
+    async fn retry_elsewhere(
+        &mut self,
+        group_index: usize,
+        strip: Option<crate::auth::CredentialSource>,
+        retry: &mut RetryState,
+        head_deadline: Option<Instant>,
+    ) -> Option<usize> {
+        let generation = self.generation.clone();
+        let snapshot = &*generation.snapshot;
+        let route = snapshot.routes.route(self.ctx.route?);
+        let group = &generation.upstreams[group_index];
+        if retry.left == 0 || group.len() < 2 {
+            return None;
+        }
+        // This request's previous retry is over: its count is the new one's.
+        retry._budget = None;
+        let budget = group.loads().try_retry(&group.config().retry_budget)?;
+        // Random, up to the backoff doubled per retry (full jitter), within the deadline.
+        let cap = route
+            .retry
+            .backoff
+            .get()
+            .saturating_mul(1 << retry.done.min(16))
+            .min(route.retry.max_backoff.get());
+        let wait = cap.mul_f64(self.worker.rng.borrow_mut().f64());
+        if head_deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            return None;
+        }
+        // Another server than those tried, if one is left.
+        let mut headers =
+            [const { std::mem::MaybeUninit::uninit() }; crate::config::MAX_HEADERS_CEILING];
+        let req = match crate::http::request::parse_request(
+            &self.inbuf,
+            &mut headers,
+            &snapshot.limits,
+            &mut self.normalized,
+        ) {
+            Ok(Some(req)) => req,
+            _ => return None,
+        };
+        let mut next = None;
+        for _ in 0..8 {
+            let s = super::phase::choose_upstream::pick(
+                snapshot,
+                group,
+                group_index,
+                &req,
+                self.peer.ip(),
+                &mut self.ctx,
+                &mut self.worker.rng.borrow_mut(),
+            )
+            .ok()?;
+            next = Some(s);
+            if retry.tried & (1u64 << (s % 64)) == 0 {
+                break;
+            }
+        }
+        let next = next?;
+        retry.tried |= 1u64 << (next % 64);
+        let (value, fixed) = group.host_value(next);
+        self.out.clear();
+        super::phase::request_head::write(
+            snapshot,
+            route,
+            &req,
+            self.peer.ip(),
+            &self.ctx,
+            strip,
+            super::upstream_head::UpstreamHost { value, fixed },
+            &mut self.out,
+        )
+        .ok()?;
+        self.add_revalidation_fields();
+        retry.left -= 1;
+        retry.done += 1;
+        // The next try's own first byte decides whether it may be retried in turn.
+        self.ctx.timings.first_response_byte = None;
+        retry._budget = Some(budget);
+        debug!(upstream = %group.name, server = %group.server_label(next), "retrying on another server");
+        tokio::time::sleep(wait).await;
+        Some(next)
     }
 
     /// Counts how `server` did for outlier ejection, and logs when that ejects it or it

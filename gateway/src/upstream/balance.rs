@@ -93,6 +93,8 @@ pub struct ServerLoads {
     requests: AtomicUsize,
     connections: AtomicUsize,
     pending: AtomicUsize,
+    /// Retries under way (what the retry budget limits).
+    retries: AtomicUsize,
 }
 
 /// What a [`Counted`] guard counts.
@@ -100,6 +102,7 @@ pub struct ServerLoads {
 enum Counter {
     Connection,
     Pending,
+    Retry,
 }
 
 /// A connection open to an upstream, or a connect in progress, counted until dropped.
@@ -125,6 +128,7 @@ impl ServerLoads {
             requests: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
+            retries: AtomicUsize::new(0),
         })
     }
 
@@ -132,7 +136,30 @@ impl ServerLoads {
         match c {
             Counter::Connection => &self.connections,
             Counter::Pending => &self.pending,
+            Counter::Retry => &self.retries,
         }
+    }
+
+    /// A retry, counted until the guard drops, if the budget allows one more:
+    /// `percent` of the requests in flight, or `min_concurrent` when that is more.
+    pub fn try_retry(
+        self: &Arc<Self>,
+        budget: &crate::config::RetryBudgetConfig,
+    ) -> Option<Counted> {
+        let allowed = (self.requests() * budget.percent as usize / 100).max(budget.min_concurrent);
+        if self.retries.fetch_add(1, Ordering::Relaxed) >= allowed {
+            self.retries.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Counted {
+            loads: self.clone(),
+            counter: Counter::Retry,
+        })
+    }
+
+    /// Retries under way to the upstream.
+    pub fn retries(&self) -> usize {
+        self.retries.load(Ordering::Relaxed)
     }
 
     /// Requests in flight to the upstream, from every worker.
