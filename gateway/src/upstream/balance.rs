@@ -48,6 +48,8 @@ pub struct ServerLoad {
     ejections: AtomicU32,
     /// The active health checks found the server unhealthy.
     unhealthy: std::sync::atomic::AtomicBool,
+    /// Times outlier detection ejected the server.
+    ejections_total: AtomicU64,
 }
 
 /// An upstream's outlier settings, in the units the counters use.
@@ -95,6 +97,9 @@ pub struct ServerLoads {
     pending: AtomicUsize,
     /// Retries under way (what the retry budget limits).
     retries: AtomicUsize,
+    /// Retries made, and requests the circuit breaker refused, since the loads were made.
+    retries_total: AtomicU64,
+    circuit_refusals: AtomicU64,
 }
 
 /// What a [`Counted`] guard counts.
@@ -129,7 +134,27 @@ impl ServerLoads {
             connections: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             retries: AtomicUsize::new(0),
+            retries_total: AtomicU64::new(0),
+            circuit_refusals: AtomicU64::new(0),
         })
+    }
+
+    /// Times outlier detection ejected `server`.
+    pub fn ejections_total(&self, server: usize) -> u64 {
+        self.servers[server].ejections_total.load(Ordering::Relaxed)
+    }
+
+    pub fn retries_total(&self) -> u64 {
+        self.retries_total.load(Ordering::Relaxed)
+    }
+
+    pub fn circuit_refusals(&self) -> u64 {
+        self.circuit_refusals.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request the circuit breaker refused.
+    pub fn count_circuit_refusal(&self) {
+        self.circuit_refusals.fetch_add(1, Ordering::Relaxed);
     }
 
     fn counter(&self, c: Counter) -> &AtomicUsize {
@@ -151,6 +176,7 @@ impl ServerLoads {
             self.retries.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
+        self.retries_total.fetch_add(1, Ordering::Relaxed);
         Some(Counted {
             loads: self.clone(),
             counter: Counter::Retry,
@@ -302,6 +328,7 @@ impl ServerLoads {
             .saturating_mul(u64::from(ejections))
             .min(policy.max_us);
         load.ejected_until_us.store(now + time, Ordering::Relaxed);
+        load.ejections_total.fetch_add(1, Ordering::Relaxed);
         load.failures.store(0, Ordering::Relaxed);
         Verdict::Ejected(Duration::from_micros(time))
     }

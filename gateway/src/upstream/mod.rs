@@ -5,6 +5,7 @@
 
 pub mod balance;
 pub mod health_check;
+pub mod metrics;
 pub mod resolve;
 mod transport;
 
@@ -307,9 +308,11 @@ impl UpstreamGroup {
             .max_connections
             .is_some_and(|m| loads.connections() + loads.pending() >= m)
         {
+            loads.count_circuit_refusal();
             return Err(ConnectError::CircuitOpen("circuit_breaker.max_connections"));
         }
         if limits.max_pending.is_some_and(|m| loads.pending() >= m) {
+            loads.count_circuit_refusal();
             return Err(ConnectError::CircuitOpen("circuit_breaker.max_pending"));
         }
         let _pending = loads.count_pending();

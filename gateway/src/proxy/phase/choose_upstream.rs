@@ -36,6 +36,7 @@ pub fn pick(
 ) -> Result<usize, Answer> {
     let limit = group.config().circuit_breaker.max_requests;
     if limit.is_some_and(|m| group.loads().requests() >= m) {
+        group.loads().count_circuit_refusal();
         // Every route to the upstream together: beyond its limit, at once.
         return Err(Answer::error(
             503,

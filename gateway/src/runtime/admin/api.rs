@@ -171,6 +171,11 @@ fn metrics(state: &AdminState) -> AdminResponse {
     if let Some(vault) = &snapshot.vault {
         crate::vault::metrics::render(vault, &mut text);
     }
+    crate::upstream::metrics::render(
+        &snapshot.config.upstreams,
+        &snapshot.upstream_parts.balancing,
+        &mut text,
+    );
     if snapshot.routes.any_caches() {
         crate::cache::metrics::render(&snapshot.cache, &mut text);
     }

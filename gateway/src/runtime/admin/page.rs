@@ -38,7 +38,7 @@ pub const STATUS_PAGE: &str = r##"<!doctype html>
   </section>
   <section>
     <h2>Upstream servers</h2>
-    <table id="upstreams"><thead><tr><th>upstream / server</th><th>requests</th><th>connect failures</th><th>timeouts</th></tr></thead><tbody></tbody></table>
+    <table id="upstreams"><thead><tr><th>upstream / server</th><th>state</th><th>in flight</th><th>latency ms</th><th>requests</th><th>connect failures</th><th>timeouts</th></tr></thead><tbody></tbody></table>
   </section>
   <section>
     <h2>Sources dropped by XDP</h2>
@@ -126,6 +126,10 @@ async function poll() {
     const upRows = [];
     for (const u of ups.upstreams) for (const s of u.servers) upRows.push(tr => {
       cell(tr, u.name + " / " + s.address);
+      const state = s.healthy === false ? "unhealthy" : s.ejected_for_ms ? "ejected " + Math.ceil(s.ejected_for_ms / 1000) + " s" : "healthy";
+      cell(tr, state, state === "healthy" ? "ok" : "bad");
+      cell(tr, s.in_flight);
+      cell(tr, s.latency_ewma_ms == null ? "" : s.latency_ewma_ms.toFixed(1));
       cell(tr, s.requests);
       cell(tr, s.connect_failures, s.connect_failures ? "bad" : "ok");
       cell(tr, s.timeouts, s.timeouts ? "bad" : "ok");
