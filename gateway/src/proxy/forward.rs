@@ -709,16 +709,16 @@ impl<C: Transport> Connection<'_, C> {
         }
         let next = next?;
         retry.tried |= 1u64 << (next % 64);
-        let (value, fixed) = group.host_value(next);
         self.out.clear();
-        super::phase::request_head::write(
+        super::phase::request_head::write_for_server(
             snapshot,
             route,
             &req,
             self.peer.ip(),
             &self.ctx,
             strip,
-            super::upstream_head::UpstreamHost { value, fixed },
+            group,
+            next,
             &mut self.out,
         )
         .ok()?;

@@ -327,17 +327,16 @@ impl<C: Transport> Connection<'_, C> {
                 Some(Answer::error(400, "the request body is not valid JSON"))
             })?;
         self.ctx.rewritten_body = Some((n as usize, rewritten));
-        let group = &generation.upstreams[group_index];
-        let (value, fixed) = group.host_value(server);
         // Rule values dropped were counted when the head was first written.
-        request_head::write(
+        request_head::write_for_server(
             snapshot,
             route,
             &req,
             self.peer.ip(),
             &self.ctx,
             strip,
-            super::upstream_head::UpstreamHost { value, fixed },
+            &generation.upstreams[group_index],
+            server,
             &mut self.out,
         )
         .map(|_| ())

@@ -157,17 +157,8 @@ pub fn run(
         ctx,
         &mut worker.rng.borrow_mut(),
     )?;
-    let (host, fixed) = group.host_value(server);
-    let dropped = request_head::write(
-        snapshot,
-        route,
-        req,
-        peer,
-        ctx,
-        strip,
-        crate::proxy::upstream_head::UpstreamHost { value: host, fixed },
-        out,
-    )?;
+    let dropped =
+        request_head::write_for_server(snapshot, route, req, peer, ctx, strip, group, server, out)?;
     ctx.dropped_values += dropped;
     let consumer = ctx.caller.as_ref().map(|c| c.identity(snapshot).0);
     Ok(Forward {

@@ -20,6 +20,32 @@ use crate::{
     routing::Route,
 };
 
+/// Writes the upstream head for `req` to `out` for `server` of `group` (its Host value).
+#[allow(clippy::too_many_arguments)]
+pub fn write_for_server(
+    snapshot: &ConfigSnapshot,
+    route: &Route,
+    req: &RequestHead,
+    peer: IpAddr,
+    ctx: &RequestContext,
+    strip: Option<CredentialSource>,
+    group: &crate::upstream::UpstreamGroup,
+    server: usize,
+    out: &mut Vec<u8>,
+) -> Result<u64, Answer> {
+    let (value, fixed) = group.host_value(server);
+    write(
+        snapshot,
+        route,
+        req,
+        peer,
+        ctx,
+        strip,
+        UpstreamHost { value, fixed },
+        out,
+    )
+}
+
 /// Writes the upstream head for `req` to `out`; `host` is the chosen server's Host value.
 /// Returns how many rendered rule values were dropped (they held CR, LF or NUL).
 #[allow(clippy::too_many_arguments)]
