@@ -462,3 +462,48 @@ fn a_route_timeout_caps_every_try() {
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(took < Duration::from_millis(1000), "{took:?}");
 }
+
+#[test]
+fn a_backup_serves_only_while_no_primary_can() {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    let down = Arc::new(AtomicBool::new(false));
+    let flag = down.clone();
+    let primary = Upstream::start(move |_| {
+        let status = if flag.load(Ordering::SeqCst) {
+            "503 Service Unavailable"
+        } else {
+            "200 OK"
+        };
+        Reply::Raw(format!("HTTP/1.1 {status}\r\ncontent-length: 1\r\n\r\np").into_bytes())
+    });
+    let backup = named("b", Duration::ZERO);
+    let gw = Gateway::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n\n\
+         [upstreams.up]\nservers = [\"{p}\", \"{b}\"]\nbackups = [\"{b}\"]\n\
+         outlier = {{ consecutive_failures = 1, base_ejection = \"10s\", max_ejected_percent = 100 }}\n\n\
+         [[routes]]\nmatch = {{ path_prefix = \"/\" }}\nupstream = \"up\"\n",
+        p = primary.addr,
+        b = backup.addr
+    ));
+    let get = || {
+        request(
+            gw.addr,
+            "GET /x HTTP/1.1\r\nHost: t\r\nconnection: close\r\n\r\n",
+        )
+    };
+    for _ in 0..6 {
+        assert_eq!(
+            get().text(),
+            "p",
+            "the backup waits while the primary serves"
+        );
+    }
+    down.store(true, Ordering::SeqCst);
+    assert_eq!(get().status, 503, "the primary's failure ejects it");
+    for _ in 0..6 {
+        assert_eq!(get().text(), "b", "no primary left: the backup serves");
+    }
+}

@@ -199,6 +199,12 @@ pub struct UpstreamConfig {
     /// Each server's weight, in `servers` order (default 1 each).
     #[serde(default)]
     pub weights: Vec<u32>,
+    /// Which of `servers` get requests only while no other server is usable.
+    #[serde(default)]
+    pub backups: Vec<ServerAddress>,
+    /// A server back from an ejection or from failing its health checks takes its full share
+    /// over this long, starting at a tenth; off unless set.
+    pub slow_start: Option<ConfigDuration>,
     /// Passive health: servers that fail in a row are taken out for a while.
     #[serde(default)]
     pub outlier: OutlierConfig,
@@ -427,6 +433,23 @@ impl UpstreamConfig {
                     "{} is not valid: use 1 to {MAX_SERVER_WEIGHT}",
                     self.weights[j]
                 ),
+            ));
+        }
+        if let Some((j, b)) = self
+            .backups
+            .iter()
+            .enumerate()
+            .find(|(_, b)| !self.servers.contains(b))
+        {
+            return Err(Invalid::new(
+                at().key("backups").index(j),
+                format!("`{b}` is not one of `servers`: list backups there too"),
+            ));
+        }
+        if !self.servers.is_empty() && self.servers.iter().all(|s| self.backups.contains(s)) {
+            return Err(Invalid::new(
+                at().key("backups"),
+                "names every server: at least one must be a primary",
             ));
         }
         if let Some(h) = &self.health_check {

@@ -50,6 +50,8 @@ pub struct ServerLoad {
     unhealthy: std::sync::atomic::AtomicBool,
     /// Times outlier detection ejected the server.
     ejections_total: AtomicU64,
+    /// When the health checks last found it healthy again (0: never unhealthy).
+    healthy_again_us: AtomicU64,
 }
 
 /// An upstream's outlier settings, in the units the counters use.
@@ -281,9 +283,36 @@ impl ServerLoads {
     }
 
     pub fn set_healthy(&self, server: usize, healthy: bool) {
-        self.servers[server]
+        let was_unhealthy = self.servers[server]
             .unhealthy
-            .store(!healthy, Ordering::Relaxed);
+            .swap(!healthy, Ordering::Relaxed);
+        if healthy && was_unhealthy {
+            self.servers[server]
+                .healthy_again_us
+                .store(self.now_us(), Ordering::Relaxed);
+        }
+    }
+
+    /// How far into its slow start `server` is, from 0.1 to 1: the time since it came back
+    /// (from an ejection or from failing its health checks) over `slow_start_us`.
+    fn warmth(&self, server: usize, now: u64, slow_start_us: u64) -> f64 {
+        if slow_start_us == 0 {
+            return 1.0;
+        }
+        let load = &self.servers[server];
+        let ejection_ended = load.ejected_until_us.load(Ordering::Relaxed);
+        let back = load
+            .healthy_again_us
+            .load(Ordering::Relaxed)
+            .max(if ejection_ended <= now {
+                ejection_ended
+            } else {
+                0
+            });
+        if back == 0 {
+            return 1.0;
+        }
+        (now.saturating_sub(back) as f64 / slow_start_us as f64).clamp(0.1, 1.0)
     }
 
     /// Whether requests may go to `server`: healthy and not ejected.
@@ -467,7 +496,14 @@ pub struct Balancer {
     maglev: Option<Arc<Maglev>>,
     loads: Arc<ServerLoads>,
     ejection: Ejection,
+    /// Servers used only while no other is usable.
+    backup: Box<[bool]>,
+    /// A server coming back takes its full share over this long (0: at once).
+    slow_start_us: u64,
 }
+
+/// Smooth round robin's weights are scaled by this, so slow start can grant fractions.
+const WEIGHT_SCALE: f64 = 100.0;
 
 impl Balancer {
     /// `maglev` is the group's table when it hashes (built once per config, shared).
@@ -484,7 +520,18 @@ impl Balancer {
             maglev,
             loads,
             ejection: Ejection::new(&config.outlier),
+            backup: config
+                .servers
+                .iter()
+                .map(|s| config.backups.contains(s))
+                .collect(),
+            slow_start_us: config.slow_start.map_or(0, |d| d.get().as_micros() as u64),
         }
+    }
+
+    /// `server`'s weight now: its configured one, times its slow start.
+    fn weight_now(&self, server: usize, now: u64) -> f64 {
+        f64::from(self.weights[server]) * self.loads.warmth(server, now, self.slow_start_us)
     }
 
     pub fn loads(&self) -> &Arc<ServerLoads> {
@@ -504,36 +551,48 @@ impl Balancer {
             return 0;
         }
         let now = self.loads.now_us();
-        // Panic mode: with every server unhealthy or ejected, every server is a candidate.
-        let panic = (0..n).all(|i| !self.loads.usable_at(i, now));
-        let usable = |i: usize| panic || self.loads.usable_at(i, now);
+        // Primaries while one is usable, else the backups; with none usable either, every
+        // server (panic mode).
+        let alive = |i: usize| self.loads.usable_at(i, now);
+        let tier = if (0..n).any(|i| !self.backup[i] && alive(i)) {
+            Some(false)
+        } else if (0..n).any(|i| self.backup[i] && alive(i)) {
+            Some(true)
+        } else {
+            None
+        };
+        let usable = |i: usize| match tier {
+            Some(backup) => self.backup[i] == backup && alive(i),
+            None => true,
+        };
         match self.balance {
             Balance::Hash => match (&self.maglev, key) {
                 (Some(table), Some(key)) => table.lookup(key, usable),
-                _ => self.round_robin(usable),
+                _ => self.round_robin(usable, now),
             },
-            Balance::RoundRobin => self.round_robin(usable),
+            Balance::RoundRobin => self.round_robin(usable, now),
             Balance::LeastRequest => self.two_choices(rng, usable, |i| {
-                (self.loads.in_flight(i) as f64 + 1.0) / f64::from(self.weights[i])
+                (self.loads.in_flight(i) as f64 + 1.0) / self.weight_now(i, now)
             }),
             Balance::PeakEwma => self.two_choices(rng, usable, |i| {
                 let latency = self.loads.latency(i).as_secs_f64();
-                latency * (self.loads.in_flight(i) as f64 + 1.0) / f64::from(self.weights[i])
+                latency * (self.loads.in_flight(i) as f64 + 1.0) / self.weight_now(i, now)
             }),
         }
     }
 
     /// nginx's smooth weighted round robin over the usable servers: each gains its weight,
     /// the highest is chosen and pays the total; weights 5, 1, 1 give a, a, b, a, c, a, a.
-    fn round_robin(&self, usable: impl Fn(usize) -> bool) -> usize {
+    fn round_robin(&self, usable: impl Fn(usize) -> bool, now: u64) -> usize {
         let mut total = 0i64;
         let mut best = None;
         for (i, c) in self.current.iter().enumerate() {
             if !usable(i) {
                 continue;
             }
-            total += i64::from(self.weights[i]);
-            c.set(c.get() + i64::from(self.weights[i]));
+            let weight = (self.weight_now(i, now) * WEIGHT_SCALE).max(1.0) as i64;
+            total += weight;
+            c.set(c.get() + weight);
             if best.is_none_or(|b: usize| c.get() > self.current[b].get()) {
                 best = Some(i);
             }
@@ -589,6 +648,37 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(1);
         let picks: Vec<usize> = (0..7).map(|_| b.pick(&mut rng, None)).collect();
         assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn backups_serve_only_when_no_primary_can_and_a_returning_server_starts_slowly() {
+        let config: UpstreamConfig = toml::from_str(
+            "servers = [\"10.0.0.1:80\", \"10.0.0.2:80\", \"10.0.0.3:80\"]\n\
+             backups = [\"10.0.0.3:80\"]\nslow_start = \"60s\"\n",
+        )
+        .unwrap();
+        let loads = ServerLoads::new(3);
+        let b = Balancer::new(&config, loads.clone(), None);
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut picks =
+            |n: usize| -> Vec<usize> { (0..n).map(|_| b.pick(&mut rng, None)).collect() };
+        assert!(picks(20).iter().all(|s| *s != 2), "the backup waits");
+        loads.set_healthy(0, false);
+        loads.set_healthy(1, false);
+        assert!(
+            picks(10).iter().all(|s| *s == 2),
+            "no primary: the backup serves"
+        );
+        // A server back from failing its checks starts at a tenth of its share.
+        let config: UpstreamConfig =
+            toml::from_str("servers = [\"10.0.0.1:80\", \"10.0.0.2:80\"]\nslow_start = \"60s\"\n")
+                .unwrap();
+        let loads = ServerLoads::new(2);
+        let b = Balancer::new(&config, loads.clone(), None);
+        loads.set_healthy(0, false);
+        loads.set_healthy(0, true);
+        let back = (0..200).filter(|_| b.pick(&mut rng, None) == 0).count();
+        assert!((10..=30).contains(&back), "{back} of 200");
     }
 
     #[test]
