@@ -75,6 +75,8 @@ impl<C: Transport> Connection<'_, C> {
         request_deadline: Instant,
     ) -> Next {
         let mut server = server;
+        // From here to the exchange's end the request is in flight to its server.
+        self.ctx.server_load = Some(self.generation.upstreams[group_index].start_request(server));
         let generation = self.generation.clone();
         let snapshot = &*generation.snapshot;
         let facts = self.ctx.facts;
@@ -112,6 +114,7 @@ impl<C: Transport> Connection<'_, C> {
         let may_resend = (facts.idempotent || route.retry_non_idempotent)
             && body_held
             && self.ctx.vault.is_none();
+        let mut outcome_counted = false;
         let mut retry = RetryState {
             left: route.retry.retries,
             tried: 1u64 << (server % 64),
@@ -155,7 +158,7 @@ impl<C: Transport> Connection<'_, C> {
                     self.server_outcome(group, server, false);
                     // Nothing of the request was sent: another server may always have it.
                     if let Some(next) = self
-                        .retry_elsewhere(group_index, strip, &mut retry, head_deadline)
+                        .retry_elsewhere(group_index, strip, &mut retry, head_deadline, true)
                         .await
                     {
                         server = next;
@@ -261,18 +264,21 @@ impl<C: Transport> Connection<'_, C> {
                 {
                     // A status the route retries: the answer is dropped with its connection.
                     self.server_outcome(group, server, r.status < 500);
-                    self.ctx.charges = charges;
                     if let Some(next) = self
-                        .retry_elsewhere(group_index, strip, &mut retry, head_deadline)
+                        .retry_elsewhere(group_index, strip, &mut retry, head_deadline, false)
                         .await
                     {
+                        // The quotas count when a try is received, not for each try.
+                        self.ctx.charges = charges;
                         drop(conn);
                         server = next;
                         server_counters = counters_of(server);
                         retried = false;
                         continue;
                     }
-                    // No retry left: this answer is the client's after all.
+                    // No retry left: this answer is the client's after all (its outcome is
+                    // counted).
+                    outcome_counted = true;
                     break (conn, r);
                 }
                 Ok(r) => break (conn, r),
@@ -300,12 +306,20 @@ impl<C: Transport> Connection<'_, C> {
                         failure,
                         HeadFailure::ClosedEarly | HeadFailure::TimedOut | HeadFailure::Io(_)
                     ) && self.ctx.timings.first_response_byte.is_none();
+                    if let (HeadFailure::TimedOut, Some(load), Some(connected)) = (
+                        &failure,
+                        &self.ctx.server_load,
+                        self.ctx.timings.upstream_connected,
+                    ) {
+                        // A timeout is a latency too: peak-EWMA takes it as the peak it is.
+                        load.observe(connected.elapsed());
+                    }
                     if may_resend && before_any_byte {
-                        self.ctx.charges = charges;
                         if let Some(next) = self
-                            .retry_elsewhere(group_index, strip, &mut retry, head_deadline)
+                            .retry_elsewhere(group_index, strip, &mut retry, head_deadline, false)
                             .await
                         {
+                            self.ctx.charges = charges;
                             server = next;
                             server_counters = counters_of(server);
                             retried = false;
@@ -338,7 +352,9 @@ impl<C: Transport> Connection<'_, C> {
         };
 
         // What passive health counts: a 5xx is the server failing, anything else is not.
-        self.server_outcome(group, server, response.status < 500);
+        if !outcome_counted {
+            self.server_outcome(group, server, response.status < 500);
+        }
         if response.cached_instead {
             // A 304 to the gateway's own revalidation, or an error a stale entry answers for.
             if response.status == 304
@@ -649,13 +665,15 @@ impl<C: Transport> Connection<'_, C> {
 
     /// Gets ready to send the request to another server of the group: when the route has a
     /// retry left, the upstream's budget allows one more and the deadline is not past, picks a
-    /// server not tried yet, writes the upstream head for it again and waits the backoff.
+    /// server not tried yet, writes the upstream head for it again and waits the backoff
+    /// (not `at_once`, after a failed connect).
     async fn retry_elsewhere(
         &mut self,
         group_index: usize,
         strip: Option<crate::auth::CredentialSource>,
         retry: &mut RetryState,
         head_deadline: Option<Instant>,
+        at_once: bool,
     ) -> Option<usize> {
         let generation = self.generation.clone();
         let snapshot = &*generation.snapshot;
@@ -674,7 +692,12 @@ impl<C: Transport> Connection<'_, C> {
             .get()
             .saturating_mul(1 << retry.done.min(16))
             .min(route.retry.max_backoff.get());
-        let wait = cap.mul_f64(self.worker.rng.borrow_mut().f64());
+        // A connect that failed sent nothing and the next try goes elsewhere: no wait.
+        let wait = if at_once {
+            std::time::Duration::ZERO
+        } else {
+            cap.mul_f64(self.worker.rng.borrow_mut().f64())
+        };
         if head_deadline.is_some_and(|d| Instant::now() + wait >= d) {
             return None;
         }
@@ -690,24 +713,17 @@ impl<C: Transport> Connection<'_, C> {
             Ok(Some(req)) => req,
             _ => return None,
         };
-        let mut next = None;
-        for _ in 0..8 {
-            let s = super::phase::choose_upstream::pick(
-                snapshot,
-                group,
-                group_index,
-                &req,
-                self.peer.ip(),
-                &mut self.ctx,
-                &mut self.worker.rng.borrow_mut(),
-            )
-            .ok()?;
-            next = Some(s);
-            if retry.tried & (1u64 << (s % 64)) == 0 {
-                break;
-            }
-        }
-        let next = next?;
+        let next = super::phase::choose_upstream::pick(
+            snapshot,
+            group,
+            group_index,
+            &req,
+            self.peer.ip(),
+            &mut self.ctx,
+            &mut self.worker.rng.borrow_mut(),
+            retry.tried,
+        )
+        .ok()?;
         retry.tried |= 1u64 << (next % 64);
         self.out.clear();
         super::phase::request_head::write_for_server(
@@ -728,6 +744,8 @@ impl<C: Transport> Connection<'_, C> {
         // The next try's own first byte decides whether it may be retried in turn.
         self.ctx.timings.first_response_byte = None;
         retry._budget = Some(budget);
+        group.loads().count_retry_sent();
+        self.ctx.server_load = Some(group.start_request(next));
         debug!(upstream = %group.name, server = %group.server_label(next), "retrying on another server");
         tokio::time::sleep(wait).await;
         Some(next)

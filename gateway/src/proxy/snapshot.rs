@@ -131,7 +131,13 @@ impl UpstreamParts {
             .collect();
         let mut checkers = Vec::new();
         for (name, u) in &config.upstreams {
+            let loads = &balancing[name].0;
+            // The newest config's checker is the one that counts: an older one, kept alive by
+            // a connection on its generation, stops at its next look.
+            let token = loads.new_checker();
             let Some(check) = &u.health_check else {
+                // No checks any more: no server stays out on an old finding.
+                loads.clear_health();
                 continue;
             };
             let targets = u
@@ -145,9 +151,12 @@ impl UpstreamParts {
                     tls: tls.get(name).cloned().zip(crate::upstream::tls_name(u, s)),
                 })
                 .collect();
-            let loads = balancing[name].0.clone();
             checkers.push(crate::upstream::health_check::HealthChecker::start(
-                name, check, targets, loads,
+                name,
+                check,
+                targets,
+                loads.clone(),
+                token,
             )?);
         }
         Ok(UpstreamParts {

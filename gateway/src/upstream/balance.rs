@@ -28,6 +28,9 @@ use crate::config::{Balance, OutlierConfig, UpstreamConfig};
 /// about 1/N of the keys when the table is at least 100 times N).
 pub const MAGLEV_TABLE_SIZE: usize = 65_537;
 
+/// The latency peak-EWMA assumes of a server it has no sample of yet.
+const UNSAMPLED_LATENCY: Duration = Duration::from_millis(10);
+
 /// How long a latency sample weighs in peak-EWMA (Finagle's default decay time).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 
@@ -52,6 +55,9 @@ pub struct ServerLoad {
     ejections_total: AtomicU64,
     /// When the health checks last found it healthy again (0: never unhealthy).
     healthy_again_us: AtomicU64,
+    /// When its last ejection ended (0: never ejected), and when an ejection was last forgiven.
+    back_from_ejection_us: AtomicU64,
+    forgiven_at_us: AtomicU64,
 }
 
 /// An upstream's outlier settings, in the units the counters use.
@@ -102,6 +108,8 @@ pub struct ServerLoads {
     /// Retries made, and requests the circuit breaker refused, since the loads were made.
     retries_total: AtomicU64,
     circuit_refusals: AtomicU64,
+    /// The token of the health checker whose findings count.
+    checker: AtomicU64,
 }
 
 /// What a [`Counted`] guard counts.
@@ -138,6 +146,7 @@ impl ServerLoads {
             retries: AtomicUsize::new(0),
             retries_total: AtomicU64::new(0),
             circuit_refusals: AtomicU64::new(0),
+            checker: AtomicU64::new(0),
         })
     }
 
@@ -178,11 +187,15 @@ impl ServerLoads {
             self.retries.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        self.retries_total.fetch_add(1, Ordering::Relaxed);
         Some(Counted {
             loads: self.clone(),
             counter: Counter::Retry,
         })
+    }
+
+    /// Counts a retry sent.
+    pub fn count_retry_sent(&self) {
+        self.retries_total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Retries under way to the upstream.
@@ -277,6 +290,24 @@ impl ServerLoads {
             > now
     }
 
+    /// Makes a new health checker the one whose findings count (an older one stops at its
+    /// next look); returns its token.
+    pub fn new_checker(&self) -> u64 {
+        self.checker.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Whether `token` is the current checker's.
+    pub fn is_current_checker(&self, token: u64) -> bool {
+        self.checker.load(Ordering::Relaxed) == token
+    }
+
+    /// Forgets every health finding (the upstream has no checks any more).
+    pub fn clear_health(&self) {
+        for s in self.servers.iter() {
+            s.unhealthy.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Whether the active health checks (if any) last found `server` healthy.
     pub fn is_healthy(&self, server: usize) -> bool {
         !self.servers[server].unhealthy.load(Ordering::Relaxed)
@@ -304,6 +335,7 @@ impl ServerLoads {
         let back = load
             .healthy_again_us
             .load(Ordering::Relaxed)
+            .max(load.back_from_ejection_us.load(Ordering::Relaxed))
             .max(if ejection_ended <= now {
                 ejection_ended
             } else {
@@ -328,15 +360,24 @@ impl ServerLoads {
         if ok {
             load.failures.store(0, Ordering::Relaxed);
             let until = load.ejected_until_us.load(Ordering::Relaxed);
+            if until > now {
+                return Verdict::Unchanged;
+            }
+            // Each base time well since the last ejection ended (or the last forgiveness)
+            // forgives one ejection, as Envoy's interval does.
             let ejections = load.ejections.load(Ordering::Relaxed);
-            if until != 0 && until <= now && ejections > 0 {
-                // Back and well for a base time: one ejection is forgiven.
-                if now.saturating_sub(until) >= policy.base_us {
-                    load.ejections.store(ejections - 1, Ordering::Relaxed);
-                }
-                if load.ejected_until_us.swap(0, Ordering::Relaxed) != 0 {
-                    return Verdict::Returned;
-                }
+            let since = load
+                .back_from_ejection_us
+                .load(Ordering::Relaxed)
+                .max(until)
+                .max(load.forgiven_at_us.load(Ordering::Relaxed));
+            if ejections > 0 && now.saturating_sub(since) >= policy.base_us {
+                load.ejections.store(ejections - 1, Ordering::Relaxed);
+                load.forgiven_at_us.store(now, Ordering::Relaxed);
+            }
+            if until != 0 && load.ejected_until_us.swap(0, Ordering::Relaxed) != 0 {
+                load.back_from_ejection_us.store(until, Ordering::Relaxed);
+                return Verdict::Returned;
             }
             return Verdict::Unchanged;
         }
@@ -545,15 +586,19 @@ impl Balancer {
 
     /// The server for the next request; `key` is its hash key when the group hashes (none:
     /// the request has no such key, and round robin chooses).
-    pub fn pick(&self, rng: &mut fastrand::Rng, key: Option<&[u8]>) -> usize {
+    /// `avoid` holds servers (by index, modulo 64) a retry should not go back to while
+    /// another is usable.
+    pub fn pick(&self, rng: &mut fastrand::Rng, key: Option<&[u8]>, avoid: u64) -> usize {
         let n = self.weights.len();
         if n == 1 {
             return 0;
         }
         let now = self.loads.now_us();
+        let fresh = |i: usize| avoid & (1u64 << (i % 64)) == 0;
+        let fresh_left = (0..n).any(|i| fresh(i) && self.loads.usable_at(i, now));
         // Primaries while one is usable, else the backups; with none usable either, every
         // server (panic mode).
-        let alive = |i: usize| self.loads.usable_at(i, now);
+        let alive = |i: usize| self.loads.usable_at(i, now) && (!fresh_left || fresh(i));
         let tier = if (0..n).any(|i| !self.backup[i] && alive(i)) {
             Some(false)
         } else if (0..n).any(|i| self.backup[i] && alive(i)) {
@@ -575,7 +620,12 @@ impl Balancer {
                 (self.loads.in_flight(i) as f64 + 1.0) / self.weight_now(i, now)
             }),
             Balance::PeakEwma => self.two_choices(rng, usable, |i| {
-                let latency = self.loads.latency(i).as_secs_f64();
+                // A server without a sample yet is not free: it costs the default latency,
+                // so what it has in flight counts.
+                let latency = match self.loads.latency(i) {
+                    Duration::ZERO => UNSAMPLED_LATENCY.as_secs_f64(),
+                    l => l.as_secs_f64(),
+                };
                 latency * (self.loads.in_flight(i) as f64 + 1.0) / self.weight_now(i, now)
             }),
         }
@@ -610,17 +660,20 @@ impl Balancer {
         cost: impl Fn(usize) -> f64,
     ) -> usize {
         let n = self.weights.len();
-        // From a random start, the next usable server (a probe: ejections are few).
-        let next_usable = |from: usize, except: Option<usize>| {
-            (0..n)
-                .map(|k| (from + k) % n)
-                .find(|&i| usable(i) && Some(i) != except)
-        };
-        let Some(a) = next_usable(rng.usize(..n), None) else {
-            return 0;
-        };
-        let Some(b) = next_usable(rng.usize(..n), Some(a)) else {
-            return a;
+        let (a, b) = if (0..n).all(&usable) {
+            let a = rng.usize(..n);
+            (a, (a + 1 + rng.usize(..n - 1)) % n)
+        } else {
+            // Some are out: draw from those left, so none of them is favoured.
+            let left: Vec<usize> = (0..n).filter(|&i| usable(i)).collect();
+            match left.len() {
+                0 => return 0,
+                1 => return left[0],
+                m => {
+                    let a = rng.usize(..m);
+                    (left[a], left[(a + 1 + rng.usize(..m - 1)) % m])
+                }
+            }
         };
         if cost(b) < cost(a) {
             b
@@ -646,7 +699,7 @@ mod tests {
         .unwrap();
         let b = Balancer::new(&config, ServerLoads::new(3), None);
         let mut rng = fastrand::Rng::with_seed(1);
-        let picks: Vec<usize> = (0..7).map(|_| b.pick(&mut rng, None)).collect();
+        let picks: Vec<usize> = (0..7).map(|_| b.pick(&mut rng, None, 0)).collect();
         assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
     }
 
@@ -661,7 +714,7 @@ mod tests {
         let b = Balancer::new(&config, loads.clone(), None);
         let mut rng = fastrand::Rng::with_seed(5);
         let mut picks =
-            |n: usize| -> Vec<usize> { (0..n).map(|_| b.pick(&mut rng, None)).collect() };
+            |n: usize| -> Vec<usize> { (0..n).map(|_| b.pick(&mut rng, None, 0)).collect() };
         assert!(picks(20).iter().all(|s| *s != 2), "the backup waits");
         loads.set_healthy(0, false);
         loads.set_healthy(1, false);
@@ -677,7 +730,7 @@ mod tests {
         let b = Balancer::new(&config, loads.clone(), None);
         loads.set_healthy(0, false);
         loads.set_healthy(0, true);
-        let back = (0..200).filter(|_| b.pick(&mut rng, None) == 0).count();
+        let back = (0..200).filter(|_| b.pick(&mut rng, None, 0) == 0).count();
         assert!((10..=30).contains(&back), "{back} of 200");
     }
 
@@ -691,7 +744,7 @@ mod tests {
         let b = Balancer::new(&config, loads.clone(), None);
         let _busy: Vec<InFlight> = (0..5).map(|_| b.start(0)).collect();
         let mut rng = fastrand::Rng::with_seed(7);
-        assert!((0..100).all(|_| b.pick(&mut rng, None) == 1));
+        assert!((0..100).all(|_| b.pick(&mut rng, None, 0) == 1));
     }
 
     #[test]
@@ -712,11 +765,52 @@ mod tests {
         assert!(b.loads().ejected_for(1).is_none());
         // No request goes to the ejected server while another is usable.
         let mut rng = fastrand::Rng::with_seed(3);
-        assert!((0..50).all(|_| b.pick(&mut rng, None) != 0));
+        assert!((0..50).all(|_| b.pick(&mut rng, None, 0) != 0));
         // A success resets the count in a row.
         assert_eq!(b.start(2).outcome(false), Verdict::Unchanged);
         assert_eq!(b.start(2).outcome(true), Verdict::Unchanged);
         assert_eq!(b.start(2).outcome(false), Verdict::Unchanged);
+    }
+
+    #[test]
+    fn a_base_time_well_forgives_an_ejection() {
+        let config: UpstreamConfig = toml::from_str(
+            "servers = [\"10.0.0.1:80\", \"10.0.0.2:80\"]\n\
+             outlier = { consecutive_failures = 1, base_ejection = \"100ms\", max_ejection = \"1s\", max_ejected_percent = 50 }\n",
+        )
+        .unwrap();
+        let b = Balancer::new(&config, ServerLoads::new(2), None);
+        let ms = |n| Verdict::Ejected(Duration::from_millis(n));
+        assert_eq!(b.start(0).outcome(false), ms(100));
+        std::thread::sleep(Duration::from_millis(110));
+        assert_eq!(b.start(0).outcome(true), Verdict::Returned);
+        // Failing again at once: the second ejection is longer.
+        assert_eq!(b.start(0).outcome(false), ms(200));
+        std::thread::sleep(Duration::from_millis(210));
+        assert_eq!(b.start(0).outcome(true), Verdict::Returned);
+        // Well for a base time: one ejection is forgiven, so the next is as long as the first.
+        std::thread::sleep(Duration::from_millis(110));
+        assert_eq!(b.start(0).outcome(true), Verdict::Unchanged);
+        assert_eq!(b.start(0).outcome(false), ms(200));
+    }
+
+    #[test]
+    fn a_retry_of_a_hashed_key_goes_to_another_server() {
+        let config: UpstreamConfig = toml::from_str(
+            "servers = [\"10.0.0.1:80\", \"10.0.0.2:80\", \"10.0.0.3:80\"]\nbalance = \"hash\"\nhash_key = \"client\"\n",
+        )
+        .unwrap();
+        let table = Arc::new(Maglev::new(&labels(3), &[1, 1, 1], 0));
+        let b = Balancer::new(&config, ServerLoads::new(3), Some(table));
+        let mut rng = fastrand::Rng::with_seed(1);
+        let first = b.pick(&mut rng, Some(b"k"), 0);
+        assert_eq!(
+            b.pick(&mut rng, Some(b"k"), 0),
+            first,
+            "one key, one server"
+        );
+        let second = b.pick(&mut rng, Some(b"k"), 1 << first);
+        assert_ne!(second, first);
     }
 
     #[test]

@@ -22,6 +22,8 @@ use crate::config::{HealthCheckConfig, ServerAddress};
 
 /// Most bytes of a check's answer read, for its status line.
 const STATUS_LINE_BYTES: usize = 1024;
+/// Addresses of a named server one check tries, as a request's connect does.
+const ADDRESS_ATTEMPTS: usize = 3;
 
 /// One server as the checker reaches it.
 pub struct CheckTarget {
@@ -53,6 +55,7 @@ impl HealthChecker {
         config: &HealthCheckConfig,
         targets: Vec<CheckTarget>,
         loads: Arc<ServerLoads>,
+        token: u64,
     ) -> std::io::Result<HealthChecker> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -60,7 +63,7 @@ impl HealthChecker {
         let upstream = upstream.to_owned();
         std::thread::Builder::new()
             .name(format!("health-{upstream}"))
-            .spawn(move || run(&upstream, &config, &targets, &loads, &flag))?;
+            .spawn(move || run(&upstream, &config, &targets, &loads, &flag, token))?;
         Ok(HealthChecker { stop })
     }
 }
@@ -71,14 +74,17 @@ fn run(
     targets: &[CheckTarget],
     loads: &ServerLoads,
     stop: &AtomicBool,
+    token: u64,
 ) {
+    // Stopped by its config being dropped, or by a newer config's checker taking over.
+    let stop = || stop.load(Ordering::Relaxed) || !loads.is_current_checker(token);
     let mut good = vec![0u32; targets.len()];
     let mut bad = vec![0u32; targets.len()];
     let interval = config.interval.get();
     let mut next = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
+    while !stop() {
         for (i, target) in targets.iter().enumerate() {
-            if stop.load(Ordering::Relaxed) {
+            if stop() {
                 return;
             }
             let outcome = check(config, target);
@@ -105,7 +111,7 @@ fn run(
         next += interval;
         // Sleep in short steps so a reload stops the thread soon.
         while Instant::now() < next {
-            if stop.load(Ordering::Relaxed) {
+            if stop() {
                 return;
             }
             std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
@@ -129,16 +135,35 @@ enum CheckFailure {
 }
 
 fn check(config: &HealthCheckConfig, target: &CheckTarget) -> Result<(), CheckFailure> {
-    let address: SocketAddr = match (&target.address, &target.name) {
-        (ServerAddress::Ip(a), _) => *a,
-        (ServerAddress::Name { .. }, Some(name)) => {
-            *name.addresses().first().ok_or(CheckFailure::Unresolved)?
-        }
-        (ServerAddress::Name { .. }, None) => return Err(CheckFailure::Unresolved),
+    // A named server's addresses in turn, as requests try them (an AAAA record on a host
+    // without IPv6 must not fail the check).
+    let addresses: Vec<SocketAddr> = match (&target.address, &target.name) {
+        (ServerAddress::Ip(a), _) => vec![*a],
+        (ServerAddress::Name { .. }, Some(name)) => name
+            .addresses()
+            .iter()
+            .take(ADDRESS_ATTEMPTS)
+            .copied()
+            .collect(),
+        (ServerAddress::Name { .. }, None) => Vec::new(),
     };
     let timeout = config.timeout.get();
     let deadline = Instant::now() + timeout;
-    let stream = TcpStream::connect_timeout(&address, timeout)?;
+    let mut connected = Err(CheckFailure::Unresolved);
+    for address in addresses {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match TcpStream::connect_timeout(&address, left) {
+            Ok(s) => {
+                connected = Ok(s);
+                break;
+            }
+            Err(e) => connected = Err(e.into()),
+        }
+    }
+    let stream = connected?;
     let left = || {
         deadline
             .saturating_duration_since(Instant::now())

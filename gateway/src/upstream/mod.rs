@@ -219,9 +219,10 @@ impl UpstreamGroup {
         }
     }
 
-    /// The server for the next request; `key` is its hash key when the group hashes.
-    pub fn pick(&self, rng: &mut fastrand::Rng, key: Option<&[u8]>) -> usize {
-        self.balancer.pick(rng, key)
+    /// The server for the next request; `key` is its hash key when the group hashes; `avoid`
+    /// holds servers (by index, modulo 64) not to go back to while another is usable.
+    pub fn pick(&self, rng: &mut fastrand::Rng, key: Option<&[u8]>, avoid: u64) -> usize {
+        self.balancer.pick(rng, key, avoid)
     }
 
     /// Counts a request to `server` in flight (for least-request and the admin API) until the

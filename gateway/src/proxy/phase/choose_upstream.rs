@@ -1,6 +1,6 @@
 //! Choose-upstream phase: which server of the route's upstream group gets the request, by the
-//! group's balancer (see [`crate::upstream::balance`]); the request is counted in flight to it
-//! from here until its exchange ends.
+//! group's balancer (see [`crate::upstream::balance`]). The request counts in flight to it once
+//! the exchange with it begins ([`crate::proxy::forward`]).
 
 use std::net::IpAddr;
 
@@ -20,11 +20,13 @@ fn cookie<'r>(req: &RequestHead<'r, '_>, name: &str) -> Option<&'r [u8]> {
         .find_map(|pair| {
             let pair = pair.trim_ascii();
             let (n, v) = pair.split_at(memchr::memchr(b'=', pair)?);
-            (n == name.as_bytes()).then_some(&v[1..])
+            (n.trim_ascii() == name.as_bytes()).then_some(v[1..].trim_ascii())
         })
 }
 
-/// Picks a server of `group` (group number `group_index`) and records it in the context.
+/// Picks a server of `group` (group number `group_index`), not one of `avoid` (by index,
+/// modulo 64) while another is usable, and records it in the context.
+#[allow(clippy::too_many_arguments)]
 pub fn pick(
     snapshot: &ConfigSnapshot,
     group: &UpstreamGroup,
@@ -33,6 +35,7 @@ pub fn pick(
     peer: IpAddr,
     ctx: &mut RequestContext,
     rng: &mut fastrand::Rng,
+    avoid: u64,
 ) -> Result<usize, Answer> {
     let limit = group.config().circuit_breaker.max_requests;
     if limit.is_some_and(|m| group.loads().requests() >= m) {
@@ -61,8 +64,9 @@ pub fn pick(
             .map(|h| h.value),
         Some(HashKey::Cookie(name)) => cookie(req, name),
     };
-    let server = group.pick(rng, key);
+    // An empty key is no key: it would send every such request to one server.
+    let key = key.filter(|k| !k.is_empty());
+    let server = group.pick(rng, key, avoid);
     ctx.upstream = Some((group_index, server));
-    ctx.server_load = Some(group.start_request(server));
     Ok(server)
 }

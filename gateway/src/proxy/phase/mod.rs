@@ -156,6 +156,7 @@ pub fn run(
         peer,
         ctx,
         &mut worker.rng.borrow_mut(),
+        0,
     )?;
     let dropped =
         request_head::write_for_server(snapshot, route, req, peer, ctx, strip, group, server, out)?;
