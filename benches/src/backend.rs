@@ -7,6 +7,9 @@
 //! [`SSE_EVENTS`]); any other path answers a short greeting. Request bodies framed by
 //! Content-Length are read and discarded. It is deliberately minimal so that it is never the
 //! bottleneck of a benchmark.
+//!
+//! [`Options`] (both off by default, and then nothing changes) name the server in an
+//! `x-backend` response field and make it slow, for `cargo xtask bench-balance`.
 
 use std::{net::SocketAddr, rc::Rc, time::Duration};
 
@@ -32,6 +35,17 @@ pub const SSE_EVENTS: [&str; 6] = [
 /// may add up to a millisecond).
 pub const SSE_EVENT_GAP: Duration = Duration::from_millis(1);
 
+/// What sets one backend apart from another.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Adds `x-backend: NAME` to every response, so a client behind a balancer can tell which
+    /// server answered.
+    pub name: Option<String>,
+    /// Waits this long before writing the answers to what one read brought (one request,
+    /// unless the client pipelines), every connection on its own: a slow server.
+    pub delay: Duration,
+}
+
 /// The precomputed responses.
 pub struct Responses {
     greeting: Vec<u8>,
@@ -46,8 +60,8 @@ fn chunk(data: &str) -> Vec<u8> {
     format!("{:x}\r\n{data}\r\n", data.len()).into_bytes()
 }
 
-fn sse_writes() -> Vec<Vec<u8>> {
-    let mut first = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+fn sse_writes(extra: &str) -> Vec<Vec<u8>> {
+    let mut first = format!("HTTP/1.1 200 OK\r\n{extra}content-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n").into_bytes();
     first.extend_from_slice(&chunk(SSE_EVENTS[0]));
     let middle: Vec<u8> = SSE_EVENTS[1..4].iter().flat_map(|e| chunk(e)).collect();
     let mut last = chunk(SSE_EVENTS[4]);
@@ -63,13 +77,10 @@ fn is_sse(path: &str) -> bool {
     }
 }
 
-fn response(body: &[u8]) -> Vec<u8> {
-    typed_response("text/plain", body)
-}
-
-fn typed_response(content_type: &str, body: &[u8]) -> Vec<u8> {
+/// A 200 with `body`; `extra` is header lines (each ending in CRLF) put first.
+fn typed_response(extra: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
     let mut r = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
+        "HTTP/1.1 200 OK\r\n{extra}content-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -109,17 +120,26 @@ pub fn json_body(size: usize) -> Vec<u8> {
 
 impl Default for Responses {
     fn default() -> Self {
-        Responses {
-            greeting: response(b"Hello from the Portcullis demo upstream.\n"),
-            one_k: response(&[b'a'; 1024]),
-            sixty_four_k: response(&vec![b'b'; 64 * 1024]),
-            json_4k: typed_response("application/json", &json_body(4096)),
-            sse: sse_writes(),
-        }
+        Responses::new(None)
     }
 }
 
 impl Responses {
+    /// The responses, each with `x-backend: NAME` when `name` is given.
+    pub fn new(name: Option<&str>) -> Self {
+        let extra = name
+            .map(|n| format!("x-backend: {n}\r\n"))
+            .unwrap_or_default();
+        let text = |body: &[u8]| typed_response(&extra, "text/plain", body);
+        Responses {
+            greeting: text(b"Hello from the Portcullis demo upstream.\n"),
+            one_k: text(&[b'a'; 1024]),
+            sixty_four_k: text(&vec![b'b'; 64 * 1024]),
+            json_4k: typed_response(&extra, "application/json", &json_body(4096)),
+            sse: sse_writes(&extra),
+        }
+    }
+
     fn for_path(&self, path: &str) -> &[u8] {
         match path {
             "/1k" => &self.one_k,
@@ -131,23 +151,29 @@ impl Responses {
 }
 
 /// Binds one SO_REUSEPORT listener per worker thread and serves forever.
-pub fn run(addr: SocketAddr, workers: usize, pin_from_core: Option<usize>) -> std::io::Result<()> {
+pub fn run(
+    addr: SocketAddr,
+    workers: usize,
+    pin_from_core: Option<usize>,
+    options: Options,
+) -> std::io::Result<()> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut handles = Vec::new();
     for i in 0..workers {
         let listener = bind(addr)?;
         let core =
             pin_from_core.and_then(|first| cores.get((first + i) % cores.len().max(1)).copied());
+        let options = options.clone();
         handles.push(std::thread::spawn(move || {
             if let Some(core) = core {
                 core_affinity::set_for_current(core);
             }
             tokio_uring::start(async move {
-                let responses = Rc::new(Responses::default());
+                let responses = Rc::new(Responses::new(options.name.as_deref()));
                 let listener = TcpListener::from_std(listener);
                 while let Ok((stream, _)) = listener.accept().await {
                     let _ = stream.set_nodelay(true);
-                    tokio_uring::spawn(serve(stream, responses.clone()));
+                    tokio_uring::spawn(serve(stream, responses.clone(), options.delay));
                 }
             })
         }));
@@ -168,7 +194,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-async fn serve(stream: tokio_uring::net::TcpStream, responses: Rc<Responses>) {
+async fn serve(stream: tokio_uring::net::TcpStream, responses: Rc<Responses>, delay: Duration) {
     let mut buf = Vec::with_capacity(READ_BUFFER_BYTES);
     let mut out: Vec<u8> = Vec::with_capacity(64 * 1024 + 256);
     let mut skip_body: u64 = 0;
@@ -228,6 +254,9 @@ async fn serve(stream: tokio_uring::net::TcpStream, responses: Rc<Responses>) {
         }
         buf.drain(..pos);
         if !out.is_empty() {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let (res, o) = stream.write_all(out).await;
             out = o;
             if res.is_err() {
@@ -269,5 +298,19 @@ mod tests {
         let r = Responses::default();
         let head = String::from_utf8_lossy(r.for_path("/json/4096"));
         assert!(head.contains("content-type: application/json\r\ncontent-length: 4096\r\n\r\n"));
+        assert!(!head.contains("x-backend"));
+    }
+
+    #[test]
+    fn a_named_backend_says_its_name_in_every_response() {
+        let r = Responses::new(Some("b2"));
+        for path in ["/1k", "/64k", "/json/4096", "/other"] {
+            let head = String::from_utf8_lossy(r.for_path(path));
+            assert!(
+                head.starts_with("HTTP/1.1 200 OK\r\nx-backend: b2\r\n"),
+                "{path}"
+            );
+        }
+        assert!(String::from_utf8_lossy(&r.sse[0]).contains("\r\nx-backend: b2\r\n"));
     }
 }

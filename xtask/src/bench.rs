@@ -67,10 +67,25 @@ impl Proc {
     pub(crate) fn id(&self) -> u32 {
         self.0.id()
     }
+
+    /// Kills it at once with SIGKILL, as a crash would (no chance to clean up or to close its
+    /// connections in order), and reaps it.
+    pub(crate) fn kill(&mut self) -> anyhow::Result<()> {
+        eprintln!("bench: killing {} (SIGKILL)", self.1);
+        self.0
+            .kill()
+            .with_context(|| format!("cannot kill {}", self.1))?;
+        self.0.wait()?;
+        Ok(())
+    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // Gone already (by `kill`, or exited): nothing to stop, and its pid may be another's.
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return;
+        }
         eprintln!("bench: stopping {}", self.1);
         // SIGTERM first so nginx and haproxy clean up; then make sure.
         let _ = Command::new("kill").arg(self.0.id().to_string()).status();
@@ -143,6 +158,9 @@ impl LoadgenRun<'_> {
 /// What a finished loadgen printed on its `summary` line.
 pub(crate) struct LoadSummary {
     pub rps: f64,
+    /// Requests answered with a 2xx (or any status, with `--any-status`).
+    pub completed: u64,
+    /// Requests that failed: connection errors, and other statuses without `--any-status`.
     pub errors: u64,
     pub p50_us: u64,
     pub p99_us: u64,
@@ -163,6 +181,7 @@ pub(crate) fn load_summary(child: Child) -> anyhow::Result<LoadSummary> {
     };
     Ok(LoadSummary {
         rps: field("rps").parse().context("rps")?,
+        completed: field("completed").parse().unwrap_or(0),
         errors: field("errors").parse().unwrap_or(0),
         p50_us: field("p50_us").parse().unwrap_or(0),
         p99_us: field("p99_us").parse().unwrap_or(0),
@@ -242,15 +261,35 @@ pub(crate) fn start_backend(
     port: u16,
     dir: &Path,
 ) -> anyhow::Result<Proc> {
-    let backend = spawn_pinned(
-        "backend",
-        cores,
-        &bin.join("backend"),
-        &["--listen", &format!("127.0.0.1:{port}"), "--workers", "1"],
-        &dir.join("backend.log"),
-    )?;
+    start_backend_with(bin, cores, port, &[], &dir.join("backend.log"))
+}
+
+/// [`start_backend`] with more backend flags (such as `--name` or `--delay-ms`), logging to
+/// `log`.
+pub(crate) fn start_backend_with(
+    bin: &Path,
+    cores: &[usize],
+    port: u16,
+    extra: &[&str],
+    log: &Path,
+) -> anyhow::Result<Proc> {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["--listen", &listen, "--workers", "1"];
+    args.extend_from_slice(extra);
+    let backend = spawn_pinned("backend", cores, &bin.join("backend"), &args, log)?;
     wait_for_port(port, "the backend")?;
     Ok(backend)
+}
+
+/// The median of `v` (the mean of the middle two when even); `v` must not be empty.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 pub(crate) fn wait_for_port(port: u16, what: &str) -> anyhow::Result<()> {

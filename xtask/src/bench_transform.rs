@@ -24,8 +24,8 @@ use anyhow::{bail, Context};
 
 use crate::{
     bench::{
-        ensure_commands, http_once, layout, load_summary, machine, spawn_pinned, start_backend,
-        timestamp, wait_for_port, LoadSummary, LoadgenRun, Reply,
+        ensure_commands, http_once, layout, load_summary, machine, median, spawn_pinned,
+        start_backend, timestamp, wait_for_port, LoadSummary, LoadgenRun, Reply,
     },
     workspace_root,
 };
@@ -179,16 +179,6 @@ fn probe(target: &Target) -> anyhow::Result<String> {
         }
     }
     Ok(body_size(&reply))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn measure(

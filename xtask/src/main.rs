@@ -15,9 +15,13 @@
 //!   a vault route against a plain route to the same upstream.
 //! - `bench-transform`: the throughput cost of header rules with a regex rewrite, and of a JSON
 //!   body transform, against plain routes to the same backend resources.
+//! - `bench-balance`: p50, p99 and failed requests per balancing policy, with and without
+//!   outlier ejection, while one of three servers is slow and then killed; and the keys that
+//!   consistent hashing moves when one of four servers is removed.
 
 mod bench;
 mod bench_auth;
+mod bench_balance;
 mod bench_observability;
 mod bench_reload;
 mod bench_tls;
@@ -118,6 +122,21 @@ enum Task {
         #[arg(long, default_value_t = bench::MAX_CONNECTIONS)]
         connections: usize,
     },
+    /// p50, p99 and failed requests under an open-loop load for round robin and least-request,
+    /// each with and without outlier ejection, while one of three backends answers 50 ms late
+    /// and then after it is killed; and the share of keys consistent hashing moves when one of
+    /// four servers is removed.
+    BenchBalance {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// Requests per second of the open-loop load (over 64 connections).
+        #[arg(long, default_value_t = 2000)]
+        rate: u32,
+        /// Rounds (each runs every policy in both phases once); the table has the median.
+        #[arg(long, default_value_t = 1)]
+        repeats: usize,
+    },
     /// Run every test (as root: the privileged XDP tests too).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -147,6 +166,11 @@ fn main() -> ExitCode {
             repeats,
             connections,
         } => bench_transform::run(duration, repeats, connections),
+        Task::BenchBalance {
+            duration,
+            rate,
+            repeats,
+        } => bench_balance::run(duration, rate, repeats),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
