@@ -292,6 +292,26 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Starts the gateway pinned to `cores` on `config` (its log in `dir/portcullis.log`) and
+/// waits until it listens on `port`.
+pub(crate) fn start_gateway(
+    bin: &Path,
+    cores: &[usize],
+    config: &Path,
+    dir: &Path,
+    port: u16,
+) -> anyhow::Result<Proc> {
+    let gateway = spawn_pinned(
+        "portcullis",
+        cores,
+        &bin.join("portcullis"),
+        &["--config", config.to_str().context("config path")?],
+        &dir.join("portcullis.log"),
+    )?;
+    wait_for_port(port, "portcullis")?;
+    Ok(gateway)
+}
+
 pub(crate) fn wait_for_port(port: u16, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {

@@ -15,7 +15,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 
 use crate::{
-    bench::{layout, load_summary, spawn_pinned, start_backend, wait_for_port},
+    bench::{layout, load_summary, start_backend, start_gateway},
     workspace_root,
 };
 
@@ -126,14 +126,7 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
     let config_path = dir.join("portcullis.toml");
     std::fs::write(&config_path, config)?;
     let _backend = start_backend(&bin, server, BACKEND_PORT, &dir)?;
-    let _gateway = spawn_pinned(
-        "portcullis",
-        server,
-        &bin.join("portcullis"),
-        &["--config", config_path.to_str().context("path")?],
-        &dir.join("portcullis.log"),
-    )?;
-    wait_for_port(GATEWAY_PORT, "portcullis")?;
+    let _gateway = start_gateway(&bin, server, &config_path, &dir, GATEWAY_PORT)?;
     let bearer = format!("Authorization: Bearer {good}");
     let junk = format!("Authorization: Bearer {forged}");
     let mut client_args = vec!["--header".to_owned(), bearer];

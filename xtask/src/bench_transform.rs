@@ -24,8 +24,8 @@ use anyhow::{bail, Context};
 
 use crate::{
     bench::{
-        ensure_commands, http_once, layout, load_summary, machine, median, spawn_pinned,
-        start_backend, timestamp, wait_for_port, LoadSummary, LoadgenRun, Reply,
+        ensure_commands, http_once, layout, load_summary, machine, median, start_backend,
+        start_gateway, timestamp, LoadSummary, LoadgenRun, Reply,
     },
     workspace_root,
 };
@@ -233,14 +233,7 @@ pub fn run(duration: f64, repeats: usize, connections: usize) -> anyhow::Result<
     );
 
     let _backend = start_backend(&bin, server, BACKEND_PORT, &dir)?;
-    let _gateway = spawn_pinned(
-        "portcullis",
-        server,
-        &bin.join("portcullis"),
-        &["--config", config_path.to_str().context("path")?],
-        &dir.join("portcullis.log"),
-    )?;
-    wait_for_port(GATEWAY_PORT, "portcullis")?;
+    let _gateway = start_gateway(&bin, server, &config_path, &dir, GATEWAY_PORT)?;
 
     let sizes: Vec<String> = TARGETS.iter().map(probe).collect::<anyhow::Result<_>>()?;
     for t in &TARGETS {

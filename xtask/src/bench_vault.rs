@@ -29,7 +29,7 @@ use anyhow::{bail, Context};
 
 use crate::{
     bench::{
-        ensure_commands, http_once, layout, machine, spawn_pinned, start_backend, timestamp,
+        ensure_commands, http_once, layout, machine, start_backend, start_gateway, timestamp,
         wait_for_port,
     },
     workspace_root,
@@ -297,14 +297,7 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
     );
 
     let _backend = start_backend(&bin, server, BACKEND_PORT, &dir)?;
-    let _gateway = spawn_pinned(
-        "portcullis",
-        server,
-        &bin.join("portcullis"),
-        &["--config", config_path.to_str().context("path")?],
-        &dir.join("portcullis.log"),
-    )?;
-    wait_for_port(GATEWAY_PORT, "portcullis")?;
+    let _gateway = start_gateway(&bin, server, &config_path, &dir, GATEWAY_PORT)?;
     wait_for_port(ADMIN_PORT, "the admin listener")?;
     let (key_id, key) = provision()?;
 
