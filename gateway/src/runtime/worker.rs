@@ -107,7 +107,11 @@ fn run_worker(
     }
     tokio_uring::builder()
         .entries(RING_ENTRIES)
-        .uring_builder(io_uring::IoUring::builder().setup_coop_taskrun().setup_single_issuer())
+        .uring_builder(
+            io_uring::IoUring::builder()
+                .setup_coop_taskrun()
+                .setup_single_issuer(),
+        )
         .start(async move {
             let metrics = observers.metrics.map(|m| m.worker(id));
             let access_log = observers.access_log.map(|l| l.worker());
