@@ -24,8 +24,8 @@ use anyhow::{bail, Context};
 
 use crate::{
     bench::{
-        cpu_list, ensure_commands, layout, machine, nginx_cpu_affinity, spawn_pinned,
-        start_backend, timestamp, wait_for_port, which, Layout,
+        clock_ticks_per_sec, cpu_list, ensure_commands, layout, machine, nginx_cpu_affinity,
+        spawn_pinned, start_backend, timestamp, tree_cpu_ticks, wait_for_port, which, Layout,
     },
     workspace_root,
 };
@@ -172,62 +172,6 @@ fn client(limit_secs: u64, cores: &[usize]) -> Command {
     c.args(["--kill-after=2", &limit_secs.to_string()])
         .args(["taskset", "-c", &cpu_list(cores)]);
     c
-}
-
-fn clock_ticks_per_sec() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// `(ppid, utime + stime)` from a /proc/PID/stat line. The command name in parentheses may
-/// hold spaces, so fields count from its closing one: state, ppid, ..., utime, stime (the
-/// line's 14th and 15th fields).
-fn parse_stat(stat: &str) -> Option<(u32, u64)> {
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-    let ppid = fields.get(1)?.parse().ok()?;
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((ppid, utime + stime))
-}
-
-/// CPU time, in clock ticks, of `root` and every process under it: nginx's workers are its
-/// master's children; Portcullis's workers are threads, already counted in its own line.
-fn tree_cpu_ticks(root: u32) -> anyhow::Result<u64> {
-    let mut procs: Vec<(u32, u32, u64)> = Vec::new();
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        // A process may end between the listing and the read.
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        if let Some((ppid, ticks)) = parse_stat(&stat) {
-            procs.push((pid, ppid, ticks));
-        }
-    }
-    if !procs.iter().any(|p| p.0 == root) {
-        bail!("process {root} is gone");
-    }
-    let mut tree = vec![root];
-    let mut total = 0;
-    let mut i = 0;
-    while i < tree.len() {
-        for &(pid, ppid, ticks) in &procs {
-            if pid == tree[i] {
-                total += ticks;
-            }
-            if ppid == tree[i] {
-                tree.push(pid);
-            }
-        }
-        i += 1;
-    }
-    Ok(total)
 }
 
 /// `(full, resumed)` from s_time's output: one character per connection, `*` for a new session,

@@ -63,6 +63,10 @@ enum Task {
         /// Seconds per measured run.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
+        /// A short run: at most 3 s per measured run, and only the fixed rates of 5,000 req/s
+        /// and 50% of nginx's maximum.
+        #[arg(long)]
+        quick: bool,
     },
     /// (root) XDP cost per packet on each path, and a flood with and without XDP.
     BenchXdp {
@@ -151,7 +155,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => ebpf::build().map(|_| ()),
         Task::Run { config } => run::run(config),
         Task::Test { cargo_args } => test::run(&cargo_args),
-        Task::Bench { duration } => bench::run(duration),
+        Task::Bench { duration, quick } => bench::run(duration, quick),
         Task::BenchXdp { duration } => bench_xdp::run(duration),
         Task::BenchAuthFlood { duration } => bench_auth::run(duration),
         Task::BenchReload {
