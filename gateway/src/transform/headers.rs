@@ -64,15 +64,6 @@ impl HeaderRules {
             && self.append.is_empty()
     }
 
-    /// Every template of the rules.
-    pub fn templates(&self) -> impl Iterator<Item = &Template> {
-        self.set
-            .iter()
-            .chain(self.add.iter())
-            .chain(self.append.iter())
-            .map(|(_, t)| t)
-    }
-
     // Names compare as CGI does (`X_User_Id` is `x-user-id`): a copy under another spelling
     // would reach a CGI, WSGI or Rack upstream as the same variable.
     fn sets(&self, name: &str) -> bool {

@@ -54,10 +54,6 @@ impl QueryRules {
             && self.add.is_empty()
     }
 
-    pub fn templates(&self) -> impl Iterator<Item = &Template> {
-        self.set.iter().chain(self.add.iter()).map(|(_, t)| t)
-    }
-
     /// The name a parameter `raw` leaves with: `None` when it is dropped (removed, set anew,
     /// or `strip`, the API-key parameter).
     fn fate<'s>(&'s self, raw: &[u8], strip: Option<&str>) -> Option<Option<&'s str>> {

@@ -138,11 +138,6 @@ impl Template {
         }
     }
 
-    /// Whether rendering needs more than the literal text.
-    pub fn is_literal(&self) -> bool {
-        self.variables().next().is_none()
-    }
-
     /// This template with its captures resolved to group indexes by `group` (a name or a
     /// number to an index); `None` names the first capture that does not exist.
     pub fn resolved(&self, group: &dyn Fn(&str) -> Option<usize>) -> Result<Template, Box<str>> {

@@ -198,11 +198,6 @@ impl ServerLoads {
         self.retries_total.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Retries under way to the upstream.
-    pub fn retries(&self) -> usize {
-        self.retries.load(Ordering::Relaxed)
-    }
-
     /// Requests in flight to the upstream, from every worker.
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::Relaxed)
@@ -234,14 +229,6 @@ impl ServerLoads {
             loads: self.clone(),
             counter: Counter::Pending,
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.servers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.servers.is_empty()
     }
 
     /// Requests now in flight to `server`, from every worker.
