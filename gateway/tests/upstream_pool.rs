@@ -4,39 +4,9 @@
 
 mod support;
 
-use std::{
-    net::{SocketAddr, TcpStream},
-    sync::atomic::Ordering,
-    thread,
-    time::Duration,
-};
+use std::{sync::atomic::Ordering, thread, time::Duration};
 
 use support::*;
-
-/// A listener whose accept queue is full and never drained: further SYNs are dropped, so a
-/// connect to it never completes. Returns the address and what keeps the queue full.
-fn blackhole() -> (SocketAddr, socket2::Socket, Vec<TcpStream>) {
-    let listener =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    listener
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    listener.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap().as_socket().unwrap();
-    // Fill the queue (a backlog of 0 still takes one, the kernel compares with `>`).
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            Ok(s) => fillers.push(s),
-            Err(_) => break,
-        }
-    }
-    assert!(
-        TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err(),
-        "the blackhole still completes handshakes"
-    );
-    (addr, listener, fillers)
-}
 
 #[test]
 fn blackholed_upstream_leaks_no_descriptors() {
