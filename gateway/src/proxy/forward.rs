@@ -75,8 +75,24 @@ impl<C: Transport> Connection<'_, C> {
         request_deadline: Instant,
     ) -> Next {
         let mut server = server;
-        // From here to the exchange's end the request is in flight to its server.
-        self.ctx.server_load = Some(self.generation.upstreams[group_index].start_request(server));
+        // From here to the exchange's end the request is in flight to its server. Counted
+        // first and checked after, so workers admitting at once cannot pass the limit together.
+        {
+            let generation = self.generation.clone();
+            let group = &generation.upstreams[group_index];
+            self.ctx.server_load = Some(group.start_request(server));
+            let limit = group.config().circuit_breaker.max_requests;
+            if limit.is_some_and(|m| group.loads().requests() > m) {
+                group.loads().count_circuit_refusal();
+                self.ctx.server_load = None;
+                // Every route to the upstream together: beyond its limit, at once.
+                let answer = Answer::error(
+                    503,
+                    "the upstream is at its circuit breaker's limit of requests in flight",
+                );
+                return self.answer(answer, request_deadline).await;
+            }
+        }
         let generation = self.generation.clone();
         let snapshot = &*generation.snapshot;
         let facts = self.ctx.facts;
@@ -722,8 +738,7 @@ impl<C: Transport> Connection<'_, C> {
             &mut self.ctx,
             &mut self.worker.rng.borrow_mut(),
             retry.tried,
-        )
-        .ok()?;
+        );
         retry.tried |= 1u64 << (next % 64);
         self.out.clear();
         super::phase::request_head::write_for_server(

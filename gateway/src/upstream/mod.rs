@@ -304,19 +304,20 @@ impl UpstreamGroup {
     pub async fn connect(&self, server: usize) -> Result<UpstreamConn, ConnectError> {
         let limits = &self.config.circuit_breaker;
         let loads = self.balancer.loads();
-        // Connects in progress count: they become connections.
+        // Counted first and checked after, so workers connecting at once cannot pass a limit
+        // together; connects in progress count as connections, which they become.
+        let _pending = loads.count_pending();
         if limits
             .max_connections
-            .is_some_and(|m| loads.connections() + loads.pending() >= m)
+            .is_some_and(|m| loads.connections() + loads.pending() > m)
         {
             loads.count_circuit_refusal();
             return Err(ConnectError::CircuitOpen("circuit_breaker.max_connections"));
         }
-        if limits.max_pending.is_some_and(|m| loads.pending() >= m) {
+        if limits.max_pending.is_some_and(|m| loads.pending() > m) {
             loads.count_circuit_refusal();
             return Err(ConnectError::CircuitOpen("circuit_breaker.max_pending"));
         }
-        let _pending = loads.count_pending();
         let (candidates, count) = self.addresses(server)?;
         let deadline = Instant::now() + self.connect_timeout;
         let mut connected = None;

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use crate::{
     config::HashKey,
     http::request::RequestHead,
-    proxy::{answer::Answer, context::RequestContext, snapshot::ConfigSnapshot},
+    proxy::{context::RequestContext, snapshot::ConfigSnapshot},
     upstream::UpstreamGroup,
 };
 
@@ -36,16 +36,7 @@ pub fn pick(
     ctx: &mut RequestContext,
     rng: &mut fastrand::Rng,
     avoid: u64,
-) -> Result<usize, Answer> {
-    let limit = group.config().circuit_breaker.max_requests;
-    if limit.is_some_and(|m| group.loads().requests() >= m) {
-        group.loads().count_circuit_refusal();
-        // Every route to the upstream together: beyond its limit, at once.
-        return Err(Answer::error(
-            503,
-            "the upstream is at its circuit breaker's limit of requests in flight",
-        ));
-    }
+) -> usize {
     let address = match peer {
         IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
         IpAddr::V6(a) => a.octets(),
@@ -68,5 +59,5 @@ pub fn pick(
     let key = key.filter(|k| !k.is_empty());
     let server = group.pick(rng, key, avoid);
     ctx.upstream = Some((group_index, server));
-    Ok(server)
+    server
 }

@@ -157,7 +157,7 @@ pub fn run(
         ctx,
         &mut worker.rng.borrow_mut(),
         0,
-    )?;
+    );
     let dropped =
         request_head::write_for_server(snapshot, route, req, peer, ctx, strip, group, server, out)?;
     ctx.dropped_values += dropped;
