@@ -25,7 +25,7 @@ use crate::{
     proxy::{
         snapshot::UPSTREAM_BUFFER_BYTES,
         tracker::ConnHandle,
-        worker::{Generation, Worker},
+        worker::{Generation, Worker, HEAD_BUFFER_BYTES},
     },
     quotas::QuotaCharges,
     routing::Action,
@@ -36,6 +36,10 @@ use crate::{
 pub const DRAIN_LIMIT_BYTES: u64 = 64 * 1024;
 /// The write buffer a connection keeps after an answer from the cache larger than this.
 const KEPT_ANSWER_BUFFER_BYTES: usize = 64 * 1024;
+/// What an idle connection reads the start of its next request into (nginx's
+/// `client_header_buffer_size`): most request heads fit; a longer one continues in the full
+/// buffer.
+const IDLE_READ_BYTES: usize = 1024;
 /// After the last response on a connection, how long to keep reading (and discarding) what the
 /// client still sends, so closing does not reset the connection before it read the response.
 const LINGER: Duration = Duration::from_millis(500);
@@ -62,8 +66,12 @@ pub(super) struct Connection<'w, C: Transport> {
     pub(super) peer: SocketAddr,
     pub(super) worker: &'w Worker,
     handle: &'w ConnHandle<'w>,
-    /// Bytes read from the client; holds at least one whole request head.
+    /// Bytes read from the client; holds at least one whole request head. From the worker's
+    /// pool while a request is served; empty, with no capacity, while the connection idles.
     pub(super) inbuf: Vec<u8>,
+    /// What an idle connection reads into: small, so idling costs little memory; what it
+    /// reads moves to `inbuf` when a request begins.
+    idle_buf: Vec<u8>,
     /// Heads the gateway writes, to either side.
     pub(super) out: Vec<u8>,
     /// Bytes read from the upstream.
@@ -89,28 +97,41 @@ pub async fn serve<C: Transport>(
 ) {
     let accepted = Instant::now();
     let generation = worker.generation();
-    let snapshot = &generation.snapshot;
     let mut conn = Connection {
         client,
         peer,
         worker,
         handle,
-        inbuf: {
-            let mut buf = Vec::with_capacity(snapshot.client_buffer_bytes.max(initial.len() + 1));
-            buf.extend_from_slice(initial);
-            buf
-        },
-        out: Vec::with_capacity(4096),
-        upbuf: Vec::with_capacity(UPSTREAM_BUFFER_BYTES),
+        inbuf: Vec::new(),
+        idle_buf: Vec::with_capacity(IDLE_READ_BYTES),
+        out: Vec::new(),
+        upbuf: Vec::new(),
         normalized: Vec::new(),
         generation: generation.clone(),
         ctx: RequestContext::new(accepted),
     };
+    if !initial.is_empty() {
+        conn.take_buffers();
+        conn.inbuf
+            .reserve((initial.len() + 1).saturating_sub(conn.inbuf.capacity()));
+        conn.inbuf.extend_from_slice(initial);
+    }
     conn.ctx.https = conn.client.is_tls();
     conn.ctx.client_cert = client_cert;
     let mut first = true;
     loop {
-        let next = conn.serve_one(first).await;
+        if conn.inbuf.is_empty() {
+            if let Err(next) = conn.await_request(first).await {
+                if next == Next::Close {
+                    conn.linger().await;
+                }
+                return;
+            }
+        }
+        // The request's own state (parsed fields, the exchange with the upstream: tens of
+        // KiB) lives in its own allocation, freed when it ends, so an idle connection holds
+        // only what it needs to wait.
+        let next = Box::pin(conn.serve_one(first)).await;
         // A large body read whole (a vault route) leaves a large buffer: give it back.
         let keep = conn.generation.snapshot.client_buffer_bytes;
         if conn.inbuf.capacity() > keep.saturating_mul(4) && conn.inbuf.len() <= keep {
@@ -263,6 +284,7 @@ impl<C: Transport> Connection<'_, C> {
                 Some(t) => t + self.generation.snapshot.server().header_timeout.get(),
                 None => idle_deadline,
             };
+            self.take_buffers();
             let (res, buf) = read_before(&self.client, take(&mut self.inbuf), deadline).await;
             self.inbuf = buf;
             self.handle.set_idle(false);
@@ -815,6 +837,76 @@ impl<C: Transport> Connection<'_, C> {
         }
     }
 
+    /// Waits for the first bytes of the next request (the first one's for `first`), holding
+    /// only the small idle buffer: the large ones go back to the worker's pools first. `Err`
+    /// says how the connection ends instead.
+    async fn await_request(&mut self, first: bool) -> Result<(), Next> {
+        let worker = self.worker;
+        if worker.draining.get() && worker.closes_idle.get() {
+            return Err(Next::Close);
+        }
+        self.give_buffers();
+        let deadline = {
+            let generation = worker.generation();
+            let server = generation.snapshot.server();
+            Instant::now()
+                + if first {
+                    server.header_timeout.get()
+                } else {
+                    server.keepalive_timeout.get()
+                }
+        };
+        self.handle.set_idle(true);
+        let (res, buf) = read_before(&self.client, take(&mut self.idle_buf), deadline).await;
+        self.idle_buf = buf;
+        self.handle.set_idle(false);
+        match res {
+            Ok(0) => Err(Next::Abort),
+            Ok(_) => {
+                self.generation = worker.generation();
+                self.take_buffers();
+                self.inbuf.extend_from_slice(&self.idle_buf);
+                self.idle_buf.clear();
+                Ok(())
+            }
+            Err(e) => {
+                debug!(peer = %self.peer, error = %e, "client connection ended while waiting for a request");
+                Err(Next::Abort)
+            }
+        }
+    }
+
+    /// Takes the buffers a request is served with from the worker's pools (those it does not
+    /// hold already).
+    fn take_buffers(&mut self) {
+        let worker = self.worker;
+        if self.inbuf.capacity() == 0 {
+            self.inbuf = worker
+                .client_buffers
+                .take(self.generation.snapshot.client_buffer_bytes);
+        }
+        if self.out.capacity() == 0 {
+            self.out = worker.head_buffers.take(HEAD_BUFFER_BYTES);
+        }
+        if self.upbuf.capacity() == 0 {
+            self.upbuf = worker.upstream_buffers.take(UPSTREAM_BUFFER_BYTES);
+        }
+    }
+
+    /// Gives the request buffers back to the worker's pools: the connection idles.
+    fn give_buffers(&mut self) {
+        let worker = self.worker;
+        if self.inbuf.capacity() > 0 {
+            worker.client_buffers.give(take(&mut self.inbuf));
+        }
+        if self.out.capacity() > 0 {
+            worker.head_buffers.give(take(&mut self.out));
+        }
+        if self.upbuf.capacity() > 0 {
+            worker.upstream_buffers.give(take(&mut self.upbuf));
+        }
+    }
+
     /// Closes gently: stop sending, then read and discard what the client still sends for a
     /// short while, so the kernel does not reset the connection before the client read the
     /// last response.
@@ -822,10 +914,12 @@ impl<C: Transport> Connection<'_, C> {
         self.client.close_notify(Instant::now() + LINGER).await;
         let _ = self.client.shutdown(std::net::Shutdown::Write);
         let deadline = Instant::now() + LINGER;
+        // What is read is thrown away: the small buffer does.
+        self.give_buffers();
         for _ in 0..LINGER_READS {
-            self.inbuf.clear();
-            let (res, buf) = read_before(&self.client, take(&mut self.inbuf), deadline).await;
-            self.inbuf = buf;
+            self.idle_buf.clear();
+            let (res, buf) = read_before(&self.client, take(&mut self.idle_buf), deadline).await;
+            self.idle_buf = buf;
             if !matches!(res, Ok(n) if n > 0) {
                 return;
             }

@@ -5,6 +5,7 @@
 
 pub mod answer;
 pub mod body;
+pub mod buffer_pool;
 mod cache_refresh;
 mod cache_store;
 pub mod connection;

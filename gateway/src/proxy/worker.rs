@@ -9,8 +9,9 @@ use std::{
 };
 
 use super::{
+    buffer_pool::BufferPool,
     route_metrics::GenerationMetrics,
-    snapshot::{ConfigSnapshot, Published},
+    snapshot::{ConfigSnapshot, Published, MIN_CLIENT_BUFFER_BYTES, UPSTREAM_BUFFER_BYTES},
     tracker::ConnTracker,
 };
 use crate::{upstream::UpstreamGroup, xdp::BanReporter};
@@ -49,7 +50,19 @@ pub struct Worker {
     pub metrics: Option<crate::metrics::worker::WorkerMetrics>,
     /// This worker's access-log buffer, when the access log is on.
     pub access_log: Option<crate::access_log::WorkerLog>,
+    /// Client read buffers of connections serving a request.
+    pub client_buffers: BufferPool,
+    /// Head buffers (what the gateway writes) of connections serving a request.
+    pub head_buffers: BufferPool,
+    /// Upstream read buffers of connections serving a request.
+    pub upstream_buffers: BufferPool,
 }
+
+/// Free buffers of each kind a worker keeps for its next requests: about the connections it
+/// serves at once under load; more are freed when they come back.
+const POOLED_BUFFERS: usize = 128;
+/// The size of a head buffer.
+pub const HEAD_BUFFER_BYTES: usize = 4096;
 
 fn upstream_groups(snapshot: &ConfigSnapshot, previous: Option<&Generation>) -> Vec<UpstreamGroup> {
     snapshot
@@ -106,6 +119,9 @@ impl Worker {
             rng: RefCell::new(fastrand::Rng::new()),
             metrics,
             access_log,
+            client_buffers: BufferPool::new(MIN_CLIENT_BUFFER_BYTES, POOLED_BUFFERS),
+            head_buffers: BufferPool::new(HEAD_BUFFER_BYTES, POOLED_BUFFERS),
+            upstream_buffers: BufferPool::new(UPSTREAM_BUFFER_BYTES, POOLED_BUFFERS),
         }
     }
 

@@ -390,58 +390,73 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
             let _ = tcp.shutdown(std::net::Shutdown::Both);
             return;
         };
-        let tls = match TlsTransport::new(tcp, profile.server.clone()) {
-            Ok(t) => t,
-            Err(e) => {
-                debug!(%peer, error = %e, "cannot start a TLS session");
-                return;
-            }
-        };
-        let deadline = tokio::time::Instant::now() + profile.handshake_timeout;
-        let started = match tls.feed_initial(&initial) {
-            Ok(()) => tls.handshake(deadline).await,
-            Err(e) => Err(crate::io::HandshakeError::Tls(e)),
-        };
-        match started {
-            Ok(()) => {
-                let admitted = tls.with_peer_chain(|chain, resumed| {
-                    profile.admit_client_chain(chain, resumed)?;
-                    let identity =
-                        chain.and_then(|c| crate::tls::client_identity::from_certificate(&c[0]));
-                    Ok::<_, rustls::Error>(identity)
-                });
-                let identity = match admitted {
-                    Ok(identity) => identity,
-                    Err(e) => {
-                        let e = crate::io::HandshakeError::Tls(e);
-                        debug!(%peer, reason = e.reason(), error = %e, "resumed session refused");
-                        if let Some(m) = &worker.metrics {
-                            m.counters.tls_handshake_failure(e.reason());
-                        }
-                        let _ = tls.shutdown(std::net::Shutdown::Both);
-                        return;
-                    }
-                };
-                let client_cert = match (&profile.identity_header, identity) {
-                    (Some(header), Some(identity)) => {
-                        Some(Rc::new(crate::proxy::context::ClientCert {
-                            identity,
-                            header: header.clone(),
-                        }))
-                    }
-                    _ => None,
-                };
-                serve(tls, peer, &worker, &handle, &[], client_cert).await
-            }
-            Err(e) => {
-                debug!(%peer, reason = e.reason(), error = %e, "TLS handshake failed");
-                if let Some(m) = &worker.metrics {
-                    m.counters.tls_handshake_failure(e.reason());
-                }
-                let _ = tls.shutdown(std::net::Shutdown::Both);
-            }
-        }
+        // The handshake and a TLS session's state are large: their own allocation keeps
+        // them out of every plain connection's task.
+        Box::pin(serve_tls(tcp, profile, peer, &worker, &handle, &initial)).await;
     });
+}
+
+/// Serves a plain connection accepted on a TLS listener: the handshake (bounded by the
+/// profile's timeout), the client certificate check, then the requests.
+async fn serve_tls(
+    tcp: TcpTransport,
+    profile: Arc<crate::tls::TlsProfile>,
+    peer: SocketAddr,
+    worker: &Worker,
+    handle: &crate::proxy::tracker::ConnHandle<'_>,
+    initial: &[u8],
+) {
+    let tls = match TlsTransport::new(tcp, profile.server.clone()) {
+        Ok(t) => t,
+        Err(e) => {
+            debug!(%peer, error = %e, "cannot start a TLS session");
+            return;
+        }
+    };
+    let deadline = tokio::time::Instant::now() + profile.handshake_timeout;
+    let started = match tls.feed_initial(initial) {
+        Ok(()) => tls.handshake(deadline).await,
+        Err(e) => Err(crate::io::HandshakeError::Tls(e)),
+    };
+    match started {
+        Ok(()) => {
+            let admitted = tls.with_peer_chain(|chain, resumed| {
+                profile.admit_client_chain(chain, resumed)?;
+                let identity =
+                    chain.and_then(|c| crate::tls::client_identity::from_certificate(&c[0]));
+                Ok::<_, rustls::Error>(identity)
+            });
+            let identity = match admitted {
+                Ok(identity) => identity,
+                Err(e) => {
+                    let e = crate::io::HandshakeError::Tls(e);
+                    debug!(%peer, reason = e.reason(), error = %e, "resumed session refused");
+                    if let Some(m) = &worker.metrics {
+                        m.counters.tls_handshake_failure(e.reason());
+                    }
+                    let _ = tls.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            };
+            let client_cert = match (&profile.identity_header, identity) {
+                (Some(header), Some(identity)) => {
+                    Some(Rc::new(crate::proxy::context::ClientCert {
+                        identity,
+                        header: header.clone(),
+                    }))
+                }
+                _ => None,
+            };
+            serve(tls, peer, worker, handle, &[], client_cert).await
+        }
+        Err(e) => {
+            debug!(%peer, reason = e.reason(), error = %e, "TLS handshake failed");
+            if let Some(m) = &worker.metrics {
+                m.counters.tls_handshake_failure(e.reason());
+            }
+            let _ = tls.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 /// Why a PROXY header could not be read.
