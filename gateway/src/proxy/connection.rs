@@ -50,6 +50,22 @@ const KEY_REFETCH_POLL: Duration = Duration::from_millis(20);
 /// How often a request queued for a concurrency slot looks again.
 const CONCURRENCY_POLL: Duration = Duration::from_millis(2);
 
+/// What the request head in the buffer says to do next.
+enum HeadStep {
+    /// Not whole yet: read on.
+    Incomplete,
+    /// Answer at once, by this deadline.
+    Answer(Answer, Instant),
+    /// Wait for the signing keys of this issuer, then decode again.
+    AwaitKeys(usize),
+    /// Serve a consumer's own request (its key, its usage).
+    SelfService(Option<SelfServiceRequest>, Instant),
+    /// Read the body whole (this many bytes with the head), then decode again.
+    AwaitBody(usize, Instant),
+    /// Forward, or answer what the phases decided.
+    Run(Result<Forward, Exit>, Instant),
+}
+
 /// What happens to the connection after a request.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Next {
@@ -187,92 +203,31 @@ impl<C: Transport> Connection<'_, C> {
                     self.ctx.correlation.assign(self.ctx.id);
                     add_hsts(self.handle, &mut self.ctx.correlation);
                 }
-                let started = self.ctx.timings.head_started.unwrap_or_else(Instant::now);
-                let generation = self.generation.clone();
-                let snapshot = &*generation.snapshot;
-                let server = snapshot.server();
-                let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS_CEILING];
-                match parse_request(
-                    &self.inbuf,
-                    &mut headers,
-                    &snapshot.limits,
-                    &mut self.normalized,
-                ) {
-                    Ok(Some(req)) => {
-                        if self.ctx.timings.head_parsed.is_none() {
-                            self.ctx.timings.head_parsed = Some(Instant::now());
-                            self.ctx.correlation.begin(
-                                &req,
-                                server.trust_request_id,
-                                self.ctx.id,
-                                &mut worker.rng.borrow_mut(),
-                            );
-                            add_hsts(self.handle, &mut self.ctx.correlation);
-                            if let Some(log) = &worker.access_log {
-                                phase::log::note_request(
-                                    &mut self.ctx,
-                                    &req,
-                                    log.include_query,
-                                    snapshot.config.auth.api_key_query.as_deref(),
-                                );
-                            }
-                        }
-                        if let Some(port) = self.handle.listener().redirect_https {
-                            // A redirecting listener answers everything itself.
-                            let answer =
-                                redirect_location(&mut self.ctx.redirect_location, &req, port);
-                            break (
-                                Err(Exit::Answer(answer)),
-                                started + server.request_timeout.get(),
-                            );
-                        }
-                        self.ctx.facts = RequestFacts::of(&req);
-                        self.ctx.method = crate::metrics::labels::method_index(req.method);
-                        let flow = phase::run(
-                            &req,
-                            &self.inbuf[req.head_len..],
-                            self.peer.ip(),
-                            worker,
-                            &generation,
-                            &mut self.ctx,
-                            &mut self.out,
-                            may_await_keys,
-                        );
-                        if let Err(Exit::AwaitKeys(issuer)) = flow {
-                            // The head stays in the buffer: wait for the keys, then run the
-                            // phases again.
-                            may_await_keys = false;
-                            self.await_keys(issuer).await;
-                            continue;
-                        }
-                        if let Err(Exit::SelfService) = flow {
-                            let request =
-                                self_service_request(&req, &self.inbuf, &self.ctx, snapshot);
-                            let deadline = started + server.request_timeout.get();
-                            return self.self_service(request, deadline).await;
-                        }
-                        if let Err(Exit::AwaitBody(total)) = flow {
-                            let deadline = started + server.request_timeout.get();
-                            if let Err(answer) = self.buffer_body(total, deadline).await {
-                                return match answer {
-                                    Some(answer) => self.answer(answer, deadline).await,
-                                    None => Next::Abort,
-                                };
-                            }
-                            continue;
-                        }
-                        break (flow, started + server.request_timeout.get());
+                match self.decode_head(may_await_keys) {
+                    HeadStep::Incomplete => {}
+                    HeadStep::Answer(answer, deadline) => {
+                        return self.answer(answer, deadline).await
                     }
-                    Ok(None) => {
-                        if let Some(e) = incomplete_head_error(&self.inbuf, &snapshot.limits) {
-                            let answer = Answer::error_and_close(e.status(), e.detail());
-                            return self.answer(answer, Instant::now()).await;
+                    HeadStep::AwaitKeys(issuer) => {
+                        // The head stays in the buffer: wait for the keys, then run the
+                        // phases again.
+                        may_await_keys = false;
+                        self.await_keys(issuer).await;
+                        continue;
+                    }
+                    HeadStep::SelfService(request, deadline) => {
+                        return self.self_service(request, deadline).await;
+                    }
+                    HeadStep::AwaitBody(total, deadline) => {
+                        if let Err(answer) = self.buffer_body(total, deadline).await {
+                            return match answer {
+                                Some(answer) => self.answer(answer, deadline).await,
+                                None => Next::Abort,
+                            };
                         }
+                        continue;
                     }
-                    Err(e) => {
-                        let answer = Answer::error_and_close(e.status(), e.detail());
-                        return self.answer(answer, Instant::now()).await;
-                    }
+                    HeadStep::Run(flow, deadline) => break (flow, deadline),
                 }
             }
             let idle = self.inbuf.is_empty();
@@ -834,6 +789,86 @@ impl<C: Transport> Connection<'_, C> {
             idle: self.generation.snapshot.server().body_timeout.get(),
             request: request_deadline,
             upstream_write: self.generation.snapshot.server().body_timeout.get(),
+        }
+    }
+
+    /// Decodes the request head in `inbuf` and runs the request phases on it: what to do next.
+    /// Not async, so the parsed fields (a stack array of up to `MAX_HEADERS_CEILING`) are not
+    /// part of the connection's future.
+    fn decode_head(&mut self, may_await_keys: bool) -> HeadStep {
+        let worker = self.worker;
+        let started = self.ctx.timings.head_started.unwrap_or_else(Instant::now);
+        let generation = self.generation.clone();
+        let snapshot = &*generation.snapshot;
+        let server = snapshot.server();
+        let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS_CEILING];
+        match parse_request(
+            &self.inbuf,
+            &mut headers,
+            &snapshot.limits,
+            &mut self.normalized,
+        ) {
+            Ok(Some(req)) => {
+                if self.ctx.timings.head_parsed.is_none() {
+                    self.ctx.timings.head_parsed = Some(Instant::now());
+                    self.ctx.correlation.begin(
+                        &req,
+                        server.trust_request_id,
+                        self.ctx.id,
+                        &mut worker.rng.borrow_mut(),
+                    );
+                    add_hsts(self.handle, &mut self.ctx.correlation);
+                    if let Some(log) = &worker.access_log {
+                        phase::log::note_request(
+                            &mut self.ctx,
+                            &req,
+                            log.include_query,
+                            snapshot.config.auth.api_key_query.as_deref(),
+                        );
+                    }
+                }
+                if let Some(port) = self.handle.listener().redirect_https {
+                    // A redirecting listener answers everything itself.
+                    let answer = redirect_location(&mut self.ctx.redirect_location, &req, port);
+                    return HeadStep::Run(
+                        Err(Exit::Answer(answer)),
+                        started + server.request_timeout.get(),
+                    );
+                }
+                self.ctx.facts = RequestFacts::of(&req);
+                self.ctx.method = crate::metrics::labels::method_index(req.method);
+                let flow = phase::run(
+                    &req,
+                    &self.inbuf[req.head_len..],
+                    self.peer.ip(),
+                    worker,
+                    &generation,
+                    &mut self.ctx,
+                    &mut self.out,
+                    may_await_keys,
+                );
+                let deadline = started + server.request_timeout.get();
+                match flow {
+                    Err(Exit::AwaitKeys(issuer)) => HeadStep::AwaitKeys(issuer),
+                    Err(Exit::SelfService) => HeadStep::SelfService(
+                        self_service_request(&req, &self.inbuf, &self.ctx, snapshot),
+                        deadline,
+                    ),
+                    Err(Exit::AwaitBody(total)) => HeadStep::AwaitBody(total, deadline),
+                    flow => HeadStep::Run(flow, deadline),
+                }
+            }
+            Ok(None) => match incomplete_head_error(&self.inbuf, &snapshot.limits) {
+                Some(e) => HeadStep::Answer(
+                    Answer::error_and_close(e.status(), e.detail()),
+                    Instant::now(),
+                ),
+                None => HeadStep::Incomplete,
+            },
+            Err(e) => HeadStep::Answer(
+                Answer::error_and_close(e.status(), e.detail()),
+                Instant::now(),
+            ),
         }
     }
 

@@ -173,9 +173,14 @@ impl<C: Transport> Connection<'_, C> {
                     }
                     self.server_outcome(group, server, false);
                     // Nothing of the request was sent: another server may always have it.
-                    if let Some(next) = self
-                        .retry_elsewhere(group_index, strip, &mut retry, head_deadline, true)
-                        .await
+                    if let Some(next) = Box::pin(self.retry_elsewhere(
+                        group_index,
+                        strip,
+                        &mut retry,
+                        head_deadline,
+                        true,
+                    ))
+                    .await
                     {
                         server = next;
                         server_counters = counters_of(server);
@@ -280,9 +285,14 @@ impl<C: Transport> Connection<'_, C> {
                 {
                     // A status the route retries: the answer is dropped with its connection.
                     self.server_outcome(group, server, r.status < 500);
-                    if let Some(next) = self
-                        .retry_elsewhere(group_index, strip, &mut retry, head_deadline, false)
-                        .await
+                    if let Some(next) = Box::pin(self.retry_elsewhere(
+                        group_index,
+                        strip,
+                        &mut retry,
+                        head_deadline,
+                        false,
+                    ))
+                    .await
                     {
                         // The quotas count when a try is received, not for each try.
                         self.ctx.charges = charges;
@@ -331,9 +341,14 @@ impl<C: Transport> Connection<'_, C> {
                         load.observe(connected.elapsed());
                     }
                     if may_resend && before_any_byte {
-                        if let Some(next) = self
-                            .retry_elsewhere(group_index, strip, &mut retry, head_deadline, false)
-                            .await
+                        if let Some(next) = Box::pin(self.retry_elsewhere(
+                            group_index,
+                            strip,
+                            &mut retry,
+                            head_deadline,
+                            false,
+                        ))
+                        .await
                         {
                             self.ctx.charges = charges;
                             server = next;
@@ -386,12 +401,23 @@ impl<C: Transport> Connection<'_, C> {
         }
         self.ctx.status = response.status;
         // A JSON body the route's rules rewrite is read whole and sent with its new length.
-        let conn = match self
-            .relay_json_response(conn, group, &facts, consumed)
-            .await
-        {
-            Ok(next) => return next,
-            Err(conn) => conn,
+        // That path's state is large and most routes have no such rules: it is allocated
+        // only for those that do.
+        let json_rules = self.ctx.route.is_some_and(|r| {
+            self.generation
+                .snapshot
+                .routes
+                .route(r)
+                .response_json
+                .is_some()
+        });
+        let conn = if json_rules {
+            match Box::pin(self.relay_json_response(conn, group, &facts, consumed)).await {
+                Ok(next) => return next,
+                Err(conn) => conn,
+            }
+        } else {
+            conn
         };
         // The response head is in `self.out`; it leaves with the start of the body.
         self.inbuf.drain(..consumed);
@@ -541,118 +567,127 @@ impl<C: Transport> Connection<'_, C> {
                 Err(e) => return Err(HeadFailure::Io(e)),
             }
             loop {
-                let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
-                let resp = match parse_response(&self.upbuf, &mut headers, facts.is_head) {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(e) => return Err(HeadFailure::Invalid(e)),
-                };
-                if resp.status == 101 && !facts.upgrade {
-                    return Err(HeadFailure::Invalid(ResponseError::Malformed(
-                        "101 without an upgrade request",
-                    )));
-                }
-                if resp.is_interim() {
-                    let head_len = resp.head_len;
-                    // 100 Continue is the gateway's own business (it answered Expect itself);
-                    // other 1xx go to HTTP/1.1 clients only.
-                    let relay = resp.status != 100 && is_http11(facts.version);
-                    if relay {
-                        self.out.clear();
-                        encode::write_client_response(
-                            &mut self.out,
+                // The parsed fields' array ends with this block, before an interim answer is
+                // relayed: it is not held in this future's state across that write.
+                let relay_interim = {
+                    let mut headers =
+                        [const { std::mem::MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+                    let resp = match parse_response(&self.upbuf, &mut headers, facts.is_head) {
+                        Ok(Some(r)) => r,
+                        Ok(None) => break,
+                        Err(e) => return Err(HeadFailure::Invalid(e)),
+                    };
+                    if resp.status == 101 && !facts.upgrade {
+                        return Err(HeadFailure::Invalid(ResponseError::Malformed(
+                            "101 without an upgrade request",
+                        )));
+                    }
+                    if resp.is_interim() {
+                        let head_len = resp.head_len;
+                        // 100 Continue is the gateway's own business (it answered Expect itself);
+                        // other 1xx go to HTTP/1.1 clients only.
+                        let relay = resp.status != 100 && is_http11(facts.version);
+                        if relay {
+                            self.out.clear();
+                            encode::write_client_response(
+                                &mut self.out,
+                                &resp,
+                                ClientFraming {
+                                    chunked: false,
+                                    keep_alive: true,
+                                    client_version: facts.version,
+                                },
+                                b"",
+                                &|_| crate::http::fields::FieldFate::Keep,
+                            )
+                            .map_err(|_| {
+                                HeadFailure::Invalid(ResponseError::Malformed(
+                                    "unsafe field value in an interim response",
+                                ))
+                            })?;
+                        }
+                        self.upbuf.drain(..head_len);
+                        relay
+                    } else {
+                        if resp.status == 429 {
+                            if let Some(crate::proxy::context::Caller::Virtual(v)) =
+                                &self.ctx.caller
+                            {
+                                // This provider key is over its provider's limit: the other keys serve
+                                // while it rests.
+                                v.provider_key
+                                    .rest_for(crate::vault::provider::retry_after(resp.headers));
+                            }
+                        }
+                        // The worker's own handle (not the shared Arc, whose count every core touches).
+                        let generation = self.generation.clone();
+                        let snapshot = &*generation.snapshot;
+                        if super::cache_store::cache_response(
+                            &mut self.ctx,
+                            snapshot,
+                            &self.inbuf,
                             &resp,
-                            ClientFraming {
-                                chunked: false,
-                                keep_alive: true,
-                                client_version: facts.version,
-                            },
-                            b"",
-                            &|_| crate::http::fields::FieldFate::Keep,
-                        )
-                        .map_err(|_| {
-                            HeadFailure::Invalid(ResponseError::Malformed(
-                                "unsafe field value in an interim response",
-                            ))
-                        })?;
-                    }
-                    self.upbuf.drain(..head_len);
-                    if relay && !self.send_out().await {
-                        return Err(HeadFailure::ClientGone);
-                    }
-                    if self.upbuf.is_empty() {
-                        break;
-                    }
-                    continue;
-                }
-                if resp.status == 429 {
-                    if let Some(crate::proxy::context::Caller::Virtual(v)) = &self.ctx.caller {
-                        // This provider key is over its provider's limit: the other keys serve
-                        // while it rests.
-                        v.provider_key
-                            .rest_for(crate::vault::provider::retry_after(resp.headers));
-                    }
-                }
-                // The worker's own handle (not the shared Arc, whose count every core touches).
-                let generation = self.generation.clone();
-                let snapshot = &*generation.snapshot;
-                if super::cache_store::cache_response(
-                    &mut self.ctx,
-                    snapshot,
-                    &self.inbuf,
-                    &resp,
-                    facts,
-                ) {
-                    return Ok(FinalResponse {
-                        status: resp.status,
-                        head_len: resp.head_len,
-                        body: resp.body,
-                        upstream_keep_alive: resp.keep_alive,
-                        client: ClientFraming {
-                            chunked: false,
-                            keep_alive: false,
+                            facts,
+                        ) {
+                            return Ok(FinalResponse {
+                                status: resp.status,
+                                head_len: resp.head_len,
+                                body: resp.body,
+                                upstream_keep_alive: resp.keep_alive,
+                                client: ClientFraming {
+                                    chunked: false,
+                                    keep_alive: false,
+                                    client_version: facts.version,
+                                },
+                                cached_instead: true,
+                            });
+                        }
+                        let client_chunked =
+                            resp.body == BodyFraming::Chunked && is_http11(facts.version);
+                        // While draining every answer says `Connection: close`, so closing afterwards
+                        // never cuts a request the client sent next.
+                        let keep_alive = facts.keep_alive
+                            && !self.winding_down()
+                            && resp.status != 101
+                            && resp.body != BodyFraming::UntilClose
+                            && (resp.body != BodyFraming::Chunked || client_chunked);
+                        let client = ClientFraming {
+                            chunked: client_chunked,
+                            keep_alive,
                             client_version: facts.version,
-                        },
-                        cached_instead: true,
-                    });
-                }
-                let client_chunked = resp.body == BodyFraming::Chunked && is_http11(facts.version);
-                // While draining every answer says `Connection: close`, so closing afterwards
-                // never cuts a request the client sent next.
-                let keep_alive = facts.keep_alive
-                    && !self.winding_down()
-                    && resp.status != 101
-                    && resp.body != BodyFraming::UntilClose
-                    && (resp.body != BodyFraming::Chunked || client_chunked);
-                let client = ClientFraming {
-                    chunked: client_chunked,
-                    keep_alive,
-                    client_version: facts.version,
+                        };
+                        // On a cached route the answer says what the cache did (MISS, BYPASS); the
+                        // route's field rules and CORS apply.
+                        let written = super::json_exchange::write_client_head(
+                            &mut self.out,
+                            &mut self.ctx,
+                            snapshot,
+                            &self.inbuf,
+                            &mut self.normalized,
+                            self.peer.ip(),
+                            &resp,
+                            client,
+                            false,
+                        );
+                        written.map_err(|_| {
+                            HeadFailure::Invalid(ResponseError::Malformed("unsafe field value"))
+                        })?;
+                        return Ok(FinalResponse {
+                            status: resp.status,
+                            head_len: resp.head_len,
+                            body: resp.body,
+                            upstream_keep_alive: resp.keep_alive,
+                            client,
+                            cached_instead: false,
+                        });
+                    }
                 };
-                // On a cached route the answer says what the cache did (MISS, BYPASS); the
-                // route's field rules and CORS apply.
-                let written = super::json_exchange::write_client_head(
-                    &mut self.out,
-                    &mut self.ctx,
-                    snapshot,
-                    &self.inbuf,
-                    &mut self.normalized,
-                    self.peer.ip(),
-                    &resp,
-                    client,
-                    false,
-                );
-                written.map_err(|_| {
-                    HeadFailure::Invalid(ResponseError::Malformed("unsafe field value"))
-                })?;
-                return Ok(FinalResponse {
-                    status: resp.status,
-                    head_len: resp.head_len,
-                    body: resp.body,
-                    upstream_keep_alive: resp.keep_alive,
-                    client,
-                    cached_instead: false,
-                });
+                if relay_interim && !self.send_out().await {
+                    return Err(HeadFailure::ClientGone);
+                }
+                if self.upbuf.is_empty() {
+                    break;
+                }
             }
         }
     }
