@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::sync::OnceLock;
+use std::rc::Rc;
 
 use portcullis::http::target::{normalize_path, PathPolicy};
 use proptest::prelude::*;
@@ -29,13 +29,18 @@ struct Fixture {
     gateway: Gateway,
 }
 
-fn fixture() -> &'static Fixture {
-    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        let upstream = support::Upstream::echo_target();
-        let gateway = Gateway::start(&config_with(upstream.addr, "", ROUTE_ALL));
-        Fixture { upstream, gateway }
-    })
+/// The gateway and upstream every case of this thread's test shares. Thread-local rather than
+/// static: a thread's locals are dropped when it ends, and with them the gateway process (a
+/// static is never dropped, so its gateway outlived the test binary).
+fn fixture() -> Rc<Fixture> {
+    thread_local! {
+        static FIXTURE: Rc<Fixture> = Rc::new({
+            let upstream = support::Upstream::echo_target();
+            let gateway = Gateway::start(&config_with(upstream.addr, "", ROUTE_ALL));
+            Fixture { upstream, gateway }
+        });
+    }
+    FIXTURE.with(Rc::clone)
 }
 
 #[derive(Debug, Clone)]
