@@ -22,6 +22,7 @@
 mod bench;
 mod bench_auth;
 mod bench_balance;
+mod bench_idle;
 mod bench_observability;
 mod bench_reload;
 mod bench_tls;
@@ -63,10 +64,22 @@ enum Task {
         /// Seconds per measured run.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
-        /// A short run: at most 3 s per measured run, and only the fixed rates of 5,000 req/s
-        /// and 50% of nginx's maximum.
+        /// A short run for iteration: at most 3 s per measured run, one repeat, 2,000 idle
+        /// connections, and no 2-worker scenario unless --two-workers asks for it.
         #[arg(long)]
         quick: bool,
+        /// Measured rounds, each running every target once per measurement in a rotated
+        /// order; the tables have the median and the min–max (default 5, with --quick 1).
+        #[arg(long)]
+        repeats: Option<usize>,
+        /// Run the 2-worker scenario (2 workers each and a 2-thread client on the same two
+        /// cores); always part of a full run, skipped by --quick without this flag.
+        #[arg(long)]
+        two_workers: bool,
+        /// Idle keep-alive connections held open against each proxy for its memory per idle
+        /// connection and its figures under them (default 10000, with --quick 2000; 0 skips).
+        #[arg(long)]
+        idle: Option<usize>,
     },
     /// (root) XDP cost per packet on each path, and a flood with and without XDP.
     BenchXdp {
@@ -155,7 +168,19 @@ fn main() -> ExitCode {
         Task::BuildEbpf => ebpf::build().map(|_| ()),
         Task::Run { config } => run::run(config),
         Task::Test { cargo_args } => test::run(&cargo_args),
-        Task::Bench { duration, quick } => bench::run(duration, quick),
+        Task::Bench {
+            duration,
+            quick,
+            repeats,
+            two_workers,
+            idle,
+        } => bench::run(bench::Options {
+            duration,
+            quick,
+            repeats,
+            two_workers,
+            idle,
+        }),
         Task::BenchXdp { duration } => bench_xdp::run(duration),
         Task::BenchAuthFlood { duration } => bench_auth::run(duration),
         Task::BenchReload {
