@@ -780,10 +780,13 @@ impl ConfigSet<'_> {
                 dir.display()
             ),
         )?;
+        // `no strict-limits`: haproxy wants two descriptors per connection (22,000 for 10,000
+        // idle ones) and would refuse to start above a hard RLIMIT_NOFILE it cannot raise
+        // (20,000 on the development VM); idle client connections need one each.
         std::fs::write(
             dir.join("haproxy.cfg"),
             format!(
-                "global\n  nbthread {workers}\n  cpu-map auto:1/1-{workers} {}\n  maxconn {max_connections}\n\ndefaults\n  mode http\n  maxconn {max_connections}\n  timeout connect 5s\n  timeout client {KEEPALIVE_SECS}s\n  timeout server 60s\n  timeout http-keep-alive {KEEPALIVE_SECS}s\n  option http-keep-alive\n  http-reuse always\n\nfrontend fe\n  bind 127.0.0.1:{HAPROXY_PORT}\n  default_backend be\n\nbackend be\n  server s1 {backend}\n",
+                "global\n  nbthread {workers}\n  cpu-map auto:1/1-{workers} {}\n  maxconn {max_connections}\n  no strict-limits\n\ndefaults\n  mode http\n  maxconn {max_connections}\n  timeout connect 5s\n  timeout client {KEEPALIVE_SECS}s\n  timeout server 60s\n  timeout http-keep-alive {KEEPALIVE_SECS}s\n  option http-keep-alive\n  http-reuse always\n\nfrontend fe\n  bind 127.0.0.1:{HAPROXY_PORT}\n  default_backend be\n\nbackend be\n  server s1 {backend}\n",
                 cpu_list(cores).replace(',', " ")
             ),
         )?;
