@@ -173,14 +173,9 @@ impl<C: Transport> Connection<'_, C> {
                     }
                     self.server_outcome(group, server, false);
                     // Nothing of the request was sent: another server may always have it.
-                    if let Some(next) = Box::pin(self.retry_elsewhere(
-                        group_index,
-                        strip,
-                        &mut retry,
-                        head_deadline,
-                        true,
-                    ))
-                    .await
+                    if let Some(next) = self
+                        .retry_elsewhere(group_index, strip, &mut retry, head_deadline, true)
+                        .await
                     {
                         server = next;
                         server_counters = counters_of(server);
@@ -285,14 +280,9 @@ impl<C: Transport> Connection<'_, C> {
                 {
                     // A status the route retries: the answer is dropped with its connection.
                     self.server_outcome(group, server, r.status < 500);
-                    if let Some(next) = Box::pin(self.retry_elsewhere(
-                        group_index,
-                        strip,
-                        &mut retry,
-                        head_deadline,
-                        false,
-                    ))
-                    .await
+                    if let Some(next) = self
+                        .retry_elsewhere(group_index, strip, &mut retry, head_deadline, false)
+                        .await
                     {
                         // The quotas count when a try is received, not for each try.
                         self.ctx.charges = charges;
@@ -341,14 +331,9 @@ impl<C: Transport> Connection<'_, C> {
                         load.observe(connected.elapsed());
                     }
                     if may_resend && before_any_byte {
-                        if let Some(next) = Box::pin(self.retry_elsewhere(
-                            group_index,
-                            strip,
-                            &mut retry,
-                            head_deadline,
-                            false,
-                        ))
-                        .await
+                        if let Some(next) = self
+                            .retry_elsewhere(group_index, strip, &mut retry, head_deadline, false)
+                            .await
                         {
                             self.ctx.charges = charges;
                             server = next;
@@ -726,79 +711,84 @@ impl<C: Transport> Connection<'_, C> {
         head_deadline: Option<Instant>,
         at_once: bool,
     ) -> Option<usize> {
-        let generation = self.generation.clone();
-        let snapshot = &*generation.snapshot;
-        let route = snapshot.routes.route(self.ctx.route?);
-        let group = &generation.upstreams[group_index];
-        if retry.left == 0 || group.len() < 2 {
-            return None;
-        }
-        // This request's previous retry is over: its count is the new one's.
-        retry._budget = None;
-        let budget = group.loads().try_retry(&group.config().retry_budget)?;
-        // Random, up to the backoff doubled per retry (full jitter), within the deadline.
-        let cap = route
-            .retry
-            .backoff
-            .get()
-            .saturating_mul(1 << retry.done.min(16))
-            .min(route.retry.max_backoff.get());
-        // A connect that failed sent nothing and the next try goes elsewhere: no wait.
-        let wait = if at_once {
-            std::time::Duration::ZERO
-        } else {
-            cap.mul_f64(self.worker.rng.borrow_mut().f64())
-        };
-        if head_deadline.is_some_and(|d| Instant::now() + wait >= d) {
-            return None;
-        }
-        // Another server than those tried, if one is left.
-        let mut headers =
-            [const { std::mem::MaybeUninit::uninit() }; crate::config::MAX_HEADERS_CEILING];
-        let req = match crate::http::request::parse_request(
-            &self.inbuf,
-            &mut headers,
-            &snapshot.limits,
-            &mut self.normalized,
-        ) {
-            Ok(Some(req)) => req,
-            _ => return None,
-        };
-        let next = super::phase::choose_upstream::pick(
-            snapshot,
-            group,
-            group_index,
-            &req,
-            self.peer.ip(),
-            &mut self.ctx,
-            &mut self.worker.rng.borrow_mut(),
-            retry.tried,
-        );
-        retry.tried |= 1u64 << (next % 64);
-        self.out.clear();
-        super::phase::request_head::write_for_server(
-            snapshot,
-            route,
-            &req,
-            self.peer.ip(),
-            &self.ctx,
-            strip,
-            group,
-            next,
-            &mut self.out,
-        )
-        .ok()?;
-        self.add_revalidation_fields();
-        retry.left -= 1;
-        retry.done += 1;
-        // The next try's own first byte decides whether it may be retried in turn.
-        self.ctx.timings.first_response_byte = None;
-        retry._budget = Some(budget);
-        group.loads().count_retry_sent();
-        self.ctx.server_load = Some(group.start_request(next));
-        debug!(upstream = %group.name, server = %group.server_label(next), "retrying on another server");
-        tokio::time::sleep(wait).await;
-        Some(next)
+        // In its own allocation: the retry's state is large (9 KiB) and retries are rare, so
+        // the request's future does not carry it.
+        Box::pin(async move {
+            let generation = self.generation.clone();
+            let snapshot = &*generation.snapshot;
+            let route = snapshot.routes.route(self.ctx.route?);
+            let group = &generation.upstreams[group_index];
+            if retry.left == 0 || group.len() < 2 {
+                return None;
+            }
+            // This request's previous retry is over: its count is the new one's.
+            retry._budget = None;
+            let budget = group.loads().try_retry(&group.config().retry_budget)?;
+            // Random, up to the backoff doubled per retry (full jitter), within the deadline.
+            let cap = route
+                .retry
+                .backoff
+                .get()
+                .saturating_mul(1 << retry.done.min(16))
+                .min(route.retry.max_backoff.get());
+            // A connect that failed sent nothing and the next try goes elsewhere: no wait.
+            let wait = if at_once {
+                std::time::Duration::ZERO
+            } else {
+                cap.mul_f64(self.worker.rng.borrow_mut().f64())
+            };
+            if head_deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                return None;
+            }
+            // Another server than those tried, if one is left.
+            let mut headers =
+                [const { std::mem::MaybeUninit::uninit() }; crate::config::MAX_HEADERS_CEILING];
+            let req = match crate::http::request::parse_request(
+                &self.inbuf,
+                &mut headers,
+                &snapshot.limits,
+                &mut self.normalized,
+            ) {
+                Ok(Some(req)) => req,
+                _ => return None,
+            };
+            let next = super::phase::choose_upstream::pick(
+                snapshot,
+                group,
+                group_index,
+                &req,
+                self.peer.ip(),
+                &mut self.ctx,
+                &mut self.worker.rng.borrow_mut(),
+                retry.tried,
+            );
+            retry.tried |= 1u64 << (next % 64);
+            self.out.clear();
+            super::phase::request_head::write_for_server(
+                snapshot,
+                route,
+                &req,
+                self.peer.ip(),
+                &self.ctx,
+                strip,
+                group,
+                next,
+                &mut self.out,
+            )
+            .ok()?;
+            self.add_revalidation_fields();
+            retry.left -= 1;
+            retry.done += 1;
+            // The next try's own first byte decides whether it may be retried in turn.
+            self.ctx.timings.first_response_byte = None;
+            retry._budget = Some(budget);
+            group.loads().count_retry_sent();
+            self.ctx.server_load = Some(group.start_request(next));
+            debug!(upstream = %group.name, server = %group.server_label(next), "retrying on another server");
+            tokio::time::sleep(wait).await;
+            Some(next)
+        })
+        .await
     }
 
     /// Counts how `server` did for outlier ejection, and logs when that ejects it or it
