@@ -128,8 +128,7 @@ pub async fn serve<C: Transport>(
     };
     if !initial.is_empty() {
         conn.take_buffers();
-        conn.inbuf
-            .reserve((initial.len() + 1).saturating_sub(conn.inbuf.capacity()));
+        conn.inbuf.reserve(initial.len() + 1);
         conn.inbuf.extend_from_slice(initial);
     }
     conn.ctx.https = conn.client.is_tls();
@@ -147,7 +146,7 @@ pub async fn serve<C: Transport>(
         // The request's own state (parsed fields, the exchange with the upstream: tens of
         // KiB) lives in its own allocation, freed when it ends, so an idle connection holds
         // only what it needs to wait.
-        let next = Box::pin(conn.serve_one(first)).await;
+        let next = Box::pin(conn.serve_one()).await;
         // A large body read whole (a vault route) leaves a large buffer: give it back.
         let keep = conn.generation.snapshot.client_buffer_bytes;
         if conn.inbuf.capacity() > keep.saturating_mul(4) && conn.inbuf.len() <= keep {
@@ -166,9 +165,9 @@ pub async fn serve<C: Transport>(
 
 impl<C: Transport> Connection<'_, C> {
     /// One request, from waiting for its head to the log phase.
-    async fn serve_one(&mut self, first: bool) -> Next {
+    async fn serve_one(&mut self) -> Next {
         self.ctx.reset();
-        let next = self.exchange(first).await;
+        let next = self.exchange().await;
         // The exchange is over: the server no longer has the request in flight.
         self.ctx.server_load = None;
         if self.ctx.started() {
@@ -178,19 +177,10 @@ impl<C: Transport> Connection<'_, C> {
         next
     }
 
-    /// Reads a request head, runs the request phases, then answers or forwards.
-    async fn exchange(&mut self, first: bool) -> Next {
+    /// Reads the rest of a request head (its first bytes are in `inbuf`), runs the request
+    /// phases, then answers or forwards.
+    async fn exchange(&mut self) -> Next {
         let worker = self.worker;
-        self.generation = worker.generation();
-        let idle_deadline = {
-            let server = self.generation.snapshot.server();
-            Instant::now()
-                + if first {
-                    server.header_timeout.get()
-                } else {
-                    server.keepalive_timeout.get()
-                }
-        };
         let mut may_await_keys = true;
         let (flow, request_deadline) = loop {
             if !self.inbuf.is_empty() {
@@ -198,6 +188,7 @@ impl<C: Transport> Connection<'_, C> {
                     // A request begins: take the newest config (a connection may have idled
                     // across reloads); this request keeps it to the end.
                     self.generation = worker.generation();
+                    self.take_buffers();
                     self.ctx.timings.head_started = Some(Instant::now());
                     self.ctx.id = worker.request_ids.next();
                     self.ctx.correlation.assign(self.ctx.id);
@@ -230,24 +221,16 @@ impl<C: Transport> Connection<'_, C> {
                     HeadStep::Run(flow, deadline) => break (flow, deadline),
                 }
             }
-            let idle = self.inbuf.is_empty();
-            if idle && worker.draining.get() && worker.closes_idle.get() {
-                return Next::Close;
-            }
-            self.handle.set_idle(idle);
-            let deadline = match self.ctx.timings.head_started {
-                Some(t) => t + self.generation.snapshot.server().header_timeout.get(),
-                None => idle_deadline,
-            };
-            self.take_buffers();
+            // The head is not whole yet ([`Self::await_request`] waited for its start).
+            let started = self.ctx.timings.head_started.unwrap_or_else(Instant::now);
+            let deadline = started + self.generation.snapshot.server().header_timeout.get();
             let (res, buf) = read_before(&self.client, take(&mut self.inbuf), deadline).await;
             self.inbuf = buf;
-            self.handle.set_idle(false);
             match res {
                 Ok(0) => return Next::Abort,
                 Ok(_) => {}
                 Err(e) => {
-                    debug!(peer = %self.peer, error = %e, "client connection ended while waiting for a request");
+                    debug!(peer = %self.peer, error = %e, "client connection ended in a request head");
                     return Next::Abort;
                 }
             }
