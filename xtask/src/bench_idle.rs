@@ -4,13 +4,12 @@
 
 use std::{
     io::{self, Read, Write},
-    mem::size_of,
-    net::{Ipv4Addr, TcpStream},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     time::Duration,
 };
 
 use anyhow::{bail, Context};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::bench::{framed_end, process_tree};
 
@@ -56,69 +55,15 @@ pub(crate) fn raise_nofile(want: u64) -> anyhow::Result<u64> {
     Ok(now.rlim_max)
 }
 
-/// A `sockaddr_in` for `ip:port`.
-fn sockaddr(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
-/// A TCP connection to `127.0.0.1:port` from `source`, bound before connecting. The port is
-/// left to connect (IP_BIND_ADDRESS_NO_PORT), so it need only be unique per address pair.
+/// A TCP connection to `127.0.0.1:port` from `source`, bound before connecting (socket2). The
+/// bind takes an ephemeral port; [`PER_SOURCE`] keeps each address well inside the range.
 fn connect_from(source: Ipv4Addr, port: u16) -> io::Result<TcpStream> {
-    // SAFETY: socket(2) with constant arguments; the descriptor is owned right after.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: the option value points at a c_int that outlives the call. Best effort: without
-    // it, bind picks the port, which only narrows the ports available.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let local = sockaddr(source, 0);
-    // SAFETY: `local` is a valid sockaddr_in of `len` bytes.
-    if unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&local as *const libc::sockaddr_in).cast(),
-            len,
-        )
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    let remote = sockaddr(Ipv4Addr::LOCALHOST, port);
-    // SAFETY: as above; a blocking connect on a blocking socket.
-    if unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&remote as *const libc::sockaddr_in).cast(),
-            len,
-        )
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(TcpStream::from(fd))
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SocketAddr::from((source, 0)).into())?;
+    socket.connect(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
+    Ok(socket.into())
 }
 
-/// The source address of the `i`th idle connection: 127.0.0.1 for the first [`PER_SOURCE`],
 /// then 127.0.0.2, and so on.
 fn source_of(i: usize) -> Ipv4Addr {
     let [a, b, c, d] = Ipv4Addr::LOCALHOST.octets();
@@ -215,6 +160,31 @@ mod tests {
         assert_eq!(source_of(0), Ipv4Addr::new(127, 0, 0, 1));
         assert_eq!(source_of(PER_SOURCE - 1), Ipv4Addr::new(127, 0, 0, 1));
         assert_eq!(source_of(PER_SOURCE), Ipv4Addr::new(127, 0, 0, 2));
+    }
+
+    #[test]
+    fn idle_connections_are_used_once_and_stay_open() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for _ in 0..3 {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut head = [0u8; 256];
+                let _ = s.read(&mut head).unwrap();
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .unwrap();
+                held.push(s);
+            }
+            held
+        });
+        let conns = open_idle(port, 3).unwrap();
+        let held = server.join().unwrap();
+        assert_eq!(conns.len(), 3);
+        assert_eq!(still_open(&conns), 3);
+        drop(held);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(still_open(&conns), 0, "closed by the server");
     }
 
     #[test]
