@@ -108,6 +108,23 @@ pub fn peek_idle(fd: RawFd) -> IdleSocket {
     }
 }
 
+/// Appends what the socket `fd` holds now to `buf`, up to its spare capacity, without waiting:
+/// `Ok(0)` is end of stream, `WouldBlock` that nothing is queued. `buf` must have spare capacity.
+pub fn recv_ready(fd: RawFd, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: recv(2) writes at most `spare.len()` bytes into `spare`, memory `buf` owns and
+    // does not use until its length covers it; MSG_DONTWAIT makes it return at once on a
+    // blocking socket.
+    let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// Takes ownership of a descriptor that an accept operation returned.
 pub fn stream_from_accepted(fd: RawFd) -> std::net::TcpStream {
     use std::os::fd::FromRawFd;

@@ -58,7 +58,7 @@ impl OneshotOutputTransform for CancelDone {
     }
 }
 
-fn result_of(cqe: &cqueue::Entry) -> io::Result<u32> {
+pub(super) fn result_of(cqe: &cqueue::Entry) -> io::Result<u32> {
     match cqe.result() {
         n if n >= 0 => Ok(n as u32),
         errno => Err(io::Error::from_raw_os_error(-errno)),

@@ -7,6 +7,7 @@ mod deadline;
 #[cfg(test)]
 pub mod memory;
 pub mod proxy_protocol;
+mod readiness;
 mod tcp;
 mod tls;
 
@@ -14,6 +15,7 @@ use std::{io, net::Shutdown, ops::Range};
 
 pub use connect::{accept_until, connect_before, Accepted, ConnectFailure};
 pub use deadline::{read_before, write_before, write_pair_before, IoFailure};
+pub use readiness::readable_before;
 
 /// A byte stream the proxy reads and writes with owned buffers, as io_uring requires.
 ///
@@ -36,6 +38,12 @@ pub trait Transport {
     ) -> (io::Result<()>, Vec<u8>, Vec<u8>);
     /// Shuts down one or both directions; pending operations then complete at once.
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+    /// The socket to wait on, holding no buffer, between requests: plain TCP, where nothing
+    /// is buffered above the socket. `None` where the transport holds bytes of its own (TLS
+    /// decrypts whole records), so the wait has to be a read.
+    fn unbuffered_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// Whether the client reached the gateway over TLS (for X-Forwarded-Proto).
     fn is_tls(&self) -> bool {
         false

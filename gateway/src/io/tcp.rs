@@ -80,6 +80,10 @@ impl Transport for TcpTransport {
         (res, head, body)
     }
 
+    fn unbuffered_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.stream.as_raw_fd())
+    }
+
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         self.stream.shutdown(how)
     }

@@ -21,7 +21,7 @@ use crate::{
         request::{incomplete_head_error, parse_request, RequestHead},
         BodyFraming, Version,
     },
-    io::{read_before, write_before, Transport},
+    io::{read_before, readable_before, write_before, IoFailure, Transport},
     proxy::{
         snapshot::UPSTREAM_BUFFER_BYTES,
         tracker::ConnHandle,
@@ -36,10 +36,13 @@ use crate::{
 pub const DRAIN_LIMIT_BYTES: u64 = 64 * 1024;
 /// The write buffer a connection keeps after an answer from the cache larger than this.
 const KEPT_ANSWER_BUFFER_BYTES: usize = 64 * 1024;
-/// What an idle connection reads the start of its next request into (nginx's
+/// What an idle TLS connection reads the start of its next request into (nginx's
 /// `client_header_buffer_size`): most request heads fit; a longer one continues in the full
-/// buffer.
+/// buffer. Plain TCP connections wait with no buffer at all.
 const IDLE_READ_BYTES: usize = 1024;
+/// How many times in a row an idle socket may report readable with nothing to read before the
+/// connection is given up (the kernel does not do that; the bound keeps a loop finite).
+const MAX_SPURIOUS_WAKEUPS: usize = 16;
 /// After the last response on a connection, how long to keep reading (and discarding) what the
 /// client still sends, so closing does not reset the connection before it read the response.
 const LINGER: Duration = Duration::from_millis(500);
@@ -85,8 +88,8 @@ pub(super) struct Connection<'w, C: Transport> {
     /// Bytes read from the client; holds at least one whole request head. From the worker's
     /// pool while a request is served; empty, with no capacity, while the connection idles.
     pub(super) inbuf: Vec<u8>,
-    /// What an idle connection reads into: small, so idling costs little memory; what it
-    /// reads moves to `inbuf` when a request begins.
+    /// What an idle TLS connection reads into (allocated on first use): small, so idling
+    /// costs little memory; what it reads moves to `inbuf` when a request begins.
     idle_buf: Vec<u8>,
     /// Heads the gateway writes, to either side.
     pub(super) out: Vec<u8>,
@@ -119,7 +122,7 @@ pub async fn serve<C: Transport>(
         worker,
         handle,
         inbuf: Vec::new(),
-        idle_buf: Vec::with_capacity(IDLE_READ_BYTES),
+        idle_buf: Vec::new(),
         out: Vec::new(),
         upbuf: Vec::new(),
         normalized: Vec::new(),
@@ -855,9 +858,9 @@ impl<C: Transport> Connection<'_, C> {
         }
     }
 
-    /// Waits for the first bytes of the next request (the first one's for `first`), holding
-    /// only the small idle buffer: the large ones go back to the worker's pools first. `Err`
-    /// says how the connection ends instead.
+    /// Waits for the first bytes of the next request (the first one's for `first`). The large
+    /// buffers go back to the worker's pools first; plain TCP then waits holding no buffer,
+    /// TLS with the small idle one. `Err` says how the connection ends instead.
     async fn await_request(&mut self, first: bool) -> Result<(), Next> {
         let worker = self.worker;
         if worker.draining.get() && worker.closes_idle.get() {
@@ -875,23 +878,66 @@ impl<C: Transport> Connection<'_, C> {
                 }
         };
         self.handle.set_idle(true);
-        let (res, buf) = read_before(&self.client, take(&mut self.idle_buf), deadline).await;
-        self.idle_buf = buf;
+        let outcome = match self.client.unbuffered_fd() {
+            Some(fd) => self.await_bytes_unbuffered(fd, deadline).await,
+            None => self.await_bytes_buffered(deadline).await,
+        };
         self.handle.set_idle(false);
-        match res {
+        match outcome {
             Ok(0) => Err(Next::Abort),
-            Ok(_) => {
-                self.generation = worker.generation();
-                self.take_buffers();
-                self.inbuf.extend_from_slice(&self.idle_buf);
-                self.idle_buf.clear();
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err(e) => {
                 debug!(peer = %self.peer, error = %e, "client connection ended while waiting for a request");
                 Err(Next::Abort)
             }
         }
+    }
+
+    /// Waits for the socket to be readable holding no buffer, then takes the pooled buffers
+    /// and reads what arrived straight into `inbuf`.
+    async fn await_bytes_unbuffered(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        deadline: Instant,
+    ) -> Result<usize, IoFailure> {
+        for _ in 0..MAX_SPURIOUS_WAKEUPS {
+            readable_before(fd, deadline).await?;
+            self.generation = self.worker.generation();
+            self.take_buffers();
+            match crate::sys::recv_ready(fd, &mut self.inbuf) {
+                Ok(n) => return Ok(n),
+                // Readiness without bytes (another reader cannot exist: a spurious wake-up).
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+                {
+                    self.give_buffers()
+                }
+                Err(e) => return Err(IoFailure::Io(e)),
+            }
+        }
+        Err(IoFailure::Io(std::io::Error::other(
+            "socket reported readable repeatedly with nothing to read",
+        )))
+    }
+
+    /// Waits with a read into the small idle buffer (a transport that buffers above the
+    /// socket), then moves what it read into the pooled `inbuf`.
+    async fn await_bytes_buffered(&mut self, deadline: Instant) -> Result<usize, IoFailure> {
+        if self.idle_buf.capacity() == 0 {
+            self.idle_buf.reserve_exact(IDLE_READ_BYTES);
+        }
+        let (res, buf) = read_before(&self.client, take(&mut self.idle_buf), deadline).await;
+        self.idle_buf = buf;
+        let n = res?;
+        if n > 0 {
+            self.generation = self.worker.generation();
+            self.take_buffers();
+            self.inbuf.extend_from_slice(&self.idle_buf);
+            self.idle_buf.clear();
+        }
+        Ok(n)
     }
 
     /// Takes the buffers a request is served with from the worker's pools (those it does not
@@ -934,6 +980,9 @@ impl<C: Transport> Connection<'_, C> {
         let deadline = Instant::now() + LINGER;
         // What is read is thrown away: the small buffer does.
         self.give_buffers();
+        if self.idle_buf.capacity() == 0 {
+            self.idle_buf.reserve_exact(IDLE_READ_BYTES);
+        }
         for _ in 0..LINGER_READS {
             self.idle_buf.clear();
             let (res, buf) = read_before(&self.client, take(&mut self.idle_buf), deadline).await;

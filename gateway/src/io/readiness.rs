@@ -1,0 +1,106 @@
+//! Waiting for a socket to have something to read without lending the kernel a buffer.
+//!
+//! An io_uring read owns its buffer for as long as it waits, so a connection waiting for its
+//! next request that way holds memory while idle. `IORING_OP_POLL_ADD` waits with no buffer;
+//! the bytes are then taken with a non-blocking `recv` into a buffer borrowed only then.
+
+use std::{io, os::fd::RawFd, pin::pin};
+
+use io_uring::{cqueue, opcode, types};
+use tokio::time::Instant;
+use tokio_uring::{OneshotOutputTransform, UnsubmittedOneshot};
+
+use super::{
+    connect::{cancel_all_on, result_of},
+    IoFailure,
+};
+
+struct PollDone;
+
+impl OneshotOutputTransform for PollDone {
+    type Output = io::Result<u32>;
+    type StoredData = ();
+
+    fn transform_oneshot_output(self, _: (), cqe: cqueue::Entry) -> Self::Output {
+        result_of(&cqe)
+    }
+}
+
+/// Waits until `fd` has bytes to read, its end, or an error (a read then returns at once),
+/// before `deadline`. At the deadline the poll is cancelled and awaited, so nothing stays in
+/// the kernel; the connection is the caller's to close.
+pub async fn readable_before(fd: RawFd, deadline: Instant) -> Result<(), IoFailure> {
+    // POLLIN is also reported at end of stream; POLLERR and POLLHUP always are.
+    let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
+    let mut polling = pin!(UnsubmittedOneshot::new((), PollDone, sqe).submit());
+    tokio::select! {
+        biased;
+        polled = &mut polling => polled.map(|_| ()).map_err(IoFailure::Io),
+        () = tokio::time::sleep_until(deadline) => {
+            cancel_all_on(fd).await;
+            match polling.await {
+                // Readable in the same instant as the deadline: use it.
+                Ok(_) => Ok(()),
+                Err(_) => Err(IoFailure::TimedOut),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write, time::Duration};
+
+    use super::*;
+
+    fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    #[test]
+    fn readable_once_bytes_arrive_and_then_recv_takes_them() {
+        use std::os::fd::AsRawFd;
+        let (mut client, server) = pair();
+        tokio_uring::start(async move {
+            let fd = server.as_raw_fd();
+            let writer = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                client.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+                client
+            });
+            let deadline = Instant::now() + Duration::from_secs(5);
+            assert!(readable_before(fd, deadline).await.is_ok());
+            let mut buf = Vec::with_capacity(64);
+            let n = crate::sys::recv_ready(fd, &mut buf).unwrap();
+            assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n");
+            // Nothing more queued: a second recv does not block, it says so.
+            let again = crate::sys::recv_ready(fd, &mut buf).unwrap_err();
+            assert_eq!(again.kind(), io::ErrorKind::WouldBlock);
+            drop(writer.join().unwrap());
+            // The peer closed: readable again, and recv reads the end of stream.
+            assert!(readable_before(fd, deadline).await.is_ok());
+            assert_eq!(crate::sys::recv_ready(fd, &mut buf).unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn times_out_on_a_quiet_socket_and_leaves_no_poll_behind() {
+        use std::os::fd::AsRawFd;
+        let (mut client, server) = pair();
+        tokio_uring::start(async move {
+            let fd = server.as_raw_fd();
+            let deadline = Instant::now() + Duration::from_millis(30);
+            assert!(matches!(
+                readable_before(fd, deadline).await,
+                Err(IoFailure::TimedOut)
+            ));
+            // The cancelled poll is gone: a new wait sees new bytes.
+            client.write_all(b"x").unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            assert!(readable_before(fd, deadline).await.is_ok());
+        });
+    }
+}
