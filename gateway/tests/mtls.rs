@@ -202,6 +202,53 @@ fn listed_certificates_identify_consumers_and_others_are_refused() {
     );
 }
 
+/// The identity is the connection's: every request on a kept-alive connection carries it
+/// (each request's state comes fresh from the worker's pool, the certificate from the
+/// connection), and a request on another connection without a certificate does not.
+#[test]
+fn every_request_on_a_kept_alive_connection_carries_its_identity() {
+    let (pki, _) = pki();
+    let up = Upstream::echo_target();
+    let gw = Gateway::start(&config(&pki, up.addr, false));
+    let port = gw.addr.port();
+    let url = |n: u32| format!("https://gw.test:{port}/mtls/keep{n}");
+    let out = run(Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-o", "/dev/null"])
+        .args(["-w", "%{http_code} %{num_connects}\n"])
+        .arg("--cacert")
+        .arg(pki.path("ca.pem"))
+        .arg("--cert")
+        .arg(pki.path("alice.pem"))
+        .arg("--key")
+        .arg(pki.path("alice.key"))
+        .arg("--resolve")
+        .arg(format!("gw.test:{port}:127.0.0.1"))
+        // Each URL with its own `-o`: curl's applies to one transfer.
+        .args(
+            [1, 2, 3]
+                .iter()
+                .flat_map(|&n| ["-o".to_string(), "/dev/null".to_string(), url(n)]),
+        ));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        report.lines().collect::<Vec<_>>(),
+        ["200 1", "200 0", "200 0"],
+        "three answers over one connection: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Vec<_> = up
+        .requests()
+        .into_iter()
+        .filter(|r| r.target.starts_with("/mtls/keep"))
+        .collect();
+    assert_eq!(seen.len(), 3);
+    for r in &seen {
+        assert_eq!(r.header("x-consumer-id"), Some("alice"), "{}", r.target);
+        assert_eq!(r.headers_named("x-client-subject"), vec!["CN=alice,O=Acme"]);
+    }
+    assert_eq!(status(&curl(&gw, &pki, None, "/mtls/after", &[])), 401);
+}
+
 #[test]
 fn a_required_certificate_is_asked_for_at_the_handshake() {
     let (pki, _) = pki();

@@ -52,13 +52,14 @@ impl<C: Transport> Connection<'_, C> {
         server: usize,
         request_deadline: Instant,
     ) -> Option<Next> {
-        let c = self.ctx.cache.as_mut()?;
+        let ctx = &mut *self.ctx;
+        let c = ctx.cache.as_mut()?;
         if c.status != crate::cache::CacheStatus::Stale {
             return None;
         }
         let fill = c.fill.take()?;
         let stale = c.entry.clone()?;
-        let route = self.ctx.route?;
+        let route = ctx.route?;
         let mut head = std::mem::take(&mut self.out);
         // The client's own conditionals and range are not the refresh's: a 304 or 206 to
         // them would say nothing of the entry.
@@ -69,7 +70,7 @@ impl<C: Transport> Connection<'_, C> {
             group,
             server,
             head,
-            request_head: self.inbuf[..self.ctx.facts.head_len.min(self.inbuf.len())].to_vec(),
+            request_head: self.inbuf[..ctx.facts.head_len.min(self.inbuf.len())].to_vec(),
             route,
             credentials: c.credentials,
             keyed_by_consumer: c.keyed_by_consumer,

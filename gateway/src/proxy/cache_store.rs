@@ -28,14 +28,15 @@ impl<C: Transport> Connection<'_, C> {
     /// its own: `If-None-Match` and `If-Modified-Since` from the entry go at the end of the
     /// upstream head.
     pub(super) fn add_revalidation_fields(&mut self) {
-        let Some(c) = &mut self.ctx.cache else { return };
+        let ctx = &mut *self.ctx;
+        let Some(c) = &mut ctx.cache else { return };
         let Some(entry) = c.entry.as_ref().filter(|_| c.fill.is_some()) else {
             return;
         };
         if !entry.has_validator() || !self.out.ends_with(b"\r\n\r\n") {
             return;
         }
-        let head = &self.inbuf[..self.ctx.facts.head_len.min(self.inbuf.len())];
+        let head = &self.inbuf[..ctx.facts.head_len.min(self.inbuf.len())];
         let clients_own = with_request_fields(head, |fields| {
             fields.iter().any(|f| {
                 f.name.eq_ignore_ascii_case("if-none-match")

@@ -11,6 +11,7 @@ use super::{
     answer::{Answer, TrafficPolicy},
     body::{relay_request_body, BodyDeadlines},
     context::{Outcome, RequestContext, RequestFacts},
+    context_pool::{ConnectionFacts, ContextSlot},
     phase::{self, Exit, Forward},
 };
 use crate::{
@@ -99,8 +100,11 @@ pub(super) struct Connection<'w, C: Transport> {
     pub(super) normalized: Vec<u8>,
     /// The config generation the current request is served with.
     pub(super) generation: Rc<Generation>,
-    /// The current request's context, reset for each request.
-    pub(super) ctx: RequestContext,
+    /// The current request's context, reset for each request; from the worker's pool while a
+    /// request is served, back in it while the connection idles.
+    pub(super) ctx: ContextSlot,
+    /// What every request's context takes from the connection.
+    facts: ConnectionFacts,
 }
 
 /// Serves a client connection until it closes.
@@ -116,6 +120,7 @@ pub async fn serve<C: Transport>(
 ) {
     let accepted = Instant::now();
     let generation = worker.generation();
+    let https = client.is_tls();
     let mut conn = Connection {
         client,
         peer,
@@ -127,15 +132,18 @@ pub async fn serve<C: Transport>(
         upbuf: Vec::new(),
         normalized: Vec::new(),
         generation: generation.clone(),
-        ctx: RequestContext::new(accepted),
+        ctx: ContextSlot::default(),
+        facts: ConnectionFacts {
+            accepted,
+            https,
+            client_cert,
+        },
     };
     if !initial.is_empty() {
         conn.take_buffers();
         conn.inbuf.reserve(initial.len() + 1);
         conn.inbuf.extend_from_slice(initial);
     }
-    conn.ctx.https = conn.client.is_tls();
-    conn.ctx.client_cert = client_cert;
     let mut first = true;
     loop {
         if conn.inbuf.is_empty() {
@@ -194,7 +202,8 @@ impl<C: Transport> Connection<'_, C> {
                     self.take_buffers();
                     self.ctx.timings.head_started = Some(Instant::now());
                     self.ctx.id = worker.request_ids.next();
-                    self.ctx.correlation.assign(self.ctx.id);
+                    let id = self.ctx.id;
+                    self.ctx.correlation.assign(id);
                     add_hsts(self.handle, &mut self.ctx.correlation);
                 }
                 match self.decode_head(may_await_keys) {
@@ -537,11 +546,12 @@ impl<C: Transport> Connection<'_, C> {
         let mut large_answer = false;
         let status = match answer {
             Answer::Error { status, detail, .. } => {
+                let ctx = &mut *self.ctx;
                 let json = explain(
-                    &mut self.ctx.answer_body,
+                    &mut ctx.answer_body,
                     status,
                     detail,
-                    self.ctx.correlation.request_id(),
+                    ctx.correlation.request_id(),
                 );
                 encode::write_error(
                     &mut self.out,
@@ -578,11 +588,12 @@ impl<C: Transport> Connection<'_, C> {
                     ),
                 });
                 let detail = "rate limit exceeded";
+                let ctx = &mut *self.ctx;
                 let json = explain(
-                    &mut self.ctx.answer_body,
+                    &mut ctx.answer_body,
                     429,
                     detail,
-                    self.ctx.correlation.request_id(),
+                    ctx.correlation.request_id(),
                 );
                 encode::write_rate_limited(
                     &mut self.out,
@@ -604,11 +615,12 @@ impl<C: Transport> Connection<'_, C> {
                     }
                     AuthError::Forbidden => None,
                 };
+                let ctx = &mut *self.ctx;
                 let json = explain(
-                    &mut self.ctx.answer_body,
+                    &mut ctx.answer_body,
                     e.status(),
                     e.detail(),
-                    self.ctx.correlation.request_id(),
+                    ctx.correlation.request_id(),
                 );
                 encode::write_denied(
                     &mut self.out,
@@ -797,10 +809,11 @@ impl<C: Transport> Connection<'_, C> {
             Ok(Some(req)) => {
                 if self.ctx.timings.head_parsed.is_none() {
                     self.ctx.timings.head_parsed = Some(Instant::now());
+                    let id = self.ctx.id;
                     self.ctx.correlation.begin(
                         &req,
                         server.trust_request_id,
-                        self.ctx.id,
+                        id,
                         &mut worker.rng.borrow_mut(),
                     );
                     add_hsts(self.handle, &mut self.ctx.correlation);
@@ -907,10 +920,11 @@ impl<C: Transport> Connection<'_, C> {
             match crate::sys::recv_ready(fd, &mut self.inbuf) {
                 Ok(n) => return Ok(n),
                 // Readiness without bytes (another reader cannot exist: a spurious wake-up).
-                Err(e) if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) =>
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) =>
                 {
                     self.give_buffers()
                 }
@@ -940,10 +954,13 @@ impl<C: Transport> Connection<'_, C> {
         Ok(n)
     }
 
-    /// Takes the buffers a request is served with from the worker's pools (those it does not
-    /// hold already).
+    /// Takes the buffers and the context a request is served with from the worker's pools
+    /// (those it does not hold already).
     fn take_buffers(&mut self) {
         let worker = self.worker;
+        if self.ctx.is_empty() {
+            self.ctx.fill(worker.contexts.take(&self.facts));
+        }
         if self.inbuf.capacity() == 0 {
             self.inbuf = worker
                 .client_buffers
@@ -957,9 +974,12 @@ impl<C: Transport> Connection<'_, C> {
         }
     }
 
-    /// Gives the request buffers back to the worker's pools: the connection idles.
+    /// Gives the request buffers and context back to the worker's pools: the connection idles.
     fn give_buffers(&mut self) {
         let worker = self.worker;
+        if let Some(ctx) = self.ctx.take() {
+            worker.contexts.give(ctx);
+        }
         if self.inbuf.capacity() > 0 {
             worker.client_buffers.give(take(&mut self.inbuf));
         }

@@ -428,11 +428,12 @@ impl<C: Transport> Connection<'_, C> {
         let dechunk = response.body == BodyFraming::Chunked && !response.client.chunked;
         let server_config = snapshot.server();
         let mut sent = 0;
-        let (meter, usage_filter) = match self.ctx.vault.as_mut() {
+        let ctx = &mut *self.ctx;
+        let (meter, usage_filter) = match ctx.vault.as_mut() {
             Some(v) => (Some(&mut v.meter), v.usage_filter.as_mut()),
             None => (None, None),
         };
-        let recorder = self.ctx.cache.as_mut().and_then(|c| c.recorder.as_mut());
+        let recorder = ctx.cache.as_mut().and_then(|c| c.recorder.as_mut());
         let (res, buf, head) = relay_response_body(
             &conn.transport,
             &self.client,

@@ -12,6 +12,7 @@ pub mod connection;
 #[cfg(test)]
 mod connection_tests;
 pub mod context;
+pub mod context_pool;
 pub mod correlation;
 pub mod error_body;
 pub mod forward;

@@ -56,9 +56,11 @@ pub struct Worker {
     pub head_buffers: BufferPool,
     /// Upstream read buffers of connections serving a request.
     pub upstream_buffers: BufferPool,
+    /// Request contexts of connections serving a request.
+    pub contexts: super::context_pool::ContextPool,
 }
 
-/// Free buffers of each kind a worker keeps for its next requests: about the connections it
+/// Free buffers of each kind (and request contexts) a worker keeps for its next requests: about the connections it
 /// serves at once under load; more are freed when they come back.
 const POOLED_BUFFERS: usize = 128;
 /// The size of a head buffer.
@@ -122,6 +124,7 @@ impl Worker {
             client_buffers: BufferPool::new(MIN_CLIENT_BUFFER_BYTES, POOLED_BUFFERS),
             head_buffers: BufferPool::new(HEAD_BUFFER_BYTES, POOLED_BUFFERS),
             upstream_buffers: BufferPool::new(UPSTREAM_BUFFER_BYTES, POOLED_BUFFERS),
+            contexts: super::context_pool::ContextPool::new(POOLED_BUFFERS),
         }
     }
 
