@@ -115,7 +115,14 @@ pub fn recv_ready(fd: RawFd, buf: &mut Vec<u8>) -> std::io::Result<usize> {
     // SAFETY: recv(2) writes at most `spare.len()` bytes into `spare`, memory `buf` owns and
     // does not use until its length covers it; MSG_DONTWAIT makes it return at once on a
     // blocking socket.
-    let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+    let n = unsafe {
+        libc::recv(
+            fd,
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
