@@ -149,7 +149,8 @@ pub async fn serve<C: Transport>(
         if conn.inbuf.is_empty() {
             if let Err(next) = conn.await_request(first).await {
                 if next == Next::Close {
-                    conn.linger().await;
+                    // Boxed (once per connection) so the idle task is not sized for it.
+                    Box::pin(conn.linger()).await;
                 }
                 return;
             }
@@ -166,7 +167,7 @@ pub async fn serve<C: Transport>(
         match next {
             Next::KeepAlive => first = false,
             Next::Close => {
-                conn.linger().await;
+                Box::pin(conn.linger()).await;
                 return;
             }
             Next::Abort => return,
@@ -893,7 +894,9 @@ impl<C: Transport> Connection<'_, C> {
         self.handle.set_idle(true);
         let outcome = match self.client.unbuffered_fd() {
             Some(fd) => self.await_bytes_unbuffered(fd, deadline).await,
-            None => self.await_bytes_buffered(deadline).await,
+            // Boxed: a TLS connection's wait is a read whose future would otherwise size every
+            // plain connection's idle task too.
+            None => Box::pin(self.await_bytes_buffered(deadline)).await,
         };
         self.handle.set_idle(false);
         match outcome {

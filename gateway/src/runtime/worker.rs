@@ -370,7 +370,8 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
         let handle = worker.tracker.register(tcp.raw_fd(), facts);
         let (peer, initial) = if proxied {
             let deadline = tokio::time::Instant::now() + snapshot.server().header_timeout.get();
-            match read_proxy_header(&tcp, deadline).await {
+            // Boxed (once per connection) so the connection's task is not sized for it.
+            match Box::pin(read_proxy_header(&tcp, deadline)).await {
                 Ok((source, rest)) => (source.unwrap_or(peer), rest),
                 Err(e) => {
                     debug!(%peer, error = %e, "PROXY header refused: closing");
