@@ -47,9 +47,10 @@ impl OneshotOutputTransform for ConnectDone {
     }
 }
 
-struct CancelDone;
+/// The completion of an operation that carries no data: its result, or the errno.
+pub(super) struct ResultOnly;
 
-impl OneshotOutputTransform for CancelDone {
+impl OneshotOutputTransform for ResultOnly {
     type Output = io::Result<u32>;
     type StoredData = ();
 
@@ -58,7 +59,7 @@ impl OneshotOutputTransform for CancelDone {
     }
 }
 
-pub(super) fn result_of(cqe: &cqueue::Entry) -> io::Result<u32> {
+fn result_of(cqe: &cqueue::Entry) -> io::Result<u32> {
     match cqe.result() {
         n if n >= 0 => Ok(n as u32),
         errno => Err(io::Error::from_raw_os_error(-errno)),
@@ -70,7 +71,7 @@ pub(super) fn result_of(cqe: &cqueue::Entry) -> io::Result<u32> {
 pub async fn cancel_all_on(fd: RawFd) {
     let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build();
     // ENOENT (nothing left to cancel) is as good as done.
-    let _ = UnsubmittedOneshot::new((), CancelDone, sqe).submit().await;
+    let _ = UnsubmittedOneshot::new((), ResultOnly, sqe).submit().await;
 }
 
 /// Connects to `addr` within `timeout`; on timeout nothing of the attempt is left behind.

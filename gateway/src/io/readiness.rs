@@ -4,27 +4,16 @@
 //! next request that way holds memory while idle. `IORING_OP_POLL_ADD` waits with no buffer;
 //! the bytes are then taken with a non-blocking `recv` into a buffer borrowed only then.
 
-use std::{io, os::fd::RawFd, pin::pin};
+use std::{os::fd::RawFd, pin::pin};
 
-use io_uring::{cqueue, opcode, types};
+use io_uring::{opcode, types};
 use tokio::time::Instant;
-use tokio_uring::{OneshotOutputTransform, UnsubmittedOneshot};
+use tokio_uring::UnsubmittedOneshot;
 
 use super::{
-    connect::{cancel_all_on, result_of},
+    connect::{cancel_all_on, ResultOnly},
     IoFailure,
 };
-
-struct PollDone;
-
-impl OneshotOutputTransform for PollDone {
-    type Output = io::Result<u32>;
-    type StoredData = ();
-
-    fn transform_oneshot_output(self, _: (), cqe: cqueue::Entry) -> Self::Output {
-        result_of(&cqe)
-    }
-}
 
 /// Waits until `fd` has bytes to read, its end, or an error (a read then returns at once),
 /// before `deadline`. At the deadline the poll is cancelled and awaited, so nothing stays in
@@ -32,7 +21,7 @@ impl OneshotOutputTransform for PollDone {
 pub async fn readable_before(fd: RawFd, deadline: Instant) -> Result<(), IoFailure> {
     // POLLIN is also reported at end of stream; POLLERR and POLLHUP always are.
     let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
-    let mut polling = pin!(UnsubmittedOneshot::new((), PollDone, sqe).submit());
+    let mut polling = pin!(UnsubmittedOneshot::new((), ResultOnly, sqe).submit());
     tokio::select! {
         biased;
         polled = &mut polling => polled.map(|_| ()).map_err(IoFailure::Io),
@@ -49,7 +38,10 @@ pub async fn readable_before(fd: RawFd, deadline: Instant) -> Result<(), IoFailu
 
 #[cfg(test)]
 mod tests {
-    use std::{io::Write, time::Duration};
+    use std::{
+        io::{self, Write},
+        time::Duration,
+    };
 
     use super::*;
 
@@ -97,7 +89,8 @@ mod tests {
                 readable_before(fd, deadline).await,
                 Err(IoFailure::TimedOut)
             ));
-            // The cancelled poll is gone: a new wait sees new bytes.
+            // It returned, so the cancelled poll completed (it is not left in the kernel), and
+            // the socket still works: a new wait sees new bytes.
             client.write_all(b"x").unwrap();
             let deadline = Instant::now() + Duration::from_secs(5);
             assert!(readable_before(fd, deadline).await.is_ok());

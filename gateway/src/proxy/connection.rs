@@ -178,7 +178,11 @@ pub async fn serve<C: Transport>(
 impl<C: Transport> Connection<'_, C> {
     /// One request, from waiting for its head to the log phase.
     async fn serve_one(&mut self) -> Next {
-        self.ctx.reset();
+        // A context from the worker's pool was reset when it went back; only one kept for a
+        // pipelined request still holds the last request's state.
+        if self.ctx.started() {
+            self.ctx.reset();
+        }
         let next = self.exchange().await;
         // The exchange is over: the server no longer has the request in flight.
         self.ctx.server_load = None;
