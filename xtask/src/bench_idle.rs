@@ -15,8 +15,9 @@ use crate::bench::{framed_end, process_tree};
 
 /// Connections opened from one source address before the next (127.0.0.1, then 127.0.0.2,
 /// ...): well under the ~28,000 ephemeral ports of Linux's default range, which the load
-/// generator's connections share.
-const PER_SOURCE: usize = 16_000;
+/// generator's connections, the proxies' upstream connections and the TIME_WAIT left by
+/// earlier targets share.
+const PER_SOURCE: usize = 4_000;
 
 /// The request that makes each idle connection used once.
 const REQUEST: &[u8] = b"GET /1k HTTP/1.1\r\nHost: bench.local\r\n\r\n";
@@ -55,10 +56,28 @@ pub(crate) fn raise_nofile(want: u64) -> anyhow::Result<u64> {
     Ok(now.rlim_max)
 }
 
-/// A TCP connection to `127.0.0.1:port` from `source`, bound before connecting (socket2). The
-/// bind takes an ephemeral port; [`PER_SOURCE`] keeps each address well inside the range.
+/// A TCP connection to `127.0.0.1:port` from `source`, bound before connecting (socket2).
+///
+/// `IP_BIND_ADDRESS_NO_PORT` leaves the port to `connect`, which needs it unique only per
+/// destination: a plain bind to port 0 must pick one unused towards every destination, so the
+/// TIME_WAIT of earlier targets' load exhausted it (EADDRINUSE after ~8,400 connections).
 fn connect_from(source: Ipv4Addr, port: u16) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `on`, which outlives the call;
+    // the descriptor is the socket just created and still owned by `socket`.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
     socket.bind(&SocketAddr::from((source, 0)).into())?;
     socket.connect(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
     Ok(socket.into())
