@@ -965,8 +965,9 @@ impl Plan {
             + PHASE_OVERHEAD;
         let wrk = 2.0 * run;
         let idle = if self.idle > 0 {
-            // Two runs, a second's settling and the connections' setup (~0.1 ms each).
-            PROXIES * (2.0 * run + 1.5 + self.idle as f64 * 1e-4)
+            // Fresh servers, then per proxy a warm-up, two runs, a second's settling and the
+            // connections' setup (~0.1 ms each).
+            PHASE_OVERHEAD + PROXIES * (2.0 * run + 2.8 + self.idle as f64 * 1e-4)
         } else {
             0.0
         };
@@ -1492,13 +1493,32 @@ impl Idle {
     }
 }
 
-/// [`idle_one`] for each proxy among `targets`.
-fn idle_all(runner: &Runner, targets: &[Target], plan: &Plan) -> anyhow::Result<Vec<Idle>> {
-    targets
+/// [`idle_one`] for each proxy of `phase`, on servers started afresh and warmed up as for the
+/// measured runs. Fresh, because memory a process freed after the load runs is reused by the
+/// idle connections without growing its RSS: measured on the phase's servers, Portcullis's
+/// per-connection figure came out at a quarter of what a fresh process shows.
+fn idle_phase(
+    runner: &Runner,
+    phase: &Phase,
+    plan: &Plan,
+    root: &Path,
+) -> anyhow::Result<Vec<Idle>> {
+    let dir = root.join(phase.tag).join("idle");
+    std::fs::create_dir_all(&dir)?;
+    let servers = start_servers(runner, phase, plan, root, &dir)?;
+    let proxies = servers
+        .targets
         .iter()
-        .filter(|t| t.name != "direct backend")
-        .map(|t| idle_one(runner, t, plan).with_context(|| format!("{}: idle connections", t.name)))
-        .collect()
+        .filter(|t| t.name != "direct backend");
+    let mut rows = Vec::new();
+    for t in proxies {
+        loadgen(runner, max_load(t.port, "/1k", 1.0))
+            .with_context(|| format!("{}: warm-up", t.name))?;
+        rows.push(
+            idle_one(runner, t, plan).with_context(|| format!("{}: idle connections", t.name))?,
+        );
+    }
+    Ok(rows)
 }
 
 /// Opens `plan.idle` keep-alive connections to `target`, each used once, reads its memory
@@ -1624,16 +1644,17 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             layout: phase.layout.clone(),
             clock_ticks,
         };
-        let (results, ()) = run_phase(&runner, phase, &plan, &dir, |runner, targets| {
+        let (results, ()) = run_phase(&runner, phase, &plan, &dir, |runner, _| {
             if phase.extras {
                 wrk = Some(compare_wrk(runner, plan.duration)?);
-                if plan.idle > 0 {
-                    idle = idle_all(runner, targets, &plan)?;
-                }
             }
             Ok(())
         })
         .with_context(|| format!("phase {}", phase.tag))?;
+        if phase.extras && plan.idle > 0 {
+            idle = idle_phase(&runner, phase, &plan, &dir)
+                .with_context(|| format!("phase {}: idle connections", phase.tag))?;
+        }
         sections.push((phase, results));
     }
 
@@ -1693,7 +1714,7 @@ fn report(
     if !idle.is_empty() {
         let _ = writeln!(md, "\n## Idle keep-alive connections (own backend)\n");
         md.push_str(&idle_table(idle));
-        let _ = writeln!(md, "\nFor each proxy in turn: the resident memory of its processes (the sum of `Rss` in /proc/PID/smaps_rollup over the process started and its descendants, each process once), then {} connections opened from the benchmark, each sent one `GET /1k` and read to its end so that it sits idle in keep-alive, and the memory again a second later; KiB per idle connection is the difference over their number (user-space memory only: the kernel's socket buffers are not in it). With them open, one closed-loop 1 KiB run and one at {IDLE_RATE:.0} req/s; then they are closed. RLIMIT_NOFILE was raised before anything started, Portcullis's `max_connections_per_worker`, nginx's `worker_connections` and haproxy's `maxconn` set to {}.", plan.idle, plan.max_connections());
+        let _ = writeln!(md, "\nOn the phase's servers started afresh (memory a process freed after the load runs would otherwise take idle connections without growing its RSS), for each proxy in turn: a 1 s closed-loop warm-up, the resident memory of its processes (the sum of `Rss` in /proc/PID/smaps_rollup over the process started and its descendants, each process once), then {} connections opened from the benchmark, each sent one `GET /1k` and read to its end so that it sits idle in keep-alive, and the memory again a second later; KiB per idle connection is the difference over their number (user-space memory only: the kernel's socket buffers are not in it). With them open, one closed-loop 1 KiB run and one at {IDLE_RATE:.0} req/s; then they are closed. RLIMIT_NOFILE was raised before anything started, Portcullis's `max_connections_per_worker`, nginx's `worker_connections` and haproxy's `maxconn` set to {}.", plan.idle, plan.max_connections());
     }
     let _ = writeln!(md, "\n## How these were measured\n");
     let _ = writeln!(md, "Fixed rates are open loop over {RATE_CONNECTIONS} connections, latency counted from each request's due time. Maximum throughput is closed loop over {MAX_CONNECTIONS} connections.");
