@@ -110,16 +110,19 @@ pub(super) struct Connection<'w, C: Transport> {
 /// Serves a client connection until it closes.
 /// `initial`: bytes already read from the client (after a PROXY protocol header);
 /// `client_cert`: the certificate the TLS handshake verified, if any.
-pub async fn serve<C: Transport>(
+///
+/// A plain function returning the connection's future, not an `async fn`: an `async fn`
+/// keeps its arguments in its state beside what it builds from them (rust-lang/rust#62958),
+/// and this future is the largest part of what every idle connection holds. Built here, the
+/// connection is the future's only capture.
+pub fn serve<'w, C: Transport + 'w>(
     client: C,
     peer: SocketAddr,
-    worker: &Worker,
-    handle: &ConnHandle<'_>,
+    worker: &'w Worker,
+    handle: &'w ConnHandle<'w>,
     initial: &[u8],
     client_cert: Option<std::rc::Rc<super::context::ClientCert>>,
-) {
-    let accepted = Instant::now();
-    let generation = worker.generation();
+) -> impl std::future::Future<Output = ()> + 'w {
     let https = client.is_tls();
     let mut conn = Connection {
         client,
@@ -131,10 +134,10 @@ pub async fn serve<C: Transport>(
         out: Vec::new(),
         upbuf: Vec::new(),
         normalized: Vec::new(),
-        generation: generation.clone(),
+        generation: worker.generation(),
         ctx: ContextSlot::default(),
         facts: ConnectionFacts {
-            accepted,
+            accepted: Instant::now(),
             https,
             client_cert,
         },
@@ -144,33 +147,35 @@ pub async fn serve<C: Transport>(
         conn.inbuf.reserve(initial.len() + 1);
         conn.inbuf.extend_from_slice(initial);
     }
-    let mut first = true;
-    loop {
-        if conn.inbuf.is_empty() {
-            if let Err(next) = conn.await_request(first).await {
-                if next == Next::Close {
-                    // Boxed (once per connection) so the idle task is not sized for it.
-                    Box::pin(conn.linger()).await;
+    async move {
+        let mut first = true;
+        loop {
+            if conn.inbuf.is_empty() {
+                if let Err(next) = conn.await_request(first).await {
+                    if next == Next::Close {
+                        // Boxed (once per connection) so the idle task is not sized for it.
+                        Box::pin(conn.linger()).await;
+                    }
+                    return;
                 }
-                return;
             }
-        }
-        // The request's own state (parsed fields, the exchange with the upstream: tens of
-        // KiB) lives in its own allocation, freed when it ends, so an idle connection holds
-        // only what it needs to wait.
-        let next = Box::pin(conn.serve_one()).await;
-        // A large body read whole (a vault route) leaves a large buffer: give it back.
-        let keep = conn.generation.snapshot.client_buffer_bytes;
-        if conn.inbuf.capacity() > keep.saturating_mul(4) && conn.inbuf.len() <= keep {
-            conn.inbuf.shrink_to(keep);
-        }
-        match next {
-            Next::KeepAlive => first = false,
-            Next::Close => {
-                Box::pin(conn.linger()).await;
-                return;
+            // The request's own state (parsed fields, the exchange with the upstream: tens of
+            // KiB) lives in its own allocation, freed when it ends, so an idle connection holds
+            // only what it needs to wait.
+            let next = Box::pin(conn.serve_one()).await;
+            // A large body read whole (a vault route) leaves a large buffer: give it back.
+            let keep = conn.generation.snapshot.client_buffer_bytes;
+            if conn.inbuf.capacity() > keep.saturating_mul(4) && conn.inbuf.len() <= keep {
+                conn.inbuf.shrink_to(keep);
             }
-            Next::Abort => return,
+            match next {
+                Next::KeepAlive => first = false,
+                Next::Close => {
+                    Box::pin(conn.linger()).await;
+                    return;
+                }
+                Next::Abort => return,
+            }
         }
     }
 }

@@ -365,6 +365,16 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
             .any(|net| net.contains(&ip))
     };
     drop(mode);
+    if !proxied && profile.is_none() {
+        // The common case gets a task of its own: every idle connection holds its task, and
+        // this one keeps none of the PROXY and TLS paths' state.
+        tokio_uring::spawn(async move {
+            let tcp = TcpTransport::new(stream);
+            let handle = worker.tracker.register(tcp.raw_fd(), facts);
+            serve(tcp, peer, &worker, &handle, &[], None).await;
+        });
+        return;
+    }
     tokio_uring::spawn(async move {
         let tcp = TcpTransport::new(stream);
         let handle = worker.tracker.register(tcp.raw_fd(), facts);
