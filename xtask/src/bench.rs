@@ -1455,14 +1455,19 @@ fn run_phase<T>(
     );
     let servers = start_servers(runner, phase, plan, root, &dir)?;
     for t in &servers.targets {
-        // Warm up connections and caches.
-        loadgen(runner, max_load(t.port, "/1k", 1.0))
-            .with_context(|| format!("{}: warm-up", t.name))?;
+        warm_up(runner, t)?;
     }
     let results = measure(runner, &servers.targets, plan, phase.tag, &dir)?;
     let extra = extras(runner, &servers.targets)?;
     drop(servers);
     Ok((results, extra))
+}
+
+/// A second of closed-loop 1 KiB load on `target`: its connections and caches warm.
+fn warm_up(runner: &Runner, target: &Target) -> anyhow::Result<()> {
+    loadgen(runner, max_load(target.port, "/1k", 1.0))
+        .with_context(|| format!("{}: warm-up", target.name))?;
+    Ok(())
 }
 
 /// Our load generator's and wrk's closed-loop 1 KiB rates against the direct backend.
@@ -1512,8 +1517,7 @@ fn idle_phase(
         .filter(|t| t.name != "direct backend");
     let mut rows = Vec::new();
     for t in proxies {
-        loadgen(runner, max_load(t.port, "/1k", 1.0))
-            .with_context(|| format!("{}: warm-up", t.name))?;
+        warm_up(runner, t)?;
         rows.push(
             idle_one(runner, t, plan).with_context(|| format!("{}: idle connections", t.name))?,
         );
