@@ -193,3 +193,60 @@ pub fn receive_fds(socket: RawFd) -> std::io::Result<(Vec<u8>, Vec<std::net::Tcp
         header.push(byte[0]);
     }
 }
+
+/// A new epoll instance (close-on-exec), owned by the caller.
+pub fn epoll_create() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: epoll_create1(2) takes a flag and touches no memory of ours.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor this call created and nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Asks `epoll` to report, once, that `fd` has something to read (bytes, its end or an
+/// error), tagged with `token`. A socket registered before (its one report since delivered)
+/// is re-armed with the new token.
+pub fn epoll_watch_once(epoll: RawFd, fd: RawFd, token: u64) -> std::io::Result<()> {
+    let mut event = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
+        u64: token,
+    };
+    // SAFETY: epoll_ctl(2) reads the one `epoll_event` we pass, a valid local, and keeps
+    // nothing pointing into it.
+    let added = unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut event) };
+    if added == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() != Some(libc::EEXIST) {
+        return Err(error);
+    }
+    // SAFETY: as above.
+    let modified = unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_MOD, fd, &mut event) };
+    if modified == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The tokens of the registrations `epoll` reports ready now, without waiting, into `tokens`
+/// (cleared first; at most its capacity).
+pub fn epoll_ready(epoll: RawFd, tokens: &mut Vec<u64>) -> std::io::Result<()> {
+    const BATCH: usize = 64;
+    tokens.clear();
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
+    let room = tokens.capacity().clamp(1, BATCH);
+    // SAFETY: epoll_wait(2) writes at most `room` (≤ BATCH) events into `events`, a valid,
+    // writable local array of BATCH; a zero timeout makes it return at once.
+    let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), room as i32, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Copied out of the packed struct by value.
+    tokens.extend(events[..n as usize].iter().map(|e| e.u64));
+    Ok(())
+}

@@ -185,6 +185,61 @@ fn counters_and_histograms_match_the_traffic_sent() {
     }
 }
 
+/// The sum over both workers of `portcullis_connections` in `state`.
+fn connections(gw: &Gateway, state: &str) -> f64 {
+    let exposition = scrape(gw);
+    (0..2)
+        .filter_map(|w| {
+            sample(
+                &exposition,
+                &format!("portcullis_connections{{worker=\"{w}\",state=\"{state}\"}}"),
+            )
+        })
+        .sum()
+}
+
+/// Scrapes until `state` reads `want` (bounded), returning the last reading.
+fn connections_reach(gw: &Gateway, state: &str, want: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = connections(gw, state);
+        if got == want || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn quiet_keep_alive_connections_park_and_come_back_for_their_next_request() {
+    let up = slow_upstream();
+    let gw = start(up.addr);
+    let mut clients: Vec<Client> = (0..3).map(|_| Client::connect(gw.addr)).collect();
+    for round in 0..3 {
+        for c in &mut clients {
+            c.send(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n");
+            let r = c
+                .read_response(false)
+                .expect("an answer on the kept-alive connection");
+            assert_eq!((round, r.status), (round, 200));
+        }
+        // Quiet past the parking delay: each connection waits outside its task.
+        assert_eq!(connections_reach(&gw, "parked", 3.0), 3.0, "round {round}");
+        assert_eq!(connections(&gw, "idle"), 3.0);
+        assert_eq!(connections(&gw, "open"), 3.0);
+    }
+    // A parked connection forwards too, and its client sees its close.
+    let c = &mut clients[0];
+    c.send(b"GET /slow/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    assert_eq!(c.read_response(false).expect("forwarded").status, 200);
+    assert!(c.is_closed());
+    // Clients closing parked connections release them.
+    drop(clients);
+    assert_eq!(connections_reach(&gw, "open", 0.0), 0.0);
+    assert_eq!(connections(&gw, "parked"), 0.0);
+    assert_eq!(connections(&gw, "idle"), 0.0);
+}
+
 #[test]
 fn promtool_accepts_the_exposition() {
     let up = slow_upstream();

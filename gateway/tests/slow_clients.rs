@@ -52,6 +52,19 @@ fn slowloris_head_is_cut_at_header_timeout() {
 }
 
 #[test]
+fn a_silent_connection_is_closed_at_header_timeout_also_once_parked() {
+    let up = Upstream::echo_target();
+    let gw = Gateway::start(&config(up.addr, "header_timeout = \"400ms\""));
+    let mut c = Client::connect(gw.addr);
+    // Quiet from the start: it parks after 100 ms and is closed there at its deadline.
+    let took = closed_within(&mut c, Duration::from_millis(400));
+    assert!(
+        took >= Duration::from_millis(350),
+        "closed early, after {took:?}"
+    );
+}
+
+#[test]
 fn stalled_body_is_cut_at_body_timeout() {
     let up = Upstream::echo_target();
     let gw = Gateway::start(&config(up.addr, "body_timeout = \"300ms\""));

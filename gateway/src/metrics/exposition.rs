@@ -132,7 +132,8 @@ pub fn render(metrics: &Metrics, extra: &Extra) -> String {
     w.family(
         "portcullis_connections",
         "gauge",
-        "Client connections a worker holds, by state (open counts idle ones too).",
+        "Client connections a worker holds, by state (open counts idle ones too; idle counts \
+         parked ones, quiet long enough to wait outside a task).",
     );
     for (id, c) in &workers {
         let id = id.to_string();
@@ -145,6 +146,11 @@ pub fn render(metrics: &Metrics, extra: &Extra) -> String {
             "portcullis_connections",
             &[("worker", &id), ("state", "idle")],
             c.connections_idle.get(),
+        );
+        w.sample(
+            "portcullis_connections",
+            &[("worker", &id), ("state", "parked")],
+            c.connections_parked.get(),
         );
     }
 

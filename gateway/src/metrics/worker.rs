@@ -71,6 +71,8 @@ pub type PolicyKey = (String, PolicyKind, String);
 pub struct WorkerCounters {
     pub connections_open: LocalCounter,
     pub connections_idle: LocalCounter,
+    /// Idle connections parked outside a task (counted in `connections_idle` too).
+    pub connections_parked: LocalCounter,
     /// Connections refused (503, closed) at `max_connections_per_worker`.
     pub connections_refused: LocalCounter,
     /// TLS handshakes that failed, by reason (see [`TLS_FAILURE_REASONS`]).

@@ -12,6 +12,7 @@ use super::{
     body::{relay_request_body, BodyDeadlines},
     context::{Outcome, RequestContext, RequestFacts},
     context_pool::{ConnectionFacts, ContextSlot},
+    parking::{Parked, PARK_AFTER},
     phase::{self, Exit, Forward},
 };
 use crate::{
@@ -107,8 +108,29 @@ pub(super) struct Connection<'w, C: Transport> {
     facts: ConnectionFacts,
 }
 
-/// Serves a client connection until it closes.
-/// `initial`: bytes already read from the client (after a PROXY protocol header);
+/// Where serving a connection begins.
+pub enum Start<'a> {
+    /// Just accepted, with the bytes already read from the client (after a PROXY protocol
+    /// header).
+    Accepted(&'a [u8]),
+    /// Back from the parking lot, reported readable: the connection was accepted at
+    /// `accepted` and closes at `deadline` if no request begins.
+    Resumed {
+        accepted: Instant,
+        deadline: Instant,
+    },
+}
+
+/// How waiting for a request ended other than with its first bytes.
+enum Quiet {
+    /// End the connection this way.
+    End(Next),
+    /// Quiet for [`PARK_AFTER`]: park it, to close at this deadline.
+    Park(Instant),
+}
+
+/// Serves a client connection until it closes, or until it is quiet long enough to park
+/// (then it is returned, to wait in the worker's [`super::parking::ParkingLot`]).
 /// `client_cert`: the certificate the TLS handshake verified, if any.
 ///
 /// A plain function returning the connection's future, not an `async fn`: an `async fn`
@@ -120,10 +142,14 @@ pub fn serve<'w, C: Transport + 'w>(
     peer: SocketAddr,
     worker: &'w Worker,
     handle: &'w ConnHandle<'w>,
-    initial: &[u8],
+    start: Start<'_>,
     client_cert: Option<std::rc::Rc<super::context::ClientCert>>,
-) -> impl std::future::Future<Output = ()> + 'w {
+) -> impl std::future::Future<Output = Option<Parked<C>>> + 'w {
     let https = client.is_tls();
+    let (accepted, mut resumed) = match start {
+        Start::Accepted(_) => (Instant::now(), None),
+        Start::Resumed { accepted, deadline } => (accepted, Some(deadline)),
+    };
     let mut conn = Connection {
         client,
         peer,
@@ -137,26 +163,38 @@ pub fn serve<'w, C: Transport + 'w>(
         generation: worker.generation(),
         ctx: ContextSlot::default(),
         facts: ConnectionFacts {
-            accepted: Instant::now(),
+            accepted,
             https,
             client_cert,
         },
     };
-    if !initial.is_empty() {
-        conn.take_buffers();
-        conn.inbuf.reserve(initial.len() + 1);
-        conn.inbuf.extend_from_slice(initial);
+    if let Start::Accepted(initial) = start {
+        if !initial.is_empty() {
+            conn.take_buffers();
+            conn.inbuf.reserve(initial.len() + 1);
+            conn.inbuf.extend_from_slice(initial);
+        }
     }
     async move {
-        let mut first = true;
+        let mut first = resumed.is_none();
         loop {
             if conn.inbuf.is_empty() {
-                if let Err(next) = conn.await_request(first).await {
-                    if next == Next::Close {
+                match conn.await_request(first, resumed.take()).await {
+                    Ok(()) => {}
+                    Err(Quiet::Park(deadline)) => {
+                        return Some(Parked {
+                            client: conn.client,
+                            peer: conn.peer,
+                            accepted: conn.facts.accepted,
+                            deadline,
+                        })
+                    }
+                    Err(Quiet::End(Next::Close)) => {
                         // Boxed (once per connection) so the idle task is not sized for it.
                         Box::pin(conn.linger()).await;
+                        return None;
                     }
-                    return;
+                    Err(Quiet::End(_)) => return None,
                 }
             }
             // The request's own state (parsed fields, the exchange with the upstream: tens of
@@ -172,9 +210,9 @@ pub fn serve<'w, C: Transport + 'w>(
                 Next::KeepAlive => first = false,
                 Next::Close => {
                     Box::pin(conn.linger()).await;
-                    return;
+                    return None;
                 }
-                Next::Abort => return,
+                Next::Abort => return None,
             }
         }
     }
@@ -881,16 +919,17 @@ impl<C: Transport> Connection<'_, C> {
         }
     }
 
-    /// Waits for the first bytes of the next request (the first one's for `first`). The large
-    /// buffers go back to the worker's pools first; plain TCP then waits holding no buffer,
-    /// TLS with the small idle one. `Err` says how the connection ends instead.
-    async fn await_request(&mut self, first: bool) -> Result<(), Next> {
+    /// Waits for the first bytes of the next request (the first one's for `first`; for a
+    /// connection just back from parking, `resumed` is its deadline). The large buffers go
+    /// back to the worker's pools first; plain TCP then waits holding no buffer, TLS with the
+    /// small idle one.
+    async fn await_request(&mut self, first: bool, resumed: Option<Instant>) -> Result<(), Quiet> {
         let worker = self.worker;
         if worker.draining.get() && worker.closes_idle.get() {
-            return Err(Next::Close);
+            return Err(Quiet::End(Next::Close));
         }
         self.give_buffers();
-        let deadline = {
+        let deadline = resumed.unwrap_or_else(|| {
             let generation = worker.generation();
             let server = generation.snapshot.server();
             Instant::now()
@@ -899,38 +938,63 @@ impl<C: Transport> Connection<'_, C> {
                 } else {
                     server.keepalive_timeout.get()
                 }
-        };
+        });
         self.handle.set_idle(true);
         let outcome = match self.client.unbuffered_fd() {
-            Some(fd) => self.await_bytes_unbuffered(fd, deadline).await,
+            Some(fd) => {
+                self.await_bytes_unbuffered(fd, deadline, resumed.is_some())
+                    .await
+            }
             // Boxed: a TLS connection's wait is a read whose future would otherwise size every
             // plain connection's idle task too.
-            None => Box::pin(self.await_bytes_buffered(deadline)).await,
+            None => Box::pin(self.await_bytes_buffered(deadline))
+                .await
+                .map(Some),
         };
+        if matches!(outcome, Ok(None)) {
+            // Parked, the connection stays idle for the tracker (a drain closes it).
+            return Err(Quiet::Park(deadline));
+        }
         self.handle.set_idle(false);
         match outcome {
-            Ok(0) => Err(Next::Abort),
-            Ok(_) => Ok(()),
+            Ok(Some(0)) | Ok(None) => Err(Quiet::End(Next::Abort)),
+            Ok(Some(_)) => Ok(()),
             Err(e) => {
                 debug!(peer = %self.peer, error = %e, "client connection ended while waiting for a request");
-                Err(Next::Abort)
+                Err(Quiet::End(Next::Abort))
             }
         }
     }
 
     /// Waits for the socket to be readable holding no buffer, then takes the pooled buffers
-    /// and reads what arrived straight into `inbuf`.
+    /// and reads what arrived straight into `inbuf`. `Ok(None)`: quiet for [`PARK_AFTER`]
+    /// (and parking is on): the connection is to park. `ready`: the socket was just reported
+    /// readable, so it is read before any wait.
     async fn await_bytes_unbuffered(
         &mut self,
         fd: std::os::fd::RawFd,
         deadline: Instant,
-    ) -> Result<usize, IoFailure> {
+        mut ready: bool,
+    ) -> Result<Option<usize>, IoFailure> {
+        let parks = self.worker.parking.is_open();
         for _ in 0..MAX_SPURIOUS_WAKEUPS {
-            readable_before(fd, deadline).await?;
+            if !ready {
+                let until = if parks {
+                    deadline.min(Instant::now() + PARK_AFTER)
+                } else {
+                    deadline
+                };
+                match readable_before(fd, until).await {
+                    Ok(()) => {}
+                    Err(IoFailure::TimedOut) if until < deadline => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+            }
+            ready = false;
             self.generation = self.worker.generation();
             self.take_buffers();
             match crate::sys::recv_ready(fd, &mut self.inbuf) {
-                Ok(n) => return Ok(n),
+                Ok(n) => return Ok(Some(n)),
                 // Readiness without bytes (another reader cannot exist: a spurious wake-up).
                 Err(e)
                     if matches!(

@@ -18,7 +18,7 @@ fn exchange(b: &Bench, chunks: &[&str]) -> String {
             "203.0.113.7:40000".parse().unwrap(),
             &b.worker,
             &handle,
-            &[],
+            super::connection::Start::Accepted(&[]),
             None,
         )
         .await;

@@ -17,6 +17,7 @@ pub mod correlation;
 pub mod error_body;
 pub mod forward;
 mod json_exchange;
+pub mod parking;
 pub mod phase;
 pub mod route_metrics;
 pub mod snapshot;

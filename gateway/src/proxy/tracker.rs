@@ -38,6 +38,15 @@ pub struct ConnHandle<'t> {
     tracker: &'t ConnTracker,
     slot: usize,
     listener: ListenerFacts,
+    /// Handed over to a [`ParkedSlot`]: the registration outlives this handle.
+    parked: bool,
+}
+
+/// The registration of a connection parked outside any task: still open (counted, and shut
+/// down by a drain like any idle connection) until [`ConnTracker::resume`] takes it back.
+pub struct ParkedSlot {
+    slot: usize,
+    listener: ListenerFacts,
 }
 
 impl ConnTracker {
@@ -69,6 +78,20 @@ impl ConnTracker {
             tracker: self,
             slot,
             listener,
+            parked: false,
+        }
+    }
+
+    /// The handle of a parked connection again (dropping it deregisters the connection).
+    pub fn resume(&self, parked: ParkedSlot) -> ConnHandle<'_> {
+        if let Some(g) = &self.gauges {
+            g.connections_parked.sub(1);
+        }
+        ConnHandle {
+            tracker: self,
+            slot: parked.slot,
+            listener: parked.listener,
+            parked: false,
         }
     }
 
@@ -103,6 +126,20 @@ impl ConnHandle<'_> {
         &self.listener
     }
 
+    /// Keeps the connection registered (and idle) past this handle, for a connection that
+    /// leaves its task to wait parked.
+    pub fn park(mut self) -> ParkedSlot {
+        self.set_idle(true);
+        self.parked = true;
+        if let Some(g) = &self.tracker.gauges {
+            g.connections_parked.inc();
+        }
+        ParkedSlot {
+            slot: self.slot,
+            listener: std::mem::take(&mut self.listener),
+        }
+    }
+
     /// Marks the connection idle (waiting for a next request) or busy.
     pub fn set_idle(&self, idle: bool) {
         if let Some(e) = self.tracker.slots.borrow_mut()[self.slot].as_mut() {
@@ -122,6 +159,9 @@ impl ConnHandle<'_> {
 
 impl Drop for ConnHandle<'_> {
     fn drop(&mut self) {
+        if self.parked {
+            return;
+        }
         let entry = self.tracker.slots.borrow_mut()[self.slot].take();
         if let Some(g) = &self.tracker.gauges {
             g.connections_open.sub(1);

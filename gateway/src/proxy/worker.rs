@@ -58,6 +58,8 @@ pub struct Worker {
     pub upstream_buffers: BufferPool,
     /// Request contexts of connections serving a request.
     pub contexts: super::context_pool::ContextPool,
+    /// Keep-alive connections quiet long enough to wait outside a task.
+    pub parking: super::parking::ParkingLot,
 }
 
 /// Free buffers of each kind (and request contexts) a worker keeps for its next requests: about the connections it
@@ -125,6 +127,7 @@ impl Worker {
             head_buffers: BufferPool::new(HEAD_BUFFER_BYTES, POOLED_BUFFERS),
             upstream_buffers: BufferPool::new(UPSTREAM_BUFFER_BYTES, POOLED_BUFFERS),
             contexts: super::context_pool::ContextPool::new(POOLED_BUFFERS),
+            parking: super::parking::ParkingLot::default(),
         }
     }
 

@@ -6,6 +6,7 @@ pub mod cert_watch;
 pub mod control;
 pub mod listener;
 pub mod live;
+pub mod parked;
 pub mod shutdown;
 pub mod unix_socket;
 pub mod vault_cli;

@@ -27,7 +27,11 @@ use crate::{
     http::encode,
     io::{accept_until, Accepted, TcpTransport, TlsTransport, Transport},
     metrics::Metrics,
-    proxy::{connection::serve, snapshot::Published, worker::Worker},
+    proxy::{
+        connection::{serve, Start},
+        snapshot::Published,
+        worker::Worker,
+    },
     xdp::BanReporter,
 };
 
@@ -122,6 +126,7 @@ fn run_worker(
             if worker.access_log.is_some() {
                 tokio_uring::spawn(flush_access_log(worker.clone()));
             }
+            tokio_uring::spawn(super::parked::resume_parked(worker.clone()));
             debug!(worker = id, core = ?core.map(|c| c.id), "worker started");
             let _ = started.send(id);
             let WorkerListeners {
@@ -371,7 +376,11 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
         tokio_uring::spawn(async move {
             let tcp = TcpTransport::new(stream);
             let handle = worker.tracker.register(tcp.raw_fd(), facts);
-            serve(tcp, peer, &worker, &handle, &[], None).await;
+            if let Some(parked) =
+                serve(tcp, peer, &worker, &handle, Start::Accepted(&[]), None).await
+            {
+                worker.parking.park(parked, handle);
+            }
         });
         return;
     }
@@ -393,7 +402,10 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
             (peer, Vec::new())
         };
         let Some(profile) = profile else {
-            serve(tcp, peer, &worker, &handle, &initial, None).await;
+            let start = Start::Accepted(&initial);
+            if let Some(parked) = serve(tcp, peer, &worker, &handle, start, None).await {
+                worker.parking.park(parked, handle);
+            }
             return;
         };
         let Some(profile) = profile else {
@@ -458,7 +470,9 @@ async fn serve_tls(
                 }
                 _ => None,
             };
-            serve(tls, peer, worker, handle, &[], client_cert).await
+            // A TLS connection never parks (its session state is its task's).
+            let _never_parked =
+                serve(tls, peer, worker, handle, Start::Accepted(&[]), client_cert).await;
         }
         Err(e) => {
             debug!(%peer, reason = e.reason(), error = %e, "TLS handshake failed");
