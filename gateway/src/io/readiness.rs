@@ -15,24 +15,46 @@ use super::{
     IoFailure,
 };
 
+/// How a wait for readability ended without failing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Readable {
+    /// The socket has bytes to read, its end, or an error: a read returns at once.
+    Ready,
+    /// `interrupt` completed first; the poll was cancelled and awaited.
+    Interrupted,
+}
+
 /// Waits until `fd` has bytes to read, its end, or an error (a read then returns at once),
 /// before `deadline`. At the deadline the poll is cancelled and awaited, so nothing stays in
 /// the kernel; the connection is the caller's to close.
 pub async fn readable_before(fd: RawFd, deadline: Instant) -> Result<(), IoFailure> {
+    readable_unless(fd, deadline, std::future::pending())
+        .await
+        .map(|_| ())
+}
+
+/// [`readable_before`], or until `interrupt` completes, whichever is first: then, too, the
+/// poll is cancelled and awaited (a socket that became readable meanwhile says `Ready`).
+pub async fn readable_unless(
+    fd: RawFd,
+    deadline: Instant,
+    interrupt: impl std::future::Future<Output = ()>,
+) -> Result<Readable, IoFailure> {
     // POLLIN is also reported at end of stream; POLLERR and POLLHUP always are.
     let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
     let mut polling = pin!(UnsubmittedOneshot::new((), ResultOnly, sqe).submit());
-    tokio::select! {
+    let timed_out = tokio::select! {
         biased;
-        polled = &mut polling => polled.map(|_| ()).map_err(IoFailure::Io),
-        () = tokio::time::sleep_until(deadline) => {
-            cancel_all_on(fd).await;
-            match polling.await {
-                // Readable in the same instant as the deadline: use it.
-                Ok(_) => Ok(()),
-                Err(_) => Err(IoFailure::TimedOut),
-            }
-        }
+        polled = &mut polling => return polled.map(|_| Readable::Ready).map_err(IoFailure::Io),
+        () = tokio::time::sleep_until(deadline) => true,
+        () = interrupt => false,
+    };
+    cancel_all_on(fd).await;
+    match polling.await {
+        // Readable in the same instant: use it.
+        Ok(_) => Ok(Readable::Ready),
+        Err(_) if timed_out => Err(IoFailure::TimedOut),
+        Err(_) => Ok(Readable::Interrupted),
     }
 }
 
@@ -94,6 +116,21 @@ mod tests {
             client.write_all(b"x").unwrap();
             let deadline = Instant::now() + Duration::from_secs(5);
             assert!(readable_before(fd, deadline).await.is_ok());
+        });
+    }
+
+    #[test]
+    fn an_interrupt_cancels_the_poll_and_says_so() {
+        use std::os::fd::AsRawFd;
+        let (_client, server) = pair();
+        tokio_uring::start(async move {
+            let fd = server.as_raw_fd();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let interrupt = tokio::time::sleep(Duration::from_millis(20));
+            assert_eq!(
+                readable_unless(fd, deadline, interrupt).await.unwrap(),
+                Readable::Interrupted
+            );
         });
     }
 }

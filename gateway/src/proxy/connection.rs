@@ -12,7 +12,7 @@ use super::{
     body::{relay_request_body, BodyDeadlines},
     context::{Outcome, RequestContext, RequestFacts},
     context_pool::{ConnectionFacts, ContextSlot},
-    parking::{Parked, PARK_AFTER},
+    parking::Parked,
     phase::{self, Exit, Forward},
 };
 use crate::{
@@ -23,7 +23,7 @@ use crate::{
         request::{incomplete_head_error, parse_request, RequestHead},
         BodyFraming, Version,
     },
-    io::{read_before, readable_before, write_before, IoFailure, Transport},
+    io::{read_before, readable_unless, write_before, IoFailure, Readable, Transport},
     proxy::{
         snapshot::UPSTREAM_BUFFER_BYTES,
         tracker::ConnHandle,
@@ -125,7 +125,8 @@ pub enum Start<'a> {
 enum Quiet {
     /// End the connection this way.
     End(Next),
-    /// Quiet for [`PARK_AFTER`]: park it, to close at this deadline.
+    /// Quiet long enough to park (see [`super::parking::PARK_AFTER`]): park it, to close at
+    /// this deadline.
     Park(Instant),
 }
 
@@ -967,7 +968,7 @@ impl<C: Transport> Connection<'_, C> {
     }
 
     /// Waits for the socket to be readable holding no buffer, then takes the pooled buffers
-    /// and reads what arrived straight into `inbuf`. `Ok(None)`: quiet for [`PARK_AFTER`]
+    /// and reads what arrived straight into `inbuf`. `Ok(None)`: quiet long enough to park
     /// (and parking is on): the connection is to park. `ready`: the socket was just reported
     /// readable, so it is read before any wait.
     async fn await_bytes_unbuffered(
@@ -977,17 +978,21 @@ impl<C: Transport> Connection<'_, C> {
         mut ready: bool,
     ) -> Result<Option<usize>, IoFailure> {
         let parks = self.worker.parking.is_open();
+        let handle = self.handle;
         for _ in 0..MAX_SPURIOUS_WAKEUPS {
             if !ready {
-                let until = if parks {
-                    deadline.min(Instant::now() + PARK_AFTER)
-                } else {
-                    deadline
-                };
-                match readable_before(fd, until).await {
-                    Ok(()) => {}
-                    Err(IoFailure::TimedOut) if until < deadline => return Ok(None),
-                    Err(e) => return Err(e),
+                // Parking is asked for by the worker's park sweep (no timer of its own here:
+                // each would wake the runtime's driver to re-arm its timer).
+                let park_request = std::future::poll_fn(|cx| {
+                    if parks {
+                        handle.poll_park_request(cx)
+                    } else {
+                        std::task::Poll::Pending
+                    }
+                });
+                match readable_unless(fd, deadline, park_request).await? {
+                    Readable::Ready => {}
+                    Readable::Interrupted => return Ok(None),
                 }
             }
             ready = false;

@@ -1,12 +1,14 @@
 //! Keep-alive connections parked outside any task: a plain TCP connection quiet for
-//! [`PARK_AFTER`] leaves its task and waits here as a small record, registered with the
-//! worker's epoll instance, until its next request arrives or its deadline passes.
+//! [`PARK_AFTER`] (asked by the worker's park sweep, every [`PARK_SWEEP_INTERVAL`]) leaves its
+//! task and waits here as a small record, registered with the worker's epoll instance, until
+//! its next request arrives or its deadline passes.
 //!
 //! A task is sized for the largest state of the connection's future (hundreds of bytes, plus
 //! the task's own header), and every connection waiting inside one holds all of it. Parked,
 //! an idle connection holds one [`Record`] (about a hundred bytes) and a registration in
 //! the kernel. Busy connections never park: a request arriving within [`PARK_AFTER`] is read
-//! by the waiting task itself, so the request path makes no extra system call.
+//! by the waiting task itself, so the request path makes no extra system call (and arms no
+//! timer: the sweep is one per worker).
 
 use std::{
     cell::{Cell, RefCell},
@@ -25,10 +27,13 @@ use tracing::debug;
 use super::tracker::{ConnHandle, ConnTracker, ParkedSlot};
 use crate::io::TcpTransport;
 
-/// How long a keep-alive connection waits for its next request inside its task before it
-/// parks. Short, so that many connections going quiet at once do not all hold a task; long
-/// against the gaps between the requests of a busy connection, so those never park.
+/// How long, at most, a keep-alive connection waits for its next request inside its task
+/// before it parks (at least half of it). Short, so that many connections going quiet at
+/// once do not all hold a task; long against the gaps between the requests of a busy
+/// connection, so those never park.
 pub const PARK_AFTER: Duration = Duration::from_millis(100);
+/// How often the worker asks the connections idle since before its previous sweep to park.
+pub const PARK_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Deadlines of parked connections are checked this often at most (and at least every
 /// eighth of the shorter of the header and keep-alive timeouts)...

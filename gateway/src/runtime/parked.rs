@@ -1,6 +1,7 @@
-//! The worker task that brings parked keep-alive connections back: each one its epoll
-//! instance reports readable gets a task again to serve its next request, and those past
-//! their deadline are closed.
+//! The worker tasks around parked keep-alive connections: the park sweep, which asks
+//! connections quiet for a while to park, and the one that brings them back (each its epoll
+//! instance reports readable gets a task again to serve its next request) or closes those
+//! past their deadline.
 
 use std::rc::Rc;
 
@@ -11,7 +12,7 @@ use crate::{
     io::{readable_before, IoFailure, TcpTransport},
     proxy::{
         connection::{serve, Start},
-        parking::{Parked, ParkingLot},
+        parking::{Parked, ParkingLot, PARK_SWEEP_INTERVAL},
         tracker::ParkedSlot,
         worker::Worker,
     },
@@ -31,6 +32,7 @@ pub async fn resume_parked(worker: Rc<Worker>) {
             return;
         }
     };
+    tokio_uring::spawn(sweep_parks(worker.clone()));
     let mut tokens = Vec::with_capacity(READY_BATCH);
     let mut next_sweep = Instant::now();
     loop {
@@ -62,6 +64,19 @@ pub async fn resume_parked(worker: Rc<Worker>) {
         if let Err(e) = resumed {
             warn!(worker = worker.id, error = %e, "reading parked connections' readiness failed");
         }
+    }
+}
+
+/// Asks the connections quiet since before the previous sweep to park, every
+/// [`PARK_SWEEP_INTERVAL`], for as long as the worker runs.
+async fn sweep_parks(worker: Rc<Worker>) {
+    let mut next = Instant::now();
+    loop {
+        next += PARK_SWEEP_INTERVAL;
+        tokio::time::sleep_until(next).await;
+        worker.tracker.request_parks();
+        // Behind (a long stall): carry on from now rather than sweep in a burst.
+        next = next.max(Instant::now());
     }
 }
 
