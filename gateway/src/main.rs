@@ -21,6 +21,10 @@ use portcullis::{
 };
 use tracing::{error, info, warn};
 
+/// mimalloc rather than glibc malloc: see the dependency's comment in Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "portcullis",
