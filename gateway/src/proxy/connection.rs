@@ -952,14 +952,16 @@ impl<C: Transport> Connection<'_, C> {
                 .await
                 .map(Some),
         };
-        if matches!(outcome, Ok(None)) {
+        let outcome = match outcome {
             // Parked, the connection stays idle for the tracker (a drain closes it).
-            return Err(Quiet::Park(deadline));
-        }
+            Ok(None) => return Err(Quiet::Park(deadline)),
+            Ok(Some(n)) => Ok(n),
+            Err(e) => Err(e),
+        };
         self.handle.set_idle(false);
         match outcome {
-            Ok(Some(0)) | Ok(None) => Err(Quiet::End(Next::Abort)),
-            Ok(Some(_)) => Ok(()),
+            Ok(0) => Err(Quiet::End(Next::Abort)),
+            Ok(_) => Ok(()),
             Err(e) => {
                 debug!(peer = %self.peer, error = %e, "client connection ended while waiting for a request");
                 Err(Quiet::End(Next::Abort))

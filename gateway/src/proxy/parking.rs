@@ -32,8 +32,9 @@ use crate::io::TcpTransport;
 /// once do not all hold a task; long against the gaps between the requests of a busy
 /// connection, so those never park.
 pub const PARK_AFTER: Duration = Duration::from_millis(100);
-/// How often the worker asks the connections idle since before its previous sweep to park.
-pub const PARK_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+/// How often the worker asks the connections idle since before its previous sweep to park:
+/// two sweeps of quiet, so between half of [`PARK_AFTER`] and all of it.
+pub const PARK_SWEEP_INTERVAL: Duration = Duration::from_nanos(PARK_AFTER.as_nanos() as u64 / 2);
 
 /// Deadlines of parked connections are checked this often at most (and at least every
 /// eighth of the shorter of the header and keep-alive timeouts)...
