@@ -63,7 +63,7 @@ pub fn write_client_response<'f>(
     )?;
     match resp.body {
         BodyFraming::Length(n) => {
-            let _ = write!(out, "content-length: {n}\r\n");
+            write_content_length(out, n);
         }
         // A HEAD or 304 response keeps the length the full response would have had (already
         // validated as digits by the decoder); 1xx and 204 may not carry one.
@@ -123,7 +123,13 @@ fn write_status_and_fields<'f>(
     decide: impl Fn(&str) -> Option<bool>,
     fate: &dyn Fn(&str) -> FieldFate<'f>,
 ) -> Result<(), UnsafeFieldValue> {
-    let _ = write!(out, "HTTP/1.1 {} {}\r\n", resp.status, resp.reason);
+    // Status and length lines are written on every response: digits through `itoa`, bytes
+    // appended directly, with no trip through the `fmt` machinery.
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(resp.status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
     let mut via_written = false;
     for h in resp.headers {
         let name = h.name;
@@ -155,7 +161,7 @@ fn write_status_and_fields<'f>(
         }
     }
     if !via_written {
-        let _ = write!(out, "via: {VIA}\r\n");
+        write_own_via(out);
     }
     Ok(())
 }
@@ -199,6 +205,20 @@ pub fn checked<'v>(field: &str, value: &'v [u8]) -> Result<&'v [u8], UnsafeField
             field: field.to_owned(),
         }),
     }
+}
+
+/// Writes `content-length: n`.
+pub fn write_content_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a Via field holding only the gateway's own entry.
+pub fn write_own_via(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"via: ");
+    out.extend_from_slice(VIA.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes one field; the only way a value enters a head the gateway builds, so no source of

@@ -8,7 +8,9 @@ use crate::{
     auth::CredentialSource,
     config::AuthConfig,
     http::{
-        encode::{checked, write_field, write_via, UnsafeFieldValue, VIA},
+        encode::{
+            checked, write_content_length, write_field, write_own_via, write_via, UnsafeFieldValue,
+        },
         fields::{is_hop_by_hop, same_cgi_name, FieldFate},
         request::RequestHead,
         BodyFraming,
@@ -273,9 +275,9 @@ pub fn write_upstream_request(
         let _ = write!(out, "x-forwarded-for: {peer}\r\n");
     }
     if !via_written {
-        let _ = write!(out, "via: {VIA}\r\n");
+        write_own_via(out);
     }
-    let _ = write!(out, "x-forwarded-proto: {proto}\r\n");
+    write_field(out, "x-forwarded-proto", proto.as_bytes())?;
     if let Some((id, groups)) = identity.consumer {
         write_field(out, "x-consumer-id", id.as_bytes())?;
         write_field(out, "x-consumer-groups", groups.as_bytes())?;
@@ -305,12 +307,8 @@ pub fn write_upstream_request(
         }
     }
     match (req.body, identity.replaced_body_length) {
-        (BodyFraming::Length(_), Some(n)) => {
-            let _ = write!(out, "content-length: {n}\r\n");
-        }
-        (BodyFraming::Length(n), None) => {
-            let _ = write!(out, "content-length: {n}\r\n");
-        }
+        (BodyFraming::Length(_), Some(n)) => write_content_length(out, n as u64),
+        (BodyFraming::Length(n), None) => write_content_length(out, n),
         (BodyFraming::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         (BodyFraming::None | BodyFraming::UntilClose, _) => {}
     }
