@@ -307,8 +307,9 @@ pub fn write_upstream_request(
         }
     }
     match (req.body, identity.replaced_body_length) {
-        (BodyFraming::Length(_), Some(n)) => write_content_length(out, n as u64),
-        (BodyFraming::Length(n), None) => write_content_length(out, n),
+        (BodyFraming::Length(n), replaced) => {
+            write_content_length(out, replaced.map_or(n, |r| r as u64))
+        }
         (BodyFraming::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         (BodyFraming::None | BodyFraming::UntilClose, _) => {}
     }
