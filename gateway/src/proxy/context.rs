@@ -20,9 +20,21 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RequestId(pub u128);
 
+impl RequestId {
+    /// The id as 32 lowercase hex digits. Every request writes its id into its fields, so this
+    /// goes through `hex`'s table rather than the formatter's padded-integer path.
+    pub fn hex(self) -> [u8; 32] {
+        let mut digits = [0u8; 32];
+        // 16 bytes always fit 32 digits: the call cannot fail.
+        let _ = hex::encode_to_slice(self.0.to_be_bytes(), &mut digits);
+        digits
+    }
+}
+
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        // Hex digits are ASCII.
+        f.write_str(std::str::from_utf8(&self.hex()).unwrap_or_default())
     }
 }
 
@@ -351,5 +363,19 @@ impl RequestContext {
     /// True once a request began arriving (an idle connection closing is no request).
     pub fn started(&self) -> bool {
         self.timings.head_started.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RequestId;
+
+    #[test]
+    fn request_id_is_32_lowercase_hex_digits_most_significant_first() {
+        for id in [0, 1, 0xabc, u128::from(u64::MAX) << 64 | 7, u128::MAX] {
+            let shown = RequestId(id).to_string();
+            assert_eq!(shown, format!("{id:032x}"));
+            assert_eq!(&RequestId(id).hex()[..], shown.as_bytes());
+        }
     }
 }

@@ -4,8 +4,6 @@
 //! `tracestate` passes through untouched. The field lines are rendered once per request into
 //! buffers the connection keeps, so nothing is allocated per request.
 
-use std::io::Write;
-
 use crate::http::request::RequestHead;
 
 /// Longest client request id kept (with `trust_request_id`); a longer one is replaced.
@@ -97,9 +95,7 @@ impl Correlation {
         self.request_id.clear();
         match client_id.filter(|v| trust_client_id && acceptable_client_id(v)) {
             Some(v) => self.request_id.extend_from_slice(v),
-            None => {
-                let _ = write!(self.request_id, "{generated}");
-            }
+            None => self.request_id.extend_from_slice(&generated.hex()),
         }
         let continued = traceparent.flatten().and_then(parse_traceparent);
         // Only the sampled bit is carried into a version-00 header: the other bits are
@@ -147,7 +143,7 @@ impl Correlation {
     /// Gives a request whose head could not be parsed the gateway's id (no trace context).
     pub fn assign(&mut self, generated: super::context::RequestId) {
         self.clear();
-        let _ = write!(self.request_id, "{generated}");
+        self.request_id.extend_from_slice(&generated.hex());
         self.write_response_fields();
     }
 
