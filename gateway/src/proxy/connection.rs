@@ -856,8 +856,8 @@ impl<C: Transport> Connection<'_, C> {
             &mut self.normalized,
         ) {
             Ok(Some(req)) => {
-                if self.ctx.timings.head_parsed.is_none() {
-                    self.ctx.timings.head_parsed = Some(Instant::now());
+                if !self.ctx.head_parsed {
+                    self.ctx.head_parsed = true;
                     let id = self.ctx.id;
                     self.ctx.correlation.begin(
                         &req,

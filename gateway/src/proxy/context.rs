@@ -184,7 +184,6 @@ pub struct Timings {
     pub accepted: Instant,
     /// The first byte of this request's head was in the buffer.
     pub head_started: Option<Instant>,
-    pub head_parsed: Option<Instant>,
     pub upstream_connected: Option<Instant>,
     pub first_response_byte: Option<Instant>,
     pub done: Option<Instant>,
@@ -195,6 +194,9 @@ pub struct Timings {
 pub struct RequestContext {
     pub id: RequestId,
     pub timings: Timings,
+    /// The head has been parsed once and the request's correlation and log fields set from
+    /// it: a head decoded again (after keys or a body arrive) does not set them twice.
+    pub head_parsed: bool,
     pub facts: RequestFacts,
     /// The client reached the gateway over TLS.
     pub https: bool,
@@ -252,10 +254,10 @@ impl RequestContext {
     pub fn new(accepted: Instant) -> RequestContext {
         RequestContext {
             id: RequestId::default(),
+            head_parsed: false,
             timings: Timings {
                 accepted,
                 head_started: None,
-                head_parsed: None,
                 upstream_connected: None,
                 first_response_byte: None,
                 done: None,

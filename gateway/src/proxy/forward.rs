@@ -119,8 +119,8 @@ impl<C: Transport> Connection<'_, C> {
         let route = snapshot
             .routes
             .route(self.ctx.route.expect("the route phase ran"));
-        let started = Instant::now();
-        let head_deadline = route.timeout.map(|t| started + t);
+        // Read the clock only for a route with a timeout: most have none.
+        let head_deadline = route.timeout.map(|t| Instant::now() + t);
         let body_held = match facts.body {
             BodyFraming::None | BodyFraming::Length(0) => true,
             BodyFraming::Length(n) => self.inbuf.len() >= facts.head_len + n as usize,
@@ -187,7 +187,9 @@ impl<C: Transport> Connection<'_, C> {
                         .await;
                 }
             };
-            self.ctx.timings.upstream_connected = Some(Instant::now());
+            // One clock read for the connected time and the head write's deadline.
+            let connected = Instant::now();
+            self.ctx.timings.upstream_connected = Some(connected);
             if let Some(c) = server_counters {
                 c.requests.inc();
             }
@@ -196,7 +198,7 @@ impl<C: Transport> Connection<'_, C> {
                 &conn.transport,
                 take(&mut self.out),
                 0..len,
-                Instant::now() + group.read_timeout,
+                connected + group.read_timeout,
             )
             .await;
             self.out = out;
