@@ -214,6 +214,26 @@ pub fn write_content_length(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Writes `ip` as text. X-Forwarded-For carries the peer's address on every forwarded request,
+/// so an IPv4 address's octets go through `itoa` rather than the formatter; IPv6 keeps its
+/// `Display` (RFC 5952 compression).
+pub fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(digits.format(octet).as_bytes());
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 /// Writes a Via field holding only the gateway's own entry.
 pub fn write_own_via(out: &mut Vec<u8>) {
     out.extend_from_slice(b"via: ");
@@ -446,4 +466,30 @@ pub fn reason(status: u16) -> &'static str {
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Unknown")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::write_ip;
+
+    #[test]
+    fn addresses_are_written_as_their_display() {
+        for text in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "198.51.100.7",
+            "255.255.255.255",
+            "10.200.3.40",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:203.0.113.9",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            let mut out = b"x: ".to_vec();
+            write_ip(&mut out, ip);
+            assert_eq!(out, format!("x: {ip}").as_bytes(), "{text}");
+        }
+    }
 }

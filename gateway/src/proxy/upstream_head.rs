@@ -2,14 +2,15 @@
 //! hop-by-hop and gateway-owned fields removed, identity fields and X-Forwarded-* set. Every
 //! value goes through the codec's checked field writer.
 
-use std::{io::Write, net::IpAddr};
+use std::net::IpAddr;
 
 use crate::{
     auth::CredentialSource,
     config::AuthConfig,
     http::{
         encode::{
-            checked, write_content_length, write_field, write_own_via, write_via, UnsafeFieldValue,
+            checked, write_content_length, write_field, write_ip, write_own_via, write_via,
+            UnsafeFieldValue,
         },
         fields::{is_hop_by_hop, same_cgi_name, FieldFate},
         request::RequestHead,
@@ -236,7 +237,9 @@ pub fn write_upstream_request(
                     first = false;
                     out.extend_from_slice(checked("x-forwarded-for", x.value)?);
                 }
-                let _ = write!(out, ", {peer}\r\n");
+                out.extend_from_slice(b", ");
+                write_ip(out, peer);
+                out.extend_from_slice(b"\r\n");
             }
             continue;
         }
@@ -272,7 +275,9 @@ pub fn write_upstream_request(
         write_field(out, "host", value)?;
     }
     if !forwarded_for_written {
-        let _ = write!(out, "x-forwarded-for: {peer}\r\n");
+        out.extend_from_slice(b"x-forwarded-for: ");
+        write_ip(out, peer);
+        out.extend_from_slice(b"\r\n");
     }
     if !via_written {
         write_own_via(out);
