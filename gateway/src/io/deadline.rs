@@ -41,7 +41,7 @@ pub async fn read_before<T: Transport>(
     tokio::select! {
         biased;
         (res, buf) = &mut op => (res.map_err(IoFailure::Io), buf),
-        _ = tokio::time::sleep_until(deadline) => {
+        _ = super::reused_timer::sleep_until(deadline) => {
             let _ = t.shutdown(Shutdown::Both);
             let (_, buf) = op.await;
             (Err(IoFailure::TimedOut), buf)
@@ -60,7 +60,7 @@ pub async fn write_before<T: Transport>(
     tokio::select! {
         biased;
         (res, buf) = &mut op => (res.map_err(classify_write_error), buf),
-        _ = tokio::time::sleep_until(deadline) => {
+        _ = super::reused_timer::sleep_until(deadline) => {
             let _ = t.shutdown(Shutdown::Both);
             let (_, buf) = op.await;
             (Err(IoFailure::TimedOut), buf)
@@ -81,7 +81,7 @@ pub async fn write_pair_before<T: Transport>(
     tokio::select! {
         biased;
         (res, head, body) = &mut op => (res.map_err(classify_write_error), head, body),
-        _ = tokio::time::sleep_until(deadline) => {
+        _ = super::reused_timer::sleep_until(deadline) => {
             let _ = t.shutdown(Shutdown::Both);
             let (_, head, body) = op.await;
             (Err(IoFailure::TimedOut), head, body)

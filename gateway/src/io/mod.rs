@@ -8,6 +8,7 @@ mod deadline;
 pub mod memory;
 pub mod proxy_protocol;
 mod readiness;
+mod reused_timer;
 mod tcp;
 mod tls;
 

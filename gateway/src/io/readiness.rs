@@ -46,7 +46,7 @@ pub async fn readable_unless(
     let timed_out = tokio::select! {
         biased;
         polled = &mut polling => return polled.map(|_| Readable::Ready).map_err(IoFailure::Io),
-        () = tokio::time::sleep_until(deadline) => true,
+        () = super::reused_timer::sleep_until(deadline) => true,
         () = interrupt => false,
     };
     cancel_all_on(fd).await;

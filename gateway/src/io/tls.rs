@@ -159,7 +159,7 @@ impl TlsTransport {
         tokio::select! {
             biased;
             res = &mut op => res.map_err(HandshakeError::Io),
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = super::reused_timer::sleep_until(deadline) => {
                 let _ = self.tcp.shutdown(Shutdown::Both);
                 let _ = op.await;
                 Err(HandshakeError::TimedOut)
