@@ -8,7 +8,7 @@
 //! operation's usually is, only updates its expiry (tokio catches up when the old one comes);
 //! an earlier deadline re-registers it, as a fresh timer would.
 //!
-//! Only a registered timer that has not fired is kept or reused: one that fired (at its
+//! Only a timer that has not fired is kept or reused: one that fired (at its
 //! deadline, or when an earlier runtime on this thread shut down and fired all of its own)
 //! would cost a re-registration anyway, and one of a runtime that is gone would panic when
 //! polled. A worker thread runs one runtime for its life, so a timer that has not fired
@@ -34,13 +34,10 @@ thread_local! {
 }
 
 /// A timer that completes at its deadline and goes back to its thread's spares when dropped.
+/// Its timer is registered from the start (a fresh tokio `Sleep` registers on first poll), so
+/// whether it has fired says whether it may be kept.
 #[derive(Debug)]
-pub struct ReusedSleep {
-    timer: Option<Pin<Box<Sleep>>>,
-    /// Registered with the time driver: polled, or reset from a spare. A timer never polled
-    /// is not kept, since it may belong to no running runtime.
-    registered: bool,
-}
+pub struct ReusedSleep(Option<Pin<Box<Sleep>>>);
 
 /// A timer completing at `deadline`: a spare one reset to it, or a new one.
 pub fn sleep_until(deadline: Instant) -> ReusedSleep {
@@ -52,27 +49,17 @@ pub fn sleep_until(deadline: Instant) -> ReusedSleep {
         })
         .ok()
         .flatten();
-    match spare {
-        Some(mut timer) => {
-            timer.as_mut().reset(deadline);
-            ReusedSleep {
-                timer: Some(timer),
-                registered: true,
-            }
-        }
-        None => ReusedSleep {
-            timer: Some(Box::pin(tokio::time::sleep_until(deadline))),
-            registered: false,
-        },
-    }
+    let mut timer = spare.unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
+    // Registers a new timer with the current runtime's driver; moves a spare's deadline.
+    timer.as_mut().reset(deadline);
+    ReusedSleep(Some(timer))
 }
 
 impl Future for ReusedSleep {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.registered = true;
-        match &mut self.timer {
+        match &mut self.0 {
             Some(timer) => timer.as_mut().poll(cx),
             // Only `drop` takes the timer.
             None => Poll::Pending,
@@ -82,10 +69,10 @@ impl Future for ReusedSleep {
 
 impl Drop for ReusedSleep {
     fn drop(&mut self) {
-        let Some(timer) = self.timer.take() else {
+        let Some(timer) = self.0.take() else {
             return;
         };
-        if !self.registered || timer.is_elapsed() {
+        if timer.is_elapsed() {
             return;
         }
         // During thread teardown the spares may be gone: the timer is then just dropped.
@@ -101,19 +88,12 @@ impl Drop for ReusedSleep {
 
 #[cfg(test)]
 mod tests {
-    use std::{task::Waker, time::Duration};
+    use std::time::Duration;
 
     use super::*;
 
     fn spares() -> usize {
         SPARE_TIMERS.with(|s| s.borrow().len())
-    }
-
-    /// Polls `timer` once, as a `select!` that another branch wins does.
-    fn poll_once(timer: ReusedSleep) -> ReusedSleep {
-        let mut timer = timer;
-        let _ = Pin::new(&mut timer).poll(&mut Context::from_waker(Waker::noop()));
-        timer
     }
 
     /// Waits for `timer`, failing the test rather than hanging if it keeps a later deadline.
@@ -126,11 +106,9 @@ mod tests {
     fn a_reused_timer_fires_at_its_new_deadline_earlier_or_later() {
         tokio_uring::start(async {
             let before = spares();
-            // Set far out, polled, given back, then taken for a short deadline: it must not
+            // Set far out, given back, then taken for a short deadline: it must not
             // wait for the old one.
-            drop(poll_once(sleep_until(
-                Instant::now() + Duration::from_secs(3600),
-            )));
+            drop(sleep_until(Instant::now() + Duration::from_secs(3600)));
             assert_eq!(spares(), before + 1);
             let started = Instant::now();
             fires(sleep_until(started + Duration::from_millis(20))).await;
@@ -153,9 +131,7 @@ mod tests {
     #[test]
     fn a_spare_of_a_runtime_that_has_shut_down_is_not_used() {
         tokio_uring::start(async {
-            drop(poll_once(sleep_until(
-                Instant::now() + Duration::from_secs(3600),
-            )));
+            drop(sleep_until(Instant::now() + Duration::from_secs(3600)));
         });
         assert_eq!(spares(), 1);
         tokio_uring::start(async {
@@ -165,12 +141,10 @@ mod tests {
     }
 
     #[test]
-    fn a_thread_keeps_at_most_its_bound_of_spares_and_never_an_unpolled_one() {
+    fn a_thread_keeps_at_most_its_bound_of_spares() {
         tokio_uring::start(async {
-            drop(sleep_until(Instant::now() + Duration::from_secs(60)));
-            assert_eq!(spares(), 0);
             let timers: Vec<_> = (0..SPARE_TIMERS_PER_THREAD + 10)
-                .map(|_| poll_once(sleep_until(Instant::now() + Duration::from_secs(60))))
+                .map(|_| sleep_until(Instant::now() + Duration::from_secs(60)))
                 .collect();
             drop(timers);
             assert_eq!(spares(), SPARE_TIMERS_PER_THREAD);
