@@ -182,7 +182,9 @@ fn access_line(
         }
         None => out.extend_from_slice(b"null"),
     }
-    let _ = write!(out, ",\"client\":\"{}\",\"method\":", peer.ip());
+    out.extend_from_slice(b",\"client\":\"");
+    crate::http::encode::write_ip(out, peer.ip());
+    out.extend_from_slice(b"\",\"method\":");
     json_bytes(out, &ctx.log_method);
     out.extend_from_slice(b",\"path\":");
     json_bytes(out, &ctx.log_target);
