@@ -381,7 +381,8 @@ fn gateway_with_route(servers: &[String], upstream_extra: &str, route_extra: &st
 
 #[test]
 fn retries_reach_another_server_but_never_resend_a_sent_post() {
-    let dead = format!("127.0.0.1:{}", free_port());
+    let refusing = refusing_addr();
+    let dead = refusing.addr.to_string();
     let well = named("well", Duration::ZERO);
     // A connect failure is retried elsewhere, whatever the method.
     let gw = gateway_with_route(&[dead.clone(), well.addr.to_string()], "", "");

@@ -18,10 +18,7 @@ use support::*;
 #[test]
 fn a_stalled_stderr_blocks_nothing_and_the_count_appears_later() {
     // An upstream address that refuses connections: every request fails fast with 502.
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = refusing_addr();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("gw.toml");
     std::fs::write(

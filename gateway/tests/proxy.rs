@@ -171,10 +171,7 @@ fn a_64_mib_body_streams_both_ways_with_bounded_memory() {
 #[test]
 fn slow_upstream_gives_504_and_dead_upstream_gives_502() {
     let slow = Upstream::start(|_| Reply::Delayed(Duration::from_secs(3), ok_response("late")));
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = refusing_addr();
     let config = format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n[upstreams.slow]\nservers = [\"{}\"]\nread_timeout = \"300ms\"\n[upstreams.dead]\nservers = [\"{dead}\"]\n[[routes]]\nmatch = {{ path = \"/slow\" }}\nupstream = \"slow\"\n[[routes]]\nmatch = {{ path = \"/dead\" }}\nupstream = \"dead\"\n",
         slow.addr

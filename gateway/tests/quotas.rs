@@ -208,14 +208,12 @@ fn corrupt_state_files_are_clear_errors_or_skipped_lines() {
 #[test]
 fn a_request_that_never_reached_the_upstream_is_not_charged() {
     // The upstream is down: every request fails before any byte reaches it.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = refusing_addr();
     let data = tempfile::tempdir().unwrap();
     let up = Upstream::echo_target();
-    let gw =
-        Gateway::start(&config(&up, data.path()).replace(&up.addr.to_string(), &dead.to_string()));
+    let gw = Gateway::start(
+        &config(&up, data.path()).replace(&up.addr.to_string(), &dead.addr.to_string()),
+    );
     for i in 0..8 {
         assert_eq!(
             call(&gw, "acme").status,

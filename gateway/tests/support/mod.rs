@@ -603,6 +603,34 @@ pub fn mint(consumer: &str) -> (String, String) {
     (key, hash)
 }
 
+/// A loopback address that refuses connections for as long as this lives: its port is bound,
+/// so no server started alongside can take it, but not listening, so a connect gets
+/// ECONNREFUSED. A listener bound and dropped frees its port for the next bind: a test's
+/// "dead" upstream once became another test's gateway that way.
+pub struct Refusing {
+    pub addr: SocketAddr,
+    _socket: socket2::Socket,
+}
+
+impl std::fmt::Display for Refusing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
+/// A [`Refusing`] address on 127.0.0.1.
+pub fn refusing_addr() -> Refusing {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    Refusing {
+        addr,
+        _socket: socket,
+    }
+}
+
 /// A loopback port nothing listens on now (bound, read, released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
