@@ -15,7 +15,9 @@ mod tls;
 use std::{io, net::Shutdown, ops::Range};
 
 pub use connect::{accept_until, connect_before, Accepted, ConnectFailure};
-pub use deadline::{read_before, write_before, write_pair_before, IoFailure};
+pub use deadline::{
+    read_before, write_and_read_before, write_before, write_pair_before, IoFailure,
+};
 pub use readiness::{readable_before, readable_unless, Readable};
 
 /// A byte stream the proxy reads and writes with owned buffers, as io_uring requires.

@@ -23,7 +23,7 @@ use crate::{
         response::{parse_response, ResponseError, MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEAD_BYTES},
         BodyFraming,
     },
-    io::{read_before, write_before, IoFailure, Transport},
+    io::{read_before, write_and_read_before, write_before, IoFailure, Transport},
     log_throttle::Noisy,
     proxy::snapshot::UPSTREAM_BUFFER_BYTES,
     quotas::QuotaCharges,
@@ -194,14 +194,34 @@ impl<C: Transport> Connection<'_, C> {
                 c.requests.inc();
             }
             let len = self.out.len();
-            let (res, out) = write_before(
-                &conn.transport,
-                take(&mut self.out),
-                0..len,
-                connected + group.read_timeout,
-            )
-            .await;
-            self.out = out;
+            let write_deadline = connected + group.read_timeout;
+            // Without a body to relay, the response's first read is submitted with the head.
+            // Over plain TCP only: see `write_and_read_before`.
+            let mut first_read = None;
+            let res = if has_body || conn.transport.is_tls() {
+                let (res, out) =
+                    write_before(&conn.transport, take(&mut self.out), 0..len, write_deadline)
+                        .await;
+                self.out = out;
+                res
+            } else {
+                self.upbuf.clear();
+                let read_deadline = try_deadline_from(route, head_deadline, connected)
+                    .map_or(write_deadline, |d| d.min(write_deadline));
+                let ((res, out), (read, upbuf)) = write_and_read_before(
+                    &conn.transport,
+                    take(&mut self.out),
+                    0..len,
+                    write_deadline,
+                    take(&mut self.upbuf),
+                    read_deadline,
+                )
+                .await;
+                self.out = out;
+                self.upbuf = upbuf;
+                first_read = Some(read);
+                res
+            };
             if let Err(e) = res {
                 if conn.reused && !retried {
                     retried = true;
@@ -266,13 +286,14 @@ impl<C: Transport> Connection<'_, C> {
                     }
                 }
             }
-            let try_deadline = match (route.retry.per_try_timeout, head_deadline) {
-                (Some(t), Some(d)) => Some(d.min(Instant::now() + t.get())),
-                (Some(t), None) => Some(Instant::now() + t.get()),
-                (None, d) => d,
+            let try_deadline = if first_read.is_some() {
+                try_deadline_from(route, head_deadline, connected)
+            } else {
+                // The try's time starts once the body went.
+                try_deadline_from(route, head_deadline, Instant::now())
             };
             match self
-                .read_response_head(&conn, &facts, group, try_deadline)
+                .read_response_head(&conn, &facts, group, try_deadline, first_read)
                 .await
             {
                 Ok(r)
@@ -502,33 +523,43 @@ impl<C: Transport> Connection<'_, C> {
     }
 
     /// Reads the final response head into `self.upbuf`, relaying interim responses, and writes
-    /// the client's response head to `self.out`.
+    /// the client's response head to `self.out`. `first_read`: the result of the first read
+    /// into `self.upbuf` when it was made already, submitted with the request.
     async fn read_response_head(
         &mut self,
         conn: &UpstreamConn,
         facts: &RequestFacts,
         group: &UpstreamGroup,
         deadline: Option<Instant>,
+        mut first_read: Option<Result<usize, IoFailure>>,
     ) -> Result<FinalResponse, HeadFailure> {
-        self.upbuf.clear();
+        if first_read.is_none() {
+            self.upbuf.clear();
+        }
         let mut received_any = false;
         loop {
-            if self.upbuf.len() == self.upbuf.capacity() {
-                // A head larger than the usual buffer: grow, up to the head limit.
-                self.upbuf.reserve(
-                    (MAX_RESPONSE_HEAD_BYTES + 1)
-                        .saturating_sub(self.upbuf.len())
-                        .min(UPSTREAM_BUFFER_BYTES),
-                );
-            }
-            let until = Instant::now() + group.read_timeout;
-            let (res, buf) = read_before(
-                &conn.transport,
-                take(&mut self.upbuf),
-                deadline.map_or(until, |d| d.min(until)),
-            )
-            .await;
-            self.upbuf = buf;
+            let res = match first_read.take() {
+                Some(res) => res,
+                None => {
+                    if self.upbuf.len() == self.upbuf.capacity() {
+                        // A head larger than the usual buffer: grow, up to the head limit.
+                        self.upbuf.reserve(
+                            (MAX_RESPONSE_HEAD_BYTES + 1)
+                                .saturating_sub(self.upbuf.len())
+                                .min(UPSTREAM_BUFFER_BYTES),
+                        );
+                    }
+                    let until = Instant::now() + group.read_timeout;
+                    let (res, buf) = read_before(
+                        &conn.transport,
+                        take(&mut self.upbuf),
+                        deadline.map_or(until, |d| d.min(until)),
+                    )
+                    .await;
+                    self.upbuf = buf;
+                    res
+                }
+            };
             match res {
                 Ok(0) | Err(IoFailure::Closed) if !received_any => {
                     return Err(HeadFailure::ClosedEarly)
@@ -816,5 +847,19 @@ impl<C: Transport> Connection<'_, C> {
     async fn close_with(&mut self, status: u16, detail: &'static str, deadline: Instant) -> Next {
         self.answer(Answer::error_and_close(status, detail), deadline)
             .await
+    }
+}
+
+/// When a try's wait for the response head ends: the route's per-try timeout from `sent` (when
+/// the request went), capped by its overall timeout's deadline; `None` for neither.
+fn try_deadline_from(
+    route: &crate::routing::Route,
+    head_deadline: Option<Instant>,
+    sent: Instant,
+) -> Option<Instant> {
+    match (route.retry.per_try_timeout, head_deadline) {
+        (Some(t), Some(d)) => Some(d.min(sent + t.get())),
+        (Some(t), None) => Some(sent + t.get()),
+        (None, d) => d,
     }
 }
