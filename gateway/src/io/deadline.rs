@@ -90,8 +90,8 @@ pub async fn write_pair_before<T: Transport>(
 }
 
 /// Writes all of `out[range]` and reads into the spare capacity of `inbuf` at the same time,
-/// each before its own deadline: a request and the first read of its answer reach the kernel
-/// in one submission. Awaiting the write before submitting the read costs one more trip
+/// each before its own deadline (either deadline shuts the socket down, which ends both): a
+/// request and the first read of its answer reach the kernel in one submission. Awaiting the write before submitting the read costs one more trip
 /// through the event loop for the read (the write's completion, a park to submit it). The
 /// read is submitted second, so the kernel attempts it after the write. If the write fails,
 /// the socket is shut down, so the read ends too; the connection is not usable afterwards.
@@ -214,7 +214,29 @@ mod tests {
             )
             .await;
             assert!(matches!(written, Err(IoFailure::TimedOut)));
-            // The shutdown ended the read long before its own deadline.
+            // The write's deadline shut the socket down: the read ended long before its own.
+            assert!(!matches!(read, Err(IoFailure::TimedOut)));
+            assert!(now.elapsed() < Duration::from_secs(10));
+        });
+    }
+
+    #[test]
+    fn a_failed_write_ends_the_read_with_it() {
+        tokio_uring::start(async {
+            // The peer is quiet; only the failed write can end the read before its deadline.
+            let (ours, _peer) = pair();
+            ours.shutdown(std::net::Shutdown::Write).unwrap();
+            let now = Instant::now();
+            let ((written, _), (read, _)) = write_and_read_before(
+                &ours,
+                b"ping".to_vec(),
+                0..4,
+                now + Duration::from_secs(30),
+                Vec::with_capacity(64),
+                now + Duration::from_secs(30),
+            )
+            .await;
+            assert!(matches!(written, Err(IoFailure::Closed)), "EPIPE");
             assert!(!matches!(read, Err(IoFailure::TimedOut)));
             assert!(now.elapsed() < Duration::from_secs(10));
         });

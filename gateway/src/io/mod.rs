@@ -47,7 +47,8 @@ pub trait Transport {
     fn unbuffered_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
-    /// Whether the client reached the gateway over TLS (for X-Forwarded-Proto).
+    /// Whether the stream is TLS: a client that reached the gateway over TLS (for
+    /// X-Forwarded-Proto), an upstream reached over TLS.
     fn is_tls(&self) -> bool {
         false
     }

@@ -219,6 +219,13 @@ impl<C: Transport> Connection<'_, C> {
                 .await;
                 self.out = out;
                 self.upbuf = upbuf;
+                // The try's deadline passed while the head was still going out: the read's
+                // timer shut the socket down, which failed the write. That is the upstream
+                // timing out (504, counted as such), as when the write completes just before.
+                let res = match (res, &read) {
+                    (Err(_), Err(IoFailure::TimedOut)) => Ok(()),
+                    (res, _) => res,
+                };
                 first_read = Some(read);
                 res
             };
@@ -289,7 +296,7 @@ impl<C: Transport> Connection<'_, C> {
             let try_deadline = if first_read.is_some() {
                 try_deadline_from(route, head_deadline, connected)
             } else {
-                // The try's time starts once the body went.
+                // The try's time starts once the request went, body and all.
                 try_deadline_from(route, head_deadline, Instant::now())
             };
             match self
@@ -850,16 +857,18 @@ impl<C: Transport> Connection<'_, C> {
     }
 }
 
-/// When a try's wait for the response head ends: the route's per-try timeout from `sent` (when
-/// the request went), capped by its overall timeout's deadline; `None` for neither.
+/// When a try's wait for the response head ends: the route's per-try timeout from `start`,
+/// capped by its overall timeout's deadline; `None` for neither. `start` is when the request
+/// went, or, for a request whose head goes out with the first read of the answer, when its
+/// connection was ready: that try's time includes the head's write.
 fn try_deadline_from(
     route: &crate::routing::Route,
     head_deadline: Option<Instant>,
-    sent: Instant,
+    start: Instant,
 ) -> Option<Instant> {
     match (route.retry.per_try_timeout, head_deadline) {
-        (Some(t), Some(d)) => Some(d.min(sent + t.get())),
-        (Some(t), None) => Some(sent + t.get()),
+        (Some(t), Some(d)) => Some(d.min(start + t.get())),
+        (Some(t), None) => Some(start + t.get()),
         (None, d) => d,
     }
 }
