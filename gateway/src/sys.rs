@@ -132,6 +132,26 @@ pub fn recv_ready(fd: RawFd, buf: &mut Vec<u8>) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// Sends as much of `parts`, in order, as the socket `fd` takes now, without waiting: how many
+/// bytes went, or `WouldBlock` when its send buffer is full. A broken connection is `EPIPE` or
+/// `ECONNRESET`, never a signal.
+pub fn send_ready(fd: RawFd, parts: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+    // SAFETY: all-zero is a valid msghdr (no address, no control data, no iovecs).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSlice` is ABI-compatible with `iovec` on Unix (its documented guarantee); sendmsg(2)
+    // only reads through the pointer.
+    msg.msg_iov = parts.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = parts.len() as _;
+    // SAFETY: `msg` points at `parts`, slices borrowed for the whole call, and sendmsg(2) reads
+    // at most their lengths; MSG_DONTWAIT returns at once on a blocking socket and
+    // MSG_NOSIGNAL reports a closed peer as EPIPE instead of raising SIGPIPE.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// Takes ownership of a descriptor that an accept operation returned.
 pub fn stream_from_accepted(fd: RawFd) -> std::net::TcpStream {
     use std::os::fd::FromRawFd;

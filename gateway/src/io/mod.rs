@@ -62,5 +62,5 @@ pub trait Transport {
     async fn close_notify(&self, _deadline: tokio::time::Instant) {}
 }
 
-pub use tcp::TcpTransport;
+pub use tcp::{RequestInFlight, TcpTransport};
 pub use tls::{HandshakeError, TlsTransport};

@@ -222,6 +222,7 @@ pub fn serve<'w, C: Transport + 'w>(
 impl<C: Transport> Connection<'_, C> {
     /// One request, from waiting for its head to the log phase.
     async fn serve_one(&mut self) -> Next {
+        let _in_flight = crate::io::RequestInFlight::new();
         // A context from the worker's pool was reset when it went back; only one kept for a
         // pipelined request still holds the last request's state.
         if self.ctx.started() {
