@@ -91,9 +91,10 @@ pub async fn write_pair_before<T: Transport>(
 
 /// Writes all of `out[range]` and reads into the spare capacity of `inbuf` at the same time,
 /// each before its own deadline (either deadline shuts the socket down, which ends both): a
-/// request and the first read of its answer reach the kernel in one submission. Awaiting the write before submitting the read costs one more trip
-/// through the event loop for the read (the write's completion, a park to submit it). The
-/// read is submitted second, so the kernel attempts it after the write. If the write fails,
+/// request and the first read of its answer reach the kernel in one submission. Awaiting
+/// the write before submitting the read costs one more trip through the event loop for the
+/// read (the write's completion, a park to submit it). The read is submitted second, so the
+/// kernel attempts it after the write. If the write fails,
 /// the socket is shut down, so the read ends too; the connection is not usable afterwards.
 ///
 /// Only for a transport that takes a read and a write at once (plain TCP): a TLS read may

@@ -195,9 +195,10 @@ impl<C: Transport> Connection<'_, C> {
             }
             let len = self.out.len();
             let write_deadline = connected + group.read_timeout;
-            // Without a body to relay, the response's first read is submitted with the head.
-            // Over plain TCP only: see `write_and_read_before`.
-            let mut first_read = None;
+            // Without a body to relay, the response's first read is submitted with the head,
+            // and the try's time runs from the connected time. Over plain TCP only: see
+            // `write_and_read_before`.
+            let mut read_with_head = None;
             let res = if has_body || conn.transport.is_tls() {
                 let (res, out) =
                     write_before(&conn.transport, take(&mut self.out), 0..len, write_deadline)
@@ -206,8 +207,8 @@ impl<C: Transport> Connection<'_, C> {
                 res
             } else {
                 self.upbuf.clear();
-                let read_deadline = try_deadline_from(route, head_deadline, connected)
-                    .map_or(write_deadline, |d| d.min(write_deadline));
+                let try_deadline = try_deadline_from(route, head_deadline, connected);
+                let read_deadline = try_deadline.map_or(write_deadline, |d| d.min(write_deadline));
                 let ((res, out), (read, upbuf)) = write_and_read_before(
                     &conn.transport,
                     take(&mut self.out),
@@ -226,7 +227,7 @@ impl<C: Transport> Connection<'_, C> {
                     (Err(_), Err(IoFailure::TimedOut)) => Ok(()),
                     (res, _) => res,
                 };
-                first_read = Some(read);
+                read_with_head = Some((read, try_deadline));
                 res
             };
             if let Err(e) = res {
@@ -293,11 +294,13 @@ impl<C: Transport> Connection<'_, C> {
                     }
                 }
             }
-            let try_deadline = if first_read.is_some() {
-                try_deadline_from(route, head_deadline, connected)
-            } else {
+            let (first_read, try_deadline) = match read_with_head {
+                Some((read, try_deadline)) => (Some(read), try_deadline),
                 // The try's time starts once the request went, body and all.
-                try_deadline_from(route, head_deadline, Instant::now())
+                None => (
+                    None,
+                    try_deadline_from(route, head_deadline, Instant::now()),
+                ),
             };
             match self
                 .read_response_head(&conn, &facts, group, try_deadline, first_read)
