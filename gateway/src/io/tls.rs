@@ -65,6 +65,11 @@ pub struct TlsTransport {
     outgoing: RefCell<Vec<u8>>,
     /// Set when the TCP stream ended before the peer's close_notify.
     truncated: std::cell::Cell<bool>,
+    /// Held while ciphertext is being written. A read and a write may be in flight at once (a
+    /// tunnel pumps both ways), and a read can queue records of its own (the answer to the
+    /// peer's KeyUpdate, an alert): two writes on the socket at once could interleave their
+    /// bytes or reorder records encrypted under the old and the new key.
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl TlsTransport {
@@ -90,6 +95,7 @@ impl TlsTransport {
             fed: std::cell::Cell::new(0),
             outgoing: RefCell::new(Vec::with_capacity(INCOMING_BYTES)),
             truncated: std::cell::Cell::new(false),
+            writing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -220,8 +226,25 @@ impl TlsTransport {
         self.flush().await
     }
 
-    /// Writes whatever rustls has queued (handshake messages, records, alerts).
+    /// Writes whatever rustls has queued (handshake messages, records, alerts), after any
+    /// write already under way.
     async fn flush(&self) -> io::Result<()> {
+        let _writing = self.writing.lock().await;
+        self.write_queued().await
+    }
+
+    /// For the read side: writes what rustls has queued unless a write is under way, whose
+    /// loop then takes it (it writes until rustls has nothing queued). Waiting for that write
+    /// instead could deadlock a tunnel whose peer reads only after it has written.
+    async fn flush_unless_writing(&self) -> io::Result<()> {
+        match self.writing.try_lock() {
+            Ok(_writing) => self.write_queued().await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The body of [`flush`](Self::flush), with the write lock held.
+    async fn write_queued(&self) -> io::Result<()> {
         loop {
             let mut out = take(&mut *self.outgoing.borrow_mut());
             out.clear();
@@ -265,14 +288,14 @@ impl Transport for TlsTransport {
             // Ciphertext rustls refused while its plaintext was full goes first.
             if self.unfed() {
                 if let Err(e) = self.feed() {
-                    let _ = self.flush().await;
+                    let _ = self.flush_unless_writing().await;
                     return (Err(io::Error::new(io::ErrorKind::InvalidData, e)), buf);
                 }
                 if !self.unfed() || self.conn.borrow_mut().reader().fill_buf().is_ok() {
                     continue;
                 }
             }
-            if let Err(e) = self.flush().await {
+            if let Err(e) = self.flush_unless_writing().await {
                 return (Err(e), buf);
             }
             let incoming = self.take_incoming();
@@ -289,7 +312,7 @@ impl Transport for TlsTransport {
                 Err(e) => return (Err(e), buf),
             }
             if let Err(e) = self.feed() {
-                let _ = self.flush().await;
+                let _ = self.flush_unless_writing().await;
                 return (Err(io::Error::new(io::ErrorKind::InvalidData, e)), buf);
             }
         }
@@ -341,5 +364,156 @@ impl Transport for TlsTransport {
     async fn close_notify(&self, deadline: Instant) {
         self.conn.borrow_mut().send_close_notify();
         let _ = self.flush_before(deadline).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read, Write},
+        process::Command,
+        time::Duration,
+    };
+
+    use rustls::{
+        crypto::ring::default_provider,
+        pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+        version::TLS13,
+        RootCertStore,
+    };
+    use tokio_uring::net::TcpStream;
+
+    use super::*;
+
+    /// Far more than loopback's socket buffers hold, so the write waits on a full buffer.
+    const LARGE_WRITE: usize = 32 << 20;
+
+    /// A record the read side finds queued (bytes the pattern never holds in this order).
+    const INJECTED: &[u8] = b"INJECTED";
+
+    /// A self-signed certificate for `localhost`, made with the openssl CLI.
+    fn certificate(dir: &std::path::Path) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args([
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost",
+            ])
+            // An end entity's, which the verifier requires (not the CA default of `-x509`).
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("the openssl CLI (`.ci/run` installs it)");
+        assert!(made.status.success(), "openssl req: {made:?}");
+        (
+            CertificateDer::from_pem_file(&cert).unwrap(),
+            PrivateKeyDer::from_pem_file(&key).unwrap(),
+        )
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    /// A tunnel's two directions at once: while a large write is under way, the read side
+    /// finds a record queued (as rustls queues its refusal of a TLS 1.2 renegotiation the
+    /// moment it reads the request; it holds a KeyUpdate's answer for the next write itself)
+    /// and flushes before it reads. That record must follow the write's records, not go out
+    /// beside them. The peer (plain rustls over a std socket) must decrypt everything.
+    #[test]
+    fn a_record_queued_by_the_read_side_waits_for_the_write_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = certificate(dir.path());
+        let provider = Arc::new(default_provider());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = Arc::new(
+            ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        // A small send buffer keeps the write waiting on the ring in short pieces, so another
+        // write could go out ahead of it or between its pieces.
+        socket2::SockRef::from(&ours)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let expected = LARGE_WRITE + INJECTED.len();
+        let peer = std::thread::spawn(move || -> Result<Vec<u8>, String> {
+            let mut conn = ClientConnection::new(client, "localhost".try_into().unwrap())
+                .map_err(|e| e.to_string())?;
+            let mut stream = rustls::Stream::new(&mut conn, &mut peer);
+            let mut got = Vec::with_capacity(expected);
+            let mut chunk = vec![0u8; 1 << 16];
+            while got.len() < expected {
+                match stream.read(&mut chunk) {
+                    Ok(0) => return Err(format!("ended after {} bytes", got.len())),
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    Err(e) => return Err(format!("after {} bytes: {e}", got.len())),
+                }
+            }
+            stream.write_all(b"done").map_err(|e| e.to_string())?;
+            Ok(got)
+        });
+
+        let (wrote, read) = tokio_uring::start(async {
+            let tls = TlsTransport::new(
+                TcpTransport::new(TcpStream::from_std(ours)),
+                Arc::new(server),
+            )
+            .unwrap();
+            tls.handshake(Instant::now() + Duration::from_secs(10))
+                .await
+                .unwrap();
+            let write = async {
+                let body = pattern(LARGE_WRITE);
+                tls.write_all(body, 0..LARGE_WRITE).await.0
+            };
+            let read = async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                tls.conn.borrow_mut().writer().write_all(INJECTED).unwrap();
+                let (res, buf) = tls.read(Vec::with_capacity(64)).await;
+                res.map(|n| buf[..n].to_vec())
+            };
+            tokio::join!(write, read)
+        });
+        let got = peer.join().unwrap();
+        let got = got.expect("the peer could not read the stream");
+        let at = got
+            .windows(INJECTED.len())
+            .position(|w| w == INJECTED)
+            .expect("the queued record arrived");
+        let mut rest = got[..at].to_vec();
+        rest.extend_from_slice(&got[at + INJECTED.len()..]);
+        assert!(
+            at > 0,
+            "the queued record went out ahead of the write under way"
+        );
+        assert!(
+            rest == pattern(LARGE_WRITE),
+            "the write's bytes arrived out of order"
+        );
+        wrote.unwrap();
+        assert_eq!(read.unwrap(), b"done");
     }
 }
